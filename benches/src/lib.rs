@@ -1,0 +1,1 @@
+//! Shared helpers of Strata's benchmarks and load generators.

@@ -1,8 +1,17 @@
 //! `stratad`, the Strata daemon, as a library.
 //!
 //! This crate owns the store layer ([`store`]: the trait and its backends)
-//! and the daemon around it ([`config`], [`server`]). The binary in
-//! `main.rs` only parses the command line and calls [`server::run`]; tests
-//! and benchmarks use the same pieces in-process.
+//! and the daemon around it: configuration ([`config`]), the server with its
+//! gRPC and HTTP surfaces ([`server`], [`admin`], [`http`]), the error table
+//! ([`error`]), logs and metrics ([`telemetry`]) and background [`jobs`]. The
+//! binary in `main.rs` only reads configuration and calls [`server::run`];
+//! tests and benchmarks use the same pieces in-process.
 
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod jobs;
+pub mod server;
 pub mod store;
+pub mod telemetry;

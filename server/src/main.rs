@@ -1,1 +1,104 @@
-fn main() {}
+//! `stratad`: parses flags, environment and config file, opens the store,
+//! binds the listener and runs the server until SIGTERM/SIGINT.
+//!
+//! Exit codes: 0 after a clean drain, 64 for bad flags or configuration, 1
+//! when the store or the listener cannot be opened or the server fails.
+//! Startup failures print exactly one line to stderr.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use strata_server::config::{Config, Flags};
+use strata_server::server::{self, ServerOptions};
+use strata_server::store::embedded::EmbeddedStore;
+use strata_server::telemetry;
+
+/// `EX_USAGE` from sysexits.h: bad command line or configuration.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let flags = match Flags::try_parse() {
+        Ok(flags) => flags,
+        Err(e) => {
+            let usage_error = e.use_stderr();
+            // Printing help/version/usage can only fail on a closed stream.
+            let _ = e.print();
+            return if usage_error {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let config = match Config::load(&flags, std::env::vars()) {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_CONFIG, &format!("invalid configuration: {e}")),
+    };
+    if let Err(e) = telemetry::init_logging(&config.log) {
+        return fail(EXIT_CONFIG, &format!("cannot set up logging: {e}"));
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(1, &message),
+    }
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("stratad: error: {message}");
+    ExitCode::from(code)
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
+        .await
+        .map_err(|e| format!("store open task failed: {e}"))?
+        .map_err(|e| {
+            format!(
+                "cannot open the embedded store in {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(
+        listen = %config.listen,
+        data_dir = %config.data_dir.display(),
+        store = "embedded",
+        version = env!("CARGO_PKG_VERSION"),
+        "stratad starting"
+    );
+    let options = ServerOptions {
+        shutdown_grace: config.shutdown_grace,
+        compaction: config.compaction.clone(),
+    };
+    server::run(listener, Arc::new(store), options, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop stratad with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown requested");
+}

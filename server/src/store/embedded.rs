@@ -72,7 +72,10 @@ pub struct EmbeddedOptions {
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
-        Self { max_batch: 1024, watch_buffer: 4096 }
+        Self {
+            max_batch: 1024,
+            watch_buffer: 4096,
+        }
     }
 }
 
@@ -185,7 +188,11 @@ fn decode_log(revision: Revision, bytes: &[u8]) -> Result<Vec<Event>, StoreError
             },
             _ => Event {
                 kind: EventKind::Delete,
-                kv: KeyValue { key: e.key, mod_revision: revision, ..KeyValue::default() },
+                kv: KeyValue {
+                    key: e.key,
+                    mod_revision: revision,
+                    ..KeyValue::default()
+                },
             },
         })
         .collect())
@@ -244,18 +251,30 @@ impl Shared {
     fn read_range(&self, range: &KeyRange) -> Result<RangeResponse, StoreError> {
         let rtx = self.db.begin_read().map_err(backend)?;
         let meta = rtx.open_table(META).map_err(backend)?;
-        let revision = meta.get(META_REVISION).map_err(backend)?.map_or(0, |g| g.value());
+        let revision = meta
+            .get(META_REVISION)
+            .map_err(backend)?
+            .map_or(0, |g| g.value());
         let kv = rtx.open_table(KV).map_err(backend)?;
-        Ok(RangeResponse { kvs: read_range(&kv, range)?, revision })
+        Ok(RangeResponse {
+            kvs: read_range(&kv, range)?,
+            revision,
+        })
     }
 
     /// Reads up to `limit` revisions of history starting at `from`.
     fn read_log(&self, from: Revision, limit: usize) -> Result<Vec<Committed>, StoreError> {
         let rtx = self.db.begin_read().map_err(backend)?;
         let meta = rtx.open_table(META).map_err(backend)?;
-        let compacted = meta.get(META_COMPACTED).map_err(backend)?.map_or(0, |g| g.value());
+        let compacted = meta
+            .get(META_COMPACTED)
+            .map_err(backend)?
+            .map_or(0, |g| g.value());
         if from < compacted {
-            return Err(StoreError::Compacted { requested: from, compacted });
+            return Err(StoreError::Compacted {
+                requested: from,
+                compacted,
+            });
         }
         let log = rtx.open_table(LOG).map_err(backend)?;
         let start = u64::try_from(from.max(1)).unwrap_or(1);
@@ -263,7 +282,10 @@ impl Shared {
         for entry in log.range(start..).map_err(backend)?.take(limit) {
             let (rev, bytes) = entry.map_err(backend)?;
             let revision = i64::try_from(rev.value()).unwrap_or(i64::MAX);
-            out.push(Committed { revision, events: decode_log(revision, bytes.value())? });
+            out.push(Committed {
+                revision,
+                events: decode_log(revision, bytes.value())?,
+            });
         }
         Ok(out)
     }
@@ -301,7 +323,9 @@ pub struct EmbeddedStore {
 
 impl std::fmt::Debug for EmbeddedStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EmbeddedStore").field("path", &self.shared.path).finish()
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.shared.path)
+            .finish()
     }
 }
 
@@ -318,7 +342,10 @@ impl EmbeddedStore {
     /// opened or locked (another process has it), or it is not a store.
     pub fn open_with(data_dir: &Path, options: EmbeddedOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
-            StoreError::Backend(format!("cannot create data dir {}: {e}", data_dir.display()))
+            StoreError::Backend(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
         })?;
         let path = data_dir.join(DB_FILE_NAME);
         let db = Database::create(&path).map_err(|e| {
@@ -343,7 +370,11 @@ impl EmbeddedStore {
             .name("strata-store-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
-        Ok(Self { shared, requests: Some(tx), writer: Some(handle) })
+        Ok(Self {
+            shared,
+            requests: Some(tx),
+            writer: Some(handle),
+        })
     }
 
     /// Path of the database file.
@@ -354,7 +385,11 @@ impl EmbeddedStore {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         let closed = || StoreError::Unavailable("store is closed".into());
-        self.requests.as_ref().ok_or_else(closed)?.send(make(tx)).map_err(|_| closed())?;
+        self.requests
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(make(tx))
+            .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 
@@ -409,7 +444,11 @@ impl Store for EmbeddedStore {
         // in between can be missed.
         let live = sender.subscribe();
         let current = self.shared.revision.load(Ordering::Acquire);
-        let next = if start_revision <= 0 { current + 1 } else { start_revision };
+        let next = if start_revision <= 0 {
+            current + 1
+        } else {
+            start_revision
+        };
         let watcher = Watcher {
             shared: Arc::downgrade(&self.shared),
             range,
@@ -419,9 +458,10 @@ impl Store for EmbeddedStore {
             pending: VecDeque::new(),
             done: false,
         };
-        Ok(Box::pin(futures::stream::unfold(watcher, |mut w| async move {
-            w.next_batch().await.map(|item| (item, w))
-        })))
+        Ok(Box::pin(futures::stream::unfold(
+            watcher,
+            |mut w| async move { w.next_batch().await.map(|item| (item, w)) },
+        )))
     }
 
     async fn lease_grant(&self, ttl_seconds: i64) -> Result<Lease, StoreError> {
@@ -479,7 +519,10 @@ impl Watcher {
             .filter(|e| self.range.contains(&e.kv.key))
             .cloned()
             .collect();
-        (!events.is_empty()).then_some(WatchBatch { revision: committed.revision, events })
+        (!events.is_empty()).then_some(WatchBatch {
+            revision: committed.revision,
+            events,
+        })
     }
 
     fn fail(&mut self, err: StoreError) -> Option<Result<WatchBatch, StoreError>> {
@@ -500,10 +543,9 @@ impl Watcher {
                     return self.fail(StoreError::Unavailable("store is closed".into()));
                 };
                 let from = self.next;
-                let read = tokio::task::spawn_blocking(move || {
-                    shared.read_log(from, LOG_READ_CHUNK)
-                })
-                .await;
+                let read =
+                    tokio::task::spawn_blocking(move || shared.read_log(from, LOG_READ_CHUNK))
+                        .await;
                 let chunk = match read {
                     Ok(Ok(chunk)) => chunk,
                     Ok(Err(e)) => return self.fail(e),
@@ -614,8 +656,14 @@ impl Writer {
                 let (id, value) = entry.map_err(backend)?;
                 let (ttl_seconds, deadline_ms) = value.value();
                 let id = id.value();
-                self.leases
-                    .insert(id, LeaseState { ttl_seconds, deadline_ms, keys: BTreeSet::new() });
+                self.leases.insert(
+                    id,
+                    LeaseState {
+                        ttl_seconds,
+                        deadline_ms,
+                        keys: BTreeSet::new(),
+                    },
+                );
                 self.deadlines.insert((deadline_ms, id));
             }
             for entry in t.kv.iter().map_err(backend)? {
@@ -629,7 +677,9 @@ impl Writer {
         // Creating the tables of a new file is the only write here.
         wtx.commit().map_err(backend)?;
         self.shared.revision.store(self.revision, Ordering::Release);
-        self.shared.compacted.store(self.compacted, Ordering::Release);
+        self.shared
+            .compacted
+            .store(self.compacted, Ordering::Release);
         Ok(())
     }
 
@@ -681,7 +731,9 @@ impl Writer {
         match outcome {
             Ok(()) => {
                 self.shared.revision.store(self.revision, Ordering::Release);
-                self.shared.compacted.store(self.compacted, Ordering::Release);
+                self.shared
+                    .compacted
+                    .store(self.compacted, Ordering::Release);
                 for c in committed {
                     // No live watcher is fine: history stays in the log.
                     let _ = self.events.send(c);
@@ -716,7 +768,8 @@ impl Writer {
         committed: &mut Vec<Arc<Committed>>,
     ) -> Result<(), StoreError> {
         let mut wtx = self.shared.db.begin_write().map_err(backend)?;
-        wtx.set_durability(Durability::Immediate).map_err(|e| StoreError::Backend(e.to_string()))?;
+        wtx.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
         let dirty = {
             let mut t = open_tables(&wtx).map_err(backend)?;
             let revision_before = self.revision;
@@ -735,7 +788,9 @@ impl Writer {
                 dirty |= wrote;
             }
             if self.revision != revision_before {
-                t.meta.insert(META_REVISION, self.revision).map_err(backend)?;
+                t.meta
+                    .insert(META_REVISION, self.revision)
+                    .map_err(backend)?;
             }
             dirty
         };
@@ -765,9 +820,20 @@ impl Writer {
                 let id = self.next_lease;
                 self.next_lease += 1;
                 let deadline_ms = now.saturating_add(ttl_seconds.saturating_mul(1000));
-                t.leases.insert(id, (ttl_seconds, deadline_ms)).map_err(backend)?;
-                t.meta.insert(META_NEXT_LEASE, self.next_lease).map_err(backend)?;
-                self.leases.insert(id, LeaseState { ttl_seconds, deadline_ms, keys: BTreeSet::new() });
+                t.leases
+                    .insert(id, (ttl_seconds, deadline_ms))
+                    .map_err(backend)?;
+                t.meta
+                    .insert(META_NEXT_LEASE, self.next_lease)
+                    .map_err(backend)?;
+                self.leases.insert(
+                    id,
+                    LeaseState {
+                        ttl_seconds,
+                        deadline_ms,
+                        keys: BTreeSet::new(),
+                    },
+                );
                 self.deadlines.insert((deadline_ms, id));
                 (defer(reply, Ok(Lease { id, ttl_seconds })), true)
             }
@@ -776,7 +842,9 @@ impl Writer {
                     self.deadlines.remove(&(lease.deadline_ms, id));
                     lease.deadline_ms = now.saturating_add(lease.ttl_seconds.saturating_mul(1000));
                     self.deadlines.insert((lease.deadline_ms, id));
-                    t.leases.insert(id, (lease.ttl_seconds, lease.deadline_ms)).map_err(backend)?;
+                    t.leases
+                        .insert(id, (lease.ttl_seconds, lease.deadline_ms))
+                        .map_err(backend)?;
                     (defer(reply, Ok(lease.ttl_seconds)), true)
                 }
                 None => (defer(reply, Err(StoreError::LeaseNotFound(id))), false),
@@ -790,20 +858,29 @@ impl Writer {
                 }
             }
             Request::TimeToLive(id, reply) => {
-                let result = self.leases.get(&id).map_or(Err(StoreError::LeaseNotFound(id)), |l| {
-                    Ok(LeaseInfo {
-                        granted_ttl_seconds: l.ttl_seconds,
-                        remaining_seconds: (l.deadline_ms - now).max(0) / 1000,
-                    })
-                });
+                let result = self
+                    .leases
+                    .get(&id)
+                    .map_or(Err(StoreError::LeaseNotFound(id)), |l| {
+                        Ok(LeaseInfo {
+                            granted_ttl_seconds: l.ttl_seconds,
+                            remaining_seconds: (l.deadline_ms - now).max(0) / 1000,
+                        })
+                    });
                 (defer(reply, result), false)
             }
             Request::Compact(revision, reply) => {
                 if revision > self.revision {
-                    let err = StoreError::FutureRevision { requested: revision, current: self.revision };
+                    let err = StoreError::FutureRevision {
+                        requested: revision,
+                        current: self.revision,
+                    };
                     (defer(reply, Err(err)), false)
                 } else if revision <= self.compacted {
-                    let err = StoreError::Compacted { requested: revision, compacted: self.compacted };
+                    let err = StoreError::Compacted {
+                        requested: revision,
+                        compacted: self.compacted,
+                    };
                     (defer(reply, Err(err)), false)
                 } else {
                     let below = u64::try_from(revision).unwrap_or(0);
@@ -835,7 +912,11 @@ impl Writer {
         }
         for compare in &txn.compares {
             if !compare.holds_for(read_kv(&t.kv, &compare.key)?.as_ref()) {
-                return Ok(Ok(TxnResponse { succeeded: false, revision: self.revision, deleted: 0 }));
+                return Ok(Ok(TxnResponse {
+                    succeeded: false,
+                    revision: self.revision,
+                    deleted: 0,
+                }));
             }
         }
         let revision = self.revision + 1;
@@ -863,8 +944,12 @@ impl Writer {
                         version,
                         lease,
                     };
-                    t.kv.insert(kv.key.as_slice(), encode_kv(&kv).as_slice()).map_err(backend)?;
-                    events.push(Event { kind: EventKind::Put, kv });
+                    t.kv.insert(kv.key.as_slice(), encode_kv(&kv).as_slice())
+                        .map_err(backend)?;
+                    events.push(Event {
+                        kind: EventKind::Put,
+                        kv,
+                    });
                 }
                 TxnOp::Delete(range) => {
                     for kv in read_range(&t.kv, &range)? {
@@ -877,10 +962,18 @@ impl Writer {
             }
         }
         if events.is_empty() {
-            return Ok(Ok(TxnResponse { succeeded: true, revision: self.revision, deleted: 0 }));
+            return Ok(Ok(TxnResponse {
+                succeeded: true,
+                revision: self.revision,
+                deleted: 0,
+            }));
         }
         self.append(t, revision, events, committed)?;
-        Ok(Ok(TxnResponse { succeeded: true, revision, deleted }))
+        Ok(Ok(TxnResponse {
+            succeeded: true,
+            revision,
+            deleted,
+        }))
     }
 
     /// Removes a lease and deletes its keys at one revision (none when it
@@ -891,7 +984,9 @@ impl Writer {
         id: LeaseId,
         committed: &mut Vec<Arc<Committed>>,
     ) -> Result<(), StoreError> {
-        let Some(lease) = self.leases.remove(&id) else { return Ok(()) };
+        let Some(lease) = self.leases.remove(&id) else {
+            return Ok(());
+        };
         self.deadlines.remove(&(lease.deadline_ms, id));
         t.leases.remove(id).map_err(backend)?;
         let revision = self.revision + 1;
@@ -922,8 +1017,11 @@ impl Writer {
         events: Vec<Event>,
         committed: &mut Vec<Arc<Committed>>,
     ) -> Result<(), StoreError> {
-        let rev = u64::try_from(revision).map_err(|_| StoreError::Backend("revision overflow".into()))?;
-        t.log.insert(rev, encode_log(&events).as_slice()).map_err(backend)?;
+        let rev =
+            u64::try_from(revision).map_err(|_| StoreError::Backend("revision overflow".into()))?;
+        t.log
+            .insert(rev, encode_log(&events).as_slice())
+            .map_err(backend)?;
         self.revision = revision;
         committed.push(Arc::new(Committed { revision, events }));
         Ok(())
@@ -931,7 +1029,14 @@ impl Writer {
 }
 
 fn delete_event(key: Vec<u8>, revision: Revision) -> Event {
-    Event { kind: EventKind::Delete, kv: KeyValue { key, mod_revision: revision, ..KeyValue::default() } }
+    Event {
+        kind: EventKind::Delete,
+        kv: KeyValue {
+            key,
+            mod_revision: revision,
+            ..KeyValue::default()
+        },
+    }
 }
 
 fn open_tables(wtx: &WriteTransaction) -> Result<Tables<'_>, redb::TableError> {

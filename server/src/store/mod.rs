@@ -154,22 +154,38 @@ pub struct Compare {
 impl Compare {
     /// True when `key` exists.
     pub fn exists(key: impl Into<Vec<u8>>) -> Self {
-        Self { key: key.into(), op: CompareOp::Greater, target: CompareTarget::CreateRevision(0) }
+        Self {
+            key: key.into(),
+            op: CompareOp::Greater,
+            target: CompareTarget::CreateRevision(0),
+        }
     }
 
     /// True when `key` does not exist.
     pub fn missing(key: impl Into<Vec<u8>>) -> Self {
-        Self { key: key.into(), op: CompareOp::Equal, target: CompareTarget::CreateRevision(0) }
+        Self {
+            key: key.into(),
+            op: CompareOp::Equal,
+            target: CompareTarget::CreateRevision(0),
+        }
     }
 
     /// True when `key` was last modified at `revision` (0: the key is missing).
     pub fn mod_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: Revision) -> Self {
-        Self { key: key.into(), op, target: CompareTarget::ModRevision(revision) }
+        Self {
+            key: key.into(),
+            op,
+            target: CompareTarget::ModRevision(revision),
+        }
     }
 
     /// True when `key` exists with exactly this value.
     pub fn value_equals(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
-        Self { key: key.into(), op: CompareOp::Equal, target: CompareTarget::Value(value.into()) }
+        Self {
+            key: key.into(),
+            op: CompareOp::Equal,
+            target: CompareTarget::Value(value.into()),
+        }
     }
 
     /// Evaluates this compare against the key's current state (`None` when missing).
@@ -242,7 +258,11 @@ impl Txn {
         value: impl Into<Vec<u8>>,
         lease: LeaseId,
     ) -> Self {
-        self.ops.push(TxnOp::Put { key: key.into(), value: value.into(), lease });
+        self.ops.push(TxnOp::Put {
+            key: key.into(),
+            value: value.into(),
+            lease,
+        });
         self
     }
 
@@ -412,8 +432,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Streams every change inside `range` from `start_revision` on
     /// (inclusive). `start_revision` 0 means "from the next revision".
-    async fn watch(&self, range: KeyRange, start_revision: Revision)
-    -> Result<WatchStream, StoreError>;
+    async fn watch(
+        &self,
+        range: KeyRange,
+        start_revision: Revision,
+    ) -> Result<WatchStream, StoreError>;
 
     /// Grants a lease that expires `ttl_seconds` after its last keep-alive.
     async fn lease_grant(&self, ttl_seconds: i64) -> Result<Lease, StoreError>;

@@ -1,0 +1,558 @@
+//! Daemon configuration, layered: built-in defaults → TOML file → `STRATA_*`
+//! environment → command-line flags, then validated as a whole.
+//!
+//! Every source is passed in explicitly ([`Config::load`] takes the parsed
+//! flags and an iterator of environment pairs), so tests build configurations
+//! without touching the process environment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default gRPC + HTTP listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Default data directory of the embedded store.
+pub const DEFAULT_DATA_DIR: &str = "./strata-data";
+
+/// Command-line flags of `stratad`. Every flag is optional: unset flags leave
+/// the lower layers (env, file, defaults) in force.
+#[derive(Debug, Default, Clone, clap::Parser)]
+#[command(
+    name = "stratad",
+    version,
+    about = "Strata daemon: layered configuration and service registry"
+)]
+pub struct Flags {
+    /// Configuration file (TOML). Also `STRATA_CONFIG`.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC and HTTP on [default: 127.0.0.1:7070].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory of the embedded store [default: ./strata-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `strata_server=debug,info` [default: info].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log format: `text` or `json` [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// How long SIGTERM waits for in-flight requests, e.g. `10s` [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `tracing_subscriber::EnvFilter` directive.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// Automatic compaction of store history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionConfig {
+    /// Revisions of history kept behind the current one (watch resume and
+    /// config history reach back this far). 0 disables automatic compaction.
+    pub retain_revisions: i64,
+    /// How often the compaction job runs.
+    pub interval: Duration,
+}
+
+/// The validated configuration of one daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// gRPC + HTTP listen address.
+    pub listen: SocketAddr,
+    /// Data directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Longest graceful drain after SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// Logging.
+    pub log: LogConfig,
+    /// History compaction.
+    pub compaction: CompactionConfig,
+}
+
+/// A configuration problem, reported as one line; `stratad` exits with 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Parser message with line and column.
+        message: String,
+    },
+    /// A setting has an invalid value.
+    #[error("invalid {setting} (from {source_name}): {message}")]
+    Invalid {
+        /// Setting name as written in the file (`log.format`).
+        setting: &'static str,
+        /// Where the value came from (`--listen`, `STRATA_LISTEN`, the file, …).
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// One layer of settings as found in a source: every field optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Layer {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    shutdown_grace: Option<String>,
+    #[serde(default)]
+    log: LogLayer,
+    #[serde(default)]
+    compaction: CompactionLayer,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogLayer {
+    level: Option<String>,
+    format: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompactionLayer {
+    retain_revisions: Option<i64>,
+    interval: Option<String>,
+}
+
+/// A value together with the name of the source that set it, for messages.
+#[derive(Debug, Clone)]
+struct Sourced<T> {
+    value: T,
+    source: String,
+}
+
+/// Settings after merging, before validation.
+#[derive(Debug, Clone)]
+struct Merged {
+    listen: Sourced<String>,
+    data_dir: Sourced<PathBuf>,
+    shutdown_grace: Sourced<String>,
+    log_level: Sourced<String>,
+    log_format: Sourced<String>,
+    retain_revisions: Sourced<i64>,
+    compaction_interval: Sourced<String>,
+}
+
+fn set<T>(slot: &mut Sourced<T>, value: Option<T>, source: impl FnOnce() -> String) {
+    if let Some(value) = value {
+        *slot = Sourced {
+            value,
+            source: source(),
+        };
+    }
+}
+
+impl Merged {
+    fn defaults() -> Self {
+        let d = |v: &str| Sourced {
+            value: v.to_owned(),
+            source: "default".into(),
+        };
+        Self {
+            listen: d(DEFAULT_LISTEN),
+            data_dir: Sourced {
+                value: PathBuf::from(DEFAULT_DATA_DIR),
+                source: "default".into(),
+            },
+            shutdown_grace: d("10s"),
+            log_level: d("info"),
+            log_format: d("text"),
+            retain_revisions: Sourced {
+                value: 100_000,
+                source: "default".into(),
+            },
+            compaction_interval: d("5m"),
+        }
+    }
+
+    /// Applies a layer; `name(setting)` says where a setting came from.
+    fn apply(&mut self, layer: Layer, name: impl Fn(&str) -> String) {
+        set(&mut self.listen, layer.listen, || name("listen"));
+        set(&mut self.data_dir, layer.data_dir, || name("data_dir"));
+        set(&mut self.shutdown_grace, layer.shutdown_grace, || {
+            name("shutdown_grace")
+        });
+        set(&mut self.log_level, layer.log.level, || name("log.level"));
+        set(&mut self.log_format, layer.log.format, || {
+            name("log.format")
+        });
+        set(
+            &mut self.retain_revisions,
+            layer.compaction.retain_revisions,
+            || name("compaction.retain_revisions"),
+        );
+        set(
+            &mut self.compaction_interval,
+            layer.compaction.interval,
+            || name("compaction.interval"),
+        );
+    }
+}
+
+/// Environment variables read by the daemon, and the setting each one sets.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("STRATA_LISTEN", "listen"),
+    ("STRATA_DATA_DIR", "data_dir"),
+    ("STRATA_SHUTDOWN_GRACE", "shutdown_grace"),
+    ("STRATA_LOG_LEVEL", "log.level"),
+    ("STRATA_LOG_FORMAT", "log.format"),
+    (
+        "STRATA_COMPACTION_RETAIN_REVISIONS",
+        "compaction.retain_revisions",
+    ),
+    ("STRATA_COMPACTION_INTERVAL", "compaction.interval"),
+];
+
+fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
+    let get = |name: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let retain_revisions = match get("STRATA_COMPACTION_RETAIN_REVISIONS") {
+        Some(v) => Some(v.trim().parse::<i64>().map_err(|e| ConfigError::Invalid {
+            setting: "compaction.retain_revisions",
+            source_name: "STRATA_COMPACTION_RETAIN_REVISIONS".into(),
+            message: format!("{v:?} is not a whole number: {e}"),
+        })?),
+        None => None,
+    };
+    Ok(Layer {
+        listen: get("STRATA_LISTEN"),
+        data_dir: get("STRATA_DATA_DIR").map(PathBuf::from),
+        shutdown_grace: get("STRATA_SHUTDOWN_GRACE"),
+        log: LogLayer {
+            level: get("STRATA_LOG_LEVEL"),
+            format: get("STRATA_LOG_FORMAT"),
+        },
+        compaction: CompactionLayer {
+            retain_revisions,
+            interval: get("STRATA_COMPACTION_INTERVAL"),
+        },
+    })
+}
+
+fn env_name(setting: &str) -> String {
+    ENV_VARS
+        .iter()
+        .find(|(_, s)| *s == setting)
+        .map_or_else(|| setting.to_owned(), |(v, _)| (*v).to_owned())
+}
+
+fn flag_name(setting: &str) -> String {
+    format!("--{}", setting.replace("log.", "log-").replace('_', "-"))
+}
+
+/// Parses a configuration file's text (used for `--config` and by tests of
+/// the shipped example in `deploy/`).
+pub fn parse_file(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let mut merged = Merged::defaults();
+    merged.apply(parse_layer(path, text)?, |s| {
+        format!("{} ({s})", path.display())
+    });
+    merged.validate()
+}
+
+fn parse_layer(path: &Path, text: &str) -> Result<Layer, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim().replace('\n', " "),
+    })
+}
+
+impl Config {
+    /// Builds the configuration from flags and environment pairs (pass
+    /// `std::env::vars()` in production). The file comes from `--config`,
+    /// else `STRATA_CONFIG`, else none.
+    pub fn load(
+        flags: &Flags,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("STRATA_"))
+            .collect();
+        let mut merged = Merged::defaults();
+        let file = flags.config.clone().or_else(|| {
+            env.iter()
+                .rev()
+                .find(|(k, _)| k == "STRATA_CONFIG")
+                .map(|(_, v)| PathBuf::from(v))
+        });
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let layer = parse_layer(&path, &text)?;
+            merged.apply(layer, |s| format!("{} ({s})", path.display()));
+        }
+        merged.apply(env_layer(&env)?, env_name);
+        merged.apply(
+            Layer {
+                listen: flags.listen.clone(),
+                data_dir: flags.data_dir.clone(),
+                shutdown_grace: flags.shutdown_grace.clone(),
+                log: LogLayer {
+                    level: flags.log_level.clone(),
+                    format: flags.log_format.clone(),
+                },
+                compaction: CompactionLayer::default(),
+            },
+            flag_name,
+        );
+        merged.validate()
+    }
+}
+
+impl Merged {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+            setting,
+            source_name: source.to_owned(),
+            message,
+        };
+        let listen = self.listen.value.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "listen",
+                &self.listen.source,
+                format!(
+                    "{:?} is not an IP:port address (e.g. 127.0.0.1:7070)",
+                    self.listen.value
+                ),
+            )
+        })?;
+        if self.data_dir.value.as_os_str().is_empty() {
+            return Err(invalid(
+                "data_dir",
+                &self.data_dir.source,
+                "must not be empty".into(),
+            ));
+        }
+        let duration = |setting: &'static str, v: &Sourced<String>| {
+            humantime::parse_duration(v.value.trim()).map_err(|e| {
+                invalid(
+                    setting,
+                    &v.source,
+                    format!("{:?} is not a duration like 10s or 5m: {e}", v.value),
+                )
+            })
+        };
+        let shutdown_grace = duration("shutdown_grace", &self.shutdown_grace)?;
+        let interval = duration("compaction.interval", &self.compaction_interval)?;
+        if interval.is_zero() {
+            return Err(invalid(
+                "compaction.interval",
+                &self.compaction_interval.source,
+                "must be longer than zero".into(),
+            ));
+        }
+        if self.retain_revisions.value < 0 {
+            return Err(invalid(
+                "compaction.retain_revisions",
+                &self.retain_revisions.source,
+                format!(
+                    "must be 0 (off) or positive, got {}",
+                    self.retain_revisions.value
+                ),
+            ));
+        }
+        let format = match self.log_format.value.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    &self.log_format.source,
+                    format!("{other:?} is not one of: text, json"),
+                ));
+            }
+        };
+        let level = self.log_level.value.trim().to_owned();
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            return Err(invalid(
+                "log.level",
+                &self.log_level.source,
+                format!("{level:?}: {e}"),
+            ));
+        }
+        Ok(Config {
+            listen,
+            data_dir: self.data_dir.value,
+            shutdown_grace,
+            log: LogConfig { level, format },
+            compaction: CompactionConfig {
+                retain_revisions: self.retain_revisions.value,
+                interval,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_without_any_source() {
+        let config = Config::load(&Flags::default(), env(&[])).unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn layers_override_in_order_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratad.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1000\"\ndata_dir = \"/from/file\"\nshutdown_grace = \"3s\"\n[log]\nformat = \"json\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(file),
+            listen: Some("127.0.0.1:3000".into()),
+            ..Flags::default()
+        };
+        let config = Config::load(
+            &flags,
+            env(&[
+                ("STRATA_LISTEN", "127.0.0.1:2000"),
+                ("STRATA_DATA_DIR", "/from/env"),
+                ("HOME", "/x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.listen,
+            "127.0.0.1:3000".parse().unwrap(),
+            "flag beats env and file"
+        );
+        assert_eq!(
+            config.data_dir,
+            PathBuf::from("/from/env"),
+            "env beats file"
+        );
+        assert_eq!(
+            config.shutdown_grace,
+            Duration::from_secs(3),
+            "file beats default"
+        );
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn config_file_can_come_from_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "data_dir = \"/d\"\n").unwrap();
+        let config = Config::load(
+            &Flags::default(),
+            env(&[("STRATA_CONFIG", file.to_str().unwrap())]),
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/d"));
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_its_source() {
+        let flags = Flags {
+            listen: Some("nonsense".into()),
+            ..Flags::default()
+        };
+        let err = Config::load(&flags, env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("listen") && err.contains("--listen") && err.contains("nonsense"),
+            "{err}"
+        );
+
+        let err = Config::load(&Flags::default(), env(&[("STRATA_LOG_FORMAT", "xml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("log.format") && err.contains("STRATA_LOG_FORMAT"),
+            "{err}"
+        );
+
+        let err = Config::load(&Flags::default(), env(&[("STRATA_SHUTDOWN_GRACE", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("shutdown_grace"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_toml_are_rejected_with_position() {
+        let path = Path::new("bad.toml");
+        let err = parse_file(path, "listen = \"127.0.0.1:1\"\nlisten_addr = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("listen_addr") && err.contains("line 2"),
+            "{err}"
+        );
+        let err = parse_file(path, "listen = \n").unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn missing_config_file_is_a_read_error() {
+        let flags = Flags {
+            config: Some("/nonexistent/stratad.toml".into()),
+            ..Flags::default()
+        };
+        let err = Config::load(&flags, env(&[])).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stratad.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = parse_file(&path, &text).unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.compaction.retain_revisions, 100_000);
+    }
+}

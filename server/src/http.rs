@@ -1,0 +1,81 @@
+//! Plain HTTP routes served on the gRPC listener: liveness, readiness,
+//! Prometheus metrics, and a JSON status for curl.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{StatusCode, header};
+
+use crate::error::ApiError;
+use crate::server::DaemonState;
+
+/// The HTTP routes of the daemon.
+pub fn router(state: Arc<DaemonState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .with_state(state)
+}
+
+/// Alive as long as the process answers.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// 200 once the store is open and loaded, 503 before that and while draining.
+async fn readyz(State(state): State<Arc<DaemonState>>) -> Response {
+    if state.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+/// Answers requests that match no route: gRPC callers get `UNIMPLEMENTED`,
+/// everyone else a JSON 404.
+pub async fn fallback(request: axum::extract::Request) -> Response {
+    let is_grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if is_grpc {
+        return tonic::Status::unimplemented(format!("unknown method {}", request.uri().path()))
+            .into_http();
+    }
+    ApiError::new(
+        strata_proto::v1::ErrorReason::NotFound,
+        format!("no route for {} {}", request.method(), request.uri().path()),
+    )
+    .into_response()
+}
+
+async fn metrics(State(state): State<Arc<DaemonState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn status(State(state): State<Arc<DaemonState>>) -> Result<Response, ApiError> {
+    let s = crate::admin::status(&state).await?;
+    Ok(Json(serde_json::json!({
+        "revision": s.revision,
+        "compacted_revision": s.compacted_revision,
+        "store_kind": s.store_kind,
+        "uptime_seconds": s.uptime_seconds,
+        "version": s.version,
+        "ready": s.ready,
+        "member": s.header.map(|h| h.member).unwrap_or_default(),
+    }))
+    .into_response())
+}

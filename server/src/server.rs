@@ -1,0 +1,203 @@
+//! The daemon around the store: one listener serving gRPC (Strata services,
+//! `grpc.health.v1`, server reflection) and HTTP (`/healthz`, `/readyz`,
+//! `/metrics`, JSON API), background jobs, readiness and graceful drain.
+//!
+//! [`run`] is the whole server: tests start it on a `127.0.0.1:0` listener
+//! in-process; `stratad` calls it with the configured address.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use strata_proto::v1::admin_service_server::AdminServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::admin::AdminApi;
+use crate::config::CompactionConfig;
+use crate::store::Store;
+
+/// Everything request handlers share.
+pub struct DaemonState {
+    /// The store backend.
+    pub store: Arc<dyn Store>,
+    /// When this daemon started.
+    pub started: Instant,
+    /// Name of this replica in response headers (its listen address).
+    pub member: String,
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
+    /// Fires when the daemon starts draining; long-lived streams end on it.
+    pub shutdown: CancellationToken,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for DaemonState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonState")
+            .field("store", &self.store.kind())
+            .field("member", &self.member)
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DaemonState {
+    /// Whether the daemon serves reads and writes (store open and loaded, not draining).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+        metrics::gauge!("strata_ready").set(if ready { 1.0 } else { 0.0 });
+    }
+}
+
+/// Settings of [`run`] beyond the listener and the store.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Longest drain after the shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Automatic history compaction.
+    pub compaction: CompactionConfig,
+}
+
+/// Failures that stop the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The metrics recorder could not be installed.
+    #[error("cannot set up metrics: {0}")]
+    Metrics(String),
+    /// The reflection service could not load our descriptors.
+    #[error("cannot set up gRPC reflection: {0}")]
+    Reflection(String),
+    /// The store failed while loading.
+    #[error("store failed while loading: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// Serving failed.
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Serves on `listener` until `shutdown` completes, then drains in-flight
+/// requests for at most `options.shutdown_grace` and returns.
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let prometheus = crate::telemetry::prometheus().map_err(ServerError::Metrics)?;
+    let upkeep = tokio::spawn(crate::telemetry::upkeep(prometheus.clone()));
+    let member = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let state = Arc::new(DaemonState {
+        store: Arc::clone(&store),
+        started: Instant::now(),
+        member,
+        prometheus,
+        shutdown: CancellationToken::new(),
+        ready: AtomicBool::new(false),
+    });
+    metrics::gauge!("strata_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    state.set_ready(false);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<AdminServiceServer<AdminApi>>()
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(strata_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let grpc = tonic::service::Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AdminServiceServer::new(AdminApi::new(Arc::clone(&state))))
+        .into_axum_router();
+    let app = grpc
+        .merge(crate::http::router(Arc::clone(&state)))
+        .fallback(crate::http::fallback)
+        .layer(axum::middleware::from_fn(crate::telemetry::track_requests));
+
+    let stop_accepting = state.shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop_accepting.cancelled().await })
+            .await
+    });
+
+    // The store is open; loading is reading its position. Later layers (the
+    // view) load here too, before the daemon calls itself ready.
+    let loaded = store.status().await?;
+    metrics::gauge!("strata_store_revision").set(loaded.revision as f64);
+    metrics::gauge!("strata_store_compacted_revision").set(loaded.compacted_revision as f64);
+    let compaction = tokio::spawn(crate::jobs::compaction(
+        Arc::clone(&store),
+        options.compaction.clone(),
+        state.shutdown.clone(),
+    ));
+    state.set_ready(true);
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_serving::<AdminServiceServer<AdminApi>>().await;
+    tracing::info!(revision = loaded.revision, store = store.kind(), "ready");
+
+    let mut server = server;
+    let early_exit = tokio::select! {
+        () = shutdown => None,
+        result = &mut server => Some(result),
+    };
+    if let Some(result) = early_exit {
+        upkeep.abort();
+        compaction.abort();
+        return match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServerError::Serve(e)),
+            Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
+        };
+    }
+
+    tracing::info!(grace = ?options.shutdown_grace, "draining: refusing new connections, finishing in-flight requests");
+    state.set_ready(false);
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<AdminServiceServer<AdminApi>>()
+        .await;
+    state.shutdown.cancel();
+    let drained = tokio::time::timeout(options.shutdown_grace, &mut server).await;
+    upkeep.abort();
+    compaction.abort();
+    match drained {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!("drained; stopped");
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(ServerError::Serve(e)),
+        Ok(Err(e)) => Err(ServerError::Serve(std::io::Error::other(e))),
+        Err(_) => {
+            server.abort();
+            tracing::warn!("grace period over; closing the connections still open");
+            Ok(())
+        }
+    }
+}

@@ -1,3 +1,298 @@
 //! Test harness shared by the end-to-end tests in `tests/tests/`: starting
-//! real `stratad` processes on free loopback ports, talking to them over real
-//! sockets, and stopping them with signals.
+//! real `stratad` processes on free loopback ports with temporary data
+//! directories, talking to them over real sockets, and stopping them with
+//! signals. Every process a test starts is killed when its handle drops.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test harness: failing loudly is the point
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Path of the `stratad` binary under test: `$STRATAD_BIN`, else the one
+/// cargo built next to this test binary (`target/<profile>/stratad`).
+pub fn stratad_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("STRATAD_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> dir");
+    let bin = profile_dir.join("stratad");
+    assert!(
+        bin.exists(),
+        "stratad binary not found at {}: build it first with `cargo build --workspace --bins` \
+         (the README's test command does this) or set STRATAD_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `stratad` child process.
+pub struct Daemon {
+    child: Child,
+    /// Address it serves gRPC and HTTP on.
+    pub addr: SocketAddr,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    stderr: Arc<Mutex<String>>,
+    _tmp: Option<TempDir>,
+}
+
+/// How to start a daemon.
+#[derive(Default)]
+pub struct DaemonBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    data_dir: Option<PathBuf>,
+}
+
+impl DaemonBuilder {
+    /// Adds command-line arguments.
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable of the child.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Uses this data directory instead of a fresh temporary one.
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_owned());
+        self
+    }
+
+    /// Spawns the daemon without waiting for readiness.
+    pub fn spawn(self) -> Daemon {
+        let (tmp, data_dir) = match self.data_dir {
+            Some(dir) => (None, dir),
+            None => {
+                let tmp = tempfile::tempdir().expect("tempdir");
+                let dir = tmp.path().join("data");
+                (Some(tmp), dir)
+            }
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut command = Command::new(stratad_bin());
+        command
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&self.args)
+            .env_clear()
+            .env("RUST_BACKTRACE", "1")
+            .envs(self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn stratad");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr pipe");
+        let sink = Arc::clone(&stderr);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Daemon {
+            child,
+            addr,
+            data_dir,
+            stderr,
+            _tmp: tmp,
+        }
+    }
+
+    /// Spawns the daemon and waits until `/readyz` answers 200.
+    pub async fn start(self) -> Daemon {
+        let mut daemon = self.spawn();
+        daemon.wait_ready(Duration::from_secs(20)).await;
+        daemon
+    }
+}
+
+impl Daemon {
+    /// A builder for a daemon on a fresh port and temporary data dir.
+    pub fn builder() -> DaemonBuilder {
+        DaemonBuilder::default()
+    }
+
+    /// Starts a daemon with defaults and waits for readiness.
+    pub async fn start() -> Daemon {
+        Self::builder().start().await
+    }
+
+    /// `http://127.0.0.1:<port>`, for gRPC channels.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id().expect("running child")).unwrap())
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("send signal");
+    }
+
+    /// Polls `/readyz` until it answers 200; panics with the daemon's stderr
+    /// when it exits or the timeout passes.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "stratad exited early with {status}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            if let Ok((200, _)) = http_get(self.addr, "/readyz").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stratad not ready after {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait for stratad"),
+            Err(_) => panic!(
+                "stratad still running after {timeout:?}; stderr:\n{}",
+                self.stderr()
+            ),
+        }
+    }
+
+    /// Waits for the stderr reader to reach end of file (after exit).
+    pub async fn final_stderr(&self) -> String {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.stderr()
+    }
+}
+
+/// Runs `stratad` with `args` to completion (for startup failures) and
+/// returns its exit status and stderr.
+pub async fn run_stratad(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new(stratad_bin())
+            .args(args)
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("stratad should exit on its own")
+    .expect("run stratad");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, &[], b"").await
+}
+
+/// A minimal HTTP/1.1 request over a fresh connection: (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| std::io::Error::other("connect timeout"))??;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .map_err(|_| std::io::Error::other("read timeout"))??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {head}")))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -12,7 +12,8 @@ pub mod v1 {
 }
 
 /// Encoded `google.protobuf.FileDescriptorSet` of every `strata.v1` file.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/strata_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/strata_descriptor.bin"));
 
 /// Metadata key of the binary trailer carrying a [`v1::ErrorDetail`] on failed calls.
 pub const ERROR_DETAIL_TRAILER: &str = "strata-error-bin";

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace, installing what they need first.
+#
+#   ./scripts/test.sh
+#
+# Used as-is by CI (.ci/run). Steps: install missing system packages, check
+# formatting, clippy with warnings as errors, build every binary (the
+# end-to-end tests start the real `stratad`), then `cargo test` for the whole
+# workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the build and tests need, as `command:debian-package`.
+# (None yet: our protos compile with protox; the etcd backend will add
+# etcd-server and protobuf-compiler here.)
+REQUIRED_TOOLS=()
+
+missing=()
+for entry in "${REQUIRED_TOOLS[@]}"; do
+  command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+fi
+
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  echo "==> installing rustfmt and clippy"
+  rustup component add rustfmt clippy
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> cargo build --bins"
+cargo build --workspace --bins --locked
+
+echo "==> cargo test"
+cargo test --workspace --locked

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod domain;
 pub mod error;
 pub mod http;
 pub mod jobs;

@@ -1,0 +1,8 @@
+//! Strata's domain rules, free of I/O: names of projects, tenants and keys;
+//! configuration documents (formats, parsing with precise errors, RFC 7396
+//! merge, rendering); and layered resolution along a tenant chain exactly as
+//! DESIGN.md section 2 defines it.
+
+pub mod document;
+pub mod names;
+pub mod resolve;

@@ -4,7 +4,12 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["strata/v1/common.proto", "strata/v1/admin.proto"];
+const PROTOS: &[&str] = &[
+    "strata/v1/common.proto",
+    "strata/v1/admin.proto",
+    "strata/v1/tenant.proto",
+    "strata/v1/config.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -87,6 +87,8 @@ pub struct Config {
     pub log: LogConfig,
     /// History compaction.
     pub compaction: CompactionConfig,
+    /// Size and count limits on writes.
+    pub limits: crate::api::Limits,
 }
 
 /// A configuration problem, reported as one line; `stratad` exits with 64.
@@ -131,6 +133,14 @@ struct Layer {
     log: LogLayer,
     #[serde(default)]
     compaction: CompactionLayer,
+    #[serde(default)]
+    limits: LimitsLayer,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsLayer {
+    max_value_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -164,6 +174,7 @@ struct Merged {
     log_format: Sourced<String>,
     retain_revisions: Sourced<i64>,
     compaction_interval: Sourced<String>,
+    max_value_bytes: Sourced<i64>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, source: impl FnOnce() -> String) {
@@ -195,6 +206,10 @@ impl Merged {
                 source: "default".into(),
             },
             compaction_interval: d("5m"),
+            max_value_bytes: Sourced {
+                value: 1024 * 1024,
+                source: "default".into(),
+            },
         }
     }
 
@@ -219,6 +234,11 @@ impl Merged {
             layer.compaction.interval,
             || name("compaction.interval"),
         );
+        set(
+            &mut self.max_value_bytes,
+            layer.limits.max_value_bytes,
+            || name("limits.max_value_bytes"),
+        );
     }
 }
 
@@ -234,6 +254,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "compaction.retain_revisions",
     ),
     ("STRATA_COMPACTION_INTERVAL", "compaction.interval"),
+    ("STRATA_LIMITS_MAX_VALUE_BYTES", "limits.max_value_bytes"),
 ];
 
 fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
@@ -243,14 +264,22 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let retain_revisions = match get("STRATA_COMPACTION_RETAIN_REVISIONS") {
-        Some(v) => Some(v.trim().parse::<i64>().map_err(|e| ConfigError::Invalid {
-            setting: "compaction.retain_revisions",
-            source_name: "STRATA_COMPACTION_RETAIN_REVISIONS".into(),
-            message: format!("{v:?} is not a whole number: {e}"),
-        })?),
-        None => None,
+    let number = |name: &'static str, setting: &'static str| -> Result<Option<i64>, ConfigError> {
+        get(name)
+            .map(|v| {
+                v.trim().parse::<i64>().map_err(|e| ConfigError::Invalid {
+                    setting,
+                    source_name: name.into(),
+                    message: format!("{v:?} is not a whole number: {e}"),
+                })
+            })
+            .transpose()
     };
+    let retain_revisions = number(
+        "STRATA_COMPACTION_RETAIN_REVISIONS",
+        "compaction.retain_revisions",
+    )?;
+    let max_value_bytes = number("STRATA_LIMITS_MAX_VALUE_BYTES", "limits.max_value_bytes")?;
     Ok(Layer {
         listen: get("STRATA_LISTEN"),
         data_dir: get("STRATA_DATA_DIR").map(PathBuf::from),
@@ -263,6 +292,7 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
             retain_revisions,
             interval: get("STRATA_COMPACTION_INTERVAL"),
         },
+        limits: LimitsLayer { max_value_bytes },
     })
 }
 
@@ -332,6 +362,7 @@ impl Config {
                     format: flags.log_format.clone(),
                 },
                 compaction: CompactionLayer::default(),
+                limits: LimitsLayer::default(),
             },
             flag_name,
         );
@@ -402,6 +433,19 @@ impl Merged {
                 ));
             }
         };
+        let max_value_bytes = usize::try_from(self.max_value_bytes.value)
+            .ok()
+            .filter(|n| (1..=64 * 1024 * 1024).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    "limits.max_value_bytes",
+                    &self.max_value_bytes.source,
+                    format!(
+                        "must be between 1 and 67108864, got {}",
+                        self.max_value_bytes.value
+                    ),
+                )
+            })?;
         let level = self.log_level.value.trim().to_owned();
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
             return Err(invalid(
@@ -418,6 +462,10 @@ impl Merged {
             compaction: CompactionConfig {
                 retain_revisions: self.retain_revisions.value,
                 interval,
+            },
+            limits: crate::api::Limits {
+                max_value_bytes,
+                ..crate::api::Limits::default()
             },
         })
     }

@@ -46,7 +46,9 @@ impl ApiError {
             ErrorReason::InvalidArgument => (Code::InvalidArgument, StatusCode::BAD_REQUEST),
             ErrorReason::NotFound => (Code::NotFound, StatusCode::NOT_FOUND),
             ErrorReason::AlreadyExists => (Code::AlreadyExists, StatusCode::CONFLICT),
-            ErrorReason::RevisionMismatch => (Code::FailedPrecondition, StatusCode::CONFLICT),
+            ErrorReason::RevisionMismatch | ErrorReason::FailedPrecondition => {
+                (Code::FailedPrecondition, StatusCode::CONFLICT)
+            }
             ErrorReason::Compacted => (Code::OutOfRange, StatusCode::GONE),
             ErrorReason::LimitExceeded => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
             ErrorReason::Unavailable => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
@@ -64,6 +66,7 @@ impl ApiError {
             ErrorReason::NotFound => "not_found",
             ErrorReason::AlreadyExists => "already_exists",
             ErrorReason::RevisionMismatch => "revision_mismatch",
+            ErrorReason::FailedPrecondition => "failed_precondition",
             ErrorReason::Compacted => "compacted",
             ErrorReason::LimitExceeded => "limit_exceeded",
             ErrorReason::Unavailable => "unavailable",

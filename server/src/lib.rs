@@ -8,11 +8,16 @@
 //! tests and benchmarks use the same pieces in-process.
 
 pub mod admin;
+pub mod api;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod grpc;
 pub mod http;
+pub mod http_api;
 pub mod jobs;
+pub mod keyspace;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod view;

@@ -80,6 +80,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let options = ServerOptions {
         shutdown_grace: config.shutdown_grace,
         compaction: config.compaction.clone(),
+        limits: config.limits,
     };
     server::run(listener, Arc::new(store), options, shutdown_signal())
         .await

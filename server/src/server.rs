@@ -6,8 +6,8 @@
 //! in-process; `stratad` calls it with the configured address.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -17,8 +17,15 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminApi;
+use crate::api::{Api, Limits};
 use crate::config::CompactionConfig;
+use crate::error::ApiError;
+use crate::grpc::GrpcApi;
 use crate::store::Store;
+use crate::view::View;
+use strata_proto::v1::ErrorReason;
+use strata_proto::v1::config_service_server::ConfigServiceServer;
+use strata_proto::v1::tenant_service_server::TenantServiceServer;
 
 /// Everything request handlers share.
 pub struct DaemonState {
@@ -32,7 +39,10 @@ pub struct DaemonState {
     pub prometheus: PrometheusHandle,
     /// Fires when the daemon starts draining; long-lived streams end on it.
     pub shutdown: CancellationToken,
+    /// Size and count limits on writes.
+    pub limits: Limits,
     ready: AtomicBool,
+    api: OnceLock<Api>,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -51,6 +61,16 @@ impl DaemonState {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// The tenant and config operations, once the view is loaded.
+    pub fn api(&self) -> Result<&Api, ApiError> {
+        self.api.get().ok_or_else(|| {
+            ApiError::new(
+                ErrorReason::Unavailable,
+                "stratad is still loading its view of the store",
+            )
+        })
+    }
+
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
         metrics::gauge!("strata_ready").set(if ready { 1.0 } else { 0.0 });
@@ -64,6 +84,8 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// Automatic history compaction.
     pub compaction: CompactionConfig,
+    /// Size and count limits on writes.
+    pub limits: Limits,
 }
 
 /// Failures that stop the server.
@@ -103,7 +125,9 @@ pub async fn run(
         member,
         prometheus,
         shutdown: CancellationToken::new(),
+        limits: options.limits,
         ready: AtomicBool::new(false),
+        api: OnceLock::new(),
     });
     metrics::gauge!("strata_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     state.set_ready(false);
@@ -132,9 +156,12 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(AdminServiceServer::new(AdminApi::new(Arc::clone(&state))))
+        .add_service(TenantServiceServer::new(GrpcApi::new(Arc::clone(&state))))
+        .add_service(ConfigServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .into_axum_router();
     let app = grpc
         .merge(crate::http::router(Arc::clone(&state)))
+        .merge(crate::http_api::router(Arc::clone(&state)))
         .fallback(crate::http::fallback)
         .layer(axum::middleware::from_fn(crate::telemetry::track_requests));
 
@@ -145,11 +172,17 @@ pub async fn run(
             .await
     });
 
-    // The store is open; loading is reading its position. Later layers (the
-    // view) load here too, before the daemon calls itself ready.
+    // Health answers while the view loads; readiness waits for it.
+    let view = View::load(store.as_ref()).await?;
     let loaded = store.status().await?;
     metrics::gauge!("strata_store_revision").set(loaded.revision as f64);
     metrics::gauge!("strata_store_compacted_revision").set(loaded.compacted_revision as f64);
+    let follower =
+        tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), state.shutdown.clone()));
+    // Only this function sets it, once.
+    let _ = state
+        .api
+        .set(Api::new(Arc::clone(&store), view, options.limits));
     let compaction = tokio::spawn(crate::jobs::compaction(
         Arc::clone(&store),
         options.compaction.clone(),
@@ -168,6 +201,7 @@ pub async fn run(
     if let Some(result) = early_exit {
         upkeep.abort();
         compaction.abort();
+        follower.abort();
         return match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServerError::Serve(e)),
@@ -187,6 +221,7 @@ pub async fn run(
     let drained = tokio::time::timeout(options.shutdown_grace, &mut server).await;
     upkeep.abort();
     compaction.abort();
+    follower.abort();
     match drained {
         Ok(Ok(Ok(()))) => {
             tracing::info!("drained; stopped");

@@ -417,6 +417,12 @@ pub enum StoreError {
     Backend(String),
 }
 
+impl std::fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.kind())
+    }
+}
+
 /// A revisioned key-value store (see the module documentation).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

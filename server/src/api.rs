@@ -1,0 +1,599 @@
+//! Tenant and configuration operations, shared by the gRPC and HTTP
+//! handlers: validate against the view → build one store transaction whose
+//! compares pin what was validated → commit → wait until the view has the
+//! revision → answer. A transaction whose compares fail (someone else wrote
+//! in between) is re-planned against the newer view, so the caller gets the
+//! precise domain error (already exists, not found, …) rather than a retry
+//! hint.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use strata_proto::v1::ErrorReason;
+
+use crate::domain::document::{self, Format, Mode};
+use crate::domain::names;
+use crate::domain::resolve::{self, Explained, Resolved};
+use crate::error::ApiError;
+use crate::keyspace::{self, LayerRecord, TenantRecord};
+use crate::store::{Compare, CompareOp, KeyRange, Revision, Store, Txn};
+use crate::view::{LayerEntry, MAX_CHAIN, ProjectView, TenantEntry, View, ViewState};
+
+/// Size limits enforced on writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest config value, in bytes.
+    pub max_value_bytes: usize,
+    /// Most labels on a tenant.
+    pub max_labels: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: 1024 * 1024,
+            max_labels: 64,
+        }
+    }
+}
+
+/// A tenant with its place in the tree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantInfo {
+    /// Project.
+    pub project: String,
+    /// Name.
+    pub name: String,
+    /// Stored state.
+    pub entry: TenantEntry,
+    /// Itself first, then ancestors to the root.
+    pub chain: Vec<String>,
+}
+
+/// Request to create a tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewTenant {
+    /// Project.
+    pub project: String,
+    /// Tenant name.
+    pub name: String,
+    /// Parent tenant (empty: a root).
+    pub parent: String,
+    /// Labels.
+    pub labels: HashMap<String, String>,
+    /// TTL in seconds, 0 for none.
+    pub ttl_seconds: i64,
+    /// Strict fallback policy.
+    pub strict: bool,
+    /// Protected from deletion without force.
+    pub protected: bool,
+}
+
+/// Request to write a layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutLayer {
+    /// Project.
+    pub project: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Config key.
+    pub key: String,
+    /// Raw value (ignored for `delete`).
+    pub value: Vec<u8>,
+    /// Format; `None` guesses from the key's extension, else `text`.
+    pub format: Option<Format>,
+    /// Mode.
+    pub mode: Mode,
+    /// Compare-and-set: `Some(r > 0)` the layer's mod revision must be `r`;
+    /// `Some(-1)` the layer must not exist; `None` unconditional.
+    pub expected_revision: Option<Revision>,
+}
+
+/// A tenant's own layer of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// Tenant.
+    pub tenant: String,
+    /// Key.
+    pub key: String,
+    /// Stored layer.
+    pub entry: LayerEntry,
+}
+
+/// The operations, over a store and the view that follows it.
+#[derive(Debug, Clone)]
+pub struct Api {
+    store: Arc<dyn Store>,
+    view: Arc<View>,
+    limits: Limits,
+}
+
+/// How many times a write is re-planned after losing a race.
+const MAX_ATTEMPTS: usize = 8;
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorReason::InvalidArgument, message)
+}
+
+fn not_found(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorReason::NotFound, message)
+}
+
+fn precondition(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorReason::FailedPrecondition, message)
+}
+
+fn name_error(e: names::NameError) -> ApiError {
+    invalid(e.to_string())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn project_view<'a>(state: &'a ViewState, project: &str) -> Option<&'a ProjectView> {
+    state.projects.get(project)
+}
+
+fn tenant_info(project: &str, view: &ProjectView, name: &str) -> Option<TenantInfo> {
+    let entry = view.tenants.get(name)?.clone();
+    let chain = view.chain(name)?.into_iter().map(str::to_owned).collect();
+    Some(TenantInfo {
+        project: project.to_owned(),
+        name: name.to_owned(),
+        entry,
+        chain,
+    })
+}
+
+fn tenant_missing(project: &str, tenant: &str) -> ApiError {
+    not_found(format!(
+        "tenant {tenant:?} not found in project {project:?}"
+    ))
+}
+
+impl Api {
+    /// Operations over `store`, reading from `view`.
+    pub fn new(store: Arc<dyn Store>, view: Arc<View>, limits: Limits) -> Self {
+        Self {
+            store,
+            view,
+            limits,
+        }
+    }
+
+    /// The view these operations read.
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
+    }
+
+    /// Plans against the view, commits, waits for the view; re-plans when the
+    /// transaction's compares fail.
+    async fn write<T>(
+        &self,
+        mut plan: impl FnMut(&ViewState) -> Result<(Txn, T), ApiError>,
+    ) -> Result<(T, Revision), ApiError> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (txn, out) = plan(&self.view.read())?;
+            let response = self.store.txn(txn).await?;
+            self.view.wait_for(response.revision).await?;
+            if response.succeeded {
+                return Ok((out, response.revision));
+            }
+        }
+        Err(ApiError::new(
+            ErrorReason::Unavailable,
+            "too many concurrent writers on the same objects; retry",
+        ))
+    }
+
+    /// Creates a tenant.
+    pub async fn create_tenant(&self, req: NewTenant) -> Result<(TenantInfo, Revision), ApiError> {
+        names::validate_project(&req.project).map_err(name_error)?;
+        names::validate_tenant(&req.name).map_err(name_error)?;
+        if !req.parent.is_empty() {
+            names::validate_tenant(&req.parent).map_err(name_error)?;
+        }
+        if req.parent == req.name {
+            return Err(invalid(format!(
+                "tenant {:?} cannot be its own parent",
+                req.name
+            )));
+        }
+        if req.ttl_seconds < 0 {
+            return Err(invalid(format!(
+                "ttl_seconds must be 0 (none) or positive, got {}",
+                req.ttl_seconds
+            )));
+        }
+        self.check_labels(&req.labels)?;
+        let record = TenantRecord {
+            parent: req.parent.clone(),
+            labels: req.labels.clone(),
+            ttl_seconds: req.ttl_seconds,
+            expires_at_unix_ms: if req.ttl_seconds > 0 {
+                now_ms() + req.ttl_seconds * 1000
+            } else {
+                0
+            },
+            strict: req.strict,
+            protected: req.protected,
+        };
+        let key = keyspace::tenant_key(&req.project, &req.name);
+        let ((), revision) = self
+            .write(|state| {
+                let project = project_view(state, &req.project);
+                if project.is_some_and(|p| p.tenants.contains_key(&req.name)) {
+                    return Err(ApiError::new(
+                        ErrorReason::AlreadyExists,
+                        format!(
+                            "tenant {:?} already exists in project {:?}",
+                            req.name, req.project
+                        ),
+                    ));
+                }
+                let mut txn = Txn::new().when(Compare::missing(key.clone()));
+                if !req.parent.is_empty() {
+                    let parent = project
+                        .and_then(|p| p.tenants.get(&req.parent).map(|e| (p, e)))
+                        .ok_or_else(|| {
+                            not_found(format!(
+                                "parent tenant {:?} not found in project {:?}",
+                                req.parent, req.project
+                            ))
+                        })?;
+                    let depth = parent.0.chain(&req.parent).map_or(0, |c| c.len()) + 1;
+                    if depth > MAX_CHAIN {
+                        return Err(invalid(format!(
+                            "chain of {:?} would be {depth} tenants deep; the limit is {MAX_CHAIN}",
+                            req.name
+                        )));
+                    }
+                    // Re-writing the parent bumps its mod revision, so a
+                    // concurrent delete of the parent (which pins it) fails.
+                    let parent_key = keyspace::tenant_key(&req.project, &req.parent);
+                    txn = txn
+                        .when(Compare::mod_revision(
+                            parent_key.clone(),
+                            CompareOp::Equal,
+                            parent.1.mod_revision,
+                        ))
+                        .put(parent_key, parent.1.record.encode_to_vec());
+                }
+                Ok((txn.put(key.clone(), record.encode_to_vec()), ()))
+            })
+            .await?;
+        let info = self.tenant(&req.project, &req.name)?.0;
+        Ok((info, revision))
+    }
+
+    /// Reads a tenant.
+    pub fn tenant(&self, project: &str, name: &str) -> Result<(TenantInfo, Revision), ApiError> {
+        let state = self.view.read();
+        project_view(&state, project)
+            .and_then(|p| tenant_info(project, p, name))
+            .map(|info| (info, state.revision))
+            .ok_or_else(|| tenant_missing(project, name))
+    }
+
+    /// Lists a project's tenants, parents before children (roots by name).
+    pub fn list_tenants(&self, project: &str) -> (Vec<TenantInfo>, Revision) {
+        let state = self.view.read();
+        let Some(p) = project_view(&state, project) else {
+            return (Vec::new(), state.revision);
+        };
+        let mut out = Vec::new();
+        for (name, entry) in &p.tenants {
+            if entry.record.parent.is_empty() || !p.tenants.contains_key(&entry.record.parent) {
+                out.extend(
+                    p.subtree(name)
+                        .into_iter()
+                        .filter_map(|t| tenant_info(project, p, t)),
+                );
+            }
+        }
+        (out, state.revision)
+    }
+
+    /// Replaces labels and/or TTL.
+    pub async fn update_tenant(
+        &self,
+        project: &str,
+        name: &str,
+        labels: Option<HashMap<String, String>>,
+        ttl_seconds: Option<i64>,
+    ) -> Result<(TenantInfo, Revision), ApiError> {
+        if let Some(labels) = &labels {
+            self.check_labels(labels)?;
+        }
+        if let Some(ttl) = ttl_seconds
+            && ttl < 0
+        {
+            return Err(invalid(format!(
+                "ttl_seconds must be 0 (none) or positive, got {ttl}"
+            )));
+        }
+        let key = keyspace::tenant_key(project, name);
+        let ((), revision) = self
+            .write(|state| {
+                let entry = project_view(state, project)
+                    .and_then(|p| p.tenants.get(name))
+                    .ok_or_else(|| tenant_missing(project, name))?;
+                let mut record = entry.record.clone();
+                if let Some(labels) = &labels {
+                    record.labels = labels.clone();
+                }
+                if let Some(ttl) = ttl_seconds {
+                    record.ttl_seconds = ttl;
+                    record.expires_at_unix_ms = if ttl > 0 { now_ms() + ttl * 1000 } else { 0 };
+                }
+                let txn = Txn::new()
+                    .when(Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        entry.mod_revision,
+                    ))
+                    .put(key.clone(), record.encode_to_vec());
+                Ok((txn, ()))
+            })
+            .await?;
+        Ok((self.tenant(project, name)?.0, revision))
+    }
+
+    /// Deletes a tenant with all its layers at one revision. Without
+    /// `force`, refuses protected tenants and tenants with children; with
+    /// `force`, deletes the whole subtree.
+    pub async fn delete_tenant(
+        &self,
+        project: &str,
+        name: &str,
+        force: bool,
+    ) -> Result<(i64, Revision), ApiError> {
+        self.write(|state| {
+            let p = project_view(state, project).ok_or_else(|| tenant_missing(project, name))?;
+            let entry = p
+                .tenants
+                .get(name)
+                .ok_or_else(|| tenant_missing(project, name))?;
+            if entry.record.protected && !force {
+                return Err(precondition(format!(
+                    "tenant {name:?} is protected; deleting it needs force"
+                )));
+            }
+            let children = p.children(name);
+            if !children.is_empty() && !force {
+                return Err(precondition(format!(
+                    "tenant {name:?} has children ({}); delete them first or use force",
+                    children.join(", ")
+                )));
+            }
+            let mut txn = Txn::new();
+            let mut layers = 0;
+            for tenant in p.subtree(name) {
+                let seen = p.tenants.get(tenant).map_or(0, |e| e.mod_revision);
+                let key = keyspace::tenant_key(project, tenant);
+                layers += p.layers.get(tenant).map_or(0, |l| l.len() as i64);
+                txn = txn
+                    .when(Compare::mod_revision(key.clone(), CompareOp::Equal, seen))
+                    .delete(KeyRange::Key(key))
+                    .delete(KeyRange::Prefix(keyspace::layers_prefix(project, tenant)));
+            }
+            Ok((txn, layers))
+        })
+        .await
+    }
+
+    /// Writes a tenant's layer of a key.
+    pub async fn put_layer(&self, req: PutLayer) -> Result<(LayerInfo, Revision), ApiError> {
+        names::validate_project(&req.project).map_err(name_error)?;
+        names::validate_tenant(&req.tenant).map_err(name_error)?;
+        names::validate_key(&req.key).map_err(name_error)?;
+        let format = req
+            .format
+            .or_else(|| Format::from_extension(&req.key))
+            .unwrap_or(Format::Text);
+        let value = if req.mode == Mode::Delete {
+            Vec::new()
+        } else {
+            req.value.clone()
+        };
+        if value.len() > self.limits.max_value_bytes {
+            return Err(ApiError::new(
+                ErrorReason::LimitExceeded,
+                format!(
+                    "value is {} bytes; the limit is {} bytes",
+                    value.len(),
+                    self.limits.max_value_bytes
+                ),
+            )
+            .with("limit_bytes", self.limits.max_value_bytes));
+        }
+        if req.mode == Mode::Merge && !format.is_mergeable() {
+            return Err(invalid(format!(
+                "mode merge needs a json, yaml, toml or properties value; {format} values can only be replaced or deleted"
+            )));
+        }
+        if req.mode != Mode::Delete {
+            document::validate(format, &value).map_err(|e| {
+                let hint = if format == Format::Text {
+                    " (use format=binary for non-text bytes)"
+                } else {
+                    ""
+                };
+                invalid(format!("{e}{hint}"))
+            })?;
+        }
+        let record = LayerRecord::new(value, format, req.mode).encode_to_vec();
+        let tenant_key = keyspace::tenant_key(&req.project, &req.tenant);
+        let layer_key = keyspace::layer_key(&req.project, &req.tenant, &req.key);
+        let ((), revision) = self
+            .write(|state| {
+                let p = project_view(state, &req.project)
+                    .filter(|p| p.tenants.contains_key(&req.tenant))
+                    .ok_or_else(|| tenant_missing(&req.project, &req.tenant))?;
+                let current = p.layer(&req.tenant, &req.key).map_or(0, |l| l.mod_revision);
+                let mut txn = Txn::new().when(Compare::exists(tenant_key.clone()));
+                if let Some(expected) = req.expected_revision {
+                    check_expected(expected, current, &req.key)?;
+                    txn = txn.when(Compare::mod_revision(
+                        layer_key.clone(),
+                        CompareOp::Equal,
+                        current,
+                    ));
+                }
+                Ok((txn.put(layer_key.clone(), record.clone()), ()))
+            })
+            .await?;
+        let (info, _) = self.layer(&req.project, &req.tenant, &req.key)?;
+        Ok((info, revision))
+    }
+
+    /// Reads a tenant's own layer of a key.
+    pub fn layer(
+        &self,
+        project: &str,
+        tenant: &str,
+        key: &str,
+    ) -> Result<(LayerInfo, Revision), ApiError> {
+        let state = self.view.read();
+        let p = project_view(&state, project)
+            .filter(|p| p.tenants.contains_key(tenant))
+            .ok_or_else(|| tenant_missing(project, tenant))?;
+        let entry = p
+            .layer(tenant, key)
+            .ok_or_else(|| not_found(format!("tenant {tenant:?} has no layer for key {key:?}")))?;
+        let info = LayerInfo {
+            tenant: tenant.to_owned(),
+            key: key.to_owned(),
+            entry: entry.clone(),
+        };
+        Ok((info, state.revision))
+    }
+
+    /// Removes a tenant's layer of a key.
+    pub async fn delete_layer(
+        &self,
+        project: &str,
+        tenant: &str,
+        key: &str,
+        expected_revision: Option<Revision>,
+    ) -> Result<Revision, ApiError> {
+        let layer_key = keyspace::layer_key(project, tenant, key);
+        let ((), revision) = self
+            .write(|state| {
+                let p = project_view(state, project)
+                    .filter(|p| p.tenants.contains_key(tenant))
+                    .ok_or_else(|| tenant_missing(project, tenant))?;
+                let current = p
+                    .layer(tenant, key)
+                    .ok_or_else(|| {
+                        not_found(format!("tenant {tenant:?} has no layer for key {key:?}"))
+                    })?
+                    .mod_revision;
+                if let Some(expected) = expected_revision {
+                    check_expected(expected, current, key)?;
+                }
+                let txn = Txn::new()
+                    .when(Compare::mod_revision(
+                        layer_key.clone(),
+                        CompareOp::Equal,
+                        current,
+                    ))
+                    .delete(KeyRange::Key(layer_key.clone()));
+                Ok((txn, ()))
+            })
+            .await?;
+        Ok(revision)
+    }
+
+    /// Resolves the selected keys for a tenant (keys that do not exist are
+    /// left out).
+    pub fn resolve(
+        &self,
+        project: &str,
+        tenant: &str,
+        keys: &[String],
+        prefixes: &[String],
+    ) -> Result<(Vec<(String, Resolved)>, Revision), ApiError> {
+        let state = self.view.read();
+        let p = project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
+        let chain = p
+            .chain(tenant)
+            .ok_or_else(|| tenant_missing(project, tenant))?;
+        let mut out = Vec::new();
+        for key in p.selected_keys(&chain, keys, prefixes) {
+            match p.resolve(&chain, &key) {
+                Ok(Some(resolved)) => out.push((key, resolved)),
+                Ok(None) => {}
+                Err(e) => return Err(invalid(format!("key {key:?} cannot be resolved: {e}"))),
+            }
+        }
+        Ok((out, state.revision))
+    }
+
+    /// Resolves one key and says which tenant supplied each field.
+    pub fn explain(
+        &self,
+        project: &str,
+        tenant: &str,
+        key: &str,
+    ) -> Result<(Explained, Revision), ApiError> {
+        let state = self.view.read();
+        let p = project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
+        let chain = p
+            .chain(tenant)
+            .ok_or_else(|| tenant_missing(project, tenant))?;
+        let explained = resolve::explain(p.chain_layers(&chain, key))
+            .map_err(|e| invalid(format!("key {key:?} cannot be resolved: {e}")))?
+            .ok_or_else(|| {
+                not_found(format!("key {key:?} does not exist for tenant {tenant:?}"))
+            })?;
+        Ok((explained, state.revision))
+    }
+
+    fn check_labels(&self, labels: &HashMap<String, String>) -> Result<(), ApiError> {
+        if labels.len() > self.limits.max_labels {
+            return Err(ApiError::new(
+                ErrorReason::LimitExceeded,
+                format!(
+                    "{} labels; the limit is {}",
+                    labels.len(),
+                    self.limits.max_labels
+                ),
+            ));
+        }
+        for (k, v) in labels {
+            if k.is_empty() || k.len() > 63 || v.len() > 256 {
+                return Err(invalid(format!(
+                    "label {k:?}: keys must be 1-63 bytes and values at most 256 bytes"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_expected(expected: Revision, current: Revision, key: &str) -> Result<(), ApiError> {
+    let holds = match expected {
+        -1 => current == 0,
+        r if r > 0 => current == r,
+        other => {
+            return Err(invalid(format!(
+                "expected_revision must be -1 (absent), 0 (any) or positive, got {other}"
+            )));
+        }
+    };
+    if holds {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorReason::RevisionMismatch,
+            format!("layer {key:?} is at revision {current}, not the expected {expected}"),
+        )
+        .with("current_revision", current))
+    }
+}

@@ -1,0 +1,344 @@
+//! The HTTP/JSON API for scripts and CD steps (usable with plain curl):
+//! tenants and config layers under `/v1/projects/{project}/tenants/…`.
+//!
+//! Every error is JSON `{"error":{"code","message","metadata"}}` with a
+//! fitting 4xx/5xx status — including malformed JSON bodies, bad query
+//! parameters and oversized bodies, which are parsed here rather than by
+//! extractors that would answer in plain text.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use strata_proto::v1::ErrorReason;
+
+use crate::api::{Api, LayerInfo, NewTenant, PutLayer, TenantInfo};
+use crate::domain::document::{Format, Mode};
+use crate::error::ApiError;
+use crate::server::DaemonState;
+use crate::store::Revision;
+
+/// Routes of the JSON API (answering 503 until the view is loaded).
+pub fn router(state: Arc<DaemonState>) -> Router {
+    Router::new()
+        .route("/v1/projects/{project}/tenants", get(list_tenants))
+        .route(
+            "/v1/projects/{project}/tenants/{tenant}",
+            get(get_tenant).put(put_tenant).delete(delete_tenant),
+        )
+        .route(
+            "/v1/projects/{project}/tenants/{tenant}/config",
+            get(list_config),
+        )
+        .route(
+            "/v1/projects/{project}/tenants/{tenant}/config/{*key}",
+            get(get_config).put(put_config).delete(delete_config),
+        )
+        .with_state(HttpState(state))
+}
+
+#[derive(Clone)]
+struct HttpState(Arc<DaemonState>);
+
+impl HttpState {
+    fn api(&self) -> Result<&Api, ApiError> {
+        self.0.api()
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorReason::InvalidArgument, message)
+}
+
+fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match params.get(name).map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("" | "true" | "1") => Ok(true),
+        Some(other) => Err(invalid(format!(
+            "query parameter {name}={other:?} must be true or false"
+        ))),
+    }
+}
+
+fn expected_revision(params: &HashMap<String, String>) -> Result<Option<Revision>, ApiError> {
+    params
+        .get("expected_revision")
+        .map(|v| {
+            v.parse::<i64>()
+                .map_err(|_| invalid(format!("expected_revision={v:?} is not a whole number")))
+        })
+        .transpose()
+        .map(|r| r.filter(|r| *r != 0))
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            ErrorReason::LimitExceeded,
+            format!("request body exceeds {limit} bytes"),
+        )
+        .with("limit_bytes", limit)
+    })
+}
+
+fn tenant_json(info: &TenantInfo) -> Value {
+    let r = &info.entry.record;
+    json!({
+        "project": info.project,
+        "name": info.name,
+        "parent": r.parent,
+        "labels": r.labels,
+        "ttl_seconds": r.ttl_seconds,
+        "expires_at_unix_ms": r.expires_at_unix_ms,
+        "fallback": if r.strict { "strict" } else { "permissive" },
+        "protected": r.protected,
+        "create_revision": info.entry.create_revision,
+        "mod_revision": info.entry.mod_revision,
+        "chain": info.chain,
+    })
+}
+
+fn layer_json(info: &LayerInfo) -> Value {
+    json!({
+        "tenant": info.tenant,
+        "key": info.key,
+        "format": info.entry.format.name(),
+        "mode": info.entry.mode.name(),
+        "mod_revision": info.entry.mod_revision,
+        "size_bytes": info.entry.value.len(),
+    })
+}
+
+fn content_type(format: Format) -> &'static str {
+    match format {
+        Format::Json => "application/json",
+        Format::Yaml => "application/yaml",
+        Format::Toml => "application/toml",
+        Format::Properties => "text/x-java-properties; charset=utf-8",
+        Format::Text => "text/plain; charset=utf-8",
+        Format::Binary => "application/octet-stream",
+    }
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Body of `PUT /v1/projects/{p}/tenants/{t}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantBody {
+    #[serde(default)]
+    parent: String,
+    #[serde(default)]
+    labels: HashMap<String, String>,
+    #[serde(default)]
+    ttl_seconds: i64,
+    #[serde(default)]
+    strict: bool,
+    #[serde(default)]
+    protected: bool,
+}
+
+async fn put_tenant(
+    State(s): State<HttpState>,
+    Path((project, tenant)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, 64 * 1024).await?;
+    let body: TenantBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        TenantBody::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))?
+    };
+    let (info, revision) = s
+        .api()?
+        .create_tenant(NewTenant {
+            project,
+            name: tenant,
+            parent: body.parent,
+            labels: body.labels,
+            ttl_seconds: body.ttl_seconds,
+            strict: body.strict,
+            protected: body.protected,
+        })
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"revision": revision, "tenant": tenant_json(&info)})),
+    )
+        .into_response())
+}
+
+async fn get_tenant(
+    State(s): State<HttpState>,
+    Path((project, tenant)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (info, revision) = s.api()?.tenant(&project, &tenant)?;
+    Ok(Json(json!({"revision": revision, "tenant": tenant_json(&info)})).into_response())
+}
+
+async fn list_tenants(
+    State(s): State<HttpState>,
+    Path(project): Path<String>,
+) -> Result<Response, ApiError> {
+    let (tenants, revision) = s.api()?.list_tenants(&project);
+    let tenants: Vec<Value> = tenants.iter().map(tenant_json).collect();
+    Ok(Json(json!({"revision": revision, "tenants": tenants})).into_response())
+}
+
+async fn delete_tenant(
+    State(s): State<HttpState>,
+    Path((project, tenant)): Path<(String, String)>,
+    Query(params): Params,
+) -> Result<Response, ApiError> {
+    let force = flag(&params, "force")?;
+    let (deleted_layers, revision) = s.api()?.delete_tenant(&project, &tenant, force).await?;
+    Ok(Json(json!({"revision": revision, "deleted_layers": deleted_layers})).into_response())
+}
+
+async fn put_config(
+    State(s): State<HttpState>,
+    Path((project, tenant, key)): Path<(String, String, String)>,
+    Query(params): Params,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let format = params
+        .get("format")
+        .map(|f| f.parse::<Format>())
+        .transpose()
+        .map_err(|e| invalid(e.to_string()))?;
+    let mode = params
+        .get("mode")
+        .map(|m| m.parse::<Mode>())
+        .transpose()
+        .map_err(|e| invalid(e.to_string()))?
+        .unwrap_or(Mode::Replace);
+    let expected_revision = expected_revision(&params)?;
+    // One byte over the limit is enough to report the violation precisely.
+    let value = read_body(body, s.0.limits.max_value_bytes + 1)
+        .await?
+        .to_vec();
+    let (info, revision) = s
+        .api()?
+        .put_layer(PutLayer {
+            project,
+            tenant,
+            key,
+            value,
+            format,
+            mode,
+            expected_revision,
+        })
+        .await?;
+    Ok(Json(json!({"revision": revision, "layer": layer_json(&info)})).into_response())
+}
+
+async fn get_config(
+    State(s): State<HttpState>,
+    Path((project, tenant, key)): Path<(String, String, String)>,
+    Query(params): Params,
+) -> Result<Response, ApiError> {
+    if flag(&params, "explain")? {
+        let (explained, revision) = s.api()?.explain(&project, &tenant, &key)?;
+        let fields: Vec<Value> = explained
+            .fields
+            .iter()
+            .map(|(path, tenant)| json!({"path": path, "tenant": tenant}))
+            .collect();
+        return Ok(Json(json!({
+            "revision": revision,
+            "key": key,
+            "format": explained.resolved.format.name(),
+            "origin": explained.resolved.origin,
+            "mod_revision": explained.resolved.mod_revision,
+            "fields": fields,
+        }))
+        .into_response());
+    }
+    let mut headers = HeaderMap::new();
+    let (value, format, revision) = if flag(&params, "layer")? {
+        let (info, revision) = s.api()?.layer(&project, &tenant, &key)?;
+        headers.insert("x-strata-mode", header_value(info.entry.mode.name()));
+        headers.insert(
+            "x-strata-mod-revision",
+            header_value(&info.entry.mod_revision.to_string()),
+        );
+        (info.entry.value.to_vec(), info.entry.format, revision)
+    } else {
+        let (mut values, revision) =
+            s.api()?
+                .resolve(&project, &tenant, std::slice::from_ref(&key), &[])?;
+        let Some((_, resolved)) = values.pop() else {
+            return Err(ApiError::new(
+                ErrorReason::NotFound,
+                format!("key {key:?} does not exist for tenant {tenant:?}"),
+            )
+            .with("revision", revision));
+        };
+        headers.insert("x-strata-origin", header_value(&resolved.origin.join(",")));
+        headers.insert(
+            "x-strata-mod-revision",
+            header_value(&resolved.mod_revision.to_string()),
+        );
+        (resolved.value, resolved.format, revision)
+    };
+    headers.insert("x-strata-revision", header_value(&revision.to_string()));
+    headers.insert("x-strata-format", header_value(format.name()));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(format)),
+    );
+    Ok((headers, value).into_response())
+}
+
+async fn delete_config(
+    State(s): State<HttpState>,
+    Path((project, tenant, key)): Path<(String, String, String)>,
+    Query(params): Params,
+) -> Result<Response, ApiError> {
+    let revision = s
+        .api()?
+        .delete_layer(&project, &tenant, &key, expected_revision(&params)?)
+        .await?;
+    Ok(Json(json!({"revision": revision})).into_response())
+}
+
+async fn list_config(
+    State(s): State<HttpState>,
+    Path((project, tenant)): Path<(String, String)>,
+    Query(params): Params,
+) -> Result<Response, ApiError> {
+    let prefix = params.get("prefix").cloned().unwrap_or_default();
+    let (values, revision) =
+        s.api()?
+            .resolve(&project, &tenant, &[], std::slice::from_ref(&prefix))?;
+    let values: Vec<Value> = values
+        .into_iter()
+        .map(|(key, r)| {
+            let mut entry = json!({
+                "key": key,
+                "format": r.format.name(),
+                "origin": r.origin,
+                "mod_revision": r.mod_revision,
+            });
+            match String::from_utf8(r.value) {
+                Ok(text) if r.format != Format::Binary => entry["value"] = Value::String(text),
+                Ok(text) => entry["size_bytes"] = json!(text.len()),
+                Err(e) => entry["size_bytes"] = json!(e.as_bytes().len()),
+            }
+            entry
+        })
+        .collect();
+    Ok(Json(json!({"revision": revision, "values": values})).into_response())
+}

@@ -8,10 +8,11 @@ use strata_proto::v1::config_service_server::ConfigService;
 use strata_proto::v1::tenant_service_server::TenantService;
 use strata_proto::v1::{
     ConfigLayer, CreateTenantRequest, CreateTenantResponse, DeleteLayerRequest,
-    DeleteLayerResponse, DeleteTenantRequest, DeleteTenantResponse, FallbackPolicy,
-    GetLayerRequest, GetLayerResponse, GetTenantRequest, GetTenantResponse, ListTenantsRequest,
-    ListTenantsResponse, PutConfigRequest, PutConfigResponse, ResolveRequest, ResolveResponse,
-    ResolvedValue, ResponseHeader, Tenant, UpdateTenantRequest, UpdateTenantResponse,
+    DeleteLayerResponse, DeleteTenantRequest, DeleteTenantResponse, ExplainRequest,
+    ExplainResponse, FallbackPolicy, FieldOrigin, GetLayerRequest, GetLayerResponse,
+    GetTenantRequest, GetTenantResponse, ListTenantsRequest, ListTenantsResponse, PutConfigRequest,
+    PutConfigResponse, ResolveRequest, ResolveResponse, ResolvedValue, ResponseHeader, Tenant,
+    UpdateTenantRequest, UpdateTenantResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -234,6 +235,30 @@ impl ConfigService for GrpcApi {
             .await?;
         Ok(Response::new(DeleteLayerResponse {
             header: self.header(revision),
+        }))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let r = request.into_inner();
+        let (explained, revision) = self.api()?.explain(&r.project, &r.tenant, &r.key)?;
+        let v = explained.resolved;
+        Ok(Response::new(ExplainResponse {
+            header: self.header(revision),
+            value: Some(ResolvedValue {
+                key: r.key,
+                value: v.value,
+                format: v.format.name().to_owned(),
+                origin: v.origin,
+                mod_revision: v.mod_revision,
+            }),
+            fields: explained
+                .fields
+                .into_iter()
+                .map(|(path, tenant)| FieldOrigin { path, tenant })
+                .collect(),
         }))
     }
 

@@ -39,6 +39,34 @@ pub fn stratad_bin() -> PathBuf {
     bin
 }
 
+/// Path of the `strata` CLI binary, built next to `stratad`.
+pub fn strata_bin() -> PathBuf {
+    stratad_bin().with_file_name("strata")
+}
+
+/// Runs the `strata` CLI against `daemon` with `args`: (exit code, stdout, stderr).
+pub async fn strata(daemon: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(strata_bin())
+            .arg("--endpoints")
+            .arg(daemon.endpoint())
+            .args(args)
+            .env_clear()
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("strata should finish")
+    .expect("run strata");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -1,6 +1,8 @@
 //! Tenants and layered configuration end to end, over HTTP/JSON (as a CD
 //! step with curl would) and gRPC, against a real `stratad` process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step should fail loudly
+
 use std::net::SocketAddr;
 
 use serde_json::{Value, json};

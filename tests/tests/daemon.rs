@@ -2,6 +2,8 @@
 //! with generic gRPC tools' protocols (health, reflection), HTTP, and
 //! stopped with signals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step should fail loudly
+
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -194,7 +196,9 @@ async fn bad_configuration_exits_64_with_one_clear_line() {
     std::fs::write(&bad_file, "listen = \"127.0.0.1:7070\"\nlisen = \"typo\"\n").unwrap();
     let bad_file = bad_file.to_str().unwrap();
 
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (arguments, environment, what the one error line must mention)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec!["--data-dir", data, "--listen", "not-an-address"],
             vec![],

@@ -1,0 +1,217 @@
+//! Rendering of results as aligned tables (for people) or JSON (for scripts).
+
+use clap::ValueEnum;
+use serde_json::{Value, json};
+use strata_client::proto::{FallbackPolicy, ResolvedValue, Tenant};
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// Aligned columns.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// A table under construction.
+pub(crate) struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub(crate) fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| (*h).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub(crate) fn row(&mut self, row: Vec<String>) {
+        self.rows.push(row);
+    }
+
+    fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(String::len).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                if let Some(w) = widths.get_mut(i) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+        }
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c:<width$}", width = widths.get(i).copied().unwrap_or(0)))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
+        };
+        let mut out = line(&self.header);
+        for row in &self.rows {
+            out.push('\n');
+            out.push_str(&line(row));
+        }
+        out
+    }
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn tenant_json(t: &Tenant) -> Value {
+    json!({
+        "project": t.project,
+        "name": t.name,
+        "parent": t.parent,
+        "labels": t.labels,
+        "ttl_seconds": t.ttl_seconds,
+        "expires_at_unix_ms": t.expires_at_unix_ms,
+        "fallback": if t.fallback == FallbackPolicy::Strict as i32 { "strict" } else { "permissive" },
+        "protected": t.protected,
+        "create_revision": t.create_revision,
+        "mod_revision": t.mod_revision,
+        "chain": t.chain,
+    })
+}
+
+impl Output {
+    /// Prints key/value facts.
+    pub(crate) fn record(self, fields: &[(&str, Value)]) {
+        match self {
+            Output::Json => {
+                let map: serde_json::Map<String, Value> = fields
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                    .collect();
+                print_json(&Value::Object(map));
+            }
+            Output::Table => {
+                let mut table = Table::new(&["FIELD", "VALUE"]);
+                for (k, v) in fields {
+                    let text = match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    table.row(vec![(*k).to_owned(), text]);
+                }
+                println!("{}", table.render());
+            }
+        }
+    }
+
+    /// Prints tenants; the table shows the tree by indenting children.
+    pub(crate) fn tenants(self, tenants: &[Tenant]) {
+        match self {
+            Output::Json => print_json(&Value::Array(tenants.iter().map(tenant_json).collect())),
+            Output::Table => {
+                let mut table =
+                    Table::new(&["TENANT", "PARENT", "FALLBACK", "PROTECTED", "TTL", "LABELS"]);
+                for t in tenants {
+                    let depth = t.chain.len().saturating_sub(1);
+                    let mut labels: Vec<String> =
+                        t.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    labels.sort();
+                    table.row(vec![
+                        format!("{}{}", "  ".repeat(depth), t.name),
+                        if t.parent.is_empty() {
+                            "-".into()
+                        } else {
+                            t.parent.clone()
+                        },
+                        if t.fallback == FallbackPolicy::Strict as i32 {
+                            "strict"
+                        } else {
+                            "permissive"
+                        }
+                        .into(),
+                        t.protected.to_string(),
+                        if t.ttl_seconds > 0 {
+                            format!("{}s", t.ttl_seconds)
+                        } else {
+                            "-".into()
+                        },
+                        labels.join(","),
+                    ]);
+                }
+                println!("{}", table.render());
+            }
+        }
+    }
+
+    /// Prints one value: raw to stdout for tables (so it can be piped), a
+    /// JSON document with metadata otherwise.
+    pub(crate) fn value(
+        self,
+        key: &str,
+        value: &[u8],
+        format: &str,
+        origin: &[String],
+        revision: i64,
+    ) {
+        match self {
+            Output::Json => print_json(&json!({
+                "key": key,
+                "format": format,
+                "origin": origin,
+                "mod_revision": revision,
+                "value": String::from_utf8_lossy(value),
+            })),
+            Output::Table => {
+                let text = String::from_utf8_lossy(value);
+                print!("{text}");
+                if !text.ends_with('\n') {
+                    println!();
+                }
+            }
+        }
+    }
+
+    /// Prints resolved values as a list.
+    pub(crate) fn values(self, values: &[ResolvedValue]) {
+        match self {
+            Output::Json => print_json(&Value::Array(
+                values
+                    .iter()
+                    .map(|v| {
+                        json!({
+                            "key": v.key,
+                            "format": v.format,
+                            "origin": v.origin,
+                            "mod_revision": v.mod_revision,
+                            "value": String::from_utf8_lossy(&v.value),
+                        })
+                    })
+                    .collect(),
+            )),
+            Output::Table => {
+                let mut table = Table::new(&["KEY", "FORMAT", "ORIGIN", "REVISION", "SIZE"]);
+                for v in values {
+                    table.row(vec![
+                        v.key.clone(),
+                        v.format.clone(),
+                        v.origin.join(","),
+                        v.mod_revision.to_string(),
+                        v.value.len().to_string(),
+                    ]);
+                }
+                println!("{}", table.render());
+            }
+        }
+    }
+
+    /// Prints a prepared table, or the JSON alternative.
+    pub(crate) fn table_with(self, table: Table, json: Value) {
+        match self {
+            Output::Json => print_json(&json),
+            Output::Table => println!("{}", table.render()),
+        }
+    }
+}

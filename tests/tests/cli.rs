@@ -1,0 +1,158 @@
+//! The studio's scenario through the `strata` CLI against a real daemon:
+//! integration holds a, b, c, d; feat-1 overrides a; feat-1 sees
+//! [feat-1.a, integration.b, integration.c, integration.d]; deleting feat-1
+//! leaves nothing of it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step should fail loudly
+
+use serde_json::Value;
+use strata_tests::{Daemon, strata};
+
+async fn ok(daemon: &Daemon, args: &[&str]) -> String {
+    let (code, stdout, stderr) = strata(daemon, args).await;
+    assert_eq!(code, 0, "strata {args:?} failed: {stderr}");
+    stdout
+}
+
+async fn json(daemon: &Daemon, args: &[&str]) -> Value {
+    let mut full = vec!["--output", "json"];
+    full.extend_from_slice(args);
+    let out = ok(daemon, &full).await;
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test]
+async fn studio_scenario_through_the_cli() {
+    let daemon = Daemon::start().await;
+    let p = ["--project", "vega"];
+    let with = |args: &[&'static str]| -> Vec<&'static str> {
+        p.iter().copied().chain(args.iter().copied()).collect()
+    };
+
+    ok(
+        &daemon,
+        &with(&["tenant", "create", "integration", "--protected"]),
+    )
+    .await;
+    ok(
+        &daemon,
+        &with(&[
+            "tenant",
+            "create",
+            "feat-1",
+            "--parent",
+            "integration",
+            "--ttl",
+            "72h",
+        ]),
+    )
+    .await;
+    for (svc, key) in [
+        ("a", "a/server.yaml"),
+        ("b", "b/server.yaml"),
+        ("c", "c/server.yaml"),
+        ("d", "d/server.yaml"),
+    ] {
+        let value = format!("name: {svc}\n");
+        let (code, _, stderr) = strata(
+            &daemon,
+            &[
+                "--project",
+                "vega",
+                "config",
+                "put",
+                "integration",
+                key,
+                "--value",
+                &value,
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("override.yml");
+    std::fs::write(&file, "name: a-feature\n").unwrap();
+    let (code, _, stderr) = strata(
+        &daemon,
+        &[
+            "--project",
+            "vega",
+            "config",
+            "put",
+            "feat-1",
+            "a/server.yaml",
+            "--file",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+
+    let listed = json(&daemon, &with(&["config", "list", "feat-1"])).await;
+    let seen: Vec<(String, String)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["key"].as_str().unwrap().to_owned(),
+                v["origin"][0].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("a/server.yaml".to_owned(), "feat-1".to_owned()),
+            ("b/server.yaml".to_owned(), "integration".to_owned()),
+            ("c/server.yaml".to_owned(), "integration".to_owned()),
+            ("d/server.yaml".to_owned(), "integration".to_owned()),
+        ]
+    );
+    assert_eq!(
+        ok(
+            &daemon,
+            &with(&["config", "get", "feat-1", "a/server.yaml"])
+        )
+        .await,
+        "name: a-feature\n"
+    );
+    assert_eq!(
+        ok(
+            &daemon,
+            &with(&["config", "get", "feat-1", "b/server.yaml"])
+        )
+        .await,
+        "name: b\n"
+    );
+
+    let diff = json(&daemon, &with(&["config", "diff", "integration", "feat-1"])).await;
+    assert_eq!(diff.as_array().unwrap().len(), 1, "{diff}");
+    assert_eq!(diff[0]["key"], "a/server.yaml");
+
+    let tree = ok(&daemon, &with(&["tenant", "list"])).await;
+    assert!(
+        tree.contains("integration") && tree.contains("  feat-1"),
+        "{tree}"
+    );
+
+    // Errors from the server: exit 1 with its message; usage errors: exit 2.
+    let (code, _, stderr) = strata(&daemon, &with(&["tenant", "delete", "integration"])).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("protected"), "{stderr}");
+    let (code, _, stderr) = strata(&daemon, &with(&["tenant", "create", "Not_Valid"])).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("invalid tenant name"), "{stderr}");
+    let (code, _, _) = strata(&daemon, &with(&["tenant", "frobnicate"])).await;
+    assert_eq!(code, 2);
+
+    let deleted = json(&daemon, &with(&["tenant", "delete", "feat-1"])).await;
+    assert_eq!(deleted["deleted_layers"], 1);
+    let (code, _, stderr) = strata(&daemon, &with(&["config", "list", "feat-1"])).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("not found"), "{stderr}");
+    let status = json(&daemon, &["status"]).await;
+    assert_eq!(status["store"], "embedded");
+    assert!(status["revision"].as_i64().unwrap() > 0);
+}

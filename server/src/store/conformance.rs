@@ -190,7 +190,6 @@ macro_rules! store_conformance_tests {
                 Shared lease_keep_alive_extends,
                 Shared lease_expiry_deletes_keys_at_one_revision,
                 Shared lease_unknown_put_writes_nothing,
-                #[ignore = "embedded backend checks lease ids before evaluating compares (etcd checks only the taken branch)"]
                 Shared lease_checked_only_when_compares_hold,
                 Shared lease_reput_without_lease_detaches,
                 Shared concurrent_writers_distinct_revisions_watch_sees_all,

@@ -902,14 +902,6 @@ impl Writer {
         txn: Txn,
         committed: &mut Vec<Arc<Committed>>,
     ) -> Result<Result<TxnResponse, StoreError>, StoreError> {
-        for op in &txn.ops {
-            if let TxnOp::Put { lease, .. } = op
-                && *lease != 0
-                && !self.leases.contains_key(lease)
-            {
-                return Ok(Err(StoreError::LeaseNotFound(*lease)));
-            }
-        }
         for compare in &txn.compares {
             if !compare.holds_for(read_kv(&t.kv, &compare.key)?.as_ref()) {
                 return Ok(Ok(TxnResponse {
@@ -917,6 +909,15 @@ impl Writer {
                     revision: self.revision,
                     deleted: 0,
                 }));
+            }
+        }
+        // As in etcd, leases are checked only for the branch that applies.
+        for op in &txn.ops {
+            if let TxnOp::Put { lease, .. } = op
+                && *lease != 0
+                && !self.leases.contains_key(lease)
+            {
+                return Ok(Err(StoreError::LeaseNotFound(*lease)));
             }
         }
         let revision = self.revision + 1;

@@ -89,6 +89,8 @@ pub struct Config {
     pub compaction: CompactionConfig,
     /// Size and count limits on writes.
     pub limits: crate::api::Limits,
+    /// How much recent history the view keeps for resuming watches.
+    pub journal: crate::view::JournalLimits,
 }
 
 /// A configuration problem, reported as one line; `stratad` exits with 64.
@@ -135,6 +137,14 @@ struct Layer {
     compaction: CompactionLayer,
     #[serde(default)]
     limits: LimitsLayer,
+    #[serde(default)]
+    watch: WatchLayer,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchLayer {
+    journal_revisions: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -175,6 +185,7 @@ struct Merged {
     retain_revisions: Sourced<i64>,
     compaction_interval: Sourced<String>,
     max_value_bytes: Sourced<i64>,
+    journal_revisions: Sourced<i64>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, source: impl FnOnce() -> String) {
@@ -210,6 +221,10 @@ impl Merged {
                 value: 1024 * 1024,
                 source: "default".into(),
             },
+            journal_revisions: Sourced {
+                value: 100_000,
+                source: "default".into(),
+            },
         }
     }
 
@@ -239,6 +254,11 @@ impl Merged {
             layer.limits.max_value_bytes,
             || name("limits.max_value_bytes"),
         );
+        set(
+            &mut self.journal_revisions,
+            layer.watch.journal_revisions,
+            || name("watch.journal_revisions"),
+        );
     }
 }
 
@@ -255,6 +275,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("STRATA_COMPACTION_INTERVAL", "compaction.interval"),
     ("STRATA_LIMITS_MAX_VALUE_BYTES", "limits.max_value_bytes"),
+    ("STRATA_WATCH_JOURNAL_REVISIONS", "watch.journal_revisions"),
 ];
 
 fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
@@ -293,6 +314,9 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
             interval: get("STRATA_COMPACTION_INTERVAL"),
         },
         limits: LimitsLayer { max_value_bytes },
+        watch: WatchLayer {
+            journal_revisions: number("STRATA_WATCH_JOURNAL_REVISIONS", "watch.journal_revisions")?,
+        },
     })
 }
 
@@ -363,6 +387,7 @@ impl Config {
                 },
                 compaction: CompactionLayer::default(),
                 limits: LimitsLayer::default(),
+                watch: WatchLayer::default(),
             },
             flag_name,
         );
@@ -446,6 +471,16 @@ impl Merged {
                     ),
                 )
             })?;
+        let journal_revisions = usize::try_from(self.journal_revisions.value)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| {
+                invalid(
+                    "watch.journal_revisions",
+                    &self.journal_revisions.source,
+                    format!("must be at least 1, got {}", self.journal_revisions.value),
+                )
+            })?;
         let level = self.log_level.value.trim().to_owned();
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
             return Err(invalid(
@@ -466,6 +501,10 @@ impl Merged {
             limits: crate::api::Limits {
                 max_value_bytes,
                 ..crate::api::Limits::default()
+            },
+            journal: crate::view::JournalLimits {
+                max_revisions: journal_revisions,
+                ..crate::view::JournalLimits::default()
             },
         })
     }

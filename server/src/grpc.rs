@@ -12,13 +12,14 @@ use strata_proto::v1::{
     ExplainResponse, FallbackPolicy, FieldOrigin, GetLayerRequest, GetLayerResponse,
     GetTenantRequest, GetTenantResponse, ListTenantsRequest, ListTenantsResponse, PutConfigRequest,
     PutConfigResponse, ResolveRequest, ResolveResponse, ResolvedValue, ResponseHeader, Tenant,
-    UpdateTenantRequest, UpdateTenantResponse,
+    UpdateTenantRequest, UpdateTenantResponse, WatchConfigRequest, WatchConfigResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::api::{Api, LayerInfo, NewTenant, PutLayer, TenantInfo};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
+use crate::hub::Selection;
 use crate::server::DaemonState;
 use crate::store::Revision;
 
@@ -179,6 +180,27 @@ impl TenantService for GrpcApi {
 
 #[tonic::async_trait]
 impl ConfigService for GrpcApi {
+    type WatchStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<WatchConfigResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchConfigRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = request.into_inner();
+        let hub = self.state.hub()?;
+        let subscription = hub
+            .subscribe(
+                r.project,
+                r.tenant,
+                Selection::new(r.keys, r.prefixes),
+                r.start_revision,
+                self.state.shutdown.clone(),
+            )
+            .await?;
+        Ok(Response::new(subscription.into_stream()))
+    }
+
     async fn put_config(
         &self,
         request: Request<PutConfigRequest>,

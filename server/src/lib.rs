@@ -15,6 +15,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod http_api;
+pub mod hub;
 pub mod jobs;
 pub mod keyspace;
 pub mod server;

@@ -81,6 +81,7 @@ async fn serve(config: Config) -> Result<(), String> {
         shutdown_grace: config.shutdown_grace,
         compaction: config.compaction.clone(),
         limits: config.limits,
+        journal: config.journal,
     };
     server::run(listener, Arc::new(store), options, shutdown_signal())
         .await

@@ -21,8 +21,9 @@ use crate::api::{Api, Limits};
 use crate::config::CompactionConfig;
 use crate::error::ApiError;
 use crate::grpc::GrpcApi;
+use crate::hub::Hub;
 use crate::store::Store;
-use crate::view::View;
+use crate::view::{JournalLimits, View};
 use strata_proto::v1::ErrorReason;
 use strata_proto::v1::config_service_server::ConfigServiceServer;
 use strata_proto::v1::tenant_service_server::TenantServiceServer;
@@ -43,6 +44,7 @@ pub struct DaemonState {
     pub limits: Limits,
     ready: AtomicBool,
     api: OnceLock<Api>,
+    hub: OnceLock<Arc<Hub>>,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -71,6 +73,16 @@ impl DaemonState {
         })
     }
 
+    /// The watch hub, once the view is loaded.
+    pub fn hub(&self) -> Result<&Arc<Hub>, ApiError> {
+        self.hub.get().ok_or_else(|| {
+            ApiError::new(
+                ErrorReason::Unavailable,
+                "stratad is still loading its view of the store",
+            )
+        })
+    }
+
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
         metrics::gauge!("strata_ready").set(if ready { 1.0 } else { 0.0 });
@@ -86,6 +98,8 @@ pub struct ServerOptions {
     pub compaction: CompactionConfig,
     /// Size and count limits on writes.
     pub limits: Limits,
+    /// How much recent history the view keeps for resuming watches.
+    pub journal: JournalLimits,
 }
 
 /// Failures that stop the server.
@@ -128,6 +142,7 @@ pub async fn run(
         limits: options.limits,
         ready: AtomicBool::new(false),
         api: OnceLock::new(),
+        hub: OnceLock::new(),
     });
     metrics::gauge!("strata_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     state.set_ready(false);
@@ -173,10 +188,12 @@ pub async fn run(
     });
 
     // Health answers while the view loads; readiness waits for it.
-    let view = View::load(store.as_ref()).await?;
+    let view = View::load(store.as_ref(), options.journal).await?;
     let loaded = store.status().await?;
     metrics::gauge!("strata_store_revision").set(loaded.revision as f64);
     metrics::gauge!("strata_store_compacted_revision").set(loaded.compacted_revision as f64);
+    // The hub must listen before the view follows, so no revision escapes it.
+    let _ = state.hub.set(Hub::new(Arc::clone(&view), state.member.clone()));
     let follower =
         tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), state.shutdown.clone()));
     // Only this function sets it, once.

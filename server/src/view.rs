@@ -153,6 +153,107 @@ impl ProjectView {
     }
 }
 
+/// A domain object as it was or is (for undo and replay).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Image {
+    /// A tenant.
+    Tenant(TenantEntry),
+    /// A config layer.
+    Layer(LayerEntry),
+}
+
+/// One object changed at one revision, with its images before and after.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// Project.
+    pub project: String,
+    /// Tenant (for tenant objects: the tenant itself).
+    pub tenant: String,
+    /// Config key; `None` for a tenant object.
+    pub key: Option<String>,
+    /// The object before the revision (`None`: it did not exist).
+    pub before: Option<Image>,
+    /// The object after the revision (`None`: it was deleted).
+    pub after: Option<Image>,
+}
+
+/// Every domain change of one revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JournalEntry {
+    /// The revision.
+    pub revision: Revision,
+    /// Changes in the order the store applied them.
+    pub changes: Vec<Change>,
+}
+
+impl JournalEntry {
+    fn approx_bytes(&self) -> usize {
+        let image = |i: &Option<Image>| match i {
+            Some(Image::Layer(l)) => l.value.len() + 64,
+            Some(Image::Tenant(_)) => 128,
+            None => 0,
+        };
+        self.changes
+            .iter()
+            .map(|c| 96 + image(&c.before) + image(&c.after))
+            .sum()
+    }
+}
+
+/// How much recent history the view keeps for replaying watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalLimits {
+    /// Most revisions kept.
+    pub max_revisions: usize,
+    /// Most bytes of before/after images kept (approximate).
+    pub max_bytes: usize,
+}
+
+impl Default for JournalLimits {
+    fn default() -> Self {
+        Self {
+            max_revisions: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Recent revisions with undo/redo images, so a watch can resume from a
+/// revision the subscriber names.
+#[derive(Debug, Clone, Default)]
+pub struct Journal {
+    entries: std::collections::VecDeque<Arc<JournalEntry>>,
+    bytes: usize,
+    limits: JournalLimits,
+    /// Revisions at or after this one are all in the journal.
+    covers_from: Revision,
+}
+
+impl Journal {
+    fn push(&mut self, entry: JournalEntry) {
+        self.bytes += entry.approx_bytes();
+        self.entries.push_back(Arc::new(entry));
+        while self.entries.len() > self.limits.max_revisions || self.bytes > self.limits.max_bytes {
+            let Some(old) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes = self.bytes.saturating_sub(old.approx_bytes());
+            self.covers_from = old.revision + 1;
+        }
+    }
+
+    /// Whether every revision from `revision` on is in the journal.
+    pub fn covers(&self, revision: Revision) -> bool {
+        revision >= self.covers_from
+    }
+
+    /// Entries with a revision of at least `from`, oldest first.
+    pub fn since(&self, from: Revision) -> impl DoubleEndedIterator<Item = &Arc<JournalEntry>> {
+        let skip = self.entries.partition_point(|e| e.revision < from);
+        self.entries.range(skip..)
+    }
+}
+
 /// Everything the view holds at one revision.
 #[derive(Debug, Default, Clone)]
 pub struct ViewState {
@@ -160,109 +261,146 @@ pub struct ViewState {
     pub revision: Revision,
     /// Projects by name.
     pub projects: BTreeMap<String, ProjectView>,
+    /// Recent changes, for resuming watches.
+    pub journal: Journal,
 }
 
-impl ViewState {
-    /// Applies one store event. Keys that are not domain keys and records
-    /// that do not decode are skipped with a warning (they cannot come from
-    /// this daemon).
-    pub fn apply(&mut self, event: &Event) {
-        let Some(parsed) = keyspace::parse(&event.kv.key) else {
-            return;
-        };
-        match (parsed, event.kind) {
-            (Parsed::Tenant { project, tenant }, EventKind::Put) => {
-                match TenantRecord::decode(event.kv.value.as_slice()) {
-                    Ok(record) => {
-                        self.projects
-                            .entry(project.to_owned())
-                            .or_default()
-                            .tenants
-                            .insert(
-                                tenant.to_owned(),
-                                TenantEntry {
-                                    record,
-                                    create_revision: event.kv.create_revision,
-                                    mod_revision: event.kv.mod_revision,
-                                },
-                            );
-                    }
-                    Err(e) => {
-                        tracing::warn!(project, tenant, error = %e, "undecodable tenant record skipped")
-                    }
-                }
+impl ProjectView {
+    /// Puts an object into the state as `image` describes (`None`: absent).
+    pub fn set(&mut self, tenant: &str, key: Option<&str>, image: Option<&Image>) {
+        match (key, image) {
+            (None, Some(Image::Tenant(entry))) => {
+                self.tenants.insert(tenant.to_owned(), entry.clone());
             }
-            (Parsed::Tenant { project, tenant }, EventKind::Delete) => {
-                if let Some(p) = self.projects.get_mut(project) {
-                    p.tenants.remove(tenant);
-                    if p.tenants.is_empty() && p.layers.is_empty() {
-                        self.projects.remove(project);
-                    }
-                }
+            (None, _) => {
+                self.tenants.remove(tenant);
             }
-            (
-                Parsed::Layer {
-                    project,
-                    tenant,
-                    key,
-                },
-                EventKind::Put,
-            ) => {
-                let decoded = LayerRecord::decode(event.kv.value.as_slice())
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| {
-                        let format = r.format.parse::<Format>().map_err(|e| e.to_string())?;
-                        let mode = r.mode.parse::<Mode>().map_err(|e| e.to_string())?;
-                        Ok(LayerEntry {
-                            value: r.value.into(),
-                            format,
-                            mode,
-                            mod_revision: event.kv.mod_revision,
-                        })
-                    });
-                match decoded {
-                    Ok(entry) => {
-                        self.projects
-                            .entry(project.to_owned())
-                            .or_default()
-                            .layers
-                            .entry(tenant.to_owned())
-                            .or_default()
-                            .insert(key.to_owned(), entry);
-                    }
-                    Err(e) => {
-                        tracing::warn!(project, tenant, key, error = %e, "undecodable layer skipped")
-                    }
-                }
+            (Some(key), Some(Image::Layer(entry))) => {
+                self.layers
+                    .entry(tenant.to_owned())
+                    .or_default()
+                    .insert(key.to_owned(), entry.clone());
             }
-            (
-                Parsed::Layer {
-                    project,
-                    tenant,
-                    key,
-                },
-                EventKind::Delete,
-            ) => {
-                if let Some(p) = self.projects.get_mut(project) {
-                    if let Some(layers) = p.layers.get_mut(tenant) {
-                        layers.remove(key);
-                        if layers.is_empty() {
-                            p.layers.remove(tenant);
-                        }
-                    }
-                    if p.tenants.is_empty() && p.layers.is_empty() {
-                        self.projects.remove(project);
+            (Some(key), _) => {
+                if let Some(layers) = self.layers.get_mut(tenant) {
+                    layers.remove(key);
+                    if layers.is_empty() {
+                        self.layers.remove(tenant);
                     }
                 }
             }
         }
     }
+
+    fn image(&self, tenant: &str, key: Option<&str>) -> Option<Image> {
+        match key {
+            None => self.tenants.get(tenant).cloned().map(Image::Tenant),
+            Some(key) => self.layer(tenant, key).cloned().map(Image::Layer),
+        }
+    }
 }
+
+impl ViewState {
+    /// A fresh state at `revision` whose journal keeps `limits`.
+    pub fn new(revision: Revision, limits: JournalLimits) -> Self {
+        Self {
+            revision,
+            projects: BTreeMap::new(),
+            journal: Journal {
+                limits,
+                covers_from: revision + 1,
+                ..Journal::default()
+            },
+        }
+    }
+
+    /// Applies one store event and returns the change it made. Keys that are
+    /// not domain keys and records that do not decode are skipped with a
+    /// warning (they cannot come from this daemon).
+    pub fn apply(&mut self, event: &Event) -> Option<Change> {
+        let (project, tenant, key) = match keyspace::parse(&event.kv.key)? {
+            Parsed::Tenant { project, tenant } => (project, tenant, None),
+            Parsed::Layer {
+                project,
+                tenant,
+                key,
+            } => (project, tenant, Some(key)),
+        };
+        let after = match event.kind {
+            EventKind::Delete => None,
+            EventKind::Put => match decode_image(key.is_some(), &event.kv) {
+                Ok(image) => Some(image),
+                Err(e) => {
+                    tracing::warn!(project, tenant, key, error = %e, "undecodable record skipped");
+                    return None;
+                }
+            },
+        };
+        let p = self.projects.entry(project.to_owned()).or_default();
+        let before = p.image(tenant, key);
+        p.set(tenant, key, after.as_ref());
+        if p.tenants.is_empty() && p.layers.is_empty() {
+            self.projects.remove(project);
+        }
+        Some(Change {
+            project: project.to_owned(),
+            tenant: tenant.to_owned(),
+            key: key.map(str::to_owned),
+            before,
+            after,
+        })
+    }
+
+    /// Applies a whole revision and records it in the journal.
+    pub fn apply_batch(&mut self, batch: &WatchBatch) -> Arc<JournalEntry> {
+        let changes = batch.events.iter().filter_map(|e| self.apply(e)).collect();
+        self.revision = batch.revision;
+        self.journal.push(JournalEntry {
+            revision: batch.revision,
+            changes,
+        });
+        self.journal.entries.back().map_or_else(
+            || {
+                Arc::new(JournalEntry {
+                    revision: batch.revision,
+                    changes: Vec::new(),
+                })
+            },
+            Arc::clone,
+        )
+    }
+}
+
+fn decode_image(is_layer: bool, kv: &crate::store::KeyValue) -> Result<Image, String> {
+    if is_layer {
+        let r = LayerRecord::decode(kv.value.as_slice()).map_err(|e| e.to_string())?;
+        let format = r.format.parse::<Format>().map_err(|e| e.to_string())?;
+        let mode = r.mode.parse::<Mode>().map_err(|e| e.to_string())?;
+        Ok(Image::Layer(LayerEntry {
+            value: r.value.into(),
+            format,
+            mode,
+            mod_revision: kv.mod_revision,
+        }))
+    } else {
+        let record = TenantRecord::decode(kv.value.as_slice()).map_err(|e| e.to_string())?;
+        Ok(Image::Tenant(TenantEntry {
+            record,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+        }))
+    }
+}
+
+/// Called after every applied revision, with the state already updated
+/// (the watch hub uses it to compute pushes).
+pub type BatchListener = Box<dyn Fn(&ViewState, &JournalEntry) + Send + Sync>;
 
 /// The shared, always-current view.
 pub struct View {
     state: RwLock<ViewState>,
     revision: watch::Sender<Revision>,
+    listener: std::sync::OnceLock<BatchListener>,
 }
 
 impl std::fmt::Debug for View {
@@ -279,23 +417,31 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 impl View {
     /// Loads every domain key from the store and returns the view at the
     /// store's current revision. Call [`View::follow`] to keep it current.
-    pub async fn load(store: &dyn Store) -> Result<Arc<Self>, StoreError> {
+    pub async fn load(store: &dyn Store, limits: JournalLimits) -> Result<Arc<Self>, StoreError> {
+        let state = Self::load_state(store, limits).await?;
+        let (revision, _) = watch::channel(state.revision);
+        Ok(Arc::new(Self {
+            state: RwLock::new(state),
+            revision,
+            listener: std::sync::OnceLock::new(),
+        }))
+    }
+
+    async fn load_state(store: &dyn Store, limits: JournalLimits) -> Result<ViewState, StoreError> {
         let all = store.range(KeyRange::prefix(Vec::new())).await?;
-        let mut state = ViewState {
-            revision: all.revision,
-            projects: BTreeMap::new(),
-        };
+        let mut state = ViewState::new(all.revision, limits);
         for kv in all.kvs {
             state.apply(&Event {
                 kind: EventKind::Put,
                 kv,
             });
         }
-        let (revision, _) = watch::channel(state.revision);
-        Ok(Arc::new(Self {
-            state: RwLock::new(state),
-            revision,
-        }))
+        Ok(state)
+    }
+
+    /// Registers the one listener told about every applied revision.
+    pub fn set_listener(&self, listener: BatchListener) -> Result<(), BatchListener> {
+        self.listener.set(listener)
     }
 
     /// Read access to the current state.
@@ -328,12 +474,15 @@ impl View {
     }
 
     fn apply_batch(&self, batch: &WatchBatch) {
-        {
-            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            for event in &batch.events {
-                state.apply(event);
-            }
-            state.revision = batch.revision;
+        let entry = self
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply_batch(batch);
+        // Only this task writes the state, so it is still at this revision
+        // while the listener reads it.
+        if let Some(listener) = self.listener.get() {
+            listener(&self.read(), &entry);
         }
         self.revision.send_replace(batch.revision);
     }
@@ -392,8 +541,8 @@ impl View {
     }
 
     async fn reload(&self, store: &dyn Store) -> Result<(), StoreError> {
-        let fresh = Self::load(store).await?;
-        let state = fresh.read().clone();
+        let limits = self.read().journal.limits;
+        let state = Self::load_state(store, limits).await?;
         let revision = state.revision;
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = state;
         self.revision.send_replace(revision);

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
+use strata_client::Code as tonic_code;
 use strata_client::proto::{
     CreateTenantRequest, DeleteLayerRequest, DeleteTenantRequest, ExplainRequest, FallbackPolicy,
     GetLayerRequest, GetTenantRequest, ListTenantsRequest, PutConfigRequest, ResolveRequest,
-    ResolvedValue, StatusRequest,
+    ResolvedValue, StatusRequest, WatchConfigRequest,
 };
 use strata_client::{Client, Error};
 
@@ -65,6 +66,21 @@ enum Command {
     /// Write, resolve and inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Follow a tenant's resolved configuration: a snapshot, then every
+    /// change. Reconnects and resumes from the last revision seen.
+    Watch {
+        /// Tenant.
+        tenant: String,
+        /// Exact key to watch (repeatable).
+        #[arg(long = "key")]
+        keys: Vec<String>,
+        /// Key prefix to watch (repeatable); nothing selected watches every key.
+        #[arg(long = "prefix")]
+        prefixes: Vec<String>,
+        /// Resume from this revision instead of starting with a snapshot.
+        #[arg(long, default_value_t = 0)]
+        start_revision: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,12 +248,75 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Tenant(cmd) => tenant(&client, &project, out, cmd).await?,
         Command::Config(cmd) => config(&client, &project, out, cmd).await?,
+        Command::Watch {
+            tenant,
+            keys,
+            prefixes,
+            start_revision,
+        } => {
+            let request = WatchConfigRequest {
+                project,
+                tenant,
+                keys,
+                prefixes,
+                start_revision,
+            };
+            watch(&cli.endpoints, cli.timeout, client, request, out).await?;
+        }
     }
     Ok(())
 }
 
 fn err(status: strata_client::Status) -> String {
     Error::from(status).to_string()
+}
+
+/// Streams watch messages until the tenant is deleted; on a broken stream,
+/// reconnects (to any endpoint) and resumes after the last revision printed.
+async fn watch(
+    endpoints: &[String],
+    timeout: Duration,
+    mut client: Client,
+    mut request: WatchConfigRequest,
+    out: Output,
+) -> Result<(), String> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.config().watch(request.clone()).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(message)) => {
+                            backoff = Duration::from_millis(200);
+                            request.start_revision = message.revision + 1;
+                            out.watch_message(&message);
+                            if message.tenant_deleted {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            eprintln!("strata: watch interrupted ({}); resuming", status.message());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic_code::Unavailable => {
+                eprintln!(
+                    "strata: watch interrupted ({}); reconnecting",
+                    status.message()
+                );
+            }
+            Err(status) => return Err(err(status)),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if let Ok(c) = Client::connect(endpoints, timeout).await {
+            client = c;
+        }
+    }
 }
 
 async fn tenant(

@@ -2,7 +2,8 @@
 
 use clap::ValueEnum;
 use serde_json::{Value, json};
-use strata_client::proto::{FallbackPolicy, ResolvedValue, Tenant};
+use strata_client::proto::watch_config_response::Kind;
+use strata_client::proto::{FallbackPolicy, ResolvedValue, Tenant, WatchConfigResponse};
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -203,6 +204,60 @@ impl Output {
                     ]);
                 }
                 println!("{}", table.render());
+            }
+        }
+    }
+
+    /// Prints one watch message: a line per key for people, one JSON object
+    /// per line (NDJSON) for scripts.
+    pub(crate) fn watch_message(self, m: &WatchConfigResponse) {
+        let kind = if m.kind == Kind::Snapshot as i32 {
+            "snapshot"
+        } else {
+            "change"
+        };
+        match self {
+            Output::Json => {
+                let changes: Vec<Value> = m
+                    .changes
+                    .iter()
+                    .map(|c| match &c.value {
+                        Some(v) => json!({
+                            "key": c.key,
+                            "format": v.format,
+                            "origin": v.origin,
+                            "value": String::from_utf8_lossy(&v.value),
+                        }),
+                        None => json!({"key": c.key, "deleted": true}),
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({
+                        "revision": m.revision,
+                        "kind": kind,
+                        "reset": m.reset,
+                        "tenant_deleted": m.tenant_deleted,
+                        "changes": changes,
+                    })
+                );
+            }
+            Output::Table => {
+                let reset = if m.reset { " (reset)" } else { "" };
+                let gone = if m.tenant_deleted {
+                    " — tenant deleted"
+                } else {
+                    ""
+                };
+                println!("@{} {kind}{reset}{gone}", m.revision);
+                for c in &m.changes {
+                    match &c.value {
+                        Some(v) => {
+                            println!("  {}  [{}] from {}", c.key, v.format, v.origin.join(","))
+                        }
+                        None => println!("  {}  (removed)", c.key),
+                    }
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ use strata_proto::v1::{ErrorDetail, ErrorReason};
 use tonic::transport::{Channel, Endpoint};
 
 pub use strata_proto::v1 as proto;
-pub use tonic::Status;
+pub use tonic::{Code, Status};
 
 /// A failed call.
 #[derive(Debug, thiserror::Error)]

@@ -156,3 +156,72 @@ async fn studio_scenario_through_the_cli() {
     assert_eq!(status["store"], "embedded");
     assert!(status["revision"].as_i64().unwrap() > 0);
 }
+
+#[tokio::test]
+async fn strata_watch_prints_snapshot_and_changes_until_the_tenant_is_deleted() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let daemon = Daemon::start().await;
+    let p = ["--project", "vega"];
+    let with = |args: &[&'static str]| -> Vec<&'static str> {
+        p.iter().copied().chain(args.iter().copied()).collect()
+    };
+    ok(&daemon, &with(&["tenant", "create", "integration"])).await;
+    ok(
+        &daemon,
+        &with(&["tenant", "create", "feat-1", "--parent", "integration"]),
+    )
+    .await;
+    ok(
+        &daemon,
+        &with(&["config", "put", "integration", "a.yaml", "--value", "v: 1"]),
+    )
+    .await;
+
+    let mut child = tokio::process::Command::new(strata_tests::strata_bin())
+        .args([
+            "--endpoints",
+            &daemon.endpoint(),
+            "--project",
+            "vega",
+            "-o",
+            "json",
+            "watch",
+            "feat-1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("a line within 10 s")
+            .unwrap()
+            .expect("watch still running");
+        serde_json::from_str(&line).unwrap()
+    };
+    let snapshot = next().await;
+    assert_eq!(snapshot["kind"], "snapshot");
+    assert_eq!(snapshot["changes"][0]["origin"][0], "integration");
+
+    ok(
+        &daemon,
+        &with(&["config", "put", "feat-1", "a.yaml", "--value", "v: 2"]),
+    )
+    .await;
+    let change = next().await;
+    assert_eq!(change["kind"], "change");
+    assert_eq!(change["changes"][0]["value"], "v: 2");
+    assert_eq!(change["changes"][0]["origin"][0], "feat-1");
+
+    ok(&daemon, &with(&["tenant", "delete", "feat-1"])).await;
+    let last = next().await;
+    assert_eq!(last["tenant_deleted"], true);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -193,7 +193,9 @@ pub async fn run(
     metrics::gauge!("strata_store_revision").set(loaded.revision as f64);
     metrics::gauge!("strata_store_compacted_revision").set(loaded.compacted_revision as f64);
     // The hub must listen before the view follows, so no revision escapes it.
-    let _ = state.hub.set(Hub::new(Arc::clone(&view), state.member.clone()));
+    let _ = state
+        .hub
+        .set(Hub::new(Arc::clone(&view), state.member.clone()));
     let follower =
         tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), state.shutdown.clone()));
     // Only this function sets it, once.

@@ -597,7 +597,7 @@ async fn watch_bench(
                     item = stream.next() => match item {
                         Some(Ok(Delivery::Batch(batch))) => {
                             let now = nanos(base.elapsed());
-                            for event in &batch.events {
+                            for event in batch.events.iter() {
                                 out.record(&event.kv.value, now);
                             }
                         }

@@ -333,7 +333,7 @@ async fn assert_next_is_sentinel(f: &Fixture, stream: &mut WatchStream, what: &s
         batch,
         WatchBatch {
             revision: rev,
-            events: vec![put_event(kv(&key, b"s", rev, rev, 1))]
+            events: vec![put_event(kv(&key, b"s", rev, rev, 1))].into()
         },
         "{what}: something was written before the sentinel"
     );
@@ -842,7 +842,8 @@ pub async fn txn_commits_atomically_at_one_revision(f: &Fixture) {
                 put_event(kv(&a, b"a", ra, r, 2)),
                 delete_event(&d, r),
                 put_event(kv(&b, b"b", r, r, 1)),
-            ],
+            ]
+            .into(),
         }
     );
     assert_next_is_sentinel(f, &mut w, "after the txn").await;
@@ -934,7 +935,7 @@ pub async fn delete_key_and_prefix(f: &Fixture) {
         batch,
         WatchBatch {
             revision: one.revision,
-            events: vec![delete_event(&f.key("e"), one.revision)]
+            events: vec![delete_event(&f.key("e"), one.revision)].into()
         }
     );
 
@@ -954,7 +955,8 @@ pub async fn delete_key_and_prefix(f: &Fixture) {
                 delete_event(&f.key("d/1"), r),
                 delete_event(&f.key("d/2"), r),
                 delete_event(&f.key("d/3"), r),
-            ],
+            ]
+            .into(),
         }
     );
     let left = s.range(f.all()).await.unwrap();
@@ -1005,30 +1007,31 @@ pub async fn watch_events_in_revision_order(f: &Fixture) {
     let expected = vec![
         WatchBatch {
             revision: r0,
-            events: vec![put_event(kv(&f.key("start"), b"s", r0, r0, 1))],
+            events: vec![put_event(kv(&f.key("start"), b"s", r0, r0, 1))].into(),
         },
         WatchBatch {
             revision: r1,
-            events: vec![put_event(kv(&a, b"a1", r1, r1, 1))],
+            events: vec![put_event(kv(&a, b"a1", r1, r1, 1))].into(),
         },
         WatchBatch {
             revision: r2,
-            events: vec![put_event(kv(&b, b"b1", r2, r2, 1))],
+            events: vec![put_event(kv(&b, b"b1", r2, r2, 1))].into(),
         },
         WatchBatch {
             revision: r3,
-            events: vec![put_event(kv(&a, b"a2", r1, r3, 2))],
+            events: vec![put_event(kv(&a, b"a2", r1, r3, 2))].into(),
         },
         WatchBatch {
             revision: r4,
-            events: vec![delete_event(&b, r4)],
+            events: vec![delete_event(&b, r4)].into(),
         },
         WatchBatch {
             revision: r5,
             events: vec![
                 put_event(kv(&c, b"c1", r5, r5, 1)),
                 put_event(kv(&a, b"a3", r1, r5, 3)),
-            ],
+            ]
+            .into(),
         },
     ];
     let mut w = watch(f, f.all(), r0).await;
@@ -1040,7 +1043,7 @@ pub async fn watch_events_in_revision_order(f: &Fixture) {
         next_batch(&mut w, "live").await,
         WatchBatch {
             revision: r6,
-            events: vec![put_event(kv(&b, b"b2", r6, r6, 1))]
+            events: vec![put_event(kv(&b, b"b2", r6, r6, 1))].into()
         }
     );
 
@@ -1091,15 +1094,15 @@ pub async fn watch_prefix_and_key_filtering(f: &Fixture) {
         vec![
             WatchBatch {
                 revision: r1,
-                events: vec![put_event(kv(&w1, b"1", r1, r1, 1))]
+                events: vec![put_event(kv(&w1, b"1", r1, r1, 1))].into()
             },
             WatchBatch {
                 revision: t,
-                events: vec![put_event(kv(&w2, b"2", t, t, 1))]
+                events: vec![put_event(kv(&w2, b"2", t, t, 1))].into()
             },
             WatchBatch {
                 revision: d,
-                events: vec![delete_event(&w1, d), delete_event(&w2, d)]
+                events: vec![delete_event(&w1, d), delete_event(&w2, d)].into()
             },
         ]
     );
@@ -1109,15 +1112,15 @@ pub async fn watch_prefix_and_key_filtering(f: &Fixture) {
         vec![
             WatchBatch {
                 revision: r3,
-                events: vec![put_event(kv(&w, b"w", r3, r3, 1))]
+                events: vec![put_event(kv(&w, b"w", r3, r3, 1))].into()
             },
             WatchBatch {
                 revision: t,
-                events: vec![put_event(kv(&w, b"w2", r3, t, 2))]
+                events: vec![put_event(kv(&w, b"w2", r3, t, 2))].into()
             },
             WatchBatch {
                 revision: d,
-                events: vec![delete_event(&w, d)]
+                events: vec![delete_event(&w, d)].into()
             },
         ]
     );
@@ -1147,13 +1150,14 @@ async fn write_revisions(f: &Fixture, prefix: &str, n: usize) -> Vec<WatchBatch>
                 events: vec![
                     put_event(kv(&k1, b"v", r, r, 1)),
                     put_event(kv(&k2, b"w", r, r, 1)),
-                ],
+                ]
+                .into(),
             });
         } else {
             let r = f.store().put(&k1, b"v").await.unwrap();
             out.push(WatchBatch {
                 revision: r,
-                events: vec![put_event(kv(&k1, b"v", r, r, 1))],
+                events: vec![put_event(kv(&k1, b"v", r, r, 1))].into(),
             });
         }
     }
@@ -1222,7 +1226,7 @@ pub async fn watch_lagging_far_behind(f: &Fixture) {
         .iter()
         .map(|(&r, key)| WatchBatch {
             revision: r,
-            events: vec![put_event(kv(key, b"v", r, r, 1))],
+            events: vec![put_event(kv(key, b"v", r, r, 1))].into(),
         })
         .collect();
     let (&first, _) = acked.first_key_value().unwrap();
@@ -1248,7 +1252,7 @@ pub async fn watch_from_zero_sees_only_future_changes(f: &Fixture) {
         next_batch(&mut w, "first event").await,
         WatchBatch {
             revision: r,
-            events: vec![put_event(kv(&f.key("after"), b"a", r, r, 1))]
+            events: vec![put_event(kv(&f.key("after"), b"a", r, r, 1))].into()
         }
     );
     assert_quiet(&mut w, "after the only write").await;
@@ -1293,11 +1297,11 @@ pub async fn compaction_watch_below_point_is_compacted(f: &Fixture) {
         vec![
             WatchBatch {
                 revision: r3,
-                events: vec![put_event(kv(&a, b"3", r1, r3, 2))]
+                events: vec![put_event(kv(&a, b"3", r1, r3, 2))].into()
             },
             WatchBatch {
                 revision: r4,
-                events: vec![put_event(kv(&c, b"4", r4, r4, 1))]
+                events: vec![put_event(kv(&c, b"4", r4, r4, 1))].into()
             },
         ]
     );

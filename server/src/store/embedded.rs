@@ -232,7 +232,7 @@ fn read_range<T: ReadableTable<&'static [u8], &'static [u8]>>(
 #[derive(Debug)]
 struct Committed {
     revision: Revision,
-    events: Vec<Event>,
+    events: Arc<[Event]>,
 }
 
 /// State shared by the handle, the writer thread and watchers.
@@ -284,7 +284,7 @@ impl Shared {
             let revision = i64::try_from(rev.value()).unwrap_or(i64::MAX);
             out.push(Committed {
                 revision,
-                events: decode_log(revision, bytes.value())?,
+                events: decode_log(revision, bytes.value())?.into(),
             });
         }
         Ok(out)
@@ -513,13 +513,24 @@ struct Watcher {
 
 impl Watcher {
     fn filter(&self, committed: &Committed) -> Option<WatchBatch> {
-        let events: Vec<Event> = committed
+        let matching = committed
             .events
             .iter()
             .filter(|e| self.range.contains(&e.kv.key))
-            .cloned()
-            .collect();
-        (!events.is_empty()).then_some(WatchBatch {
+            .count();
+        let events: Arc<[Event]> = if matching == committed.events.len() {
+            // The common case (a prefix watcher seeing a whole revision):
+            // share the events instead of copying them per watcher.
+            Arc::clone(&committed.events)
+        } else {
+            committed
+                .events
+                .iter()
+                .filter(|e| self.range.contains(&e.kv.key))
+                .cloned()
+                .collect()
+        };
+        (matching > 0).then_some(WatchBatch {
             revision: committed.revision,
             events,
         })
@@ -734,12 +745,14 @@ impl Writer {
                 self.shared
                     .compacted
                     .store(self.compacted, Ordering::Release);
+                // Callers first: their writes are durable now, and waking
+                // thousands of watchers must not delay the acknowledgements.
+                for answer in deferred {
+                    answer(Ok(()));
+                }
                 for c in committed {
                     // No live watcher is fine: history stays in the log.
                     let _ = self.events.send(c);
-                }
-                for answer in deferred {
-                    answer(Ok(()));
                 }
                 metrics::histogram!("strata_store_write_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
@@ -1024,7 +1037,10 @@ impl Writer {
             .insert(rev, encode_log(&events).as_slice())
             .map_err(backend)?;
         self.revision = revision;
-        committed.push(Arc::new(Committed { revision, events }));
+        committed.push(Arc::new(Committed {
+            revision,
+            events: events.into(),
+        }));
         Ok(())
     }
 }

@@ -21,6 +21,7 @@
 //! backend is a thin mapping.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::Stream;
@@ -347,8 +348,9 @@ pub struct Event {
 pub struct WatchBatch {
     /// The revision all these events committed at.
     pub revision: Revision,
-    /// The events (never empty).
-    pub events: Vec<Event>,
+    /// The events (never empty). Shared, not copied, between the watchers
+    /// of one revision whenever the whole revision falls in their range.
+    pub events: Arc<[Event]>,
 }
 
 /// The stream a watch returns. It ends with an error when the watch cannot go

@@ -544,7 +544,32 @@ impl View {
         let limits = self.read().journal.limits;
         let state = Self::load_state(store, limits).await?;
         let revision = state.revision;
+        // The revisions skipped cannot be replayed one by one; tell the
+        // listener that every tenant may have changed, so subscribers get
+        // the net change instead of silently missing it.
+        let mut tenants = std::collections::BTreeSet::new();
+        for st in [&*self.read(), &state] {
+            for (project, p) in &st.projects {
+                tenants.extend(p.tenants.keys().map(|t| (project.clone(), t.clone())));
+            }
+        }
+        let everything = JournalEntry {
+            revision,
+            changes: tenants
+                .into_iter()
+                .map(|(project, tenant)| Change {
+                    project,
+                    tenant,
+                    key: None,
+                    before: None,
+                    after: None,
+                })
+                .collect(),
+        };
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = state;
+        if let Some(listener) = self.listener.get() {
+            listener(&self.read(), &everything);
+        }
         self.revision.send_replace(revision);
         Ok(())
     }

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use strata_proto::v1::ErrorReason;
@@ -18,7 +17,7 @@ use crate::domain::names;
 use crate::domain::resolve::{self, Explained, Resolved};
 use crate::error::ApiError;
 use crate::keyspace::{self, LayerRecord, TenantRecord};
-use crate::store::{Compare, CompareOp, KeyRange, Revision, Store, Txn};
+use crate::store::{Compare, CompareOp, KeyRange, Revision, Store, Txn, unix_now_ms};
 use crate::view::{LayerEntry, MAX_CHAIN, ProjectView, TenantEntry, View, ViewState};
 
 /// Size limits enforced on writes.
@@ -129,12 +128,6 @@ fn name_error(e: names::NameError) -> ApiError {
     invalid(e.to_string())
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 fn project_view<'a>(state: &'a ViewState, project: &str) -> Option<&'a ProjectView> {
     state.projects.get(project)
 }
@@ -164,11 +157,6 @@ impl Api {
             view,
             limits,
         }
-    }
-
-    /// The view these operations read.
-    pub fn view(&self) -> &Arc<View> {
-        &self.view
     }
 
     /// Plans against the view, commits, waits for the view; re-plans when the
@@ -216,7 +204,7 @@ impl Api {
             labels: req.labels.clone(),
             ttl_seconds: req.ttl_seconds,
             expires_at_unix_ms: if req.ttl_seconds > 0 {
-                now_ms() + req.ttl_seconds * 1000
+                unix_now_ms() + req.ttl_seconds * 1000
             } else {
                 0
             },
@@ -329,7 +317,11 @@ impl Api {
                 }
                 if let Some(ttl) = ttl_seconds {
                     record.ttl_seconds = ttl;
-                    record.expires_at_unix_ms = if ttl > 0 { now_ms() + ttl * 1000 } else { 0 };
+                    record.expires_at_unix_ms = if ttl > 0 {
+                        unix_now_ms() + ttl * 1000
+                    } else {
+                        0
+                    };
                 }
                 let txn = Txn::new()
                     .when(Compare::mod_revision(

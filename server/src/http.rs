@@ -40,11 +40,7 @@ async fn readyz(State(state): State<Arc<DaemonState>>) -> Response {
 /// Answers requests that match no route: gRPC callers get `UNIMPLEMENTED`,
 /// everyone else a JSON 404.
 pub async fn fallback(request: axum::extract::Request) -> Response {
-    let is_grpc = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if is_grpc {
+    if crate::telemetry::is_grpc(request.headers()) {
         return tonic::Status::unimplemented(format!("unknown method {}", request.uri().path()))
             .into_http();
     }

@@ -102,15 +102,18 @@ fn describe() {
     );
 }
 
+/// Whether a request is gRPC (any `application/grpc*` content type).
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// Names the operation of a request with a bounded label value: the gRPC
 /// method path for gRPC, `METHOD /route/{param}` for HTTP, `unmatched` for
 /// anything that hit no route.
 fn op_label(request: &Request) -> String {
-    let is_grpc = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if is_grpc {
+    if is_grpc(request.headers()) {
         return request.uri().path().to_owned();
     }
     match request.extensions().get::<MatchedPath>() {

@@ -230,9 +230,10 @@ pub struct Journal {
 }
 
 impl Journal {
-    fn push(&mut self, entry: JournalEntry) {
+    fn push(&mut self, entry: JournalEntry) -> Arc<JournalEntry> {
+        let entry = Arc::new(entry);
         self.bytes += entry.approx_bytes();
-        self.entries.push_back(Arc::new(entry));
+        self.entries.push_back(Arc::clone(&entry));
         while self.entries.len() > self.limits.max_revisions || self.bytes > self.limits.max_bytes {
             let Some(old) = self.entries.pop_front() else {
                 break;
@@ -240,6 +241,7 @@ impl Journal {
             self.bytes = self.bytes.saturating_sub(old.approx_bytes());
             self.covers_from = old.revision + 1;
         }
+        entry
     }
 
     /// Whether every revision from `revision` on is in the journal.
@@ -358,16 +360,7 @@ impl ViewState {
         self.journal.push(JournalEntry {
             revision: batch.revision,
             changes,
-        });
-        self.journal.entries.back().map_or_else(
-            || {
-                Arc::new(JournalEntry {
-                    revision: batch.revision,
-                    changes: Vec::new(),
-                })
-            },
-            Arc::clone,
-        )
+        })
     }
 }
 

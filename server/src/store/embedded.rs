@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use prost::Message;
@@ -40,7 +40,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::{
     Event, EventKind, KeyRange, KeyValue, Lease, LeaseId, LeaseInfo, RangeResponse, Revision,
-    Store, StoreError, StoreStatus, Txn, TxnOp, TxnResponse, WatchBatch, WatchStream,
+    Store, StoreError, StoreStatus, Txn, TxnOp, TxnResponse, WatchBatch, WatchStream, unix_now_ms,
 };
 
 /// File name of the database inside the data directory.
@@ -118,12 +118,6 @@ fn backend(err: impl Into<redb::Error>) -> StoreError {
 
 fn corrupt(err: prost::DecodeError) -> StoreError {
     StoreError::Backend(format!("corrupt record: {err}"))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn decode_kv(key: &[u8], bytes: &[u8]) -> Result<KeyValue, StoreError> {
@@ -719,7 +713,7 @@ impl Writer {
     fn until_next_expiry(&self) -> Duration {
         match self.deadlines.first() {
             Some(&(deadline, _)) => {
-                let left = deadline.saturating_sub(now_ms()).max(0);
+                let left = deadline.saturating_sub(unix_now_ms()).max(0);
                 Duration::from_millis(u64::try_from(left).unwrap_or(0)).min(MAX_IDLE)
             }
             None => MAX_IDLE,
@@ -787,7 +781,7 @@ impl Writer {
             let mut t = open_tables(&wtx).map_err(backend)?;
             let revision_before = self.revision;
             let mut dirty = false;
-            let now = now_ms();
+            let now = unix_now_ms();
             while let Some(&(deadline, id)) = self.deadlines.first() {
                 if deadline > now {
                     break;

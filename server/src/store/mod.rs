@@ -31,6 +31,13 @@ pub mod embedded;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+/// Wall-clock time as Unix milliseconds (lease deadlines, tenant expiry).
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// A store revision. Every committed change gets the next revision; one
 /// sequence per store, starting above zero and never reused.
 pub type Revision = i64;

@@ -19,8 +19,8 @@ use serde_json::json;
 use strata_client::Code as tonic_code;
 use strata_client::proto::{
     CreateTenantRequest, DeleteLayerRequest, DeleteTenantRequest, ExplainRequest, FallbackPolicy,
-    GetLayerRequest, GetTenantRequest, ListTenantsRequest, PutConfigRequest, ResolveRequest,
-    ResolvedValue, StatusRequest, WatchConfigRequest,
+    GetLayerRequest, GetTenantRequest, ListHistoryRequest, ListTenantsRequest, PutConfigRequest,
+    ResolveRequest, ResolvedValue, RollbackRequest, StatusRequest, WatchConfigRequest,
 };
 use strata_client::{Client, Error};
 
@@ -184,6 +184,30 @@ enum ConfigCommand {
         tenant: String,
         /// Key.
         key: String,
+    },
+    /// List the kept versions of a tenant's layer of a key, newest first.
+    History {
+        /// Tenant.
+        tenant: String,
+        /// Key.
+        key: String,
+        /// Most versions shown (0: every kept version).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Restore a tenant's layer of a key to what it was at a revision
+    /// (written as a new revision; see `history` for the revisions).
+    Rollback {
+        /// Tenant.
+        tenant: String,
+        /// Key.
+        key: String,
+        /// Revision to restore the layer to.
+        #[arg(long)]
+        to: i64,
+        /// Only roll back if the layer is at this revision (-1: must not exist).
+        #[arg(long, allow_hyphen_values = true)]
+        expected_revision: Option<i64>,
     },
     /// Show which tenant supplied each field of a resolved value.
     Explain {
@@ -521,6 +545,51 @@ async fn config(
                 .into_inner();
             out.record(&[
                 ("deleted", json!(key)),
+                ("revision", json!(r.header.map_or(0, |h| h.revision))),
+            ]);
+        }
+        ConfigCommand::History { tenant, key, limit } => {
+            let r = config
+                .list_history(ListHistoryRequest {
+                    project: project.to_owned(),
+                    tenant,
+                    key,
+                    limit,
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            out.history(&r.versions);
+        }
+        ConfigCommand::Rollback {
+            tenant,
+            key,
+            to,
+            expected_revision,
+        } => {
+            let r = config
+                .rollback(RollbackRequest {
+                    project: project.to_owned(),
+                    tenant,
+                    key: key.clone(),
+                    revision: to,
+                    expected_revision: expected_revision.unwrap_or(0),
+                })
+                .await
+                .map_err(err)?
+                .into_inner();
+            let restored = r.restored.unwrap_or_default();
+            out.record(&[
+                ("key", json!(key)),
+                ("restored_revision", json!(restored.revision)),
+                (
+                    "now",
+                    json!(if r.layer.is_some() {
+                        "restored"
+                    } else {
+                        "removed"
+                    }),
+                ),
                 ("revision", json!(r.header.map_or(0, |h| h.revision))),
             ]);
         }

@@ -3,7 +3,9 @@
 use clap::ValueEnum;
 use serde_json::{Value, json};
 use strata_client::proto::watch_config_response::Kind;
-use strata_client::proto::{FallbackPolicy, ResolvedValue, Tenant, WatchConfigResponse};
+use strata_client::proto::{
+    ConfigVersion, FallbackPolicy, ResolvedValue, Tenant, WatchConfigResponse,
+};
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -260,6 +262,57 @@ impl Output {
                 }
             }
         }
+    }
+
+    /// Prints versions of a layer, newest first.
+    pub(crate) fn history(self, versions: &[ConfigVersion]) {
+        let mut table = Table::new(&["REVISION", "WRITTEN", "CHANGE", "FORMAT", "SIZE", "NOTE"]);
+        let mut json = Vec::new();
+        for v in versions {
+            let written = std::time::UNIX_EPOCH
+                + std::time::Duration::from_millis(
+                    u64::try_from(v.written_at_unix_ms).unwrap_or(0),
+                );
+            let written = humantime::format_rfc3339_seconds(written).to_string();
+            let note = if v.restored_from > 0 {
+                format!("rollback to {}", v.restored_from)
+            } else {
+                String::new()
+            };
+            let mut entry = json!({
+                "revision": v.revision,
+                "written_at": written,
+                "removed": v.layer.is_none(),
+            });
+            if v.restored_from > 0 {
+                entry["restored_from"] = json!(v.restored_from);
+            }
+            match &v.layer {
+                Some(l) => {
+                    entry["format"] = json!(l.format);
+                    entry["mode"] = json!(l.mode);
+                    entry["value"] = json!(String::from_utf8_lossy(&l.value));
+                    table.row(vec![
+                        v.revision.to_string(),
+                        written,
+                        l.mode.clone(),
+                        l.format.clone(),
+                        l.value.len().to_string(),
+                        note,
+                    ]);
+                }
+                None => table.row(vec![
+                    v.revision.to_string(),
+                    written,
+                    "removed".into(),
+                    "-".into(),
+                    "-".into(),
+                    note,
+                ]),
+            }
+            json.push(entry);
+        }
+        self.table_with(table, Value::Array(json));
     }
 
     /// Prints a prepared table, or the JSON alternative.

@@ -27,13 +27,22 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Most labels on a tenant.
     pub max_labels: usize,
+    /// Versions of each layer's history kept (older ones are pruned as new
+    /// ones are written).
+    pub history_versions: u64,
 }
+
+/// Most pruned versions deleted by one write: keeps each transaction small
+/// (etcd caps operations per transaction) after retention was lowered; the
+/// following writes of the key prune the rest.
+const MAX_PRUNE_PER_WRITE: u64 = 32;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_value_bytes: 1024 * 1024,
             max_labels: 64,
+            history_versions: 50,
         }
     }
 }
@@ -99,6 +108,32 @@ pub struct LayerInfo {
     pub key: String,
     /// Stored layer.
     pub entry: LayerEntry,
+}
+
+/// One version from a layer's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerVersion {
+    /// Revision that wrote this version.
+    pub revision: Revision,
+    /// Number of the version in the layer's history (1 for the write that
+    /// first created the layer in this tenant).
+    pub seq: u64,
+    /// The layer as written (its `mod_revision` is `revision`); `None` when
+    /// this version removed the layer.
+    pub layer: Option<LayerEntry>,
+    /// Wall-clock time of the write, Unix milliseconds.
+    pub written_at_unix_ms: i64,
+    /// For a version written by a rollback: the revision it restored.
+    pub restored_from: Option<Revision>,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolledBack {
+    /// The version restored.
+    pub restored: LayerVersion,
+    /// The layer now (`None`: the rollback removed it).
+    pub layer: Option<LayerInfo>,
 }
 
 /// The operations, over a store and the view that follows it.
@@ -372,7 +407,8 @@ impl Api {
                 txn = txn
                     .when(Compare::mod_revision(key.clone(), CompareOp::Equal, seen))
                     .delete(KeyRange::Key(key))
-                    .delete(KeyRange::Prefix(keyspace::layers_prefix(project, tenant)));
+                    .delete(KeyRange::Prefix(keyspace::layers_prefix(project, tenant)))
+                    .delete(KeyRange::Prefix(keyspace::history_prefix(project, tenant)));
             }
             Ok((txn, layers))
         })
@@ -419,29 +455,88 @@ impl Api {
                 invalid(format!("{e}{hint}"))
             })?;
         }
-        let record = LayerRecord::new(value, format, req.mode).encode_to_vec();
-        let tenant_key = keyspace::tenant_key(&req.project, &req.tenant);
-        let layer_key = keyspace::layer_key(&req.project, &req.tenant, &req.key);
-        let ((), revision) = self
-            .write(|state| {
-                let p = project_view(state, &req.project)
-                    .filter(|p| p.tenants.contains_key(&req.tenant))
-                    .ok_or_else(|| tenant_missing(&req.project, &req.tenant))?;
-                let current = p.layer(&req.tenant, &req.key).map_or(0, |l| l.mod_revision);
-                let mut txn = Txn::new().when(Compare::exists(tenant_key.clone()));
-                if let Some(expected) = req.expected_revision {
-                    check_expected(expected, current, &req.key)?;
-                    txn = txn.when(Compare::mod_revision(
-                        layer_key.clone(),
-                        CompareOp::Equal,
-                        current,
-                    ));
-                }
-                Ok((txn.put(layer_key.clone(), record.clone()), ()))
-            })
+        let record = LayerRecord::new(value, format, req.mode);
+        let revision = self
+            .commit_layer(
+                &req.project,
+                &req.tenant,
+                &req.key,
+                Some(record),
+                req.expected_revision,
+                None,
+            )
             .await?;
         let (info, _) = self.layer(&req.project, &req.tenant, &req.key)?;
         Ok((info, revision))
+    }
+
+    /// Writes (`Some`) or removes (`None`) a tenant's layer of a key and
+    /// records the new version in the layer's history, pruning versions
+    /// beyond retention, all in one transaction.
+    async fn commit_layer(
+        &self,
+        project: &str,
+        tenant: &str,
+        key: &str,
+        record: Option<LayerRecord>,
+        expected_revision: Option<Revision>,
+        restored_from: Option<Revision>,
+    ) -> Result<Revision, ApiError> {
+        let tenant_key = keyspace::tenant_key(project, tenant);
+        let layer_key = keyspace::layer_key(project, tenant, key);
+        let encoded = record.as_ref().map(Message::encode_to_vec);
+        let keep = self.limits.history_versions.max(1);
+        let ((), revision) = self
+            .write(|state| {
+                let p = project_view(state, project)
+                    .filter(|p| p.tenants.contains_key(tenant))
+                    .ok_or_else(|| tenant_missing(project, tenant))?;
+                let current = p.layer(tenant, key).map_or(0, |l| l.mod_revision);
+                if encoded.is_none() && current == 0 {
+                    return Err(not_found(format!(
+                        "tenant {tenant:?} has no layer for key {key:?}"
+                    )));
+                }
+                if let Some(expected) = expected_revision {
+                    check_expected(expected, current, key)?;
+                }
+                let span = p.versions(tenant, key);
+                let seq = span.map_or(1, |s| s.last + 1);
+                let version = keyspace::VersionRecord {
+                    layer: record.clone(),
+                    written_at_unix_ms: unix_now_ms(),
+                    restored_from: restored_from.unwrap_or(0),
+                };
+                // The layer compare orders concurrent writers of the key; the
+                // version compare makes sure no one else took this number.
+                let version_key = keyspace::version_key(project, tenant, key, seq);
+                let mut txn = Txn::new()
+                    .when(Compare::exists(tenant_key.clone()))
+                    .when(Compare::mod_revision(
+                        layer_key.clone(),
+                        CompareOp::Equal,
+                        current,
+                    ))
+                    .when(Compare::missing(version_key.clone()))
+                    .put(version_key, version.encode_to_vec());
+                txn = match &encoded {
+                    Some(value) => txn.put(layer_key.clone(), value.clone()),
+                    None => txn.delete(KeyRange::Key(layer_key.clone())),
+                };
+                if let Some(span) = span {
+                    // After this write the newest kept version is `seq`.
+                    let oldest_kept = (seq + 1).saturating_sub(keep);
+                    let prune_end = oldest_kept.min(span.first + MAX_PRUNE_PER_WRITE);
+                    for old in span.first..prune_end {
+                        txn = txn.delete(KeyRange::Key(keyspace::version_key(
+                            project, tenant, key, old,
+                        )));
+                    }
+                }
+                Ok((txn, ()))
+            })
+            .await?;
+        Ok(revision)
     }
 
     /// Reads a tenant's own layer of a key.
@@ -466,7 +561,7 @@ impl Api {
         Ok((info, state.revision))
     }
 
-    /// Removes a tenant's layer of a key.
+    /// Removes a tenant's layer of a key (recorded in its history).
     pub async fn delete_layer(
         &self,
         project: &str,
@@ -474,32 +569,136 @@ impl Api {
         key: &str,
         expected_revision: Option<Revision>,
     ) -> Result<Revision, ApiError> {
-        let layer_key = keyspace::layer_key(project, tenant, key);
-        let ((), revision) = self
-            .write(|state| {
-                let p = project_view(state, project)
-                    .filter(|p| p.tenants.contains_key(tenant))
-                    .ok_or_else(|| tenant_missing(project, tenant))?;
-                let current = p
-                    .layer(tenant, key)
-                    .ok_or_else(|| {
-                        not_found(format!("tenant {tenant:?} has no layer for key {key:?}"))
-                    })?
-                    .mod_revision;
-                if let Some(expected) = expected_revision {
-                    check_expected(expected, current, key)?;
-                }
-                let txn = Txn::new()
-                    .when(Compare::mod_revision(
-                        layer_key.clone(),
-                        CompareOp::Equal,
-                        current,
-                    ))
-                    .delete(KeyRange::Key(layer_key.clone()));
-                Ok((txn, ()))
-            })
+        self.commit_layer(project, tenant, key, None, expected_revision, None)
+            .await
+    }
+
+    /// The kept versions of a tenant's layer of a key, newest first, at most
+    /// `limit` of them (`None`: all kept).
+    pub async fn history(
+        &self,
+        project: &str,
+        tenant: &str,
+        key: &str,
+        limit: Option<usize>,
+    ) -> Result<(Vec<LayerVersion>, Revision), ApiError> {
+        names::validate_key(key).map_err(name_error)?;
+        let known = {
+            let state = self.view.read();
+            let p = project_view(&state, project)
+                .filter(|p| p.tenants.contains_key(tenant))
+                .ok_or_else(|| tenant_missing(project, tenant))?;
+            p.versions(tenant, key).is_some() || p.layer(tenant, key).is_some()
+        };
+        if !known {
+            return Err(not_found(format!(
+                "tenant {tenant:?} has no layer or history for key {key:?}"
+            )));
+        }
+        let range = self
+            .store
+            .range(KeyRange::Prefix(keyspace::versions_prefix(
+                project, tenant, key,
+            )))
             .await?;
-        Ok(revision)
+        let mut versions = Vec::with_capacity(range.kvs.len());
+        for kv in range.kvs.iter().rev() {
+            let Some(keyspace::Parsed::Version { seq, .. }) = keyspace::parse(&kv.key) else {
+                continue;
+            };
+            let record = keyspace::VersionRecord::decode(kv.value.as_slice()).map_err(|e| {
+                ApiError::new(
+                    ErrorReason::Internal,
+                    format!("a stored version of {key:?} does not decode: {e}"),
+                )
+            })?;
+            let layer = record
+                .layer
+                .map(|l| layer_entry(l, kv.create_revision))
+                .transpose()?;
+            versions.push(LayerVersion {
+                revision: kv.create_revision,
+                seq,
+                layer,
+                written_at_unix_ms: record.written_at_unix_ms,
+                restored_from: (record.restored_from > 0).then_some(record.restored_from),
+            });
+            if limit.is_some_and(|l| versions.len() >= l) {
+                break;
+            }
+        }
+        Ok((versions, range.revision))
+    }
+
+    /// Restores a tenant's layer of a key to what it was at `revision`,
+    /// writing that as a new version (or removing the layer, if it did not
+    /// exist then).
+    pub async fn rollback(
+        &self,
+        project: &str,
+        tenant: &str,
+        key: &str,
+        to_revision: Revision,
+        expected_revision: Option<Revision>,
+    ) -> Result<(RolledBack, Revision), ApiError> {
+        if to_revision <= 0 {
+            return Err(invalid(format!(
+                "revision to roll back to must be positive, got {to_revision}"
+            )));
+        }
+        let (versions, _) = self.history(project, tenant, key, None).await?;
+        let target = match versions.iter().find(|v| v.revision <= to_revision) {
+            Some(v) => v.clone(),
+            // Version 1 created the layer, so before it the layer was absent.
+            None if versions.last().is_some_and(|v| v.seq == 1) => LayerVersion {
+                revision: to_revision,
+                seq: 0,
+                layer: None,
+                written_at_unix_ms: 0,
+                restored_from: None,
+            },
+            None => {
+                let oldest = versions.last().ok_or_else(|| {
+                    not_found(format!(
+                        "tenant {tenant:?} keeps no history for key {key:?}"
+                    ))
+                })?;
+                return Err(precondition(format!(
+                    "revision {to_revision} is older than the oldest kept version of {key:?} \
+                     (revision {}); history keeps the last {} versions of each key",
+                    oldest.revision, self.limits.history_versions
+                )));
+            }
+        };
+        let currently = self.layer(project, tenant, key).ok().map(|(l, _)| l.entry);
+        if target.layer.is_none() && currently.is_none() {
+            return Err(precondition(format!(
+                "key {key:?} had no layer in tenant {tenant:?} at revision {to_revision}, \
+                 and has none now; nothing to roll back"
+            )));
+        }
+        let record = target
+            .layer
+            .as_ref()
+            .map(|l| LayerRecord::new(l.value.to_vec(), l.format, l.mode));
+        let revision = self
+            .commit_layer(
+                project,
+                tenant,
+                key,
+                record,
+                expected_revision,
+                Some(target.revision),
+            )
+            .await?;
+        let layer = self.layer(project, tenant, key).ok().map(|(l, _)| l);
+        Ok((
+            RolledBack {
+                restored: target,
+                layer,
+            },
+            revision,
+        ))
     }
 
     /// Resolves the selected keys for a tenant (keys that do not exist are
@@ -567,6 +766,27 @@ impl Api {
         }
         Ok(())
     }
+}
+
+fn layer_entry(record: LayerRecord, revision: Revision) -> Result<LayerEntry, ApiError> {
+    let corrupt = |e: String| {
+        ApiError::new(
+            ErrorReason::Internal,
+            format!("a stored layer does not decode: {e}"),
+        )
+    };
+    Ok(LayerEntry {
+        value: record.value.into(),
+        format: record
+            .format
+            .parse()
+            .map_err(|e: document::DocumentError| corrupt(e.to_string()))?,
+        mode: record
+            .mode
+            .parse()
+            .map_err(|e: document::DocumentError| corrupt(e.to_string()))?,
+        mod_revision: revision,
+    })
 }
 
 fn check_expected(expected: Revision, current: Revision, key: &str) -> Result<(), ApiError> {

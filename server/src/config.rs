@@ -139,6 +139,14 @@ struct Layer {
     limits: LimitsLayer,
     #[serde(default)]
     watch: WatchLayer,
+    #[serde(default)]
+    history: HistoryLayer,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryLayer {
+    versions: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -186,6 +194,7 @@ struct Merged {
     compaction_interval: Sourced<String>,
     max_value_bytes: Sourced<i64>,
     journal_revisions: Sourced<i64>,
+    history_versions: Sourced<i64>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, source: impl FnOnce() -> String) {
@@ -225,6 +234,10 @@ impl Merged {
                 value: 100_000,
                 source: "default".into(),
             },
+            history_versions: Sourced {
+                value: 50,
+                source: "default".into(),
+            },
         }
     }
 
@@ -259,6 +272,9 @@ impl Merged {
             layer.watch.journal_revisions,
             || name("watch.journal_revisions"),
         );
+        set(&mut self.history_versions, layer.history.versions, || {
+            name("history.versions")
+        });
     }
 }
 
@@ -276,6 +292,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("STRATA_COMPACTION_INTERVAL", "compaction.interval"),
     ("STRATA_LIMITS_MAX_VALUE_BYTES", "limits.max_value_bytes"),
     ("STRATA_WATCH_JOURNAL_REVISIONS", "watch.journal_revisions"),
+    ("STRATA_HISTORY_VERSIONS", "history.versions"),
 ];
 
 fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
@@ -316,6 +333,9 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
         limits: LimitsLayer { max_value_bytes },
         watch: WatchLayer {
             journal_revisions: number("STRATA_WATCH_JOURNAL_REVISIONS", "watch.journal_revisions")?,
+        },
+        history: HistoryLayer {
+            versions: number("STRATA_HISTORY_VERSIONS", "history.versions")?,
         },
     })
 }
@@ -388,6 +408,7 @@ impl Config {
                 compaction: CompactionLayer::default(),
                 limits: LimitsLayer::default(),
                 watch: WatchLayer::default(),
+                history: HistoryLayer::default(),
             },
             flag_name,
         );
@@ -481,6 +502,19 @@ impl Merged {
                     format!("must be at least 1, got {}", self.journal_revisions.value),
                 )
             })?;
+        let history_versions = u64::try_from(self.history_versions.value)
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| {
+                invalid(
+                    "history.versions",
+                    &self.history_versions.source,
+                    format!(
+                        "must be between 1 and 10000, got {}",
+                        self.history_versions.value
+                    ),
+                )
+            })?;
         let level = self.log_level.value.trim().to_owned();
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
             return Err(invalid(
@@ -500,6 +534,7 @@ impl Merged {
             },
             limits: crate::api::Limits {
                 max_value_bytes,
+                history_versions,
                 ..crate::api::Limits::default()
             },
             journal: crate::view::JournalLimits {
@@ -641,5 +676,6 @@ mod tests {
         let config = parse_file(&path, &text).unwrap();
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(config.compaction.retain_revisions, 100_000);
+        assert_eq!(config.limits.history_versions, 50);
     }
 }

@@ -7,16 +7,17 @@ use std::sync::Arc;
 use strata_proto::v1::config_service_server::ConfigService;
 use strata_proto::v1::tenant_service_server::TenantService;
 use strata_proto::v1::{
-    ConfigLayer, CreateTenantRequest, CreateTenantResponse, DeleteLayerRequest,
+    ConfigLayer, ConfigVersion, CreateTenantRequest, CreateTenantResponse, DeleteLayerRequest,
     DeleteLayerResponse, DeleteTenantRequest, DeleteTenantResponse, ExplainRequest,
     ExplainResponse, FallbackPolicy, FieldOrigin, GetLayerRequest, GetLayerResponse,
-    GetTenantRequest, GetTenantResponse, ListTenantsRequest, ListTenantsResponse, PutConfigRequest,
-    PutConfigResponse, ResolveRequest, ResolveResponse, ResolvedValue, ResponseHeader, Tenant,
+    GetTenantRequest, GetTenantResponse, ListHistoryRequest, ListHistoryResponse,
+    ListTenantsRequest, ListTenantsResponse, PutConfigRequest, PutConfigResponse, ResolveRequest,
+    ResolveResponse, ResolvedValue, ResponseHeader, RollbackRequest, RollbackResponse, Tenant,
     UpdateTenantRequest, UpdateTenantResponse, WatchConfigRequest, WatchConfigResponse,
 };
 use tonic::{Request, Response, Status};
 
-use crate::api::{Api, LayerInfo, NewTenant, PutLayer, TenantInfo};
+use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::hub::Selection;
@@ -78,6 +79,21 @@ fn layer_to_proto(info: LayerInfo) -> ConfigLayer {
         format: info.entry.format.name().to_owned(),
         mode: info.entry.mode.name().to_owned(),
         mod_revision: info.entry.mod_revision,
+    }
+}
+
+fn version_to_proto(tenant: &str, key: &str, v: LayerVersion) -> ConfigVersion {
+    ConfigVersion {
+        revision: v.revision,
+        layer: v.layer.map(|entry| {
+            layer_to_proto(LayerInfo {
+                tenant: tenant.to_owned(),
+                key: key.to_owned(),
+                entry,
+            })
+        }),
+        written_at_unix_ms: v.written_at_unix_ms,
+        restored_from: v.restored_from.unwrap_or(0),
     }
 }
 
@@ -257,6 +273,47 @@ impl ConfigService for GrpcApi {
             .await?;
         Ok(Response::new(DeleteLayerResponse {
             header: self.header(revision),
+        }))
+    }
+
+    async fn list_history(
+        &self,
+        request: Request<ListHistoryRequest>,
+    ) -> Result<Response<ListHistoryResponse>, Status> {
+        let r = request.into_inner();
+        let limit = (r.limit > 0).then_some(r.limit as usize);
+        let (versions, revision) = self
+            .api()?
+            .history(&r.project, &r.tenant, &r.key, limit)
+            .await?;
+        Ok(Response::new(ListHistoryResponse {
+            header: self.header(revision),
+            versions: versions
+                .into_iter()
+                .map(|v| version_to_proto(&r.tenant, &r.key, v))
+                .collect(),
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<RollbackResponse>, Status> {
+        let r = request.into_inner();
+        let (done, revision) = self
+            .api()?
+            .rollback(
+                &r.project,
+                &r.tenant,
+                &r.key,
+                r.revision,
+                expected(r.expected_revision),
+            )
+            .await?;
+        Ok(Response::new(RollbackResponse {
+            header: self.header(revision),
+            restored: Some(version_to_proto(&r.tenant, &r.key, done.restored)),
+            layer: done.layer.map(layer_to_proto),
         }))
     }
 

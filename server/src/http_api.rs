@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_proto::v1::ErrorReason;
 
-use crate::api::{Api, LayerInfo, NewTenant, PutLayer, TenantInfo};
+use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::server::DaemonState;
@@ -40,7 +40,10 @@ pub fn router(state: Arc<DaemonState>) -> Router {
         )
         .route(
             "/v1/projects/{project}/tenants/{tenant}/config/{*key}",
-            get(get_config).put(put_config).delete(delete_config),
+            get(get_config)
+                .put(put_config)
+                .post(rollback_config)
+                .delete(delete_config),
         )
         .with_state(HttpState(state))
 }
@@ -117,6 +120,29 @@ fn layer_json(info: &LayerInfo) -> Value {
         "mod_revision": info.entry.mod_revision,
         "size_bytes": info.entry.value.len(),
     })
+}
+
+/// A value for JSON: the text itself, or its size when it is binary.
+fn value_json(entry: &mut Value, format: Format, value: &[u8]) {
+    match std::str::from_utf8(value) {
+        Ok(text) if format != Format::Binary => entry["value"] = Value::String(text.to_owned()),
+        _ => entry["size_bytes"] = json!(value.len()),
+    }
+}
+
+fn version_json(v: &LayerVersion) -> Value {
+    let mut entry = json!({
+        "revision": v.revision,
+        "removed": v.layer.is_none(),
+        "written_at_unix_ms": v.written_at_unix_ms,
+        "restored_from": v.restored_from,
+    });
+    if let Some(layer) = &v.layer {
+        entry["format"] = json!(layer.format.name());
+        entry["mode"] = json!(layer.mode.name());
+        value_json(&mut entry, layer.format, &layer.value);
+    }
+    entry
 }
 
 fn content_type(format: Format) -> &'static str {
@@ -249,6 +275,21 @@ async fn get_config(
     Path((project, tenant, key)): Path<(String, String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
+    if flag(&params, "history")? {
+        let limit = params
+            .get("limit")
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| invalid(format!("limit={v:?} is not a whole number")))
+            })
+            .transpose()?
+            .filter(|l| *l > 0);
+        let (versions, revision) = s.api()?.history(&project, &tenant, &key, limit).await?;
+        let versions: Vec<Value> = versions.iter().map(version_json).collect();
+        return Ok(
+            Json(json!({"revision": revision, "key": key, "versions": versions})).into_response(),
+        );
+    }
     if flag(&params, "explain")? {
         let (explained, revision) = s.api()?.explain(&project, &tenant, &key)?;
         let fields: Vec<Value> = explained
@@ -314,6 +355,31 @@ async fn delete_config(
     Ok(Json(json!({"revision": revision})).into_response())
 }
 
+/// `POST …/config/{key}?rollback_to=REV`: restores the layer as it was at
+/// revision REV (the only POST on a config key, so the parameter is required).
+async fn rollback_config(
+    State(s): State<HttpState>,
+    Path((project, tenant, key)): Path<(String, String, String)>,
+    Query(params): Params,
+) -> Result<Response, ApiError> {
+    let to = params
+        .get("rollback_to")
+        .ok_or_else(|| invalid("POST on a config key needs ?rollback_to=<revision>"))?;
+    let to = to
+        .parse::<i64>()
+        .map_err(|_| invalid(format!("rollback_to={to:?} is not a whole number")))?;
+    let (done, revision) = s
+        .api()?
+        .rollback(&project, &tenant, &key, to, expected_revision(&params)?)
+        .await?;
+    Ok(Json(json!({
+        "revision": revision,
+        "restored": version_json(&done.restored),
+        "layer": done.layer.as_ref().map(layer_json),
+    }))
+    .into_response())
+}
+
 async fn list_config(
     State(s): State<HttpState>,
     Path((project, tenant)): Path<(String, String)>,
@@ -332,11 +398,7 @@ async fn list_config(
                 "origin": r.origin,
                 "mod_revision": r.mod_revision,
             });
-            match String::from_utf8(r.value) {
-                Ok(text) if r.format != Format::Binary => entry["value"] = Value::String(text),
-                Ok(text) => entry["size_bytes"] = json!(text.len()),
-                Err(e) => entry["size_bytes"] = json!(e.as_bytes().len()),
-            }
+            value_json(&mut entry, r.format, &r.value);
             entry
         })
         .collect();

@@ -45,6 +45,29 @@ pub struct LayerEntry {
     pub mod_revision: Revision,
 }
 
+/// The version numbers a layer's history holds in the store. Versions are
+/// written with increasing numbers and pruned oldest first, so the kept
+/// ones are always the contiguous span `first..=last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionSpan {
+    /// Oldest kept version.
+    pub first: u64,
+    /// Newest version.
+    pub last: u64,
+}
+
+impl VersionSpan {
+    /// How many versions are kept.
+    pub fn len(&self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    /// Whether no versions are kept (never true for a span the view holds).
+    pub fn is_empty(&self) -> bool {
+        self.last < self.first
+    }
+}
+
 /// One project's tenants and layers.
 #[derive(Debug, Default, Clone)]
 pub struct ProjectView {
@@ -52,6 +75,10 @@ pub struct ProjectView {
     pub tenants: BTreeMap<String, TenantEntry>,
     /// Layers by tenant, then key.
     pub layers: BTreeMap<String, BTreeMap<String, LayerEntry>>,
+    /// Which versions of each layer's history the store holds, by tenant,
+    /// then key. Only the numbers: the versions themselves are read from the
+    /// store when asked for, so history costs the view a few bytes per key.
+    pub history: BTreeMap<String, BTreeMap<String, VersionSpan>>,
 }
 
 impl ProjectView {
@@ -93,6 +120,45 @@ impl ProjectView {
             }
         }
         out
+    }
+
+    /// The versions kept of the history of `key` in `tenant`, if any.
+    pub fn versions(&self, tenant: &str, key: &str) -> Option<VersionSpan> {
+        self.history.get(tenant)?.get(key).copied()
+    }
+
+    fn note_version(&mut self, tenant: &str, key: &str, seq: u64, exists: bool) {
+        if exists {
+            self.history
+                .entry(tenant.to_owned())
+                .or_default()
+                .entry(key.to_owned())
+                .and_modify(|span| {
+                    span.first = span.first.min(seq);
+                    span.last = span.last.max(seq);
+                })
+                .or_insert(VersionSpan {
+                    first: seq,
+                    last: seq,
+                });
+            return;
+        }
+        let Some(keys) = self.history.get_mut(tenant) else {
+            return;
+        };
+        if let Some(span) = keys.get_mut(key) {
+            if seq == span.first {
+                span.first += 1;
+            } else if seq == span.last {
+                span.last -= 1;
+            }
+            if span.is_empty() {
+                keys.remove(key);
+            }
+        }
+        if keys.is_empty() {
+            self.history.remove(tenant);
+        }
     }
 
     /// The layer of `key` in `tenant`, if any.
@@ -294,6 +360,10 @@ impl ProjectView {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.tenants.is_empty() && self.layers.is_empty() && self.history.is_empty()
+    }
+
     fn image(&self, tenant: &str, key: Option<&str>) -> Option<Image> {
         match key {
             None => self.tenants.get(tenant).cloned().map(Image::Tenant),
@@ -327,6 +397,21 @@ impl ViewState {
                 tenant,
                 key,
             } => (project, tenant, Some(key)),
+            Parsed::Version {
+                project,
+                tenant,
+                key,
+                seq,
+            } => {
+                // History is bookkeeping, not part of anyone's resolved view:
+                // it never reaches the journal or subscribers.
+                let p = self.projects.entry(project.to_owned()).or_default();
+                p.note_version(tenant, key, seq, event.kind == EventKind::Put);
+                if p.is_empty() {
+                    self.projects.remove(project);
+                }
+                return None;
+            }
         };
         let after = match event.kind {
             EventKind::Delete => None,
@@ -341,7 +426,7 @@ impl ViewState {
         let p = self.projects.entry(project.to_owned()).or_default();
         let before = p.image(tenant, key);
         p.set(tenant, key, after.as_ref());
-        if p.tenants.is_empty() && p.layers.is_empty() {
+        if p.is_empty() {
             self.projects.remove(project);
         }
         Some(Change {

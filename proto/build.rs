@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "strata/v1/admin.proto",
     "strata/v1/tenant.proto",
     "strata/v1/config.proto",
+    "strata/v1/registry.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

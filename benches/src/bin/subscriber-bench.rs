@@ -1,0 +1,1172 @@
+#![allow(clippy::print_stdout)]
+//! `subscriber-bench`: one config key, many subscribers, against a real
+//! `stratad` and a real single-member etcd 3.4 in the same run.
+//!
+//! For every subscriber count N and each system (a fresh process each time,
+//! on free loopback ports, with a temporary data directory):
+//!
+//! 1. one key is created; the server's memory is read (*idle*);
+//! 2. C HTTP/2 connections are opened (C = max(`--min-connections`,
+//!    ⌈N / `--streams-per-connection`⌉)) and each makes one unary call, so
+//!    the connection's own buffers exist; memory is read (*connected*);
+//! 3. N subscriptions are opened round-robin over those connections — for
+//!    stratad `ConfigService.Watch` on the key, for etcd one `Watch` stream
+//!    per watcher on the same key — and the run waits until every subscriber
+//!    has its snapshot (stratad) or its `created` response (etcd), lets the
+//!    server settle, and reads memory again (*streams*);
+//! 4. `--changes` single puts of the key are made from a separate
+//!    connection, each after the previous one was acknowledged and a pause.
+//!    Every value carries its change number; every subscriber records when
+//!    it received which number. Delivery latency is measured from the start
+//!    of the put call, for every (subscriber, change) pair;
+//! 5. memory is read once more (*after pushes*), and the server is stopped.
+//!
+//! Memory per stream is (RSS with streams − RSS connected) / N; the figure
+//! that also charges the connections is (RSS with streams − RSS idle) / N.
+//! RSS is `VmRSS` of `/proc/PID/status`; the anonymous share comes from
+//! `/proc/PID/smaps_rollup`.
+//!
+//! The process exits non-zero if any subscriber misses, duplicates or cannot
+//! parse a change, or if any stream fails. Both servers are killed when the
+//! benchmark exits, also on errors. Run in release mode:
+//!
+//! ```text
+//! cargo build --release -p strata-server -p strata-benches
+//! target/release/subscriber-bench --help
+//! ```
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+use strata_benches::{BoxError, LatencySummary, MachineInfo, micros, nanos, new_histogram};
+use strata_proto::v1::admin_service_client::AdminServiceClient;
+use strata_proto::v1::config_service_client::ConfigServiceClient;
+use strata_proto::v1::tenant_service_client::TenantServiceClient;
+use strata_proto::v1::watch_config_response::Kind;
+use strata_proto::v1::{CreateTenantRequest, PutConfigRequest, StatusRequest, WatchConfigRequest};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// Project and tenant the stratad subscribers watch.
+const PROJECT: &str = "bench";
+const TENANT: &str = "integration";
+/// The watched config key (stratad).
+const KEY: &str = "svc/bench.txt";
+/// The watched key (etcd).
+const ETCD_KEY: &str = "/strata-bench/svc/bench.txt";
+/// Values start with this, followed by the change number.
+const SEQ_PREFIX: &[u8] = b"seq=";
+
+/// Which servers to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Systems {
+    /// stratad, then etcd, for each subscriber count.
+    Both,
+    /// Only stratad.
+    Stratad,
+    /// Only etcd.
+    Etcd,
+}
+
+/// One server under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum System {
+    Stratad,
+    Etcd,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Stratad => "stratad",
+            Self::Etcd => "etcd",
+        }
+    }
+}
+
+/// Fan-out of one config change to many subscribers: stratad against etcd.
+#[derive(Debug, Parser, Serialize)]
+#[command(version, about)]
+struct Args {
+    /// The `stratad` binary (default: `$STRATAD_BIN`, else the one next to
+    /// this binary, i.e. `target/release/stratad`).
+    #[arg(long)]
+    stratad: Option<PathBuf>,
+    /// The etcd 3.4 binary (Debian package `etcd-server`).
+    #[arg(long, default_value = "etcd")]
+    etcd: PathBuf,
+    /// Which servers to measure.
+    #[arg(long, value_enum, default_value_t = Systems::Both)]
+    systems: Systems,
+    /// Subscriber counts.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_000_usize, 10_000])]
+    subscribers: Vec<usize>,
+    /// Fewest HTTP/2 connections the subscribers are spread over.
+    #[arg(long, default_value_t = 10)]
+    min_connections: usize,
+    /// Most subscription streams per connection. stratad (hyper) allows 200
+    /// concurrent streams per connection and etcd 3.4 allows 2^32 - 1;
+    /// a stream beyond the server's limit would wait for a free slot.
+    #[arg(long, default_value_t = 100)]
+    streams_per_connection: usize,
+    /// Changes (puts) per measurement.
+    #[arg(long, default_value_t = 30)]
+    changes: usize,
+    /// Pause after each acknowledged put, ms.
+    #[arg(long, default_value_t = 200)]
+    interval_ms: u64,
+    /// Size of each value in bytes (at least 16).
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Pause before each memory reading, seconds.
+    #[arg(long, default_value_t = 3.0)]
+    settle_secs: f64,
+    /// Longest wait for every subscriber's snapshot, seconds.
+    #[arg(long, default_value_t = 120.0)]
+    setup_timeout_secs: f64,
+    /// Longest wait for the last deliveries after the last put, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    delivery_timeout_secs: f64,
+    /// Tokio worker threads of this load generator (default: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// Directory for the servers' temporary data dirs (default: the system
+    /// temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print the results as JSON on stdout (tables go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Memory of a process at one moment, KiB.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Memory {
+    /// `VmRSS` of `/proc/PID/status`.
+    rss_kib: u64,
+    /// `Anonymous` of `/proc/PID/smaps_rollup` (heap and stacks).
+    anon_kib: u64,
+}
+
+impl Memory {
+    fn read(pid: u32) -> Result<Self, BoxError> {
+        let field = |text: &str, name: &str| -> Option<u64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+        Ok(Self {
+            rss_kib: field(&status, "VmRSS:").ok_or("no VmRSS in /proc/PID/status")?,
+            anon_kib: field(&rollup, "Anonymous:").ok_or("no Anonymous in smaps_rollup")?,
+        })
+    }
+}
+
+/// Memory readings of the server during one measurement.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct MemoryResult {
+    /// Key created, no client connection but the setup one.
+    idle: Memory,
+    /// All connections open, no subscription yet.
+    connected: Memory,
+    /// Every subscriber has its snapshot.
+    streams: Memory,
+    /// After every change was delivered.
+    after_pushes: Memory,
+    /// (streams − connected) RSS per stream, KiB.
+    rss_kib_per_stream: f64,
+    /// Same, anonymous memory.
+    anon_kib_per_stream: f64,
+    /// (streams − idle) RSS per stream, KiB: connections charged too.
+    rss_kib_per_stream_with_connections: f64,
+    /// (after pushes − connected) RSS per stream, KiB: buffers the pushes
+    /// grew included.
+    rss_kib_per_stream_after_pushes: f64,
+}
+
+/// CPU time spent while the changes were pushed, seconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct CpuResult {
+    /// Wall-clock length of the window.
+    wall: f64,
+    /// The server process.
+    server: f64,
+    /// This load generator (its subscribers decode every push).
+    bench: f64,
+    /// Every other process and kernel work not charged to a process
+    /// (`/proc/stat` busy time minus the two above).
+    other: f64,
+}
+
+/// Result of one (system, subscriber count) measurement.
+#[derive(Debug, Serialize)]
+struct RunResult {
+    system: System,
+    subscribers: usize,
+    connections: usize,
+    changes: usize,
+    /// Seconds until every subscriber had its snapshot.
+    setup_seconds: f64,
+    expected_deliveries: u64,
+    deliveries: u64,
+    missing: u64,
+    duplicates: u64,
+    /// Messages that were neither a snapshot first nor a change with a
+    /// parsable value (resets, cancellations).
+    unexpected: u64,
+    /// Subscribers whose stream failed or ended.
+    stream_errors: u64,
+    first_error: Option<String>,
+    /// Put call started → subscriber received the change.
+    latency: LatencySummary,
+    /// Per change: first delivery → last delivery.
+    spread: LatencySummary,
+    /// Put call → acknowledgement.
+    put_ack: LatencySummary,
+    memory: MemoryResult,
+    cpu: CpuResult,
+}
+
+impl RunResult {
+    fn complete(&self) -> bool {
+        self.missing == 0
+            && self.duplicates == 0
+            && self.unexpected == 0
+            && self.stream_errors == 0
+            && self.deliveries == self.expected_deliveries
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: MachineInfo,
+    args: Args,
+    etcd_version: Option<String>,
+    /// Whether a `rustc` process was running when the run started or ended.
+    rustc_seen: bool,
+    runs: Vec<RunResult>,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    run().map_err(|e| e as Box<dyn std::error::Error>)
+}
+
+fn run() -> Result<(), BoxError> {
+    let args = Args::parse();
+    if args.value_size < 16 {
+        return Err("--value-size must be at least 16".into());
+    }
+    if args.streams_per_connection == 0 || args.changes == 0 {
+        return Err("--streams-per-connection and --changes must be positive".into());
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = args.worker_threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = builder.build()?;
+    let report = runtime.block_on(bench(args))?;
+    // Subscriber tasks that failed may still hold connections; do not wait.
+    runtime.shutdown_background();
+
+    let tables = render(&report);
+    if report.args.json {
+        eprint!("{tables}");
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{tables}");
+    }
+    let failed: Vec<String> = report
+        .runs
+        .iter()
+        .filter(|r| !r.complete())
+        .map(|r| {
+            format!(
+                "{} with {} subscribers: {} of {} deliveries, {} missing, {} duplicate, \
+                 {} unexpected, {} stream errors{}",
+                r.system.name(),
+                r.subscribers,
+                r.deliveries,
+                r.expected_deliveries,
+                r.missing,
+                r.duplicates,
+                r.unexpected,
+                r.stream_errors,
+                r.first_error
+                    .as_ref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        return Err(format!("DELIVERY INCOMPLETE: {}", failed.join("; ")).into());
+    }
+    Ok(())
+}
+
+fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
+    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
+}
+
+fn rustc_running() -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(Result::ok)
+        .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "rustc"))
+}
+
+async fn bench(args: Args) -> Result<Report, BoxError> {
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)?;
+    let machine = MachineInfo::probe(&parent);
+    let stratad = match &args.stratad {
+        Some(p) => p.clone(),
+        None => default_stratad()?,
+    };
+    let etcd_version = Command::new(&args.etcd)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned));
+    eprintln!(
+        "subscriber-bench: {} CPUs; stratad {}; {}",
+        machine.cpus,
+        stratad.display(),
+        etcd_version.as_deref().unwrap_or("etcd version unknown")
+    );
+    let mut rustc_seen = rustc_running();
+    if rustc_seen {
+        eprintln!("WARNING: rustc is running; figures will be disturbed");
+    }
+    let systems: &[System] = match args.systems {
+        Systems::Both => &[System::Stratad, System::Etcd],
+        Systems::Stratad => &[System::Stratad],
+        Systems::Etcd => &[System::Etcd],
+    };
+    let mut runs = Vec::new();
+    for &n in &args.subscribers {
+        for &system in systems {
+            let connections = args
+                .min_connections
+                .max(n.div_ceil(args.streams_per_connection))
+                .max(1);
+            eprintln!(
+                "{}: {n} subscribers over {connections} connections, {} changes ...",
+                system.name(),
+                args.changes
+            );
+            let server = match system {
+                System::Stratad => Server::start_stratad(&stratad, &parent).await?,
+                System::Etcd => Server::start_etcd(&args.etcd, &parent).await?,
+            };
+            let result = measure(&server, n, connections, &args).await;
+            let stopped = server.stop().await;
+            let r = result?;
+            stopped?;
+            eprintln!(
+                "  {} / {} deliveries, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, \
+                 {:.2} KiB/stream",
+                r.deliveries,
+                r.expected_deliveries,
+                r.latency.p50_ms,
+                r.latency.p99_ms,
+                r.latency.max_ms,
+                r.memory.rss_kib_per_stream
+            );
+            runs.push(r);
+        }
+    }
+    if rustc_running() {
+        rustc_seen = true;
+        eprintln!("WARNING: rustc was running at the end of the run");
+    }
+    Ok(Report {
+        machine,
+        args,
+        etcd_version,
+        rustc_seen,
+        runs,
+    })
+}
+
+/// `$STRATAD_BIN`, else `stratad` next to this executable.
+fn default_stratad() -> Result<PathBuf, BoxError> {
+    if let Some(p) = std::env::var_os("STRATAD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("stratad");
+    if !bin.exists() {
+        return Err(format!(
+            "stratad not found at {}: build it with `cargo build --release -p strata-server` \
+             or pass --stratad",
+            bin.display()
+        )
+        .into());
+    }
+    Ok(bin)
+}
+
+fn free_port() -> Result<u16, BoxError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A server child process with its temporary data directory. Dropping it
+/// kills the process, so error paths never leave a server behind.
+struct Server {
+    system: System,
+    child: Child,
+    /// Client address.
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Server {
+    async fn start_stratad(bin: &Path, parent: &Path) -> Result<Self, BoxError> {
+        let dir = tempfile::Builder::new()
+            .prefix("strata-subbench-")
+            .tempdir_in(parent)?;
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let log = dir.path().join("stratad.log");
+        let child = Command::new(bin)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--log-level")
+            .arg("warn")
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut server = Self {
+            system: System::Stratad,
+            child,
+            addr,
+            log,
+            _dir: dir,
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    async fn start_etcd(bin: &Path, parent: &Path) -> Result<Self, BoxError> {
+        let dir = tempfile::Builder::new()
+            .prefix("etcd-subbench-")
+            .tempdir_in(parent)?;
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let client = format!("http://{addr}");
+        let log = dir.path().join("etcd.log");
+        let child = Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("bench={peer}")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start {}: {e} (install Debian's etcd-server)",
+                    bin.display()
+                )
+            })?;
+        let mut server = Self {
+            system: System::Etcd,
+            child,
+            addr,
+            log,
+            _dir: dir,
+        };
+        server.wait_ready().await?;
+        Ok(server)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), BoxError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!(
+                    "{} exited during start-up ({status}):\n{}",
+                    self.system.name(),
+                    self.log_tail()
+                )
+                .into());
+            }
+            let ready = match self.system {
+                System::Stratad => readyz(self.addr).await,
+                System::Etcd => etcd_ready(&self.endpoint()).await,
+            };
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} not ready after 30 s:\n{}",
+                    self.system.name(),
+                    self.log_tail()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL when the process has not exited after 10 s.
+    async fn stop(mut self) -> Result<(), BoxError> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid())?);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                self.child.kill()?;
+                self.child.wait()?;
+                return Err(format!("{} ignored SIGTERM for 10 s", self.system.name()).into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `GET /readyz` answers 200.
+async fn readyz(addr: SocketAddr) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        Ok::<bool, std::io::Error>(answer.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Whether etcd answers a `Status` call (connecting alone is lazy).
+async fn etcd_ready(endpoint: &str) -> bool {
+    let attempt = async {
+        let mut client = etcd_client::Client::connect([endpoint], None).await?;
+        client.status().await?;
+        Ok::<(), etcd_client::Error>(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), attempt).await,
+        Ok(Ok(()))
+    )
+}
+
+/// One subscriber's view of the run.
+#[derive(Debug, Default)]
+struct Record {
+    /// Receive time per change number (index 0 unused), ns since the run's
+    /// origin; 0: not received.
+    received: Vec<u64>,
+    duplicates: u64,
+    unexpected: u64,
+    error: Option<String>,
+}
+
+impl Record {
+    fn new(changes: usize) -> Self {
+        Self {
+            received: vec![0; changes + 1],
+            ..Self::default()
+        }
+    }
+
+    /// Notes that change `value` names arrived at `at` ns.
+    fn note(&mut self, value: &[u8], at: u64, shared: &Shared) {
+        match parse_seq(value) {
+            Some(seq) if seq >= 1 && seq < self.received.len() => {
+                if self.received[seq] == 0 {
+                    self.received[seq] = at.max(1);
+                    shared.delivered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.duplicates += 1;
+                }
+            }
+            _ => self.unexpected += 1,
+        }
+    }
+}
+
+/// The change number of a value written by [`value_for`].
+fn parse_seq(value: &[u8]) -> Option<usize> {
+    let rest = value.strip_prefix(SEQ_PREFIX)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// A value of `size` bytes naming change `seq`.
+fn value_for(seq: usize, size: usize) -> Vec<u8> {
+    let mut v = format!("seq={seq:08} ").into_bytes();
+    v.resize(size.max(v.len()), b'x');
+    v
+}
+
+/// State every subscriber task shares with the driver.
+struct Shared {
+    origin: Instant,
+    /// Subscribers that have their snapshot / `created` response.
+    ready: AtomicUsize,
+    /// Distinct (subscriber, change) deliveries so far.
+    delivered: AtomicUsize,
+    stop: CancellationToken,
+    changes: usize,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        nanos(self.origin.elapsed())
+    }
+}
+
+async fn stratad_subscriber(
+    mut client: ConfigServiceClient<Channel>,
+    shared: Arc<Shared>,
+) -> Record {
+    let mut record = Record::new(shared.changes);
+    let request = WatchConfigRequest {
+        project: PROJECT.into(),
+        tenant: TENANT.into(),
+        keys: vec![KEY.into()],
+        ..Default::default()
+    };
+    let mut stream = match client.watch(request).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            record.error = Some(format!("watch: {e}"));
+            return record;
+        }
+    };
+    let mut snapshot = false;
+    loop {
+        let message = tokio::select! {
+            () = shared.stop.cancelled() => break,
+            m = stream.message() => m,
+        };
+        let at = shared.now();
+        match message {
+            Ok(Some(m)) if !snapshot => {
+                if m.kind == Kind::Snapshot as i32 {
+                    snapshot = true;
+                    shared.ready.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    record.unexpected += 1;
+                }
+            }
+            Ok(Some(m)) => {
+                if m.kind != Kind::Change as i32 || m.reset || m.changes.is_empty() {
+                    record.unexpected += 1;
+                    continue;
+                }
+                for change in &m.changes {
+                    match &change.value {
+                        Some(v) => record.note(&v.value, at, &shared),
+                        None => record.unexpected += 1,
+                    }
+                }
+            }
+            Ok(None) => {
+                record.error = Some("stream ended".into());
+                break;
+            }
+            Err(e) => {
+                record.error = Some(format!("stream failed: {e}"));
+                break;
+            }
+        }
+    }
+    record
+}
+
+async fn etcd_subscriber(mut client: etcd_client::WatchClient, shared: Arc<Shared>) -> Record {
+    let mut record = Record::new(shared.changes);
+    // The handle holds the request half of the stream; etcd ends the watch
+    // when the client closes that half, so it lives as long as the task.
+    let mut stream = match client.watch(ETCD_KEY, None).await {
+        Ok(s) => s,
+        Err(e) => {
+            record.error = Some(format!("watch: {e}"));
+            return record;
+        }
+    };
+    let mut created = false;
+    loop {
+        let message = tokio::select! {
+            () = shared.stop.cancelled() => break,
+            m = stream.message() => m,
+        };
+        let at = shared.now();
+        match message {
+            Ok(Some(m)) => {
+                if m.canceled() || m.compact_revision() != 0 {
+                    record.unexpected += 1;
+                    continue;
+                }
+                if m.created() && !created {
+                    created = true;
+                    shared.ready.fetch_add(1, Ordering::Relaxed);
+                }
+                for event in m.events() {
+                    match event.kv() {
+                        Some(kv) => record.note(kv.value(), at, &shared),
+                        None => record.unexpected += 1,
+                    }
+                }
+            }
+            Ok(None) => {
+                record.error = Some("stream ended".into());
+                break;
+            }
+            Err(e) => {
+                record.error = Some(format!("stream failed: {e}"));
+                break;
+            }
+        }
+    }
+    record
+}
+
+/// Cumulative CPU seconds: of process `pid` (utime + stime of
+/// `/proc/PID/stat`), and busy time of the whole machine (`/proc/stat`).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are
+    // fields 14 and 15 of the line, so 11 and 12 here.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux ABI the benchmark runs on.
+    Some(ticks as f64 / 100.0)
+}
+
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let (idle, iowait) = (*f.get(3)?, *f.get(4)?);
+    Some((f.iter().sum::<u64>() - idle - iowait) as f64 / 100.0)
+}
+
+#[derive(Clone, Copy)]
+struct CpuMark {
+    at: Instant,
+    server: f64,
+    bench: f64,
+    machine: f64,
+}
+
+impl CpuMark {
+    fn take(pid: u32) -> Self {
+        Self {
+            at: Instant::now(),
+            server: cpu_seconds(&pid.to_string()).unwrap_or(0.0),
+            bench: cpu_seconds("self").unwrap_or(0.0),
+            machine: machine_busy_seconds().unwrap_or(0.0),
+        }
+    }
+
+    fn since(self, start: Self) -> CpuResult {
+        let server = self.server - start.server;
+        let bench = self.bench - start.bench;
+        CpuResult {
+            wall: (self.at - start.at).as_secs_f64(),
+            server,
+            bench,
+            other: (self.machine - start.machine - server - bench).max(0.0),
+        }
+    }
+}
+
+/// What puts the changes and how, per system.
+enum Putter {
+    Stratad(ConfigServiceClient<Channel>),
+    Etcd(etcd_client::KvClient),
+}
+
+impl Putter {
+    async fn put(&mut self, value: Vec<u8>) -> Result<(), BoxError> {
+        match self {
+            Self::Stratad(c) => {
+                c.put_config(PutConfigRequest {
+                    project: PROJECT.into(),
+                    tenant: TENANT.into(),
+                    key: KEY.into(),
+                    value,
+                    format: "text".into(),
+                    ..Default::default()
+                })
+                .await?;
+            }
+            Self::Etcd(c) => {
+                c.put(ETCD_KEY, value, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn connect(endpoint: &str) -> Result<Channel, BoxError> {
+    Ok(Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await?)
+}
+
+async fn measure(
+    server: &Server,
+    n: usize,
+    connections: usize,
+    args: &Args,
+) -> Result<RunResult, BoxError> {
+    let settle = secs(args.settle_secs, "--settle-secs")?;
+    let pid = server.pid();
+    let endpoint = server.endpoint();
+
+    // The key exists before anyone subscribes, so every snapshot has it.
+    let mut putter = match server.system {
+        System::Stratad => {
+            let channel = connect(&endpoint).await?;
+            TenantServiceClient::new(channel.clone())
+                .create_tenant(CreateTenantRequest {
+                    project: PROJECT.into(),
+                    name: TENANT.into(),
+                    ..Default::default()
+                })
+                .await?;
+            Putter::Stratad(ConfigServiceClient::new(channel))
+        }
+        System::Etcd => Putter::Etcd(
+            etcd_client::Client::connect([endpoint.as_str()], None)
+                .await?
+                .kv_client(),
+        ),
+    };
+    putter.put(value_for(0, args.value_size)).await?;
+    tokio::time::sleep(settle).await;
+    let idle = Memory::read(pid)?;
+
+    // Connections first, each used once, so their buffers are not counted
+    // as the streams'.
+    enum Conn {
+        Stratad(ConfigServiceClient<Channel>),
+        Etcd(etcd_client::WatchClient),
+    }
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        match server.system {
+            System::Stratad => {
+                let channel = connect(&endpoint).await?;
+                AdminServiceClient::new(channel.clone())
+                    .status(StatusRequest::default())
+                    .await?;
+                conns.push(Conn::Stratad(ConfigServiceClient::new(channel)));
+            }
+            System::Etcd => {
+                let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await?;
+                client.get(ETCD_KEY, None).await?;
+                conns.push(Conn::Etcd(client.watch_client()));
+            }
+        }
+    }
+    tokio::time::sleep(settle).await;
+    let connected = Memory::read(pid)?;
+
+    let shared = Arc::new(Shared {
+        origin: Instant::now(),
+        ready: AtomicUsize::new(0),
+        delivered: AtomicUsize::new(0),
+        stop: CancellationToken::new(),
+        changes: args.changes,
+    });
+    // Stops the subscribers on every way out of this function.
+    let _stop_guard = shared.stop.clone().drop_guard();
+    let setup_started = Instant::now();
+    let mut tasks: Vec<JoinHandle<Record>> = Vec::with_capacity(n);
+    for i in 0..n {
+        let shared = Arc::clone(&shared);
+        tasks.push(match &conns[i % connections] {
+            Conn::Stratad(c) => tokio::spawn(stratad_subscriber(c.clone(), shared)),
+            Conn::Etcd(c) => tokio::spawn(etcd_subscriber(c.clone(), shared)),
+        });
+    }
+    let setup_deadline = setup_started + secs(args.setup_timeout_secs, "--setup-timeout-secs")?;
+    while shared.ready.load(Ordering::Relaxed) < n {
+        if Instant::now() > setup_deadline {
+            let failed = tasks.iter().filter(|t| t.is_finished()).count();
+            return Err(format!(
+                "{}: only {} of {n} subscribers got their snapshot within {} s ({failed} \
+                 streams failed); is --streams-per-connection above the server's limit of \
+                 concurrent streams per connection?",
+                server.system.name(),
+                shared.ready.load(Ordering::Relaxed),
+                args.setup_timeout_secs
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    tokio::time::sleep(settle).await;
+    let streams = Memory::read(pid)?;
+
+    let interval = Duration::from_millis(args.interval_ms);
+    let mut sent = vec![0_u64; args.changes + 1];
+    let mut put_ack = new_histogram()?;
+    let cpu_start = CpuMark::take(pid);
+    for (seq, slot) in sent.iter_mut().enumerate().skip(1) {
+        let value = value_for(seq, args.value_size);
+        let started = Instant::now();
+        *slot = shared.now().max(1);
+        putter.put(value).await?;
+        put_ack.saturating_record(micros(started.elapsed()));
+        tokio::time::sleep(interval).await;
+    }
+    let expected = n * args.changes;
+    let deadline = Instant::now() + secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?;
+    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu = CpuMark::take(pid).since(cpu_start);
+    // A grace period in which duplicates would show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shared.stop.cancel();
+    let mut records = Vec::with_capacity(n);
+    for t in tasks {
+        records.push(t.await?);
+    }
+    tokio::time::sleep(settle).await;
+    let after_pushes = Memory::read(pid)?;
+    drop(conns);
+
+    let mut latency = new_histogram()?;
+    let mut spread = new_histogram()?;
+    let (mut deliveries, mut missing, mut duplicates, mut unexpected, mut stream_errors) =
+        (0_u64, 0_u64, 0_u64, 0_u64, 0_u64);
+    let mut first_error = None;
+    let mut first = vec![u64::MAX; args.changes + 1];
+    let mut last = vec![0_u64; args.changes + 1];
+    for r in &records {
+        duplicates += r.duplicates;
+        unexpected += r.unexpected;
+        if let Some(e) = &r.error {
+            stream_errors += 1;
+            first_error.get_or_insert_with(|| e.clone());
+        }
+        for seq in 1..=args.changes {
+            let at = r.received[seq];
+            if at == 0 {
+                missing += 1;
+                continue;
+            }
+            deliveries += 1;
+            latency.saturating_record(at.saturating_sub(sent[seq]) / 1000);
+            first[seq] = first[seq].min(at);
+            last[seq] = last[seq].max(at);
+        }
+    }
+    for seq in 1..=args.changes {
+        if last[seq] > 0 {
+            spread.saturating_record(last[seq].saturating_sub(first[seq]) / 1000);
+        }
+    }
+    let per_stream = |after: u64, before: u64| (after as f64 - before as f64) / n as f64;
+    Ok(RunResult {
+        system: server.system,
+        subscribers: n,
+        connections,
+        changes: args.changes,
+        setup_seconds,
+        expected_deliveries: expected as u64,
+        deliveries,
+        missing,
+        duplicates,
+        unexpected,
+        stream_errors,
+        first_error,
+        latency: LatencySummary::from_micros(&latency),
+        spread: LatencySummary::from_micros(&spread),
+        put_ack: LatencySummary::from_micros(&put_ack),
+        memory: MemoryResult {
+            idle,
+            connected,
+            streams,
+            after_pushes,
+            rss_kib_per_stream: per_stream(streams.rss_kib, connected.rss_kib),
+            anon_kib_per_stream: per_stream(streams.anon_kib, connected.anon_kib),
+            rss_kib_per_stream_with_connections: per_stream(streams.rss_kib, idle.rss_kib),
+            rss_kib_per_stream_after_pushes: per_stream(after_pushes.rss_kib, connected.rss_kib),
+        },
+        cpu,
+    })
+}
+
+fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let m = &report.machine;
+    let a = &report.args;
+    let _ = writeln!(
+        out,
+        "subscriber-bench — one key, N subscribers: stratad and etcd"
+    );
+    let _ = writeln!(
+        out,
+        "machine: {} CPUs ({}); {}",
+        m.cpus,
+        m.cpu_model.as_deref().unwrap_or("unknown CPU"),
+        report
+            .etcd_version
+            .as_deref()
+            .unwrap_or("etcd version unknown")
+    );
+    let _ = writeln!(
+        out,
+        "{} changes, {} ms apart, {} B values; ≤ {} streams per connection, ≥ {} connections{}",
+        a.changes,
+        a.interval_ms,
+        a.value_size,
+        a.streams_per_connection,
+        a.min_connections,
+        if report.rustc_seen {
+            "; WARNING: rustc was running"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Delivery (put call → subscriber received; ms)\n\
+         system    subs conns | deliveries missing dup unexp err |    p50    p99  p99.9    max \
+         | spread p50 | put ack p50 |    ok"
+    );
+    for r in &report.runs {
+        let _ = writeln!(
+            out,
+            "{:<7} {:>6} {:>5} | {:>10} {:>7} {:>3} {:>5} {:>3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2} \
+             | {:>10.2} | {:>11.2} | {:>5}",
+            r.system.name(),
+            r.subscribers,
+            r.connections,
+            r.deliveries,
+            r.missing,
+            r.duplicates,
+            r.unexpected,
+            r.stream_errors,
+            r.latency.p50_ms,
+            r.latency.p99_ms,
+            r.latency.p999_ms,
+            r.latency.max_ms,
+            r.spread.p50_ms,
+            r.put_ack.p50_ms,
+            if r.complete() { "yes" } else { "NO" }
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Server memory (RSS MiB; per stream in KiB)\n\
+         system    subs |   idle  conns streams  after | KiB/stream anon/stream +conns \
+         after pushes"
+    );
+    let mib = |k: u64| k as f64 / 1024.0;
+    for r in &report.runs {
+        let mem = &r.memory;
+        let _ = writeln!(
+            out,
+            "{:<7} {:>6} | {:>6.1} {:>6.1} {:>7.1} {:>6.1} | {:>10.2} {:>11.2} {:>6.2} {:>12.2}",
+            r.system.name(),
+            r.subscribers,
+            mib(mem.idle.rss_kib),
+            mib(mem.connected.rss_kib),
+            mib(mem.streams.rss_kib),
+            mib(mem.after_pushes.rss_kib),
+            mem.rss_kib_per_stream,
+            mem.anon_kib_per_stream,
+            mem.rss_kib_per_stream_with_connections,
+            mem.rss_kib_per_stream_after_pushes,
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "CPU while the changes were pushed (CPU-seconds)\n\
+         system    subs |  wall server  bench  other | setup s"
+    );
+    for r in &report.runs {
+        let _ = writeln!(
+            out,
+            "{:<7} {:>6} | {:>5.1} {:>6.2} {:>6.2} {:>6.2} | {:>7.1}",
+            r.system.name(),
+            r.subscribers,
+            r.cpu.wall,
+            r.cpu.server,
+            r.cpu.bench,
+            r.cpu.other,
+            r.setup_seconds
+        );
+    }
+    out
+}

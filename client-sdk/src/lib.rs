@@ -11,6 +11,7 @@ use std::time::Duration;
 use prost::Message;
 use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::config_service_client::ConfigServiceClient;
+use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
 use strata_proto::v1::{ErrorDetail, ErrorReason};
 use tonic::transport::{Channel, Endpoint};
@@ -125,5 +126,10 @@ impl Client {
     /// `ConfigService` client.
     pub fn config(&self) -> ConfigServiceClient<Channel> {
         ConfigServiceClient::new(self.channel.clone())
+    }
+
+    /// `RegistryService` client.
+    pub fn registry(&self) -> RegistryServiceClient<Channel> {
+        RegistryServiceClient::new(self.channel.clone())
     }
 }

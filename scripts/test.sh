@@ -10,14 +10,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the build and tests need, as `command:debian-package`.
-# (None yet: our protos compile with protox; the etcd backend will add
-# etcd-server and protobuf-compiler here.)
-REQUIRED_TOOLS=()
+# System packages the build and tests need, as `check:debian-package`; the
+# check is a command name, or an absolute path to a file the package
+# installs. Our own protos compile with protox; etcd-client (used by
+# strata-benches' subscriber-bench) runs protoc at build time and needs the
+# well-known types, and subscriber-bench starts a real etcd 3.4.
+REQUIRED_TOOLS=(
+  etcd:etcd-server
+  protoc:protobuf-compiler
+  /usr/include/google/protobuf/timestamp.proto:libprotobuf-dev
+)
 
 missing=()
 for entry in "${REQUIRED_TOOLS[@]}"; do
-  command -v "${entry%%:*}" >/dev/null 2>&1 || missing+=("${entry#*:}")
+  check="${entry%%:*}"
+  if [[ "$check" == /* ]]; then
+    [ -e "$check" ] || missing+=("${entry#*:}")
+  else
+    command -v "$check" >/dev/null 2>&1 || missing+=("${entry#*:}")
+  fi
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "==> installing ${missing[*]}"

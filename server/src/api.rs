@@ -30,6 +30,8 @@ pub struct Limits {
     /// Versions of each layer's history kept (older ones are pruned as new
     /// ones are written).
     pub history_versions: u64,
+    /// Sizes of a service registration.
+    pub registration: crate::domain::registry::RegistrationLimits,
 }
 
 /// Most pruned versions deleted by one write: keeps each transaction small
@@ -43,6 +45,7 @@ impl Default for Limits {
             max_value_bytes: 1024 * 1024,
             max_labels: 64,
             history_versions: 50,
+            registration: crate::domain::registry::RegistrationLimits::default(),
         }
     }
 }
@@ -139,31 +142,31 @@ pub struct RolledBack {
 /// The operations, over a store and the view that follows it.
 #[derive(Debug, Clone)]
 pub struct Api {
-    store: Arc<dyn Store>,
-    view: Arc<View>,
-    limits: Limits,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) view: Arc<View>,
+    pub(crate) limits: Limits,
 }
 
 /// How many times a write is re-planned after losing a race.
 const MAX_ATTEMPTS: usize = 8;
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorReason::InvalidArgument, message)
 }
 
-fn not_found(message: impl Into<String>) -> ApiError {
+pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorReason::NotFound, message)
 }
 
-fn precondition(message: impl Into<String>) -> ApiError {
+pub(crate) fn precondition(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorReason::FailedPrecondition, message)
 }
 
-fn name_error(e: names::NameError) -> ApiError {
+pub(crate) fn name_error(e: names::NameError) -> ApiError {
     invalid(e.to_string())
 }
 
-fn project_view<'a>(state: &'a ViewState, project: &str) -> Option<&'a ProjectView> {
+pub(crate) fn project_view<'a>(state: &'a ViewState, project: &str) -> Option<&'a ProjectView> {
     state.projects.get(project)
 }
 
@@ -178,7 +181,7 @@ fn tenant_info(project: &str, view: &ProjectView, name: &str) -> Option<TenantIn
     })
 }
 
-fn tenant_missing(project: &str, tenant: &str) -> ApiError {
+pub(crate) fn tenant_missing(project: &str, tenant: &str) -> ApiError {
     not_found(format!(
         "tenant {tenant:?} not found in project {project:?}"
     ))
@@ -196,7 +199,7 @@ impl Api {
 
     /// Plans against the view, commits, waits for the view; re-plans when the
     /// transaction's compares fail.
-    async fn write<T>(
+    pub(crate) async fn write<T>(
         &self,
         mut plan: impl FnMut(&ViewState) -> Result<(Txn, T), ApiError>,
     ) -> Result<(T, Revision), ApiError> {
@@ -216,6 +219,28 @@ impl Api {
 
     /// Creates a tenant.
     pub async fn create_tenant(&self, req: NewTenant) -> Result<(TenantInfo, Revision), ApiError> {
+        let record = self.new_tenant_record(&req)?;
+        let ((), revision) = self
+            .write(|state| {
+                let project = project_view(state, &req.project);
+                if project.is_some_and(|p| p.tenants.contains_key(&req.name)) {
+                    return Err(ApiError::new(
+                        ErrorReason::AlreadyExists,
+                        format!(
+                            "tenant {:?} already exists in project {:?}",
+                            req.name, req.project
+                        ),
+                    ));
+                }
+                Ok((plan_new_tenant(project, &req, &record, Txn::new())?, ()))
+            })
+            .await?;
+        let info = self.tenant(&req.project, &req.name)?.0;
+        Ok((info, revision))
+    }
+
+    /// Validates a tenant creation and builds its record.
+    pub(crate) fn new_tenant_record(&self, req: &NewTenant) -> Result<TenantRecord, ApiError> {
         names::validate_project(&req.project).map_err(name_error)?;
         names::validate_tenant(&req.name).map_err(name_error)?;
         if !req.parent.is_empty() {
@@ -234,7 +259,7 @@ impl Api {
             )));
         }
         self.check_labels(&req.labels)?;
-        let record = TenantRecord {
+        Ok(TenantRecord {
             parent: req.parent.clone(),
             labels: req.labels.clone(),
             ttl_seconds: req.ttl_seconds,
@@ -245,53 +270,7 @@ impl Api {
             },
             strict: req.strict,
             protected: req.protected,
-        };
-        let key = keyspace::tenant_key(&req.project, &req.name);
-        let ((), revision) = self
-            .write(|state| {
-                let project = project_view(state, &req.project);
-                if project.is_some_and(|p| p.tenants.contains_key(&req.name)) {
-                    return Err(ApiError::new(
-                        ErrorReason::AlreadyExists,
-                        format!(
-                            "tenant {:?} already exists in project {:?}",
-                            req.name, req.project
-                        ),
-                    ));
-                }
-                let mut txn = Txn::new().when(Compare::missing(key.clone()));
-                if !req.parent.is_empty() {
-                    let parent = project
-                        .and_then(|p| p.tenants.get(&req.parent).map(|e| (p, e)))
-                        .ok_or_else(|| {
-                            not_found(format!(
-                                "parent tenant {:?} not found in project {:?}",
-                                req.parent, req.project
-                            ))
-                        })?;
-                    let depth = parent.0.chain(&req.parent).map_or(0, |c| c.len()) + 1;
-                    if depth > MAX_CHAIN {
-                        return Err(invalid(format!(
-                            "chain of {:?} would be {depth} tenants deep; the limit is {MAX_CHAIN}",
-                            req.name
-                        )));
-                    }
-                    // Re-writing the parent bumps its mod revision, so a
-                    // concurrent delete of the parent (which pins it) fails.
-                    let parent_key = keyspace::tenant_key(&req.project, &req.parent);
-                    txn = txn
-                        .when(Compare::mod_revision(
-                            parent_key.clone(),
-                            CompareOp::Equal,
-                            parent.1.mod_revision,
-                        ))
-                        .put(parent_key, parent.1.record.encode_to_vec());
-                }
-                Ok((txn.put(key.clone(), record.encode_to_vec()), ()))
-            })
-            .await?;
-        let info = self.tenant(&req.project, &req.name)?.0;
-        Ok((info, revision))
+        })
     }
 
     /// Reads a tenant.
@@ -406,9 +385,10 @@ impl Api {
                 layers += p.layers.get(tenant).map_or(0, |l| l.len() as i64);
                 txn = txn
                     .when(Compare::mod_revision(key.clone(), CompareOp::Equal, seen))
-                    .delete(KeyRange::Key(key))
-                    .delete(KeyRange::Prefix(keyspace::layers_prefix(project, tenant)))
-                    .delete(KeyRange::Prefix(keyspace::history_prefix(project, tenant)));
+                    .delete(KeyRange::Key(key));
+                for prefix in keyspace::tenant_prefixes(project, tenant) {
+                    txn = txn.delete(KeyRange::Prefix(prefix));
+                }
             }
             Ok((txn, layers))
         })
@@ -417,6 +397,23 @@ impl Api {
 
     /// Writes a tenant's layer of a key.
     pub async fn put_layer(&self, req: PutLayer) -> Result<(LayerInfo, Revision), ApiError> {
+        let record = self.layer_record(&req)?;
+        let revision = self
+            .commit_layer(
+                &req.project,
+                &req.tenant,
+                &req.key,
+                Some(record),
+                req.expected_revision,
+                None,
+            )
+            .await?;
+        let (info, _) = self.layer(&req.project, &req.tenant, &req.key)?;
+        Ok((info, revision))
+    }
+
+    /// Validates a layer write and builds its record.
+    pub(crate) fn layer_record(&self, req: &PutLayer) -> Result<LayerRecord, ApiError> {
         names::validate_project(&req.project).map_err(name_error)?;
         names::validate_tenant(&req.tenant).map_err(name_error)?;
         names::validate_key(&req.key).map_err(name_error)?;
@@ -455,19 +452,7 @@ impl Api {
                 invalid(format!("{e}{hint}"))
             })?;
         }
-        let record = LayerRecord::new(value, format, req.mode);
-        let revision = self
-            .commit_layer(
-                &req.project,
-                &req.tenant,
-                &req.key,
-                Some(record),
-                req.expected_revision,
-                None,
-            )
-            .await?;
-        let (info, _) = self.layer(&req.project, &req.tenant, &req.key)?;
-        Ok((info, revision))
+        Ok(LayerRecord::new(value, format, req.mode))
     }
 
     /// Writes (`Some`) or removes (`None`) a tenant's layer of a key and
@@ -483,16 +468,14 @@ impl Api {
         restored_from: Option<Revision>,
     ) -> Result<Revision, ApiError> {
         let tenant_key = keyspace::tenant_key(project, tenant);
-        let layer_key = keyspace::layer_key(project, tenant, key);
-        let encoded = record.as_ref().map(Message::encode_to_vec);
-        let keep = self.limits.history_versions.max(1);
+        let keep = self.limits.history_versions;
         let ((), revision) = self
             .write(|state| {
                 let p = project_view(state, project)
                     .filter(|p| p.tenants.contains_key(tenant))
                     .ok_or_else(|| tenant_missing(project, tenant))?;
                 let current = p.layer(tenant, key).map_or(0, |l| l.mod_revision);
-                if encoded.is_none() && current == 0 {
+                if record.is_none() && current == 0 {
                     return Err(not_found(format!(
                         "tenant {tenant:?} has no layer for key {key:?}"
                     )));
@@ -500,39 +483,17 @@ impl Api {
                 if let Some(expected) = expected_revision {
                     check_expected(expected, current, key)?;
                 }
-                let span = p.versions(tenant, key);
-                let seq = span.map_or(1, |s| s.last + 1);
-                let version = keyspace::VersionRecord {
-                    layer: record.clone(),
-                    written_at_unix_ms: unix_now_ms(),
-                    restored_from: restored_from.unwrap_or(0),
-                };
-                // The layer compare orders concurrent writers of the key; the
-                // version compare makes sure no one else took this number.
-                let version_key = keyspace::version_key(project, tenant, key, seq);
-                let mut txn = Txn::new()
-                    .when(Compare::exists(tenant_key.clone()))
-                    .when(Compare::mod_revision(
-                        layer_key.clone(),
-                        CompareOp::Equal,
-                        current,
-                    ))
-                    .when(Compare::missing(version_key.clone()))
-                    .put(version_key, version.encode_to_vec());
-                txn = match &encoded {
-                    Some(value) => txn.put(layer_key.clone(), value.clone()),
-                    None => txn.delete(KeyRange::Key(layer_key.clone())),
-                };
-                if let Some(span) = span {
-                    // After this write the newest kept version is `seq`.
-                    let oldest_kept = (seq + 1).saturating_sub(keep);
-                    let prune_end = oldest_kept.min(span.first + MAX_PRUNE_PER_WRITE);
-                    for old in span.first..prune_end {
-                        txn = txn.delete(KeyRange::Key(keyspace::version_key(
-                            project, tenant, key, old,
-                        )));
-                    }
-                }
+                let txn = Txn::new().when(Compare::exists(tenant_key.clone()));
+                let txn = plan_layer(
+                    Some(p),
+                    project,
+                    tenant,
+                    key,
+                    record.as_ref(),
+                    restored_from,
+                    keep,
+                    txn,
+                );
                 Ok((txn, ()))
             })
             .await?;
@@ -766,6 +727,100 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// Adds the creation of a tenant that does not exist yet to `txn`: the
+/// tenant must still be missing and its parent unchanged when it commits.
+pub(crate) fn plan_new_tenant(
+    project: Option<&ProjectView>,
+    req: &NewTenant,
+    record: &TenantRecord,
+    txn: Txn,
+) -> Result<Txn, ApiError> {
+    let key = keyspace::tenant_key(&req.project, &req.name);
+    let mut txn = txn.when(Compare::missing(key.clone()));
+    if !req.parent.is_empty() {
+        let parent = project
+            .and_then(|p| p.tenants.get(&req.parent).map(|e| (p, e)))
+            .ok_or_else(|| {
+                not_found(format!(
+                    "parent tenant {:?} not found in project {:?}",
+                    req.parent, req.project
+                ))
+            })?;
+        let depth = parent.0.chain(&req.parent).map_or(0, |c| c.len()) + 1;
+        if depth > MAX_CHAIN {
+            return Err(invalid(format!(
+                "chain of {:?} would be {depth} tenants deep; the limit is {MAX_CHAIN}",
+                req.name
+            )));
+        }
+        // Re-writing the parent bumps its mod revision, so a concurrent
+        // delete of the parent (which pins it) fails.
+        let parent_key = keyspace::tenant_key(&req.project, &req.parent);
+        txn = txn
+            .when(Compare::mod_revision(
+                parent_key.clone(),
+                CompareOp::Equal,
+                parent.1.mod_revision,
+            ))
+            .put(parent_key, parent.1.record.encode_to_vec());
+    }
+    Ok(txn.put(key, record.encode_to_vec()))
+}
+
+/// Adds a write (`Some`) or removal (`None`) of a tenant's layer of a key to
+/// `txn`, with the new version in the layer's history and the pruning of
+/// versions beyond `keep`. `p` is the project as planned against (`None`
+/// or a missing tenant: the layer has no history yet).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn plan_layer(
+    p: Option<&ProjectView>,
+    project: &str,
+    tenant: &str,
+    key: &str,
+    record: Option<&LayerRecord>,
+    restored_from: Option<Revision>,
+    keep: u64,
+    txn: Txn,
+) -> Txn {
+    let layer_key = keyspace::layer_key(project, tenant, key);
+    let current = p
+        .and_then(|p| p.layer(tenant, key))
+        .map_or(0, |l| l.mod_revision);
+    let span = p.and_then(|p| p.versions(tenant, key));
+    let seq = span.map_or(1, |s| s.last + 1);
+    let version = keyspace::VersionRecord {
+        layer: record.cloned(),
+        written_at_unix_ms: unix_now_ms(),
+        restored_from: restored_from.unwrap_or(0),
+    };
+    // The layer compare orders concurrent writers of the key; the version
+    // compare makes sure no one else took this number.
+    let version_key = keyspace::version_key(project, tenant, key, seq);
+    let mut txn = txn
+        .when(Compare::mod_revision(
+            layer_key.clone(),
+            CompareOp::Equal,
+            current,
+        ))
+        .when(Compare::missing(version_key.clone()))
+        .put(version_key, version.encode_to_vec());
+    txn = match record {
+        Some(record) => txn.put(layer_key, record.encode_to_vec()),
+        None => txn.delete(KeyRange::Key(layer_key)),
+    };
+    if let Some(span) = span {
+        // After this write the newest kept version is `seq`.
+        let oldest_kept = (seq + 1).saturating_sub(keep.max(1));
+        let prune_end = oldest_kept.min(span.first + MAX_PRUNE_PER_WRITE);
+        for old in span.first..prune_end {
+            txn = txn.delete(KeyRange::Key(keyspace::version_key(
+                project, tenant, key, old,
+            )));
+        }
+    }
+    txn
 }
 
 fn layer_entry(record: LayerRecord, revision: Revision) -> Result<LayerEntry, ApiError> {

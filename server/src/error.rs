@@ -40,6 +40,13 @@ impl ApiError {
         self
     }
 
+    /// The same error with `prefix` before its message (to say which part
+    /// of a composite request it is about).
+    pub fn prefixed(mut self, prefix: &str) -> Self {
+        self.message = format!("{prefix}{}", self.message);
+        self
+    }
+
     /// gRPC status code and HTTP status for this reason: the table.
     pub fn codes(&self) -> (Code, StatusCode) {
         match self.reason {

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::store::Revision;
-use crate::view::{JournalEntry, ProjectView, View, ViewState};
+use crate::view::{JournalEntry, Object, ProjectView, View, ViewState};
 
 /// Messages a group buffers for its slowest subscriber before that one is
 /// sent a reset snapshot instead.
@@ -249,12 +249,13 @@ impl Hub {
                 if !group.chain.contains(&change.tenant) {
                     continue;
                 }
-                match (&change.key, affected.as_mut()) {
-                    (Some(k), Some(set)) if key.selection.matches(k) => {
+                match (&change.object, affected.as_mut()) {
+                    (Object::Layer(k), Some(set)) if key.selection.matches(k) => {
                         set.insert(k.as_str());
                     }
-                    (Some(_), _) => {}
-                    (None, _) => affected = None,
+                    (Object::Tenant, _) => affected = None,
+                    // Other keys, and registry objects: not in this view.
+                    _ => {}
                 }
             }
             if affected.as_ref().is_some_and(BTreeSet::is_empty) {
@@ -416,7 +417,7 @@ impl Hub {
                 .rev()
                 .filter(|c| c.project == key.project)
             {
-                p.set(&c.tenant, c.key.as_deref(), c.before.as_ref());
+                p.set(&c.tenant, &c.object, c.before.as_ref());
             }
         }
         let mut last = resolve_selection(Some(&p), &key.tenant, &key.selection).unwrap_or_default();
@@ -424,7 +425,7 @@ impl Hub {
         for entry in entries {
             let mut touched = false;
             for c in entry.changes.iter().filter(|c| c.project == key.project) {
-                p.set(&c.tenant, c.key.as_deref(), c.after.as_ref());
+                p.set(&c.tenant, &c.object, c.after.as_ref());
                 touched = true;
             }
             if !touched {

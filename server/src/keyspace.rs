@@ -6,6 +6,8 @@
 //! | `t/{project}/{tenant}` | [`TenantRecord`] |
 //! | `c/{project}/{tenant}/{key}` | [`LayerRecord`] |
 //! | `h/{project}/{tenant}/{key}@{seq}` | [`VersionRecord`] |
+//! | `i/{project}/{tenant}/{service}/{id}` | [`InstanceRecord`] (ephemeral ones under a lease) |
+//! | `ih/{project}/{tenant}/{service}/{id}` | [`HealthRecord`] (probe verdict of a persistent instance) |
 //!
 //! Project and tenant names cannot contain `/` (they are DNS labels), so the
 //! first two segments after the type letter always parse unambiguously and
@@ -81,6 +83,96 @@ pub struct VersionRecord {
     pub restored_from: i64,
 }
 
+/// Stored form of a service endpoint.
+#[derive(Clone, PartialEq, Message)]
+pub struct EndpointRecord {
+    /// `host:port`.
+    #[prost(string, tag = "1")]
+    pub address: String,
+    /// `http`, `grpc`, `tcp` or `udp`.
+    #[prost(string, tag = "2")]
+    pub protocol: String,
+}
+
+/// Stored form of an active health check.
+#[derive(Clone, PartialEq, Message)]
+pub struct CheckRecord {
+    /// `tcp`, `http` or `grpc`.
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    /// HTTP path.
+    #[prost(string, tag = "2")]
+    pub http_path: String,
+    /// Expected HTTP status; 0 for any 2xx.
+    #[prost(uint32, tag = "3")]
+    pub http_status: u32,
+    /// gRPC health service name ("" for the whole server).
+    #[prost(string, tag = "4")]
+    pub grpc_service: String,
+    /// Name of the endpoint probed.
+    #[prost(string, tag = "5")]
+    pub endpoint: String,
+    /// Probe interval, milliseconds.
+    #[prost(uint32, tag = "6")]
+    pub interval_ms: u32,
+    /// Probe timeout, milliseconds.
+    #[prost(uint32, tag = "7")]
+    pub timeout_ms: u32,
+    /// Consecutive failures that make the instance unhealthy.
+    #[prost(uint32, tag = "8")]
+    pub failure_threshold: u32,
+    /// Consecutive successes that make it healthy again.
+    #[prost(uint32, tag = "9")]
+    pub success_threshold: u32,
+}
+
+/// Stored form of a service instance.
+#[derive(Clone, PartialEq, Message)]
+pub struct InstanceRecord {
+    /// Endpoints by name.
+    #[prost(btree_map = "string, message", tag = "1")]
+    pub endpoints: std::collections::BTreeMap<String, EndpointRecord>,
+    /// Free-form metadata.
+    #[prost(btree_map = "string, string", tag = "2")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Load-balancing weight.
+    #[prost(uint32, tag = "3")]
+    pub weight: u32,
+    /// Version of the software.
+    #[prost(string, tag = "4")]
+    pub version: String,
+    /// Persistent (probed, stays until deregistered) rather than ephemeral
+    /// (lease-bound).
+    #[prost(bool, tag = "5")]
+    pub persistent: bool,
+    /// Lease TTL an ephemeral instance was registered with.
+    #[prost(int64, tag = "6")]
+    pub ttl_seconds: i64,
+    /// Active check of a persistent instance.
+    #[prost(message, optional, tag = "7")]
+    pub check: Option<CheckRecord>,
+    /// Listed but not routable.
+    #[prost(bool, tag = "8")]
+    pub draining: bool,
+    /// Wall-clock time of the (last) registration, Unix milliseconds.
+    #[prost(int64, tag = "9")]
+    pub registered_at_unix_ms: i64,
+}
+
+/// Stored verdict of the active checks of a persistent instance.
+#[derive(Clone, PartialEq, Message)]
+pub struct HealthRecord {
+    /// Healthy (routable) or not.
+    #[prost(bool, tag = "1")]
+    pub healthy: bool,
+    /// Last probe failure, for operators.
+    #[prost(string, tag = "2")]
+    pub detail: String,
+    /// When the verdict last changed, Unix milliseconds.
+    #[prost(int64, tag = "3")]
+    pub since_unix_ms: i64,
+}
+
 /// Key of a tenant record.
 pub fn tenant_key(project: &str, tenant: &str) -> Vec<u8> {
     format!("t/{project}/{tenant}").into_bytes()
@@ -116,6 +208,37 @@ pub fn history_prefix(project: &str, tenant: &str) -> Vec<u8> {
     format!("h/{project}/{tenant}/").into_bytes()
 }
 
+/// Key of a service instance.
+pub fn instance_key(project: &str, tenant: &str, service: &str, id: &str) -> Vec<u8> {
+    format!("i/{project}/{tenant}/{service}/{id}").into_bytes()
+}
+
+/// Prefix of every instance in a tenant.
+pub fn instances_prefix(project: &str, tenant: &str) -> Vec<u8> {
+    format!("i/{project}/{tenant}/").into_bytes()
+}
+
+/// Key of the health verdict of a service instance.
+pub fn health_key(project: &str, tenant: &str, service: &str, id: &str) -> Vec<u8> {
+    format!("ih/{project}/{tenant}/{service}/{id}").into_bytes()
+}
+
+/// Prefix of every health verdict in a tenant.
+pub fn healths_prefix(project: &str, tenant: &str) -> Vec<u8> {
+    format!("ih/{project}/{tenant}/").into_bytes()
+}
+
+/// Every prefix holding objects of a tenant (its own key aside): what
+/// deleting the tenant deletes.
+pub fn tenant_prefixes(project: &str, tenant: &str) -> [Vec<u8>; 4] {
+    [
+        layers_prefix(project, tenant),
+        history_prefix(project, tenant),
+        instances_prefix(project, tenant),
+        healths_prefix(project, tenant),
+    ]
+}
+
 /// A store key, understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Parsed<'a> {
@@ -146,6 +269,28 @@ pub enum Parsed<'a> {
         /// Version number within the layer's history.
         seq: u64,
     },
+    /// `i/{project}/{tenant}/{service}/{id}`
+    Instance {
+        /// Project.
+        project: &'a str,
+        /// Tenant.
+        tenant: &'a str,
+        /// Service.
+        service: &'a str,
+        /// Instance id.
+        id: &'a str,
+    },
+    /// `ih/{project}/{tenant}/{service}/{id}`
+    Health {
+        /// Project.
+        project: &'a str,
+        /// Tenant.
+        tenant: &'a str,
+        /// Service.
+        service: &'a str,
+        /// Instance id.
+        id: &'a str,
+    },
 }
 
 /// Parses a store key; `None` for keys that are not Strata domain keys.
@@ -175,6 +320,29 @@ pub fn parse(key: &[u8]) -> Option<Parsed<'_>> {
                 tenant,
                 key,
                 seq: seq.parse().ok()?,
+            })
+        }
+        "i" | "ih" => {
+            let mut parts = rest.splitn(4, '/');
+            let (project, tenant, service, id) =
+                (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+            if id.is_empty() || id.contains('/') {
+                return None;
+            }
+            Some(if kind == "i" {
+                Parsed::Instance {
+                    project,
+                    tenant,
+                    service,
+                    id,
+                }
+            } else {
+                Parsed::Health {
+                    project,
+                    tenant,
+                    service,
+                    id,
+                }
             })
         }
         _ => None,
@@ -216,6 +384,29 @@ mod tests {
         assert!(version_key("p", "t", "k", 1).starts_with(&versions_prefix("p", "t", "k")));
         assert!(!version_key("p", "t", "k.x", 1).starts_with(&versions_prefix("p", "t", "k")));
         assert!(version_key("p", "t", "k", 1).starts_with(&history_prefix("p", "t")));
+        assert_eq!(
+            parse(&instance_key("vega", "feat-1", "matchmaker", "mm-1")),
+            Some(Parsed::Instance {
+                project: "vega",
+                tenant: "feat-1",
+                service: "matchmaker",
+                id: "mm-1"
+            })
+        );
+        assert_eq!(
+            parse(&health_key("vega", "feat-1", "matchmaker", "mm-1")),
+            Some(Parsed::Health {
+                project: "vega",
+                tenant: "feat-1",
+                service: "matchmaker",
+                id: "mm-1"
+            })
+        );
+        for prefix in tenant_prefixes("vega", "feat-1") {
+            assert!(!prefix.is_empty());
+        }
+        assert!(instance_key("p", "t", "s", "i").starts_with(&instances_prefix("p", "t")));
+        assert!(health_key("p", "t", "s", "i").starts_with(&healths_prefix("p", "t")));
         assert_eq!(parse(b"x/whatever"), None);
         assert!(layer_key("p", "t", "k").starts_with(&layers_prefix("p", "t")));
     }

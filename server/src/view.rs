@@ -14,9 +14,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::document::{Format, Mode};
+use crate::domain::registry;
 use crate::domain::resolve::{self, Layer, ResolveError, Resolved};
-use crate::keyspace::{self, LayerRecord, Parsed, TenantRecord};
-use crate::store::{Event, EventKind, KeyRange, Revision, Store, StoreError, WatchBatch};
+use crate::keyspace::{self, HealthRecord, InstanceRecord, LayerRecord, Parsed, TenantRecord};
+use crate::store::{Event, EventKind, KeyRange, LeaseId, Revision, Store, StoreError, WatchBatch};
 
 /// Longest tenant chain (the tenant and its ancestors).
 pub const MAX_CHAIN: usize = 8;
@@ -44,6 +45,31 @@ pub struct LayerEntry {
     /// Revision of the last change.
     pub mod_revision: Revision,
 }
+
+/// A registered service instance as the view holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceEntry {
+    /// Stored record.
+    pub record: Arc<InstanceRecord>,
+    /// Lease of an ephemeral instance (0 for persistent ones).
+    pub lease: LeaseId,
+    /// Revision of the first registration.
+    pub create_revision: Revision,
+    /// Revision of the last change.
+    pub mod_revision: Revision,
+}
+
+/// The probe verdict on a persistent instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthEntry {
+    /// Stored verdict.
+    pub record: HealthRecord,
+    /// Revision of the last change.
+    pub mod_revision: Revision,
+}
+
+/// Instances (or verdicts) of a tenant by service, then instance id.
+pub type ByService<T> = BTreeMap<String, BTreeMap<String, T>>;
 
 /// The version numbers a layer's history holds in the store. Versions are
 /// written with increasing numbers and pruned oldest first, so the kept
@@ -79,6 +105,11 @@ pub struct ProjectView {
     /// then key. Only the numbers: the versions themselves are read from the
     /// store when asked for, so history costs the view a few bytes per key.
     pub history: BTreeMap<String, BTreeMap<String, VersionSpan>>,
+    /// Service instances by tenant.
+    pub instances: BTreeMap<String, ByService<InstanceEntry>>,
+    /// Probe verdicts by tenant (only persistent instances with a check
+    /// have one).
+    pub health: BTreeMap<String, ByService<HealthEntry>>,
 }
 
 impl ProjectView {
@@ -161,6 +192,62 @@ impl ProjectView {
         }
     }
 
+    /// An instance of `service` in `tenant`, if registered.
+    pub fn instance(&self, tenant: &str, service: &str, id: &str) -> Option<&InstanceEntry> {
+        self.instances.get(tenant)?.get(service)?.get(id)
+    }
+
+    /// The probe verdict on an instance, if it has one.
+    pub fn health_of(&self, tenant: &str, service: &str, id: &str) -> Option<&HealthEntry> {
+        self.health.get(tenant)?.get(service)?.get(id)
+    }
+
+    /// Whether an instance may receive traffic (see
+    /// [`crate::domain::registry::routable`]).
+    pub fn routable(&self, tenant: &str, service: &str, id: &str, entry: &InstanceEntry) -> bool {
+        let verdict = self.health_of(tenant, service, id).map(|h| &h.record);
+        registry::routable(&entry.record, verdict)
+    }
+
+    /// `resolve_service(T, S)`: the first tenant of `chain` with a routable
+    /// instance of `service`, and those instances by id. The walk stops at
+    /// the first strict tenant (a strict tenant never resolves a service
+    /// outside itself, whoever asks). `None`: nothing routable.
+    pub fn resolve_service<'a>(
+        &'a self,
+        chain: &[&'a str],
+        service: &str,
+    ) -> Option<(&'a str, Vec<(&'a str, &'a InstanceEntry)>)> {
+        for tenant in chain {
+            let routable: Vec<(&str, &InstanceEntry)> = self
+                .instances
+                .get(*tenant)
+                .and_then(|s| s.get(service))
+                .into_iter()
+                .flatten()
+                .filter(|(id, e)| self.routable(tenant, service, id, e))
+                .map(|(id, e)| (id.as_str(), e))
+                .collect();
+            if !routable.is_empty() {
+                return Some((tenant, routable));
+            }
+            if self.tenants.get(*tenant).is_some_and(|t| t.record.strict) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Every service with an instance (routable or not) in some tenant of
+    /// `chain`, by name.
+    pub fn services_in_chain(&self, chain: &[&str]) -> std::collections::BTreeSet<String> {
+        chain
+            .iter()
+            .filter_map(|t| self.instances.get(*t))
+            .flat_map(|services| services.keys().cloned())
+            .collect()
+    }
+
     /// The layer of `key` in `tenant`, if any.
     pub fn layer(&self, tenant: &str, key: &str) -> Option<&LayerEntry> {
         self.layers.get(tenant)?.get(key)
@@ -226,6 +313,43 @@ pub enum Image {
     Tenant(TenantEntry),
     /// A config layer.
     Layer(LayerEntry),
+    /// A service instance.
+    Instance(InstanceEntry),
+    /// A probe verdict.
+    Health(HealthEntry),
+}
+
+/// Which object of a tenant changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    /// The tenant itself.
+    Tenant,
+    /// Its layer of a config key.
+    Layer(String),
+    /// An instance of a service.
+    Instance {
+        /// Service.
+        service: String,
+        /// Instance id.
+        id: String,
+    },
+    /// The probe verdict on an instance of a service.
+    Health {
+        /// Service.
+        service: String,
+        /// Instance id.
+        id: String,
+    },
+}
+
+impl Object {
+    /// The service, for instance and health objects.
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Object::Instance { service, .. } | Object::Health { service, .. } => Some(service),
+            Object::Tenant | Object::Layer(_) => None,
+        }
+    }
 }
 
 /// One object changed at one revision, with its images before and after.
@@ -235,8 +359,8 @@ pub struct Change {
     pub project: String,
     /// Tenant (for tenant objects: the tenant itself).
     pub tenant: String,
-    /// Config key; `None` for a tenant object.
-    pub key: Option<String>,
+    /// The object of the tenant that changed.
+    pub object: Object,
     /// The object before the revision (`None`: it did not exist).
     pub before: Option<Image>,
     /// The object after the revision (`None`: it was deleted).
@@ -256,7 +380,8 @@ impl JournalEntry {
     fn approx_bytes(&self) -> usize {
         let image = |i: &Option<Image>| match i {
             Some(Image::Layer(l)) => l.value.len() + 64,
-            Some(Image::Tenant(_)) => 128,
+            Some(Image::Tenant(_) | Image::Health(_)) => 128,
+            Some(Image::Instance(i)) => 256 + i.record.metadata.len() * 64,
             None => 0,
         };
         self.changes
@@ -280,6 +405,38 @@ impl Default for JournalLimits {
         Self {
             max_revisions: 100_000,
             max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+fn set_nested<T>(
+    map: &mut BTreeMap<String, ByService<T>>,
+    tenant: &str,
+    service: &str,
+    id: &str,
+    entry: Option<T>,
+) {
+    match entry {
+        Some(entry) => {
+            map.entry(tenant.to_owned())
+                .or_default()
+                .entry(service.to_owned())
+                .or_default()
+                .insert(id.to_owned(), entry);
+        }
+        None => {
+            let Some(services) = map.get_mut(tenant) else {
+                return;
+            };
+            if let Some(ids) = services.get_mut(service) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    services.remove(service);
+                }
+            }
+            if services.is_empty() {
+                map.remove(tenant);
+            }
         }
     }
 }
@@ -335,21 +492,21 @@ pub struct ViewState {
 
 impl ProjectView {
     /// Puts an object into the state as `image` describes (`None`: absent).
-    pub fn set(&mut self, tenant: &str, key: Option<&str>, image: Option<&Image>) {
-        match (key, image) {
-            (None, Some(Image::Tenant(entry))) => {
+    pub fn set(&mut self, tenant: &str, object: &Object, image: Option<&Image>) {
+        match (object, image) {
+            (Object::Tenant, Some(Image::Tenant(entry))) => {
                 self.tenants.insert(tenant.to_owned(), entry.clone());
             }
-            (None, _) => {
+            (Object::Tenant, _) => {
                 self.tenants.remove(tenant);
             }
-            (Some(key), Some(Image::Layer(entry))) => {
+            (Object::Layer(key), Some(Image::Layer(entry))) => {
                 self.layers
                     .entry(tenant.to_owned())
                     .or_default()
-                    .insert(key.to_owned(), entry.clone());
+                    .insert(key.clone(), entry.clone());
             }
-            (Some(key), _) => {
+            (Object::Layer(key), _) => {
                 if let Some(layers) = self.layers.get_mut(tenant) {
                     layers.remove(key);
                     if layers.is_empty() {
@@ -357,17 +514,46 @@ impl ProjectView {
                     }
                 }
             }
+            (Object::Instance { service, id }, image) => {
+                let entry = match image {
+                    Some(Image::Instance(e)) => Some(e.clone()),
+                    _ => None,
+                };
+                set_nested(&mut self.instances, tenant, service, id, entry);
+            }
+            (Object::Health { service, id }, image) => {
+                let entry = match image {
+                    Some(Image::Health(e)) => Some(e.clone()),
+                    _ => None,
+                };
+                set_nested(&mut self.health, tenant, service, id, entry);
+            }
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.tenants.is_empty() && self.layers.is_empty() && self.history.is_empty()
+        self.tenants.is_empty()
+            && self.layers.is_empty()
+            && self.history.is_empty()
+            && self.instances.is_empty()
+            && self.health.is_empty()
     }
 
-    fn image(&self, tenant: &str, key: Option<&str>) -> Option<Image> {
-        match key {
-            None => self.tenants.get(tenant).cloned().map(Image::Tenant),
-            Some(key) => self.layer(tenant, key).cloned().map(Image::Layer),
+    fn image(&self, tenant: &str, object: &Object) -> Option<Image> {
+        match object {
+            Object::Tenant => self.tenants.get(tenant).cloned().map(Image::Tenant),
+            Object::Layer(key) => self.layer(tenant, key).cloned().map(Image::Layer),
+            Object::Instance { service, id } => self
+                .instance(tenant, service, id)
+                .cloned()
+                .map(Image::Instance),
+            Object::Health { service, id } => self
+                .health
+                .get(tenant)
+                .and_then(|s| s.get(service))
+                .and_then(|i| i.get(id))
+                .cloned()
+                .map(Image::Health),
         }
     }
 }
@@ -390,13 +576,39 @@ impl ViewState {
     /// not domain keys and records that do not decode are skipped with a
     /// warning (they cannot come from this daemon).
     pub fn apply(&mut self, event: &Event) -> Option<Change> {
-        let (project, tenant, key) = match keyspace::parse(&event.kv.key)? {
-            Parsed::Tenant { project, tenant } => (project, tenant, None),
+        let (project, tenant, object) = match keyspace::parse(&event.kv.key)? {
+            Parsed::Tenant { project, tenant } => (project, tenant, Object::Tenant),
             Parsed::Layer {
                 project,
                 tenant,
                 key,
-            } => (project, tenant, Some(key)),
+            } => (project, tenant, Object::Layer(key.to_owned())),
+            Parsed::Instance {
+                project,
+                tenant,
+                service,
+                id,
+            } => (
+                project,
+                tenant,
+                Object::Instance {
+                    service: service.to_owned(),
+                    id: id.to_owned(),
+                },
+            ),
+            Parsed::Health {
+                project,
+                tenant,
+                service,
+                id,
+            } => (
+                project,
+                tenant,
+                Object::Health {
+                    service: service.to_owned(),
+                    id: id.to_owned(),
+                },
+            ),
             Parsed::Version {
                 project,
                 tenant,
@@ -415,24 +627,24 @@ impl ViewState {
         };
         let after = match event.kind {
             EventKind::Delete => None,
-            EventKind::Put => match decode_image(key.is_some(), &event.kv) {
+            EventKind::Put => match decode_image(&object, &event.kv) {
                 Ok(image) => Some(image),
                 Err(e) => {
-                    tracing::warn!(project, tenant, key, error = %e, "undecodable record skipped");
+                    tracing::warn!(project, tenant, ?object, error = %e, "undecodable record skipped");
                     return None;
                 }
             },
         };
         let p = self.projects.entry(project.to_owned()).or_default();
-        let before = p.image(tenant, key);
-        p.set(tenant, key, after.as_ref());
+        let before = p.image(tenant, &object);
+        p.set(tenant, &object, after.as_ref());
         if p.is_empty() {
             self.projects.remove(project);
         }
         Some(Change {
             project: project.to_owned(),
             tenant: tenant.to_owned(),
-            key: key.map(str::to_owned),
+            object,
             before,
             after,
         })
@@ -449,25 +661,36 @@ impl ViewState {
     }
 }
 
-fn decode_image(is_layer: bool, kv: &crate::store::KeyValue) -> Result<Image, String> {
-    if is_layer {
-        let r = LayerRecord::decode(kv.value.as_slice()).map_err(|e| e.to_string())?;
-        let format = r.format.parse::<Format>().map_err(|e| e.to_string())?;
-        let mode = r.mode.parse::<Mode>().map_err(|e| e.to_string())?;
-        Ok(Image::Layer(LayerEntry {
-            value: r.value.into(),
-            format,
-            mode,
-            mod_revision: kv.mod_revision,
-        }))
-    } else {
-        let record = TenantRecord::decode(kv.value.as_slice()).map_err(|e| e.to_string())?;
-        Ok(Image::Tenant(TenantEntry {
-            record,
+fn decode_image(object: &Object, kv: &crate::store::KeyValue) -> Result<Image, String> {
+    let value = kv.value.as_slice();
+    Ok(match object {
+        Object::Layer(_) => {
+            let r = LayerRecord::decode(value).map_err(|e| e.to_string())?;
+            let format = r.format.parse::<Format>().map_err(|e| e.to_string())?;
+            let mode = r.mode.parse::<Mode>().map_err(|e| e.to_string())?;
+            Image::Layer(LayerEntry {
+                value: r.value.into(),
+                format,
+                mode,
+                mod_revision: kv.mod_revision,
+            })
+        }
+        Object::Tenant => Image::Tenant(TenantEntry {
+            record: TenantRecord::decode(value).map_err(|e| e.to_string())?,
             create_revision: kv.create_revision,
             mod_revision: kv.mod_revision,
-        }))
-    }
+        }),
+        Object::Instance { .. } => Image::Instance(InstanceEntry {
+            record: Arc::new(InstanceRecord::decode(value).map_err(|e| e.to_string())?),
+            lease: kv.lease,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+        }),
+        Object::Health { .. } => Image::Health(HealthEntry {
+            record: HealthRecord::decode(value).map_err(|e| e.to_string())?,
+            mod_revision: kv.mod_revision,
+        }),
+    })
 }
 
 /// Called after every applied revision, with the state already updated
@@ -638,7 +861,7 @@ impl View {
                 .map(|(project, tenant)| Change {
                     project,
                     tenant,
-                    key: None,
+                    object: Object::Tenant,
                     before: None,
                     after: None,
                 })

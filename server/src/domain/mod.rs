@@ -5,4 +5,5 @@
 
 pub mod document;
 pub mod names;
+pub mod registry;
 pub mod resolve;

@@ -58,6 +58,40 @@ pub fn validate_tenant(name: &str) -> Result<(), NameError> {
     dns_label("tenant name", name)
 }
 
+/// Checks a service name (a DNS label: it becomes a host name for the
+/// sidecar, `svc.strata`).
+pub fn validate_service(name: &str) -> Result<(), NameError> {
+    dns_label("service name", name)
+}
+
+/// Longest instance id or endpoint name.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Checks an instance id or an endpoint name: 1–128 characters of
+/// `A-Z a-z 0-9 . _ -`.
+pub fn validate_id(what: &'static str, value: &str) -> Result<(), NameError> {
+    let err = |reason: String| NameError {
+        what,
+        value: value.to_owned(),
+        reason,
+    };
+    if value.is_empty() {
+        return Err(err("must not be empty".into()));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(err(format!("longer than {MAX_ID_LEN} characters")));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(err(format!(
+            "character {c:?} not allowed (use A-Z, a-z, 0-9, '.', '_' and '-')"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a configuration key: non-empty `/`-separated segments of
 /// `A-Z a-z 0-9 . _ -`, no `.`/`..` segments, at most [`MAX_KEY_LEN`] bytes.
 pub fn validate_key(key: &str) -> Result<(), NameError> {

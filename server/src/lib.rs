@@ -18,6 +18,7 @@ pub mod http_api;
 pub mod hub;
 pub mod jobs;
 pub mod keyspace;
+pub mod probe;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -3,13 +3,16 @@
 //! server.
 //!
 //! Exit codes: 0 success, 1 an error from the server (its message is
-//! printed) or no reachable daemon, 2 a usage error.
+//! printed), no reachable daemon, or a declined confirmation, 2 a usage
+//! error.
 
 #![allow(clippy::print_stdout)] // printing results is this binary's job
 
 mod output;
+mod service;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,10 +22,12 @@ use serde_json::json;
 use strata_client::Code as tonic_code;
 use strata_client::proto::{
     CreateTenantRequest, DeleteLayerRequest, DeleteTenantRequest, ExplainRequest, FallbackPolicy,
-    GetLayerRequest, GetTenantRequest, ListHistoryRequest, ListTenantsRequest, PutConfigRequest,
-    ResolveRequest, ResolvedValue, RollbackRequest, StatusRequest, WatchConfigRequest,
+    GetLayerRequest, GetTenantRequest, ListHistoryRequest, ListInstancesRequest,
+    ListServicesRequest, ListTenantsRequest, PutConfigRequest, ResolveRequest, ResolvedValue,
+    RollbackRequest, StatusRequest, Tenant, WatchConfigRequest, WatchConfigResponse,
 };
-use strata_client::{Client, Error};
+use strata_client::{Client, Error, Status};
+use tonic::Streaming;
 
 use crate::output::{Output, Table};
 
@@ -31,7 +36,7 @@ use crate::output::{Output, Table};
 #[command(
     name = "strata",
     version,
-    about = "Strata admin CLI: tenants, layered config, status"
+    about = "Strata admin CLI: tenants, layered config, service registry, status"
 )]
 struct Cli {
     /// Daemon endpoints, comma-separated; the first reachable one is used.
@@ -66,6 +71,9 @@ enum Command {
     /// Write, resolve and inspect configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Register, resolve and follow service instances.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
     /// Follow a tenant's resolved configuration: a snapshot, then every
     /// change. Reconnects and resumes from the last revision seen.
     Watch {
@@ -112,13 +120,17 @@ enum TenantCommand {
     },
     /// List the project's tenants as a tree.
     List,
-    /// Delete a tenant and its config.
+    /// Delete a tenant with its config and service instances. Shows what
+    /// will be removed and asks first; without a terminal, --yes is required.
     Delete {
         /// Tenant name.
         name: String,
         /// Delete even when protected, together with all its descendants.
         #[arg(long)]
         force: bool,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
     },
 }
 
@@ -234,24 +246,80 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("label {s:?} is not key=value"))
 }
 
+/// Why a command failed; decides the exit code.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The server refused, no daemon was reachable, or the user declined:
+    /// exit 1.
+    Server(String),
+    /// The command line cannot work as given: exit 2, like clap's own errors.
+    Usage(String),
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure::Server(message)
+    }
+}
+
+/// What every command needs besides its own arguments.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) timeout: Duration,
+    pub(crate) project: String,
+    pub(crate) out: Output,
+}
+
+impl Ctx {
+    /// Connects to the first reachable daemon.
+    pub(crate) async fn connect(&self) -> Result<Client, Failure> {
+        Client::connect(&self.endpoints, self.timeout)
+            .await
+            .map_err(|e| Failure::Server(e.to_string()))
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::Server(message)) => {
             eprintln!("strata: error: {message}");
             ExitCode::from(1)
+        }
+        Err(Failure::Usage(message)) => {
+            eprintln!("strata: error: {message}\n\nFor more information, try '--help'.");
+            ExitCode::from(2)
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
-    let client = Client::connect(&cli.endpoints, cli.timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let out = cli.output;
-    let project = cli.project;
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let ctx = Ctx {
+        endpoints: cli.endpoints,
+        timeout: cli.timeout,
+        project: cli.project,
+        out: cli.output,
+    };
+    // Service commands validate their arguments before connecting, so a usage
+    // error is reported as one even when no daemon is up.
+    if let Command::Service(cmd) = cli.command {
+        return service::run(&ctx, cmd).await;
+    }
+    if let Command::Tenant(TenantCommand::Delete { yes: false, .. }) = &cli.command
+        && !std::io::stdin().is_terminal()
+    {
+        return Err(Failure::Usage(
+            "tenant delete asks for confirmation, but stdin is not a terminal; \
+             pass --yes to delete without asking"
+                .into(),
+        ));
+    }
+    let client = ctx.connect().await?;
+    let out = ctx.out;
+    let project = ctx.project.clone();
     match cli.command {
         Command::Status => {
             let s = client
@@ -285,59 +353,84 @@ async fn run(cli: Cli) -> Result<(), String> {
                 prefixes,
                 start_revision,
             };
-            watch(&cli.endpoints, cli.timeout, client, request, out).await?;
+            follow(&ctx, client, request, |m| out.watch_message(m)).await?;
         }
+        // Handled above, before connecting.
+        Command::Service(_) => {}
     }
     Ok(())
 }
 
-fn err(status: strata_client::Status) -> String {
+/// The server's message for a failed call.
+pub(crate) fn err(status: Status) -> String {
     Error::from(status).to_string()
 }
 
-/// Streams watch messages until the tenant is deleted; on a broken stream,
-/// reconnects (to any endpoint) and resumes after the last revision printed.
-async fn watch(
-    endpoints: &[String],
-    timeout: Duration,
+/// A watch request that can be sent again after an interruption, resuming
+/// right after the last message handled.
+pub(crate) trait Resumable: Clone {
+    /// What the stream carries.
+    type Message;
+    /// Opens the stream from the request's start revision.
+    async fn open(&self, client: &Client) -> Result<Streaming<Self::Message>, Status>;
+    /// Moves the start past `message`; true when the stream is over for good
+    /// (its tenant was deleted).
+    fn advance(&mut self, message: &Self::Message) -> bool;
+}
+
+impl Resumable for WatchConfigRequest {
+    type Message = WatchConfigResponse;
+
+    async fn open(&self, client: &Client) -> Result<Streaming<Self::Message>, Status> {
+        Ok(client.config().watch(self.clone()).await?.into_inner())
+    }
+
+    fn advance(&mut self, message: &Self::Message) -> bool {
+        self.start_revision = message.revision + 1;
+        message.tenant_deleted
+    }
+}
+
+/// Hands each message to `handle` until the stream is over for good. On a
+/// broken stream it reconnects (to any endpoint) and resumes after the last
+/// message handled, so nothing is missed or repeated across the gap.
+pub(crate) async fn follow<R: Resumable>(
+    ctx: &Ctx,
     mut client: Client,
-    mut request: WatchConfigRequest,
-    out: Output,
-) -> Result<(), String> {
+    mut request: R,
+    mut handle: impl FnMut(&R::Message),
+) -> Result<(), Failure> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match client.config().watch(request.clone()).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(message)) => {
-                            backoff = Duration::from_millis(200);
-                            request.start_revision = message.revision + 1;
-                            out.watch_message(&message);
-                            if message.tenant_deleted {
-                                return Ok(());
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(status) => {
-                            eprintln!("strata: watch interrupted ({}); resuming", status.message());
-                            break;
+        match request.open(&client).await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(message)) => {
+                        backoff = Duration::from_millis(200);
+                        let over = request.advance(&message);
+                        handle(&message);
+                        if over {
+                            return Ok(());
                         }
                     }
+                    Ok(None) => break,
+                    Err(status) => {
+                        eprintln!("strata: watch interrupted ({}); resuming", status.message());
+                        break;
+                    }
                 }
-            }
+            },
             Err(status) if status.code() == tonic_code::Unavailable => {
                 eprintln!(
                     "strata: watch interrupted ({}); reconnecting",
                     status.message()
                 );
             }
-            Err(status) => return Err(err(status)),
+            Err(status) => return Err(err(status).into()),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
-        if let Ok(c) = Client::connect(endpoints, timeout).await {
+        if let Ok(c) = ctx.connect().await {
             client = c;
         }
     }
@@ -348,7 +441,7 @@ async fn tenant(
     project: &str,
     out: Output,
     cmd: TenantCommand,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut tenants = client.tenants();
     match cmd {
         TenantCommand::Create {
@@ -399,7 +492,12 @@ async fn tenant(
                 .into_inner();
             out.tenants(&r.tenants);
         }
-        TenantCommand::Delete { name, force } => {
+        TenantCommand::Delete { name, force, yes } => {
+            let doomed = removal_plan(client, project, &name, force).await?;
+            eprint!("{}", doomed.describe(&name, force));
+            if !yes {
+                confirm(&format!("Delete tenant {name}?"))?;
+            }
             let r = tenants
                 .delete_tenant(DeleteTenantRequest {
                     project: project.to_owned(),
@@ -412,11 +510,222 @@ async fn tenant(
             out.record(&[
                 ("deleted", json!(name)),
                 ("deleted_layers", json!(r.deleted_layers)),
+                ("deleted_tenants", json!(doomed.tenant_names())),
+                ("deleted_instances", json!(doomed.instance_count())),
                 ("revision", json!(r.header.map_or(0, |h| h.revision))),
             ]);
         }
     }
     Ok(())
+}
+
+/// What deleting a tenant takes with it, as seen just before the delete.
+struct Removal {
+    /// The tenant first, then (with `--force`) its descendants.
+    tenants: Vec<DoomedTenant>,
+    /// Why the server will refuse, when it will.
+    refusal: Option<String>,
+}
+
+struct DoomedTenant {
+    name: String,
+    /// Keys this tenant holds a layer of (values, patches and tombstones).
+    layers: usize,
+    /// Instance ids by service; `None` when the daemon has no registry.
+    instances: Option<BTreeMap<String, Vec<String>>>,
+}
+
+impl Removal {
+    fn tenant_names(&self) -> Vec<&str> {
+        self.tenants.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    fn instance_count(&self) -> usize {
+        self.tenants
+            .iter()
+            .filter_map(|t| t.instances.as_ref())
+            .flat_map(BTreeMap::values)
+            .map(Vec::len)
+            .sum()
+    }
+
+    /// The preview shown before asking.
+    fn describe(&self, name: &str, force: bool) -> String {
+        let mut text = if force && self.tenants.len() > 1 {
+            format!("Deleting tenant {name} and its descendants removes:\n")
+        } else {
+            format!("Deleting tenant {name} removes:\n")
+        };
+        for t in &self.tenants {
+            let instances = match &t.instances {
+                None => "service instances unknown (the daemon has no service registry)".to_owned(),
+                Some(instances) if instances.is_empty() => "no service instances".to_owned(),
+                Some(instances) => {
+                    let count: usize = instances.values().map(Vec::len).sum();
+                    let by_service: Vec<String> = instances
+                        .iter()
+                        .map(|(service, ids)| format!("{service}: {}", ids.join(", ")))
+                        .collect();
+                    format!("{count} service instance(s) ({})", by_service.join("; "))
+                }
+            };
+            text.push_str(&format!(
+                "  tenant {}: {} config key(s), {instances}\n",
+                t.name, t.layers
+            ));
+        }
+        if let Some(refusal) = &self.refusal {
+            text.push_str(&format!("  note: {refusal}\n"));
+        }
+        text
+    }
+}
+
+/// Gathers what deleting `name` would remove: the tenant (with `force`, its
+/// whole subtree), how many config keys each holds a layer of, and each one's
+/// registered instances.
+async fn removal_plan(
+    client: &Client,
+    project: &str,
+    name: &str,
+    force: bool,
+) -> Result<Removal, String> {
+    // GetTenant first so a missing tenant is the server's own not-found error.
+    let target = client
+        .tenants()
+        .get_tenant(GetTenantRequest {
+            project: project.to_owned(),
+            name: name.to_owned(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner()
+        .tenant
+        .unwrap_or_default();
+    let all = client
+        .tenants()
+        .list_tenants(ListTenantsRequest {
+            project: project.to_owned(),
+        })
+        .await
+        .map_err(err)?
+        .into_inner()
+        .tenants;
+    // `chain` lists a tenant and its ancestors, so the subtree is every tenant
+    // whose chain contains `name` — already parents before children.
+    let subtree: Vec<&Tenant> = all
+        .iter()
+        .filter(|t| t.chain.iter().any(|c| c == name))
+        .collect();
+    let children: Vec<&str> = subtree
+        .iter()
+        .filter(|t| t.parent == name)
+        .map(|t| t.name.as_str())
+        .collect();
+    let refusal = if force {
+        None
+    } else if target.protected {
+        Some(format!(
+            "{name} is protected; the server refuses to delete it without --force"
+        ))
+    } else if !children.is_empty() {
+        Some(format!(
+            "{name} has child tenants ({}); the server refuses to delete it without --force",
+            children.join(", ")
+        ))
+    } else {
+        None
+    };
+    let doomed: Vec<&Tenant> = if force { subtree } else { vec![&target] };
+    let mut tenants = Vec::with_capacity(doomed.len());
+    for t in doomed {
+        tenants.push(DoomedTenant {
+            name: t.name.clone(),
+            layers: own_layer_count(client, project, t).await?,
+            instances: own_instances(client, project, &t.name).await?,
+        });
+    }
+    Ok(Removal { tenants, refusal })
+}
+
+/// How many keys `tenant` holds a layer of. A tenant's layer of a key is the
+/// nearest of its chain, so a key it holds a value or patch for resolves with
+/// it first in the origin; a key its parent resolves but it does not can only
+/// be hidden by its own tombstone. (A tombstone over a key no ancestor has is
+/// invisible through the API; the delete's answer gives the exact count.)
+async fn own_layer_count(client: &Client, project: &str, tenant: &Tenant) -> Result<usize, String> {
+    let own = resolve_all(client, project, &tenant.name, "").await?;
+    let mut count = own
+        .iter()
+        .filter(|v| v.origin.first() == Some(&tenant.name))
+        .count();
+    if !tenant.parent.is_empty() {
+        let keys: BTreeSet<&str> = own.iter().map(|v| v.key.as_str()).collect();
+        count += resolve_all(client, project, &tenant.parent, "")
+            .await?
+            .iter()
+            .filter(|v| !keys.contains(v.key.as_str()))
+            .count();
+    }
+    Ok(count)
+}
+
+/// The instance ids registered in exactly `tenant`, by service; `None` from
+/// a daemon without the registry, so deleting still works against one.
+async fn own_instances(
+    client: &Client,
+    project: &str,
+    tenant: &str,
+) -> Result<Option<BTreeMap<String, Vec<String>>>, String> {
+    let mut registry = client.registry();
+    let listed = registry
+        .list_services(ListServicesRequest {
+            project: project.to_owned(),
+            tenant: tenant.to_owned(),
+        })
+        .await;
+    let services = match listed {
+        Ok(r) => r.into_inner().services,
+        Err(status) if status.code() == tonic_code::Unimplemented => return Ok(None),
+        Err(status) => return Err(err(status)),
+    };
+    let mut by_service = BTreeMap::new();
+    for s in services {
+        let mut ids: Vec<String> = registry
+            .list_instances(ListInstancesRequest {
+                project: project.to_owned(),
+                tenant: tenant.to_owned(),
+                service: s.service.clone(),
+            })
+            .await
+            .map_err(err)?
+            .into_inner()
+            .instances
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        if !ids.is_empty() {
+            ids.sort();
+            by_service.insert(s.service, ids);
+        }
+    }
+    Ok(Some(by_service))
+}
+
+/// Asks `question` on the terminal; anything but yes is a refusal.
+fn confirm(question: &str) -> Result<(), Failure> {
+    eprint!("{question} [y/N] ");
+    // The prompt has no newline; without a flush it may not show before the read.
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| format!("cannot read the answer: {e}"))?;
+    match answer.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Ok(()),
+        _ => Err(Failure::Server("not confirmed; nothing was deleted".into())),
+    }
 }
 
 async fn resolve_all(

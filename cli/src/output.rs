@@ -4,7 +4,8 @@ use clap::ValueEnum;
 use serde_json::{Value, json};
 use strata_client::proto::watch_config_response::Kind;
 use strata_client::proto::{
-    ConfigVersion, FallbackPolicy, ResolvedValue, Tenant, WatchConfigResponse,
+    ConfigVersion, FallbackPolicy, Health, Instance, InstanceKind, Protocol, ResolvedService,
+    ResolvedValue, Tenant, WatchConfigResponse, WatchServicesResponse, watch_services_response,
 };
 
 /// How results are printed.
@@ -83,6 +84,106 @@ fn tenant_json(t: &Tenant) -> Value {
         "mod_revision": t.mod_revision,
         "chain": t.chain,
     })
+}
+
+fn protocol_name(p: i32) -> &'static str {
+    match Protocol::try_from(p) {
+        Ok(Protocol::Http) => "http",
+        Ok(Protocol::Grpc) => "grpc",
+        Ok(Protocol::Tcp) => "tcp",
+        Ok(Protocol::Udp) => "udp",
+        Ok(Protocol::Unspecified) | Err(_) => "-",
+    }
+}
+
+fn kind_name(k: i32) -> &'static str {
+    match InstanceKind::try_from(k) {
+        Ok(InstanceKind::Persistent) => "persistent",
+        Ok(InstanceKind::Ephemeral) => "ephemeral",
+        Ok(InstanceKind::Unspecified) | Err(_) => "-",
+    }
+}
+
+fn health_name(h: i32) -> &'static str {
+    match Health::try_from(h) {
+        Ok(Health::Healthy) => "healthy",
+        Ok(Health::Unhealthy) => "unhealthy",
+        Ok(Health::Unknown) => "unknown",
+        Ok(Health::Unspecified) | Err(_) => "-",
+    }
+}
+
+/// An endpoint's protocol, which defaults to its instance's.
+fn endpoint_protocol(i: &Instance, p: i32) -> &'static str {
+    if p == Protocol::Unspecified as i32 {
+        protocol_name(i.protocol)
+    } else {
+        protocol_name(p)
+    }
+}
+
+/// `name=address` pairs sorted by name, for tables.
+fn endpoints_text(i: &Instance) -> String {
+    let mut endpoints: Vec<String> = i
+        .endpoints
+        .iter()
+        .map(|(name, e)| format!("{name}={}", e.address))
+        .collect();
+    endpoints.sort();
+    endpoints.join(",")
+}
+
+fn instance_json(i: &Instance) -> Value {
+    let endpoints: serde_json::Map<String, Value> = i
+        .endpoints
+        .iter()
+        .map(|(name, e)| {
+            (
+                name.clone(),
+                json!({"address": e.address, "protocol": endpoint_protocol(i, e.protocol)}),
+            )
+        })
+        .collect();
+    let mut v = json!({
+        "id": i.id,
+        "tenant": i.tenant,
+        "service": i.service,
+        "kind": kind_name(i.kind),
+        "endpoints": endpoints,
+        "protocol": protocol_name(i.protocol),
+        "metadata": i.metadata,
+        "weight": i.weight,
+        "version": i.version,
+        "health": health_name(i.health),
+        "draining": i.draining,
+        "mod_revision": i.mod_revision,
+    });
+    if !i.health_detail.is_empty() {
+        v["health_detail"] = json!(i.health_detail);
+    }
+    if i.lease_id != 0 {
+        v["lease_id"] = json!(i.lease_id);
+    }
+    v
+}
+
+/// Where a service resolves; `tenant` is null when nothing serves it.
+fn resolved_json(s: &ResolvedService) -> Value {
+    json!({
+        "service": s.service,
+        "tenant": if s.tenant.is_empty() { Value::Null } else { json!(s.tenant) },
+        "fallback": s.fallback,
+        "instances": s.instances.iter().map(instance_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A resolution in a few words: `feat-1`, `integration (fallback)` or `-`.
+fn served_by(s: &ResolvedService) -> String {
+    match (s.tenant.as_str(), s.fallback) {
+        ("", _) => "-".to_owned(),
+        (t, true) => format!("{t} (fallback)"),
+        (t, false) => t.to_owned(),
+    }
 }
 
 impl Output {
@@ -258,6 +359,159 @@ impl Output {
                             println!("  {}  [{}] from {}", c.key, v.format, v.origin.join(","))
                         }
                         None => println!("  {}  (removed)", c.key),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prints every service visible from a tenant and where each resolves.
+    pub(crate) fn services(self, services: &[ResolvedService]) {
+        let mut table = Table::new(&["SERVICE", "TENANT", "FALLBACK", "ROUTABLE"]);
+        let mut json = Vec::new();
+        for s in services {
+            table.row(vec![
+                s.service.clone(),
+                if s.tenant.is_empty() {
+                    "-".into()
+                } else {
+                    s.tenant.clone()
+                },
+                if s.tenant.is_empty() {
+                    "-".into()
+                } else if s.fallback {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                s.instances.len().to_string(),
+            ]);
+            json.push(json!({
+                "service": s.service,
+                "tenant": if s.tenant.is_empty() { Value::Null } else { json!(s.tenant) },
+                "fallback": s.fallback,
+                "routable_instances": s.instances.len(),
+            }));
+        }
+        self.table_with(table, Value::Array(json));
+    }
+
+    /// Prints instances with their state.
+    pub(crate) fn instances(self, instances: &[Instance]) {
+        let mut table = Table::new(&[
+            "ID",
+            "HEALTH",
+            "DRAINING",
+            "KIND",
+            "VERSION",
+            "WEIGHT",
+            "ENDPOINTS",
+        ]);
+        for i in instances {
+            let health = if i.health_detail.is_empty() {
+                health_name(i.health).to_owned()
+            } else {
+                format!("{} ({})", health_name(i.health), i.health_detail)
+            };
+            table.row(vec![
+                i.id.clone(),
+                health,
+                if i.draining { "yes" } else { "no" }.into(),
+                kind_name(i.kind).into(),
+                if i.version.is_empty() {
+                    "-".into()
+                } else {
+                    i.version.clone()
+                },
+                i.weight.to_string(),
+                endpoints_text(i),
+            ]);
+        }
+        self.table_with(
+            table,
+            Value::Array(instances.iter().map(instance_json).collect()),
+        );
+    }
+
+    /// Prints where a service resolves for `tenant`: which tenant serves it
+    /// and its routable instances.
+    pub(crate) fn resolved(self, tenant: &str, s: &ResolvedService, revision: i64) {
+        match self {
+            Output::Json => {
+                let mut v = resolved_json(s);
+                v["revision"] = json!(revision);
+                print_json(&v);
+            }
+            Output::Table => {
+                if s.tenant.is_empty() {
+                    println!(
+                        "{} has no routable instance for {tenant} (revision {revision})",
+                        s.service
+                    );
+                    return;
+                }
+                println!(
+                    "{} for {tenant}: served by {} (revision {revision})",
+                    s.service,
+                    served_by(s)
+                );
+                let mut table = Table::new(&["ID", "WEIGHT", "VERSION", "ENDPOINTS"]);
+                for i in &s.instances {
+                    table.row(vec![
+                        i.id.clone(),
+                        i.weight.to_string(),
+                        if i.version.is_empty() {
+                            "-".into()
+                        } else {
+                            i.version.clone()
+                        },
+                        endpoints_text(i),
+                    ]);
+                }
+                println!("{}", table.render());
+            }
+        }
+    }
+
+    /// Prints one service watch message: a line per service for people, one
+    /// JSON object per line (NDJSON) for scripts.
+    pub(crate) fn service_watch_message(self, m: &WatchServicesResponse) {
+        let kind = if m.kind == watch_services_response::Kind::Snapshot as i32 {
+            "snapshot"
+        } else {
+            "change"
+        };
+        match self {
+            Output::Json => println!(
+                "{}",
+                json!({
+                    "revision": m.revision,
+                    "kind": kind,
+                    "reset": m.reset,
+                    "tenant_deleted": m.tenant_deleted,
+                    "services": m.services.iter().map(resolved_json).collect::<Vec<_>>(),
+                })
+            ),
+            Output::Table => {
+                let reset = if m.reset { " (reset)" } else { "" };
+                let gone = if m.tenant_deleted {
+                    " — tenant deleted"
+                } else {
+                    ""
+                };
+                println!("@{} {kind}{reset}{gone}", m.revision);
+                for s in &m.services {
+                    if s.tenant.is_empty() {
+                        println!("  {}  no routable instance", s.service);
+                    } else {
+                        let endpoints: Vec<String> =
+                            s.instances.iter().map(endpoints_text).collect();
+                        println!(
+                            "  {}  → {}: {}",
+                            s.service,
+                            served_by(s),
+                            endpoints.join(" ")
+                        );
                     }
                 }
             }

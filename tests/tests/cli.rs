@@ -138,7 +138,11 @@ async fn studio_scenario_through_the_cli() {
     );
 
     // Errors from the server: exit 1 with its message; usage errors: exit 2.
-    let (code, _, stderr) = strata(&daemon, &with(&["tenant", "delete", "integration"])).await;
+    let (code, _, stderr) = strata(
+        &daemon,
+        &with(&["tenant", "delete", "integration", "--yes"]),
+    )
+    .await;
     assert_eq!(code, 1);
     assert!(stderr.contains("protected"), "{stderr}");
     let (code, _, stderr) = strata(&daemon, &with(&["tenant", "create", "Not_Valid"])).await;
@@ -147,7 +151,7 @@ async fn studio_scenario_through_the_cli() {
     let (code, _, _) = strata(&daemon, &with(&["tenant", "frobnicate"])).await;
     assert_eq!(code, 2);
 
-    let deleted = json(&daemon, &with(&["tenant", "delete", "feat-1"])).await;
+    let deleted = json(&daemon, &with(&["tenant", "delete", "feat-1", "--yes"])).await;
     assert_eq!(deleted["deleted_layers"], 1);
     let (code, _, stderr) = strata(&daemon, &with(&["config", "list", "feat-1"])).await;
     assert_eq!(code, 1);
@@ -216,7 +220,7 @@ async fn strata_watch_prints_snapshot_and_changes_until_the_tenant_is_deleted() 
     assert_eq!(change["changes"][0]["value"], "v: 2");
     assert_eq!(change["changes"][0]["origin"][0], "feat-1");
 
-    ok(&daemon, &with(&["tenant", "delete", "feat-1"])).await;
+    ok(&daemon, &with(&["tenant", "delete", "feat-1", "--yes"])).await;
     let last = next().await;
     assert_eq!(last["tenant_deleted"], true);
     let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())

@@ -273,6 +273,11 @@ impl Api {
         })
     }
 
+    /// The revision the view has applied.
+    pub fn revision(&self) -> Revision {
+        self.view.revision()
+    }
+
     /// Reads a tenant.
     pub fn tenant(&self, project: &str, name: &str) -> Result<(TenantInfo, Revision), ApiError> {
         let state = self.view.read();

@@ -45,25 +45,27 @@ pub fn router(state: Arc<DaemonState>) -> Router {
                 .post(rollback_config)
                 .delete(delete_config),
         )
-        .with_state(HttpState(state))
+        .with_state(HttpState(Arc::clone(&state)))
+        .merge(crate::http_registry::router(state))
 }
 
+/// Handler state of the JSON API.
 #[derive(Clone)]
-struct HttpState(Arc<DaemonState>);
+pub(crate) struct HttpState(pub(crate) Arc<DaemonState>);
 
 impl HttpState {
-    fn api(&self) -> Result<&Api, ApiError> {
+    pub(crate) fn api(&self) -> Result<&Api, ApiError> {
         self.0.api()
     }
 }
 
 type Params = Query<HashMap<String, String>>;
 
-fn invalid(message: impl Into<String>) -> ApiError {
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorReason::InvalidArgument, message)
 }
 
-fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+pub(crate) fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
     match params.get(name).map(String::as_str) {
         None | Some("false" | "0") => Ok(false),
         Some("" | "true" | "1") => Ok(true),
@@ -84,7 +86,7 @@ fn expected_revision(params: &HashMap<String, String>) -> Result<Option<Revision
         .map(|r| r.filter(|r| *r != 0))
 }
 
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
             ErrorReason::LimitExceeded,

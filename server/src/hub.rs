@@ -1,4 +1,7 @@
 //! The watch hub: pushes each subscriber's *resolved* view of its selection.
+//! One hub serves each kind of watch — config keys ([`ConfigLens`]) and
+//! service endpoint sets (`crate::service_watch`); a [`Lens`] says what a
+//! kind resolves and how its messages look, the hub does the rest.
 //!
 //! Subscribers with the same (project, tenant, selection) share a group; a
 //! group keeps the last resolved view and one broadcast channel. After the
@@ -18,6 +21,7 @@
 //! slow subscriber does blocks the hub or other subscribers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Instant;
@@ -32,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
 use crate::store::Revision;
-use crate::view::{JournalEntry, Object, ProjectView, View, ViewState};
+use crate::view::{Change, JournalEntry, Object, ProjectView, View, ViewState};
 
 /// Messages a group buffers for its slowest subscriber before that one is
 /// sent a reset snapshot instead.
@@ -66,15 +70,149 @@ impl Selection {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct GroupKey {
-    project: String,
-    tenant: String,
-    selection: Selection,
+/// Resolved entries of a selection by name (config key, service name).
+pub type Resolution<V> = BTreeMap<String, V>;
+
+/// What one change means for a selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affects<'c> {
+    /// Nothing selected can have changed.
+    Nothing,
+    /// The entry with this name may have changed.
+    Name(&'c str),
+    /// Anything may have changed (the tenant chain itself changed).
+    Everything,
 }
 
-/// Resolved values of a selection by key.
-type Resolution = BTreeMap<String, ResolvedValue>;
+/// The frame of a message: everything but its entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Replica that sends it.
+    pub member: String,
+    /// A whole view (`true`) or the entries that changed.
+    pub snapshot: bool,
+    /// Revision the message brings the subscriber to.
+    pub revision: Revision,
+    /// A snapshot replacing what the subscriber held (history lost).
+    pub reset: bool,
+    /// The subscriber's tenant was deleted; the last message.
+    pub tenant_deleted: bool,
+}
+
+/// A kind of watch: what a subscriber selects, how it resolves, and the
+/// messages it is sent.
+pub trait Lens: Send + Sync + 'static {
+    /// What a subscriber selects.
+    type Selection: Clone + Eq + Hash + Send + Sync + 'static;
+    /// One resolved entry.
+    type Value: Clone + Send + Sync + 'static;
+    /// The message on the wire.
+    type Message: Clone + Send + Sync + 'static;
+
+    /// Name of the kind, for metrics labels.
+    const NAME: &'static str;
+
+    /// Every selected entry that exists for `chain`, resolved.
+    fn resolve_all(
+        p: &ProjectView,
+        chain: &[&str],
+        selection: &Self::Selection,
+    ) -> Resolution<Self::Value>;
+    /// One entry resolved; `None` when it does not exist.
+    fn resolve_one(p: &ProjectView, chain: &[&str], name: &str) -> Option<Self::Value>;
+    /// What `change` (to a tenant of the subscriber's chain) may change.
+    fn affects<'c>(change: &'c Change, selection: &Self::Selection) -> Affects<'c>;
+    /// Whether a subscriber would see a difference between two values.
+    fn same(a: &Self::Value, b: &Self::Value) -> bool;
+    /// A message: `entries` are (name, new value; `None` = gone).
+    fn message(frame: Frame, entries: Vec<(String, Option<Self::Value>)>) -> Self::Message;
+    /// The revision a message brings the subscriber to.
+    fn revision(message: &Self::Message) -> Revision;
+    /// Whether a message is the last one (the tenant was deleted).
+    fn is_last(message: &Self::Message) -> bool;
+    /// Marks a snapshot as a reset.
+    fn mark_reset(message: &mut Self::Message);
+}
+
+/// The config watch: resolved keys and prefixes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConfigLens;
+
+impl Lens for ConfigLens {
+    type Selection = Selection;
+    type Value = ResolvedValue;
+    type Message = WatchConfigResponse;
+
+    const NAME: &'static str = "config";
+
+    fn resolve_all(
+        p: &ProjectView,
+        chain: &[&str],
+        selection: &Selection,
+    ) -> Resolution<ResolvedValue> {
+        p.selected_keys(chain, &selection.keys, &selection.prefixes)
+            .into_iter()
+            .filter_map(|k| resolve_key(p, chain, &k).map(|v| (k, v)))
+            .collect()
+    }
+
+    fn resolve_one(p: &ProjectView, chain: &[&str], key: &str) -> Option<ResolvedValue> {
+        resolve_key(p, chain, key)
+    }
+
+    fn affects<'c>(change: &'c Change, selection: &Selection) -> Affects<'c> {
+        match &change.object {
+            Object::Layer(k) if selection.matches(k) => Affects::Name(k),
+            Object::Tenant => Affects::Everything,
+            // Other keys, and registry objects: not in this view.
+            _ => Affects::Nothing,
+        }
+    }
+
+    fn same(a: &ResolvedValue, b: &ResolvedValue) -> bool {
+        a.value == b.value && a.format == b.format && a.origin == b.origin
+    }
+
+    fn message(frame: Frame, entries: Vec<(String, Option<ResolvedValue>)>) -> WatchConfigResponse {
+        WatchConfigResponse {
+            header: Some(ResponseHeader {
+                revision: frame.revision,
+                member: frame.member,
+            }),
+            kind: if frame.snapshot {
+                Kind::Snapshot
+            } else {
+                Kind::Change
+            } as i32,
+            revision: frame.revision,
+            reset: frame.reset,
+            changes: entries
+                .into_iter()
+                .map(|(key, value)| ConfigChange { key, value })
+                .collect(),
+            tenant_deleted: frame.tenant_deleted,
+        }
+    }
+
+    fn revision(message: &WatchConfigResponse) -> Revision {
+        message.revision
+    }
+
+    fn is_last(message: &WatchConfigResponse) -> bool {
+        message.tenant_deleted
+    }
+
+    fn mark_reset(message: &mut WatchConfigResponse) {
+        message.reset = true;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GroupKey<S> {
+    project: String,
+    tenant: String,
+    selection: S,
+}
 
 fn resolve_key(p: &ProjectView, chain: &[&str], key: &str) -> Option<ResolvedValue> {
     match p.resolve(chain, key) {
@@ -94,79 +232,68 @@ fn resolve_key(p: &ProjectView, chain: &[&str], key: &str) -> Option<ResolvedVal
 }
 
 /// The resolved selection, or `None` when the tenant does not exist.
-fn resolve_selection(
+fn resolve_selection<L: Lens>(
     p: Option<&ProjectView>,
     tenant: &str,
-    selection: &Selection,
-) -> Option<Resolution> {
+    selection: &L::Selection,
+) -> Option<Resolution<L::Value>> {
     let p = p?;
     let chain = p.chain(tenant)?;
-    let keys = p.selected_keys(&chain, &selection.keys, &selection.prefixes);
-    Some(
-        keys.into_iter()
-            .filter_map(|k| resolve_key(p, &chain, &k).map(|v| (k, v)))
-            .collect(),
-    )
+    Some(L::resolve_all(p, &chain, selection))
 }
 
-fn same(a: &ResolvedValue, b: &ResolvedValue) -> bool {
-    a.value == b.value && a.format == b.format && a.origin == b.origin
-}
-
-/// Changes that turn `old` into `new`.
-fn diff(old: &Resolution, new: &Resolution) -> Vec<ConfigChange> {
+/// Entries that turn `old` into `new`, by name.
+fn diff<L: Lens>(
+    old: &Resolution<L::Value>,
+    new: &Resolution<L::Value>,
+) -> Vec<(String, Option<L::Value>)> {
     let mut changes = Vec::new();
-    for (key, value) in new {
-        if old.get(key).is_none_or(|o| !same(o, value)) {
-            changes.push(ConfigChange {
-                key: key.clone(),
-                value: Some(value.clone()),
-            });
+    for (name, value) in new {
+        if old.get(name).is_none_or(|o| !L::same(o, value)) {
+            changes.push((name.clone(), Some(value.clone())));
         }
     }
-    for key in old.keys() {
-        if !new.contains_key(key) {
-            changes.push(ConfigChange {
-                key: key.clone(),
-                value: None,
-            });
+    for name in old.keys() {
+        if !new.contains_key(name) {
+            changes.push((name.clone(), None));
         }
     }
-    changes.sort_by(|a, b| a.key.cmp(&b.key));
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
     changes
 }
 
 /// A message on its way to subscribers, with its birth time for latency.
 #[derive(Debug)]
-struct Push {
-    message: WatchConfigResponse,
+struct Push<M> {
+    message: M,
     created: Instant,
 }
 
-struct Group {
-    sender: broadcast::Sender<Arc<Push>>,
-    last: Resolution,
+struct Group<L: Lens> {
+    sender: broadcast::Sender<Arc<Push<L::Message>>>,
+    last: Resolution<L::Value>,
     chain: Vec<String>,
     deleted: bool,
 }
 
 /// The hub (see the module documentation).
-pub struct Hub {
+pub struct Hub<L: Lens> {
     view: Arc<View>,
-    groups: Mutex<HashMap<GroupKey, Group>>,
+    groups: Mutex<HashMap<GroupKey<L::Selection>, Group<L>>>,
     member: String,
 }
 
-impl std::fmt::Debug for Hub {
+impl<L: Lens> std::fmt::Debug for Hub<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
+            .field("kind", &L::NAME)
             .field("member", &self.member)
             .finish_non_exhaustive()
     }
 }
 
-impl Hub {
-    /// A hub fed by `view` (it registers itself as the view's listener).
+impl<L: Lens> Hub<L> {
+    /// A hub fed by `view` (it adds itself to the view's listeners).
     pub fn new(view: Arc<View>, member: String) -> Arc<Self> {
         let hub = Arc::new(Self {
             view: Arc::clone(&view),
@@ -174,67 +301,52 @@ impl Hub {
             member,
         });
         let weak: Weak<Self> = Arc::downgrade(&hub);
-        let registered = view.set_listener(Box::new(move |state, entry| {
+        view.add_listener(Box::new(move |state, entry| {
             if let Some(hub) = weak.upgrade() {
                 hub.on_batch(state, entry);
             }
         }));
-        if registered.is_err() {
-            tracing::error!("the view already has a listener; watch pushes will not flow");
-        }
         hub
     }
 
-    fn message(
-        &self,
-        kind: Kind,
-        revision: Revision,
-        changes: Vec<ConfigChange>,
-    ) -> WatchConfigResponse {
-        WatchConfigResponse {
-            header: Some(ResponseHeader {
-                revision,
-                member: self.member.clone(),
-            }),
-            kind: kind as i32,
+    fn frame(&self, snapshot: bool, revision: Revision) -> Frame {
+        Frame {
+            member: self.member.clone(),
+            snapshot,
             revision,
             reset: false,
-            changes,
             tenant_deleted: false,
         }
     }
 
     fn snapshot(
         &self,
-        resolution: &Resolution,
+        resolution: &Resolution<L::Value>,
         revision: Revision,
         reset: bool,
-    ) -> WatchConfigResponse {
-        let changes = resolution
-            .values()
-            .map(|v| ConfigChange {
-                key: v.key.clone(),
-                value: Some(v.clone()),
-            })
+    ) -> L::Message {
+        let entries = resolution
+            .iter()
+            .map(|(name, v)| (name.clone(), Some(v.clone())))
             .collect();
-        WatchConfigResponse {
-            reset,
-            ..self.message(Kind::Snapshot, revision, changes)
-        }
+        L::message(
+            Frame {
+                reset,
+                ..self.frame(true, revision)
+            },
+            entries,
+        )
     }
 
-    fn deleted(&self, last: &Resolution, revision: Revision) -> WatchConfigResponse {
-        let changes = last
-            .keys()
-            .map(|k| ConfigChange {
-                key: k.clone(),
-                value: None,
-            })
-            .collect();
-        WatchConfigResponse {
-            tenant_deleted: true,
-            ..self.message(Kind::Change, revision, changes)
-        }
+    fn deleted(&self, last: &Resolution<L::Value>, revision: Revision) -> L::Message {
+        let entries = last.keys().map(|name| (name.clone(), None)).collect();
+        L::message(
+            Frame {
+                tenant_deleted: true,
+                ..self.frame(false, revision)
+            },
+            entries,
+        )
     }
 
     /// Computes and sends the pushes one applied revision causes.
@@ -243,18 +355,17 @@ impl Hub {
         let mut groups = self.groups.lock().unwrap_or_else(PoisonError::into_inner);
         groups.retain(|_, g| g.sender.receiver_count() > 0);
         for (key, group) in groups.iter_mut() {
-            // Keys this revision may have changed for the group; `None`: all.
+            // Names this revision may have changed for the group; `None`: all.
             let mut affected: Option<BTreeSet<&str>> = Some(BTreeSet::new());
             for change in entry.changes.iter().filter(|c| c.project == key.project) {
                 if !group.chain.contains(&change.tenant) {
                     continue;
                 }
-                match (&change.object, affected.as_mut()) {
-                    (Object::Layer(k), Some(set)) if key.selection.matches(k) => {
-                        set.insert(k.as_str());
+                match (L::affects(change, &key.selection), affected.as_mut()) {
+                    (Affects::Name(name), Some(set)) => {
+                        set.insert(name);
                     }
-                    (Object::Tenant, _) => affected = None,
-                    // Other keys, and registry objects: not in this view.
+                    (Affects::Everything, _) => affected = None,
                     _ => {}
                 }
             }
@@ -274,23 +385,23 @@ impl Hub {
                 continue;
             };
             let new = match &affected {
-                None => resolve_selection(Some(p), &key.tenant, &key.selection).unwrap_or_default(),
-                Some(keys) => {
+                None => L::resolve_all(p, &chain, &key.selection),
+                Some(names) => {
                     let mut new = group.last.clone();
-                    for k in keys {
-                        match resolve_key(p, &chain, k) {
-                            Some(v) => new.insert((*k).to_owned(), v),
-                            None => new.remove(*k),
+                    for name in names {
+                        match L::resolve_one(p, &chain, name) {
+                            Some(v) => new.insert((*name).to_owned(), v),
+                            None => new.remove(*name),
                         };
                     }
                     new
                 }
             };
-            let changes = diff(&group.last, &new);
+            let changes = diff::<L>(&group.last, &new);
             group.last = new;
             group.chain = chain.into_iter().map(str::to_owned).collect();
             if !changes.is_empty() {
-                let message = self.message(Kind::Change, entry.revision, changes);
+                let message = L::message(self.frame(false, entry.revision), changes);
                 let _ = group.sender.send(Arc::new(Push {
                     message,
                     created: started,
@@ -298,7 +409,7 @@ impl Hub {
             }
         }
         groups.retain(|_, g| !g.deleted);
-        metrics::histogram!("strata_watch_fanout_duration_seconds")
+        metrics::histogram!("strata_watch_fanout_duration_seconds", "watch" => L::NAME)
             .record(started.elapsed().as_secs_f64());
     }
 
@@ -307,10 +418,10 @@ impl Hub {
         self: &Arc<Self>,
         project: String,
         tenant: String,
-        selection: Selection,
+        selection: L::Selection,
         start_revision: Revision,
         shutdown: CancellationToken,
-    ) -> Result<Subscription, ApiError> {
+    ) -> Result<Subscription<L>, ApiError> {
         if start_revision < 0 {
             return Err(ApiError::new(
                 ErrorReason::InvalidArgument,
@@ -328,7 +439,7 @@ impl Hub {
             selection,
         };
         let (rx, initial, after) = self.join(&key, start_revision)?;
-        metrics::gauge!("strata_watch_subscribers").increment(1.0);
+        metrics::gauge!("strata_watch_subscribers", "watch" => L::NAME).increment(1.0);
         Ok(Subscription {
             hub: Arc::clone(self),
             key,
@@ -345,12 +456,12 @@ impl Hub {
     #[allow(clippy::type_complexity)]
     fn join(
         &self,
-        key: &GroupKey,
+        key: &GroupKey<L::Selection>,
         start_revision: Revision,
     ) -> Result<
         (
-            broadcast::Receiver<Arc<Push>>,
-            Vec<WatchConfigResponse>,
+            broadcast::Receiver<Arc<Push<L::Message>>>,
+            Vec<L::Message>,
             Revision,
         ),
         ApiError,
@@ -358,15 +469,16 @@ impl Hub {
         let state = self.view.read();
         let revision = state.revision;
         let project = state.projects.get(&key.project);
-        let current = resolve_selection(project, &key.tenant, &key.selection).ok_or_else(|| {
-            ApiError::new(
-                ErrorReason::NotFound,
-                format!(
-                    "tenant {:?} not found in project {:?}",
-                    key.tenant, key.project
-                ),
-            )
-        })?;
+        let current =
+            resolve_selection::<L>(project, &key.tenant, &key.selection).ok_or_else(|| {
+                ApiError::new(
+                    ErrorReason::NotFound,
+                    format!(
+                        "tenant {:?} not found in project {:?}",
+                        key.tenant, key.project
+                    ),
+                )
+            })?;
         let chain: Vec<String> = project
             .and_then(|p| p.chain(&key.tenant))
             .unwrap_or_default()
@@ -390,7 +502,8 @@ impl Hub {
         } else if state.journal.covers(start_revision) {
             self.replay(&state, key, start_revision)
         } else {
-            metrics::counter!("strata_watch_resets_total", "reason" => "history").increment(1);
+            metrics::counter!("strata_watch_resets_total", "watch" => L::NAME, "reason" => "history")
+                .increment(1);
             vec![self.snapshot(&current, revision, true)]
         };
         Ok((rx, initial, revision))
@@ -401,9 +514,9 @@ impl Hub {
     fn replay(
         &self,
         state: &ViewState,
-        key: &GroupKey,
+        key: &GroupKey<L::Selection>,
         start: Revision,
-    ) -> Vec<WatchConfigResponse> {
+    ) -> Vec<L::Message> {
         let mut p = state
             .projects
             .get(&key.project)
@@ -420,21 +533,23 @@ impl Hub {
                 p.set(&c.tenant, &c.object, c.before.as_ref());
             }
         }
-        let mut last = resolve_selection(Some(&p), &key.tenant, &key.selection).unwrap_or_default();
+        let mut last =
+            resolve_selection::<L>(Some(&p), &key.tenant, &key.selection).unwrap_or_default();
         let mut out = Vec::new();
         for entry in entries {
             let mut touched = false;
             for c in entry.changes.iter().filter(|c| c.project == key.project) {
                 p.set(&c.tenant, &c.object, c.after.as_ref());
-                touched = true;
+                touched |= L::affects(c, &key.selection) != Affects::Nothing;
             }
             if !touched {
                 continue;
             }
-            let new = resolve_selection(Some(&p), &key.tenant, &key.selection).unwrap_or_default();
-            let changes = diff(&last, &new);
+            let new =
+                resolve_selection::<L>(Some(&p), &key.tenant, &key.selection).unwrap_or_default();
+            let changes = diff::<L>(&last, &new);
             if !changes.is_empty() {
-                out.push(self.message(Kind::Change, entry.revision, changes));
+                out.push(L::message(self.frame(false, entry.revision), changes));
             }
             last = new;
         }
@@ -445,30 +560,33 @@ impl Hub {
 /// One subscriber's stream of messages: the initial snapshot or replay,
 /// then live pushes. Ends after a `tenant_deleted` message, and with
 /// `UNAVAILABLE` when the daemon shuts down (resume on another replica).
-pub struct Subscription {
-    hub: Arc<Hub>,
-    key: GroupKey,
-    rx: broadcast::Receiver<Arc<Push>>,
-    pending: VecDeque<WatchConfigResponse>,
+pub struct Subscription<L: Lens> {
+    hub: Arc<Hub<L>>,
+    key: GroupKey<L::Selection>,
+    rx: broadcast::Receiver<Arc<Push<L::Message>>>,
+    pending: VecDeque<L::Message>,
     /// Live pushes at or below this revision are already covered.
     after: Revision,
     done: bool,
     shutdown: CancellationToken,
 }
 
-impl Drop for Subscription {
+impl<L: Lens> Drop for Subscription<L> {
     fn drop(&mut self) {
-        metrics::gauge!("strata_watch_subscribers").decrement(1.0);
+        metrics::gauge!("strata_watch_subscribers", "watch" => L::NAME).decrement(1.0);
     }
 }
 
-impl Subscription {
+/// A subscription as the stream a tonic handler returns.
+pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, tonic::Status>> + Send>>;
+
+impl<L: Lens> Subscription<L> {
     /// The next message; `None` when the stream is over.
-    pub async fn next(&mut self) -> Option<Result<WatchConfigResponse, tonic::Status>> {
+    pub async fn next(&mut self) -> Option<Result<L::Message, tonic::Status>> {
         loop {
             if let Some(message) = self.pending.pop_front() {
-                self.done |= message.tenant_deleted;
-                metrics::counter!("strata_watch_pushes_total").increment(1);
+                self.done |= L::is_last(&message);
+                metrics::counter!("strata_watch_pushes_total", "watch" => L::NAME).increment(1);
                 return Some(Ok(message));
             }
             if self.done {
@@ -485,23 +603,23 @@ impl Subscription {
             };
             match received {
                 Ok(push) => {
-                    if push.message.revision <= self.after {
+                    if L::revision(&push.message) <= self.after {
                         continue;
                     }
-                    self.after = push.message.revision;
-                    metrics::histogram!("strata_watch_push_latency_seconds")
+                    self.after = L::revision(&push.message);
+                    metrics::histogram!("strata_watch_push_latency_seconds", "watch" => L::NAME)
                         .record(push.created.elapsed().as_secs_f64());
                     self.pending.push_back(push.message.clone());
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    metrics::counter!("strata_watch_resets_total", "reason" => "lagged")
+                    metrics::counter!("strata_watch_resets_total", "watch" => L::NAME, "reason" => "lagged")
                         .increment(1);
                     match self.hub.join(&self.key, 0) {
                         Ok((rx, mut initial, after)) => {
                             self.rx = rx;
                             self.after = after;
                             for m in &mut initial {
-                                m.reset = true;
+                                L::mark_reset(m);
                             }
                             self.pending.extend(initial);
                         }
@@ -519,9 +637,7 @@ impl Subscription {
     }
 
     /// This subscription as a stream for tonic.
-    pub fn into_stream(
-        self,
-    ) -> Pin<Box<dyn Stream<Item = Result<WatchConfigResponse, tonic::Status>> + Send>> {
+    pub fn into_stream(self) -> MessageStream<L::Message> {
         Box::pin(futures::stream::unfold(self, |mut s| async move {
             s.next().await.map(|m| (m, s))
         }))

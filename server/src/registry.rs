@@ -111,6 +111,25 @@ pub struct BranchRegistered {
     pub lease: LeaseId,
 }
 
+/// Validates a registration into its record, including what the prober
+/// will make of its check.
+fn instance_record(
+    spec: &InstanceSpec,
+    limits: &registry::RegistrationLimits,
+    now: i64,
+) -> Result<InstanceRecord, ApiError> {
+    let record = registry::build_record(spec, limits, now).map_err(instance_error)?;
+    if let Some(check) = &record.check {
+        let target = crate::registry_jobs::probe_target(check, &record.endpoints)
+            .ok_or_else(|| invalid("the check cannot be probed"))?;
+        target
+            .spec
+            .validate()
+            .map_err(|e| invalid(format!("check: {e}")))?;
+    }
+    Ok(record)
+}
+
 fn instance_error(e: InvalidInstance) -> ApiError {
     match e {
         InvalidInstance::Invalid(e) => invalid(e.0),
@@ -230,8 +249,7 @@ impl Api {
         if let Some(id) = &req.id {
             names::validate_id("instance id", id).map_err(name_error)?;
         }
-        let record = registry::build_record(&req.spec, &self.limits.registration, unix_now_ms())
-            .map_err(instance_error)?;
+        let record = instance_record(&req.spec, &self.limits.registration, unix_now_ms())?;
         let id = req.id.clone().unwrap_or_else(|| generate_id(&req.service));
         let (lease, granted) = if record.persistent {
             if req.lease.is_some_and(|l| l != 0) {
@@ -493,8 +511,8 @@ impl Api {
             if let Some(id) = id {
                 names::validate_id("instance id", id).map_err(name_error)?;
             }
-            let record = registry::build_record(spec, &self.limits.registration, now)
-                .map_err(|e| instance_error(e).prefixed(&format!("instance {i}: ")))?;
+            let record = instance_record(spec, &self.limits.registration, now)
+                .map_err(|e| e.prefixed(&format!("instance {i}: ")))?;
             let id = id.clone().unwrap_or_else(|| generate_id(&req.service));
             if !ids.insert(id.clone()) {
                 return Err(invalid(format!("instance id {id:?} is given twice")));

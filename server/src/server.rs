@@ -21,11 +21,14 @@ use crate::api::{Api, Limits};
 use crate::config::CompactionConfig;
 use crate::error::ApiError;
 use crate::grpc::GrpcApi;
-use crate::hub::Hub;
+use crate::grpc_registry::RegistryApi;
+use crate::hub::{ConfigLens, Hub};
+use crate::service_watch::ServicesLens;
 use crate::store::Store;
 use crate::view::{JournalLimits, View};
 use strata_proto::v1::ErrorReason;
 use strata_proto::v1::config_service_server::ConfigServiceServer;
+use strata_proto::v1::registry_service_server::RegistryServiceServer;
 use strata_proto::v1::tenant_service_server::TenantServiceServer;
 
 /// Everything request handlers share.
@@ -44,7 +47,8 @@ pub struct DaemonState {
     pub limits: Limits,
     ready: AtomicBool,
     api: OnceLock<Api>,
-    hub: OnceLock<Arc<Hub>>,
+    hub: OnceLock<Arc<Hub<ConfigLens>>>,
+    services_hub: OnceLock<Arc<Hub<ServicesLens>>>,
 }
 
 impl std::fmt::Debug for DaemonState {
@@ -74,8 +78,18 @@ impl DaemonState {
     }
 
     /// The watch hub, once the view is loaded.
-    pub fn hub(&self) -> Result<&Arc<Hub>, ApiError> {
+    pub fn hub(&self) -> Result<&Arc<Hub<ConfigLens>>, ApiError> {
         self.hub.get().ok_or_else(|| {
+            ApiError::new(
+                ErrorReason::Unavailable,
+                "stratad is still loading its view of the store",
+            )
+        })
+    }
+
+    /// The services watch hub, once the view is loaded.
+    pub fn services_hub(&self) -> Result<&Arc<Hub<ServicesLens>>, ApiError> {
+        self.services_hub.get().ok_or_else(|| {
             ApiError::new(
                 ErrorReason::Unavailable,
                 "stratad is still loading its view of the store",
@@ -143,6 +157,7 @@ pub async fn run(
         ready: AtomicBool::new(false),
         api: OnceLock::new(),
         hub: OnceLock::new(),
+        services_hub: OnceLock::new(),
     });
     metrics::gauge!("strata_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     state.set_ready(false);
@@ -173,6 +188,9 @@ pub async fn run(
         .add_service(AdminServiceServer::new(AdminApi::new(Arc::clone(&state))))
         .add_service(TenantServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(ConfigServiceServer::new(GrpcApi::new(Arc::clone(&state))))
+        .add_service(RegistryServiceServer::new(RegistryApi::new(Arc::clone(
+            &state,
+        ))))
         .into_axum_router();
     let app = grpc
         .merge(crate::http::router(Arc::clone(&state)))
@@ -196,17 +214,35 @@ pub async fn run(
     let _ = state
         .hub
         .set(Hub::new(Arc::clone(&view), state.member.clone()));
+    let _ = state
+        .services_hub
+        .set(Hub::new(Arc::clone(&view), state.member.clone()));
     let follower =
         tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), state.shutdown.clone()));
     // Only this function sets it, once.
-    let _ = state
-        .api
-        .set(Api::new(Arc::clone(&store), view, options.limits));
-    let compaction = tokio::spawn(crate::jobs::compaction(
-        Arc::clone(&store),
-        options.compaction.clone(),
-        state.shutdown.clone(),
-    ));
+    let api = Api::new(Arc::clone(&store), view, options.limits);
+    let _ = state.api.set(api.clone());
+    // Leader-only jobs: with the embedded store this daemon is the leader.
+    let jobs = [
+        tokio::spawn(crate::jobs::compaction(
+            Arc::clone(&store),
+            options.compaction.clone(),
+            state.shutdown.clone(),
+        )),
+        tokio::spawn(crate::registry_jobs::health_checks(
+            api.clone(),
+            state.shutdown.clone(),
+        )),
+        tokio::spawn(crate::registry_jobs::tenant_gc(
+            api.clone(),
+            crate::registry_jobs::TENANT_GC_INTERVAL,
+            state.shutdown.clone(),
+        )),
+        tokio::spawn(crate::registry_jobs::instance_gauges(
+            api,
+            state.shutdown.clone(),
+        )),
+    ];
     state.set_ready(true);
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<AdminServiceServer<AdminApi>>().await;
@@ -219,7 +255,7 @@ pub async fn run(
     };
     if let Some(result) = early_exit {
         upkeep.abort();
-        compaction.abort();
+        jobs.iter().for_each(tokio::task::JoinHandle::abort);
         follower.abort();
         return match result {
             Ok(Ok(())) => Ok(()),
@@ -239,7 +275,7 @@ pub async fn run(
     state.shutdown.cancel();
     let drained = tokio::time::timeout(options.shutdown_grace, &mut server).await;
     upkeep.abort();
-    compaction.abort();
+    jobs.iter().for_each(tokio::task::JoinHandle::abort);
     follower.abort();
     match drained {
         Ok(Ok(Ok(()))) => {

@@ -701,7 +701,7 @@ pub type BatchListener = Box<dyn Fn(&ViewState, &JournalEntry) + Send + Sync>;
 pub struct View {
     state: RwLock<ViewState>,
     revision: watch::Sender<Revision>,
-    listener: std::sync::OnceLock<BatchListener>,
+    listeners: RwLock<Vec<BatchListener>>,
 }
 
 impl std::fmt::Debug for View {
@@ -724,7 +724,7 @@ impl View {
         Ok(Arc::new(Self {
             state: RwLock::new(state),
             revision,
-            listener: std::sync::OnceLock::new(),
+            listeners: RwLock::new(Vec::new()),
         }))
     }
 
@@ -740,9 +740,25 @@ impl View {
         Ok(state)
     }
 
-    /// Registers the one listener told about every applied revision.
-    pub fn set_listener(&self, listener: BatchListener) -> Result<(), BatchListener> {
-        self.listener.set(listener)
+    /// Adds a listener told about every applied revision (add listeners
+    /// before [`View::follow`] starts, so none misses a revision).
+    pub fn add_listener(&self, listener: BatchListener) {
+        self.listeners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(listener);
+    }
+
+    fn tell_listeners(&self, entry: &JournalEntry) {
+        let state = self.read();
+        for listener in self
+            .listeners
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            listener(&state, entry);
+        }
     }
 
     /// Read access to the current state.
@@ -781,10 +797,8 @@ impl View {
             .unwrap_or_else(PoisonError::into_inner)
             .apply_batch(batch);
         // Only this task writes the state, so it is still at this revision
-        // while the listener reads it.
-        if let Some(listener) = self.listener.get() {
-            listener(&self.read(), &entry);
-        }
+        // while the listeners read it.
+        self.tell_listeners(&entry);
         self.revision.send_replace(batch.revision);
     }
 
@@ -868,9 +882,7 @@ impl View {
                 .collect(),
         };
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = state;
-        if let Some(listener) = self.listener.get() {
-            listener(&self.read(), &everything);
-        }
+        self.tell_listeners(&everything);
         self.revision.send_replace(revision);
         Ok(())
     }

@@ -586,3 +586,127 @@ async fn bad_registrations_get_clear_errors_and_write_nothing() {
         "{everything}"
     );
 }
+
+#[tokio::test]
+async fn a_resumed_services_watch_gets_exactly_the_missed_changes_or_a_reset() {
+    // A short journal, so an old resume point falls out of it.
+    let daemon = Daemon::builder()
+        .env("STRATA_WATCH_JOURNAL_REVISIONS", "4")
+        .start()
+        .await;
+    let a = daemon.addr;
+    ok(a, "PUT", &format!("{P}/integration"), "").await;
+    ok(
+        a,
+        "PUT",
+        &format!("{P}/feat-1"),
+        r#"{"parent":"integration"}"#,
+    )
+    .await;
+    let plain = |id: &str| {
+        format!(r#"{{"id":"{id}","endpoints":{{"main":"127.0.0.1:9"}},"kind":"persistent"}}"#)
+    };
+    ok(
+        a,
+        "POST",
+        &format!("{P}/integration/services/a/instances"),
+        &plain("a1"),
+    )
+    .await;
+
+    let mut registry = RegistryServiceClient::connect(daemon.endpoint())
+        .await
+        .unwrap();
+    let request = |start_revision| WatchServicesRequest {
+        project: "vega".into(),
+        tenant: "feat-1".into(),
+        services: vec![],
+        start_revision,
+    };
+    let mut watch = registry
+        .watch_services(request(0))
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = watch.next().await.unwrap().unwrap();
+    assert_eq!(snapshot.services.len(), 1);
+    assert_eq!(snapshot.services[0].service, "a");
+    drop(watch);
+
+    // While disconnected: b appears in feat-1 (a change), b appears in
+    // integration (hidden by feat-1's: no change), a disappears (a change).
+    let r1 = ok(
+        a,
+        "POST",
+        &format!("{P}/feat-1/services/b/instances"),
+        &plain("b1"),
+    )
+    .await["revision"]
+        .as_i64()
+        .unwrap();
+    ok(
+        a,
+        "POST",
+        &format!("{P}/integration/services/b/instances"),
+        &plain("b2"),
+    )
+    .await;
+    let r3 = ok(
+        a,
+        "DELETE",
+        &format!("{P}/integration/services/a/instances/a1"),
+        "",
+    )
+    .await["revision"]
+        .as_i64()
+        .unwrap();
+
+    let mut resumed = registry
+        .watch_services(request(snapshot.revision + 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = resumed.next().await.unwrap().unwrap();
+    assert_eq!(first.revision, r1);
+    assert!(!first.reset);
+    assert_eq!(first.services.len(), 1);
+    assert_eq!(
+        (
+            first.services[0].service.as_str(),
+            first.services[0].tenant.as_str()
+        ),
+        ("b", "feat-1")
+    );
+    let second = resumed.next().await.unwrap().unwrap();
+    assert_eq!(second.revision, r3);
+    assert_eq!(second.services.len(), 1);
+    assert_eq!(second.services[0].service, "a");
+    assert_eq!(second.services[0].tenant, "", "a no longer resolves");
+    // Nothing else was missed.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), resumed.next()).await;
+    assert!(quiet.is_err(), "unexpected message: {quiet:?}");
+
+    // Push the resume point out of the journal: a reset snapshot.
+    for i in 0..6 {
+        ok(
+            a,
+            "POST",
+            &format!("{P}/integration/services/c/instances"),
+            &plain(&format!("c{i}")),
+        )
+        .await;
+    }
+    let mut reset = registry
+        .watch_services(request(snapshot.revision + 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let message = reset.next().await.unwrap().unwrap();
+    assert!(message.reset, "{message:?}");
+    let names: Vec<&str> = message
+        .services
+        .iter()
+        .map(|s| s.service.as_str())
+        .collect();
+    assert_eq!(names, ["b", "c"]);
+}

@@ -151,7 +151,7 @@ impl Fixture {
 /// [`Fixture`]; for [`Isolation::Exclusive`] cases it must provide a store
 /// nobody else uses.
 ///
-/// ```ignore
+/// ```text
 /// strata_server::store_conformance_tests!(embedded, |spec| async move {
 ///     let dir = tempfile::tempdir().unwrap();
 ///     let store = EmbeddedStore::open(dir.path()).unwrap();

@@ -150,7 +150,6 @@ fn instance_json(i: &Instance) -> Value {
         "service": i.service,
         "kind": kind_name(i.kind),
         "endpoints": endpoints,
-        "protocol": protocol_name(i.protocol),
         "metadata": i.metadata,
         "weight": i.weight,
         "version": i.version,
@@ -163,6 +162,9 @@ fn instance_json(i: &Instance) -> Value {
     }
     if i.lease_id != 0 {
         v["lease_id"] = json!(i.lease_id);
+    }
+    if i.ttl_seconds != 0 {
+        v["ttl_seconds"] = json!(i.ttl_seconds);
     }
     v
 }
@@ -445,13 +447,13 @@ impl Output {
             Output::Table => {
                 if s.tenant.is_empty() {
                     println!(
-                        "{} has no routable instance for {tenant} (revision {revision})",
+                        "{} has no routable instance for {tenant}, revision {revision}",
                         s.service
                     );
                     return;
                 }
                 println!(
-                    "{} for {tenant}: served by {} (revision {revision})",
+                    "{} for {tenant}: served by {}, revision {revision}",
                     s.service,
                     served_by(s)
                 );
@@ -502,12 +504,12 @@ impl Output {
                 println!("@{} {kind}{reset}{gone}", m.revision);
                 for s in &m.services {
                     if s.tenant.is_empty() {
-                        println!("  {}  no routable instance", s.service);
+                        println!("  {}: no routable instance", s.service);
                     } else {
                         let endpoints: Vec<String> =
                             s.instances.iter().map(endpoints_text).collect();
                         println!(
-                            "  {}  → {}: {}",
+                            "  {} → {}: {}",
                             s.service,
                             served_by(s),
                             endpoints.join(" ")

@@ -20,6 +20,7 @@ pub mod http_registry;
 pub mod hub;
 pub mod jobs;
 pub mod keyspace;
+pub mod leader;
 pub mod probe;
 pub mod registry;
 pub mod registry_jobs;

@@ -103,6 +103,9 @@ impl DaemonState {
     }
 }
 
+/// Longest wait for leader-only jobs to stop at shutdown.
+const JOBS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Settings of [`run`] beyond the listener and the store.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -222,27 +225,34 @@ pub async fn run(
     // Only this function sets it, once.
     let api = Api::new(Arc::clone(&store), view, options.limits);
     let _ = state.api.set(api.clone());
-    // Leader-only jobs: with the embedded store this daemon is the leader.
-    let jobs = [
-        tokio::spawn(crate::jobs::compaction(
-            Arc::clone(&store),
-            options.compaction.clone(),
-            state.shutdown.clone(),
-        )),
-        tokio::spawn(crate::registry_jobs::health_checks(
-            api.clone(),
-            state.shutdown.clone(),
-        )),
-        tokio::spawn(crate::registry_jobs::tenant_gc(
-            api.clone(),
-            crate::registry_jobs::TENANT_GC_INTERVAL,
-            state.shutdown.clone(),
-        )),
-        tokio::spawn(crate::registry_jobs::instance_gauges(
-            api,
-            state.shutdown.clone(),
-        )),
-    ];
+    // Leader-only jobs run on the one replica that holds the leader lease
+    // (with the embedded store, always this daemon).
+    let compaction = options.compaction.clone();
+    let jobs = tokio::spawn(crate::leader::run(
+        Arc::clone(&store),
+        state.member.clone(),
+        crate::leader::DEFAULT_TERM_TTL_SECONDS,
+        state.shutdown.clone(),
+        {
+            let store = Arc::clone(&store);
+            move |term: CancellationToken| {
+                let (store, api, compaction) =
+                    (Arc::clone(&store), api.clone(), compaction.clone());
+                async move {
+                    tokio::join!(
+                        crate::jobs::compaction(store, compaction, term.clone()),
+                        crate::registry_jobs::health_checks(api.clone(), term.clone()),
+                        crate::registry_jobs::tenant_gc(
+                            api.clone(),
+                            crate::registry_jobs::TENANT_GC_INTERVAL,
+                            term.clone(),
+                        ),
+                        crate::registry_jobs::instance_gauges(api, term),
+                    );
+                }
+            }
+        },
+    ));
     state.set_ready(true);
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<AdminServiceServer<AdminApi>>().await;
@@ -255,7 +265,7 @@ pub async fn run(
     };
     if let Some(result) = early_exit {
         upkeep.abort();
-        jobs.iter().for_each(tokio::task::JoinHandle::abort);
+        jobs.abort();
         follower.abort();
         return match result {
             Ok(Ok(())) => Ok(()),
@@ -275,7 +285,15 @@ pub async fn run(
     state.shutdown.cancel();
     let drained = tokio::time::timeout(options.shutdown_grace, &mut server).await;
     upkeep.abort();
-    jobs.iter().for_each(tokio::task::JoinHandle::abort);
+    // Leader-only jobs stop on the shutdown token; give the leader a moment
+    // to release its lease so a successor need not wait for it to expire.
+    let mut jobs = jobs;
+    if tokio::time::timeout(JOBS_STOP_TIMEOUT, &mut jobs)
+        .await
+        .is_err()
+    {
+        jobs.abort();
+    }
     follower.abort();
     match drained {
         Ok(Ok(Ok(()))) => {

@@ -5,7 +5,9 @@
 //! - [`WriterMetrics`]: a `metrics` recorder that captures the embedded
 //!   store's own write-path histograms (batch size, commit duration), so a
 //!   benchmark can show how the writer thread grouped the load;
-//! - [`MachineInfo`] and [`fsync_probe`]: what the figures were measured on.
+//! - [`MachineInfo`] and [`fsync_probe`]: what the figures were measured on;
+//! - [`daemon`]: a real `stratad` child process and CPU accounting, for load
+//!   generators that drive the daemon over the network.
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use metrics::{Counter, Gauge, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use serde::Serialize;
+
+pub mod daemon;
 
 /// Error type of the helpers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,4 +1,5 @@
-//! gRPC handlers of `TenantService` and `ConfigService`: thin — decode the
+//! gRPC handlers of `TenantService` and `ConfigService` (`RegistryService`'s
+//! are in `grpc_registry.rs`, on the same type): thin — decode the
 //! request, call [`Api`], encode the answer; errors go through the one table
 //! in [`crate::error`].
 
@@ -24,10 +25,10 @@ use crate::hub::Selection;
 use crate::server::DaemonState;
 use crate::store::Revision;
 
-/// Handler of both services.
+/// Handler of the daemon's domain services.
 #[derive(Debug, Clone)]
 pub struct GrpcApi {
-    state: Arc<DaemonState>,
+    pub(crate) state: Arc<DaemonState>,
 }
 
 impl GrpcApi {
@@ -37,11 +38,11 @@ impl GrpcApi {
         Self { state }
     }
 
-    fn api(&self) -> Result<&Api, Status> {
+    pub(crate) fn api(&self) -> Result<&Api, Status> {
         Ok(self.state.api()?)
     }
 
-    fn header(&self, revision: Revision) -> Option<ResponseHeader> {
+    pub(crate) fn header(&self, revision: Revision) -> Option<ResponseHeader> {
         Some(ResponseHeader {
             revision,
             member: self.state.member.clone(),

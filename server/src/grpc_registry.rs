@@ -3,8 +3,6 @@
 //! table in [`crate::error`]. Also the conversions of registry objects to
 //! and from the wire, which the services watch shares.
 
-use std::sync::Arc;
-
 use futures::StreamExt;
 use strata_proto::v1::registry_service_server::RegistryService;
 use strata_proto::v1::{
@@ -17,39 +15,14 @@ use strata_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::api::{Api, NewTenant, PutLayer};
+use crate::api::{NewTenant, PutLayer};
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
 use crate::error::ApiError;
+use crate::grpc::GrpcApi;
 use crate::hub::MessageStream;
 use crate::registry::{BranchRegistration, InstanceInfo, Registration, ServiceResolution};
-use crate::server::DaemonState;
 use crate::service_watch::ServiceSelection;
-use crate::store::Revision;
-
-/// Handler of `RegistryService`.
-#[derive(Debug, Clone)]
-pub struct RegistryApi {
-    state: Arc<DaemonState>,
-}
-
-impl RegistryApi {
-    /// Handlers over the daemon's state (`UNAVAILABLE` until it is loaded).
-    pub fn new(state: Arc<DaemonState>) -> Self {
-        Self { state }
-    }
-
-    fn api(&self) -> Result<&Api, Status> {
-        Ok(self.state.api()?)
-    }
-
-    fn header(&self, revision: Revision) -> Option<ResponseHeader> {
-        Some(ResponseHeader {
-            revision,
-            member: self.state.member.clone(),
-        })
-    }
-}
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(strata_proto::v1::ErrorReason::InvalidArgument, message)
@@ -264,7 +237,7 @@ pub fn branch_from_wire(r: RegisterBranchRequest) -> Result<BranchRegistration, 
 }
 
 #[tonic::async_trait]
-impl RegistryService for RegistryApi {
+impl RegistryService for GrpcApi {
     type KeepAliveStream = MessageStream<HeartbeatResponse>;
     type WatchServicesStream = MessageStream<WatchServicesResponse>;
 

@@ -21,7 +21,6 @@ use crate::api::{Api, Limits};
 use crate::config::CompactionConfig;
 use crate::error::ApiError;
 use crate::grpc::GrpcApi;
-use crate::grpc_registry::RegistryApi;
 use crate::hub::{ConfigLens, Hub};
 use crate::service_watch::ServicesLens;
 use crate::store::Store;
@@ -191,9 +190,7 @@ pub async fn run(
         .add_service(AdminServiceServer::new(AdminApi::new(Arc::clone(&state))))
         .add_service(TenantServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(ConfigServiceServer::new(GrpcApi::new(Arc::clone(&state))))
-        .add_service(RegistryServiceServer::new(RegistryApi::new(Arc::clone(
-            &state,
-        ))))
+        .add_service(RegistryServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .into_axum_router();
     let app = grpc
         .merge(crate::http::router(Arc::clone(&state)))

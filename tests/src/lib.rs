@@ -324,3 +324,29 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// An HTTP request whose answer is JSON: (status, parsed body). Panics when
+/// the body is not JSON (every Strata API answer, errors included, is).
+pub async fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let (status, text) = http_request(addr, method, path, &[], body.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text:?}"));
+    (status, json)
+}
+
+/// [`http_json`] that must succeed (2xx); returns the body.
+pub async fn http_ok(addr: SocketAddr, method: &str, path: &str, body: &str) -> serde_json::Value {
+    let (status, json) = http_json(addr, method, path, body).await;
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path} -> {status} {json}"
+    );
+    json
+}

@@ -8,25 +8,7 @@ use std::net::SocketAddr;
 use serde_json::{Value, json};
 use strata_proto::v1::ResolveRequest;
 use strata_proto::v1::config_service_client::ConfigServiceClient;
-use strata_tests::{Daemon, http_get, http_request};
-
-async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, text) = http_request(addr, method, path, &[], body.as_bytes())
-        .await
-        .unwrap();
-    let json =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text:?}"));
-    (status, json)
-}
-
-async fn ok(addr: SocketAddr, method: &str, path: &str, body: &str) -> Value {
-    let (status, json) = call(addr, method, path, body).await;
-    assert!(
-        (200..300).contains(&status),
-        "{method} {path} -> {status} {json}"
-    );
-    json
-}
+use strata_tests::{Daemon, http_get, http_json as call, http_ok as ok, http_request};
 
 async fn revision(addr: SocketAddr) -> i64 {
     let (_, body) = http_get(addr, "/v1/status").await.unwrap();

@@ -11,25 +11,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use strata_server::store::embedded::EmbeddedStore;
 use strata_server::store::{KeyRange, Store};
-use strata_tests::{Daemon, http_get, http_request, strata};
-
-async fn call(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, text) = http_request(addr, method, path, &[], body.as_bytes())
-        .await
-        .unwrap();
-    let json =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text:?}"));
-    (status, json)
-}
-
-async fn ok(addr: SocketAddr, method: &str, path: &str, body: &str) -> Value {
-    let (status, json) = call(addr, method, path, body).await;
-    assert!(
-        (200..300).contains(&status),
-        "{method} {path} -> {status} {json}"
-    );
-    json
-}
+use strata_tests::{Daemon, http_get, http_json as call, http_ok as ok, strata};
 
 async fn resolved(addr: SocketAddr, path: &str) -> (u16, String) {
     http_get(addr, path).await.unwrap()

@@ -27,6 +27,7 @@ use async_trait::async_trait;
 use futures::Stream;
 
 pub mod embedded;
+pub mod etcd;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

@@ -18,25 +18,32 @@
 //!   persisted, so a lease keeps its expiry across a restart and one that
 //!   lapsed while the daemon was down expires right after start.
 //!
-//! After a commit the writer publishes each revision's events on a broadcast
-//! channel. A watcher reads history it missed from `log`, then follows the
-//! broadcast; if it lags past the channel's capacity it falls back to `log`,
-//! so a slow watcher never slows the writer or other watchers.
+//! After a commit (and after answering the batch's callers) the writer
+//! appends each revision to the live [`Feed`]: a chain of revisions in
+//! memory, of which only the newest [`EmbeddedOptions::watch_buffer`] are
+//! kept. A watcher reads history it missed from `log`, then walks the chain;
+//! when the revision it needs has already dropped out of memory it falls back
+//! to `log`, so a slow watcher never slows the writer or other watchers. See
+//! [`Feed`] for why this is not a broadcast channel.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::Stream;
 use prost::Message;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 
 use super::{
     Event, EventKind, KeyRange, KeyValue, Lease, LeaseId, LeaseInfo, RangeResponse, Revision,
@@ -59,14 +66,17 @@ const META_NEXT_LEASE: &str = "next_lease";
 const LOG_READ_CHUNK: usize = 512;
 /// Longest the writer sleeps without checking lease deadlines.
 const MAX_IDLE: Duration = Duration::from_millis(500);
+/// Wakers cloned per hold of the feed's waker lock when publishing, so that
+/// registering watchers never wait for a whole fan-out.
+const WAKE_BATCH: usize = 64;
 
 /// Tuning of the embedded backend.
 #[derive(Clone, Debug)]
 pub struct EmbeddedOptions {
     /// Most requests the writer commits with one fsync.
     pub max_batch: usize,
-    /// Revisions buffered for live watchers before a slow one falls back to
-    /// reading the log.
+    /// Revisions kept in memory for live watchers; one further behind reads
+    /// the log instead.
     pub watch_buffer: usize,
 }
 
@@ -222,7 +232,7 @@ fn read_range<T: ReadableTable<&'static [u8], &'static [u8]>>(
     }
 }
 
-/// One committed revision, as published to live watchers.
+/// One committed revision: read from the log, or about to be published.
 #[derive(Debug)]
 struct Committed {
     revision: Revision,
@@ -236,9 +246,6 @@ struct Shared {
     /// Latest committed revision (updated after fsync, before publishing).
     revision: AtomicI64,
     compacted: AtomicI64,
-    /// Set while the writer runs; watchers subscribe through it. The writer
-    /// owns the only strong sender, so watchers see `Closed` once it exits.
-    events: broadcast::WeakSender<Arc<Committed>>,
 }
 
 impl Shared {
@@ -285,6 +292,202 @@ impl Shared {
     }
 }
 
+/// One revision on the live feed.
+///
+/// Each node links to the next one weakly, so only the feed's ring decides
+/// how much history stays in memory: a watcher pins just the node it stands
+/// on, never the chain behind it, and dropping a node never recurses.
+#[derive(Debug)]
+struct Node {
+    revision: Revision,
+    events: Arc<[Event]>,
+    next: OnceLock<Weak<Node>>,
+}
+
+/// Where a watcher's walk along the feed stands.
+enum Step {
+    /// The next revision, still in memory.
+    Next(Arc<Node>),
+    /// Nothing newer published yet.
+    End,
+    /// The next revision has dropped out of memory: read the log.
+    Gone,
+}
+
+impl Node {
+    fn step(&self) -> Step {
+        match self.next.get() {
+            None => Step::End,
+            Some(link) => link.upgrade().map_or(Step::Gone, Step::Next),
+        }
+    }
+}
+
+/// The newest revisions, kept alive for live watchers.
+struct Ring {
+    nodes: VecDeque<Arc<Node>>,
+    /// The newest node (the one the next revision links to).
+    tail: Arc<Node>,
+    capacity: usize,
+}
+
+/// Registered watcher wakers; a slot per live watcher, reused after it is
+/// dropped.
+#[derive(Default)]
+struct Wakers {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+/// The live feed the writer publishes committed revisions on.
+///
+/// Not a `tokio::sync::broadcast` channel, because with thousands of watchers
+/// its per-delivery bookkeeping dominated (measured in benches/RESULTS.md):
+/// each receive takes a slot lock and decrements a shared counter, and each
+/// receiver that catches up re-registers its waker under the channel's one
+/// mutex, so every delivery crossed that lock twice. Here a delivery is
+/// lock-free — a watcher follows the chain from the node it stands on — and
+/// a watcher registers its waker once, not per revision; the writer wakes
+/// every registered watcher once per committed batch.
+struct Feed {
+    ring: Mutex<Ring>,
+    wakers: Mutex<Wakers>,
+    /// Set when the writer has stopped; nothing will be published any more.
+    closed: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; if something ever did, the
+    // data would still be consistent (every update is a single assignment).
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Feed {
+    fn new(revision: Revision, capacity: usize) -> Self {
+        let start = Arc::new(Node {
+            revision,
+            events: Arc::from(Vec::new()),
+            next: OnceLock::new(),
+        });
+        Self {
+            ring: Mutex::new(Ring {
+                nodes: VecDeque::new(),
+                tail: start,
+                capacity: capacity.max(1),
+            }),
+            wakers: Mutex::new(Wakers::default()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The newest published node: a watcher standing on it receives every
+    /// revision published from now on.
+    fn tail(&self) -> Arc<Node> {
+        Arc::clone(&lock(&self.ring).tail)
+    }
+
+    /// Appends committed revisions (in revision order) and wakes every
+    /// registered watcher once.
+    fn publish(&self, committed: Vec<Committed>) {
+        if committed.is_empty() {
+            return;
+        }
+        {
+            let mut ring = lock(&self.ring);
+            for c in committed {
+                let node = Arc::new(Node {
+                    revision: c.revision,
+                    events: c.events,
+                    next: OnceLock::new(),
+                });
+                // Only the writer links, and always onto the newest node, so
+                // the link is always still unset.
+                let _ = ring.tail.next.set(Arc::downgrade(&node));
+                ring.tail = Arc::clone(&node);
+                ring.nodes.push_back(node);
+                if ring.nodes.len() > ring.capacity {
+                    ring.nodes.pop_front();
+                }
+            }
+        }
+        self.wake_all();
+    }
+
+    /// Marks the feed finished and wakes every watcher so that it reports
+    /// the store closed once it has delivered what was published.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        {
+            // Keep the tail: watchers may still stand on it.
+            let mut ring = lock(&self.ring);
+            ring.nodes.clear();
+        }
+        self.wake_all();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Wakes every registered watcher. The wakers are cloned out in small
+    /// batches and woken outside the lock: a waker may run arbitrary code
+    /// (even drop a watcher, which takes this lock), and registrations should
+    /// not wait for the whole fan-out.
+    fn wake_all(&self) {
+        let mut batch: Vec<Waker> = Vec::with_capacity(WAKE_BATCH);
+        let mut from = 0;
+        loop {
+            let finished = {
+                let wakers = lock(&self.wakers);
+                for slot in wakers.slots.iter().skip(from) {
+                    from += 1;
+                    if let Some(w) = slot {
+                        batch.push(w.clone());
+                        if batch.len() == WAKE_BATCH {
+                            break;
+                        }
+                    }
+                }
+                from >= wakers.slots.len()
+            };
+            for waker in batch.drain(..) {
+                waker.wake();
+            }
+            if finished {
+                return;
+            }
+        }
+    }
+
+    /// Registers (or replaces) a watcher's waker; `slot` is the watcher's
+    /// registration, assigned on first use.
+    fn register(&self, slot: &mut Option<usize>, waker: &Waker) {
+        let mut wakers = lock(&self.wakers);
+        let index = match *slot {
+            Some(i) => i,
+            None => match wakers.free.pop() {
+                Some(i) => i,
+                None => {
+                    wakers.slots.push(None);
+                    wakers.slots.len() - 1
+                }
+            },
+        };
+        if let Some(s) = wakers.slots.get_mut(index) {
+            *s = Some(waker.clone());
+            *slot = Some(index);
+        }
+    }
+
+    fn unregister(&self, index: usize) {
+        let mut wakers = lock(&self.wakers);
+        if let Some(s) = wakers.slots.get_mut(index) {
+            *s = None;
+            wakers.free.push(index);
+        }
+    }
+}
+
 /// A request to the writer thread.
 enum Request {
     Txn(Txn, Reply<TxnResponse>),
@@ -311,6 +514,7 @@ fn defer<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> D
 /// (after the batch in flight) and closes the file.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
+    feed: Arc<Feed>,
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
 }
@@ -350,15 +554,18 @@ impl EmbeddedStore {
             };
             StoreError::Backend(format!("cannot open {}: {e}{hint}", path.display()))
         })?;
-        let (sender, _) = broadcast::channel(options.watch_buffer.max(16));
         let shared = Arc::new(Shared {
             db,
             path,
             revision: AtomicI64::new(0),
             compacted: AtomicI64::new(0),
-            events: sender.downgrade(),
         });
-        let writer = Writer::load(Arc::clone(&shared), sender, options.max_batch.max(1))?;
+        let writer = Writer::load(
+            Arc::clone(&shared),
+            options.watch_buffer.max(16),
+            options.max_batch.max(1),
+        )?;
+        let feed = Arc::clone(&writer.feed);
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("strata-store-writer".into())
@@ -366,6 +573,7 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             shared,
+            feed,
             requests: Some(tx),
             writer: Some(handle),
         })
@@ -429,33 +637,31 @@ impl Store for EmbeddedStore {
         range: KeyRange,
         start_revision: Revision,
     ) -> Result<WatchStream, StoreError> {
-        let sender = self
-            .shared
-            .events
-            .upgrade()
-            .ok_or_else(|| StoreError::Unavailable("store is closed".into()))?;
-        // Subscribe before reading the current revision so nothing committed
-        // in between can be missed.
-        let live = sender.subscribe();
+        if self.feed.is_closed() {
+            return Err(StoreError::Unavailable("store is closed".into()));
+        }
+        // Stand on the feed before reading the current revision so nothing
+        // committed in between can be missed.
+        let cursor = self.feed.tail();
         let current = self.shared.revision.load(Ordering::Acquire);
         let next = if start_revision <= 0 {
             current + 1
         } else {
             start_revision
         };
-        let watcher = Watcher {
+        Ok(Box::pin(Watcher {
             shared: Arc::downgrade(&self.shared),
+            feed: Arc::clone(&self.feed),
             range,
             next,
-            live,
+            cursor,
             catch_up: next <= current,
+            reading: None,
             pending: VecDeque::new(),
+            slot: None,
+            waker: None,
             done: false,
-        };
-        Ok(Box::pin(futures::stream::unfold(
-            watcher,
-            |mut w| async move { w.next_batch().await.map(|item| (item, w)) },
-        )))
+        }))
     }
 
     async fn lease_grant(&self, ttl_seconds: i64) -> Result<Lease, StoreError> {
@@ -491,101 +697,151 @@ impl Store for EmbeddedStore {
     }
 }
 
-/// One watch's position and buffers.
+/// The events of one revision inside `range`, if any. Shares the revision's
+/// events when all of them match (the common case of a prefix watch), so a
+/// delivery to many watchers copies nothing.
+fn filter(range: &KeyRange, revision: Revision, events: &Arc<[Event]>) -> Option<WatchBatch> {
+    let events: Arc<[Event]> = if events.iter().all(|e| range.contains(&e.kv.key)) {
+        Arc::clone(events)
+    } else {
+        events
+            .iter()
+            .filter(|e| range.contains(&e.kv.key))
+            .cloned()
+            .collect()
+    };
+    (!events.is_empty()).then_some(WatchBatch { revision, events })
+}
+
+type LogRead = tokio::task::JoinHandle<Result<Vec<Committed>, StoreError>>;
+
+/// One watch: its position, and the stream it is polled as.
+///
+/// A hand-written stream rather than an `async` block behind
+/// `stream::unfold`: the delivery path runs once per watcher per revision,
+/// and the extra state machine layers were measurable at 10,000 watchers.
 struct Watcher {
     shared: Weak<Shared>,
+    feed: Arc<Feed>,
     range: KeyRange,
     /// The next revision this watcher has to deliver or skip.
     next: Revision,
-    live: broadcast::Receiver<Arc<Committed>>,
+    /// The feed node this watcher last passed; it delivers what follows.
+    cursor: Arc<Node>,
     /// Whether history from `next` must be read from the log before following
-    /// the live channel.
+    /// the feed.
     catch_up: bool,
+    /// A log read in flight.
+    reading: Option<LogRead>,
     pending: VecDeque<WatchBatch>,
+    /// This watcher's registration in the feed's wakers, once polled live.
+    slot: Option<usize>,
+    /// The waker registered there, to notice when the task's waker changes.
+    waker: Option<Waker>,
     done: bool,
 }
 
 impl Watcher {
-    fn filter(&self, committed: &Committed) -> Option<WatchBatch> {
-        let matching = committed
-            .events
-            .iter()
-            .filter(|e| self.range.contains(&e.kv.key))
-            .count();
-        let events: Arc<[Event]> = if matching == committed.events.len() {
-            // The common case (a prefix watcher seeing a whole revision):
-            // share the events instead of copying them per watcher.
-            Arc::clone(&committed.events)
-        } else {
-            committed
-                .events
-                .iter()
-                .filter(|e| self.range.contains(&e.kv.key))
-                .cloned()
-                .collect()
-        };
-        (matching > 0).then_some(WatchBatch {
-            revision: committed.revision,
-            events,
-        })
-    }
-
-    fn fail(&mut self, err: StoreError) -> Option<Result<WatchBatch, StoreError>> {
+    fn fail(&mut self, err: StoreError) -> Poll<Option<Result<WatchBatch, StoreError>>> {
         self.done = true;
-        Some(Err(err))
+        Poll::Ready(Some(Err(err)))
     }
 
-    async fn next_batch(&mut self) -> Option<Result<WatchBatch, StoreError>> {
+    /// Falls back to the log from `next`. The cursor moves to the feed's tail
+    /// first, so whatever is published while the log is read is still seen
+    /// (revisions already read are skipped).
+    fn lagged(&mut self) {
+        self.cursor = self.feed.tail();
+        self.catch_up = true;
+    }
+
+    fn closed() -> StoreError {
+        StoreError::Unavailable("store is closed".into())
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(index) = self.slot {
+            self.feed.unregister(index);
+        }
+    }
+}
+
+impl Stream for Watcher {
+    type Item = Result<WatchBatch, StoreError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
         loop {
-            if let Some(batch) = self.pending.pop_front() {
-                return Some(Ok(batch));
+            if let Some(batch) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(batch)));
             }
-            if self.done {
-                return None;
+            if this.done {
+                return Poll::Ready(None);
             }
-            if self.catch_up {
-                let Some(shared) = self.shared.upgrade() else {
-                    return self.fail(StoreError::Unavailable("store is closed".into()));
-                };
-                let from = self.next;
-                let read =
-                    tokio::task::spawn_blocking(move || shared.read_log(from, LOG_READ_CHUNK))
-                        .await;
+            if let Some(read) = this.reading.as_mut() {
+                let read = std::task::ready!(Pin::new(read).poll(cx));
+                this.reading = None;
                 let chunk = match read {
                     Ok(Ok(chunk)) => chunk,
-                    Ok(Err(e)) => return self.fail(e),
+                    Ok(Err(e)) => return this.fail(e),
                     Err(e) => {
-                        return self.fail(StoreError::Unavailable(format!("log read failed: {e}")));
+                        return this.fail(StoreError::Unavailable(format!("log read failed: {e}")));
                     }
                 };
-                self.catch_up = chunk.len() == LOG_READ_CHUNK;
-                for committed in &chunk {
-                    self.next = committed.revision + 1;
-                    if let Some(batch) = self.filter(committed) {
-                        self.pending.push_back(batch);
+                this.catch_up = chunk.len() == LOG_READ_CHUNK;
+                for c in &chunk {
+                    this.next = c.revision + 1;
+                    if let Some(batch) = filter(&this.range, c.revision, &c.events) {
+                        this.pending.push_back(batch);
                     }
                 }
                 continue;
             }
-            match self.live.recv().await {
-                Ok(committed) => {
-                    if committed.revision < self.next {
+            if this.catch_up {
+                let Some(shared) = this.shared.upgrade() else {
+                    return this.fail(Self::closed());
+                };
+                let from = this.next;
+                this.reading = Some(tokio::task::spawn_blocking(move || {
+                    shared.read_log(from, LOG_READ_CHUNK)
+                }));
+                continue;
+            }
+            // Register before looking for the next node: the writer links a
+            // node first and wakes second, so either this look sees the node
+            // or the wake-up reaches this waker.
+            if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                this.feed.register(&mut this.slot, cx.waker());
+                this.waker = Some(cx.waker().clone());
+            }
+            match this.cursor.step() {
+                Step::Next(node) => {
+                    this.cursor = node;
+                    let node = &this.cursor;
+                    if node.revision < this.next {
                         continue;
                     }
-                    if committed.revision > self.next {
+                    if node.revision > this.next {
                         // Revisions are contiguous, so a jump means this
                         // watcher missed some: read them from the log.
-                        self.catch_up = true;
+                        this.lagged();
                         continue;
                     }
-                    self.next = committed.revision + 1;
-                    if let Some(batch) = self.filter(&committed) {
-                        return Some(Ok(batch));
+                    this.next = node.revision + 1;
+                    if let Some(batch) = filter(&this.range, node.revision, &node.events) {
+                        return Poll::Ready(Some(Ok(batch)));
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up = true,
-                Err(broadcast::error::RecvError::Closed) => {
-                    return self.fail(StoreError::Unavailable("store is closed".into()));
+                Step::Gone => this.lagged(),
+                Step::End => {
+                    // `closed` is set after the last publish, so after seeing
+                    // it one more look finds anything published before.
+                    if this.feed.is_closed() && matches!(this.cursor.step(), Step::End) {
+                        return this.fail(Self::closed());
+                    }
+                    return Poll::Pending;
                 }
             }
         }
@@ -602,7 +858,7 @@ struct LeaseState {
 /// The single writer: owns every mutation and the lease table.
 struct Writer {
     shared: Arc<Shared>,
-    events: broadcast::Sender<Arc<Committed>>,
+    feed: Arc<Feed>,
     max_batch: usize,
     revision: Revision,
     compacted: Revision,
@@ -625,12 +881,12 @@ struct Tables<'t> {
 impl Writer {
     fn load(
         shared: Arc<Shared>,
-        events: broadcast::Sender<Arc<Committed>>,
+        watch_buffer: usize,
         max_batch: usize,
     ) -> Result<Self, StoreError> {
         let mut writer = Self {
             shared,
-            events,
+            feed: Arc::new(Feed::new(0, watch_buffer)),
             max_batch,
             revision: 0,
             compacted: 0,
@@ -640,6 +896,9 @@ impl Writer {
             failed: None,
         };
         writer.reload()?;
+        // The feed starts at the loaded revision: watchers read anything
+        // older from the log.
+        writer.feed = Arc::new(Feed::new(writer.revision, watch_buffer));
         Ok(writer)
     }
 
@@ -731,7 +990,7 @@ impl Writer {
         let started = Instant::now();
         let size = batch.len();
         let mut deferred: Vec<Deferred> = Vec::with_capacity(size);
-        let mut committed: Vec<Arc<Committed>> = Vec::new();
+        let mut committed: Vec<Committed> = Vec::new();
         let outcome = self.write_batch(batch, &mut deferred, &mut committed);
         match outcome {
             Ok(()) => {
@@ -744,10 +1003,7 @@ impl Writer {
                 for answer in deferred {
                     answer(Ok(()));
                 }
-                for c in committed {
-                    // No live watcher is fine: history stays in the log.
-                    let _ = self.events.send(c);
-                }
+                self.feed.publish(committed);
                 metrics::histogram!("strata_store_write_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("strata_store_write_batch_size").record(size as f64);
@@ -772,7 +1028,7 @@ impl Writer {
         &mut self,
         batch: Vec<Request>,
         deferred: &mut Vec<Deferred>,
-        committed: &mut Vec<Arc<Committed>>,
+        committed: &mut Vec<Committed>,
     ) -> Result<(), StoreError> {
         let mut wtx = self.shared.db.begin_write().map_err(backend)?;
         wtx.set_durability(Durability::Immediate)
@@ -815,7 +1071,7 @@ impl Writer {
         t: &mut Tables<'_>,
         request: Request,
         now: i64,
-        committed: &mut Vec<Arc<Committed>>,
+        committed: &mut Vec<Committed>,
     ) -> Result<(Deferred, bool), StoreError> {
         Ok(match request {
             Request::Txn(txn, reply) => {
@@ -907,7 +1163,7 @@ impl Writer {
         &mut self,
         t: &mut Tables<'_>,
         txn: Txn,
-        committed: &mut Vec<Arc<Committed>>,
+        committed: &mut Vec<Committed>,
     ) -> Result<Result<TxnResponse, StoreError>, StoreError> {
         for compare in &txn.compares {
             if !compare.holds_for(read_kv(&t.kv, &compare.key)?.as_ref()) {
@@ -990,7 +1246,7 @@ impl Writer {
         &mut self,
         t: &mut Tables<'_>,
         id: LeaseId,
-        committed: &mut Vec<Arc<Committed>>,
+        committed: &mut Vec<Committed>,
     ) -> Result<(), StoreError> {
         let Some(lease) = self.leases.remove(&id) else {
             return Ok(());
@@ -1023,7 +1279,7 @@ impl Writer {
         t: &mut Tables<'_>,
         revision: Revision,
         events: Vec<Event>,
-        committed: &mut Vec<Arc<Committed>>,
+        committed: &mut Vec<Committed>,
     ) -> Result<(), StoreError> {
         let rev =
             u64::try_from(revision).map_err(|_| StoreError::Backend("revision overflow".into()))?;
@@ -1031,11 +1287,19 @@ impl Writer {
             .insert(rev, encode_log(&events).as_slice())
             .map_err(backend)?;
         self.revision = revision;
-        committed.push(Arc::new(Committed {
+        committed.push(Committed {
             revision,
             events: events.into(),
-        }));
+        });
         Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // However the writer ends, live watchers must learn that nothing
+        // more will come.
+        self.feed.close();
     }
 }
 

@@ -17,6 +17,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
+pub mod etcd;
+
 /// Path of the `stratad` binary under test: `$STRATAD_BIN`, else the one
 /// cargo built next to this test binary (`target/<profile>/stratad`).
 pub fn stratad_bin() -> PathBuf {

@@ -144,12 +144,33 @@ impl Fixture {
     }
 }
 
+/// What a fixture factory returns: a [`Fixture`], or an `Option` of one
+/// where `None` skips the case (for a backend that is not installed; the
+/// factory must say so loudly, and must not skip under CI).
+pub trait IntoFixture {
+    /// The fixture, or `None` to skip.
+    fn into_fixture(self) -> Option<Fixture>;
+}
+
+impl IntoFixture for Fixture {
+    fn into_fixture(self) -> Option<Fixture> {
+        Some(self)
+    }
+}
+
+impl IntoFixture for Option<Fixture> {
+    fn into_fixture(self) -> Option<Fixture> {
+        self
+    }
+}
+
 /// Expands into one `#[tokio::test]` per conformance case, inside a module
 /// named after the backend.
 ///
 /// `$factory` is called with a [`CaseSpec`] and must return a future of a
-/// [`Fixture`]; for [`Isolation::Exclusive`] cases it must provide a store
-/// nobody else uses.
+/// [`Fixture`] (or of an `Option<Fixture>`, see [`IntoFixture`]); for
+/// [`Isolation::Exclusive`] cases it must provide a store nobody else
+/// writes to while the case runs.
 ///
 /// ```text
 /// strata_server::store_conformance_tests!(embedded, |spec| async move {
@@ -212,7 +233,11 @@ macro_rules! __store_conformance_cases {
                     name: ::core::stringify!($case),
                     isolation: $crate::store::conformance::Isolation::$isolation,
                 };
-                let fixture: $crate::store::conformance::Fixture = ($factory)(spec).await;
+                let Some(fixture) = $crate::store::conformance::IntoFixture::into_fixture(
+                    ($factory)(spec).await,
+                ) else {
+                    return;
+                };
                 $crate::store::conformance::$case(&fixture).await;
             }
         )*

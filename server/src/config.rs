@@ -43,6 +43,10 @@ pub struct Flags {
     /// How long SIGTERM waits for in-flight requests, e.g. `10s` [default: 10s].
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+    /// Store data in etcd at these client URLs (comma-separated) instead of
+    /// the embedded store, e.g. `http://10.0.0.1:2379,http://10.0.0.2:2379`.
+    #[arg(long, value_name = "URLS")]
+    pub etcd_endpoints: Option<String>,
 }
 
 /// Log output format.
@@ -91,6 +95,9 @@ pub struct Config {
     pub limits: crate::api::Limits,
     /// How much recent history the view keeps for resuming watches.
     pub journal: crate::view::JournalLimits,
+    /// The etcd cluster to store data in; `None`: the embedded store in
+    /// `data_dir`.
+    pub etcd: Option<crate::store::etcd::EtcdOptions>,
 }
 
 /// A configuration problem, reported as one line; `stratad` exits with 64.
@@ -141,6 +148,45 @@ struct Layer {
     watch: WatchLayer,
     #[serde(default)]
     history: HistoryLayer,
+    #[serde(default)]
+    etcd: EtcdLayer,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EtcdLayer {
+    endpoints: Option<Endpoints>,
+    prefix: Option<String>,
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+}
+
+/// etcd client URLs: a TOML array, or one comma-separated string (as the
+/// flag and the environment variable take them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Endpoints {
+    List(Vec<String>),
+    Joined(String),
+}
+
+impl Endpoints {
+    fn urls(&self) -> Vec<String> {
+        let split = |s: &str| -> Vec<String> {
+            s.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        match self {
+            Self::List(list) => list.iter().flat_map(|s| split(s)).collect(),
+            Self::Joined(s) => split(s),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -195,6 +241,13 @@ struct Merged {
     max_value_bytes: Sourced<i64>,
     journal_revisions: Sourced<i64>,
     history_versions: Sourced<i64>,
+    etcd_endpoints: Sourced<Vec<String>>,
+    etcd_prefix: Sourced<String>,
+    etcd_ca_file: Sourced<Option<PathBuf>>,
+    etcd_cert_file: Sourced<Option<PathBuf>>,
+    etcd_key_file: Sourced<Option<PathBuf>>,
+    etcd_username: Sourced<Option<String>>,
+    etcd_password_file: Sourced<Option<PathBuf>>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, source: impl FnOnce() -> String) {
@@ -212,6 +265,12 @@ impl Merged {
             value: v.to_owned(),
             source: "default".into(),
         };
+        fn none<T>() -> Sourced<Option<T>> {
+            Sourced {
+                value: None,
+                source: "default".into(),
+            }
+        }
         Self {
             listen: d(DEFAULT_LISTEN),
             data_dir: Sourced {
@@ -238,6 +297,16 @@ impl Merged {
                 value: 50,
                 source: "default".into(),
             },
+            etcd_endpoints: Sourced {
+                value: Vec::new(),
+                source: "default".into(),
+            },
+            etcd_prefix: d(""),
+            etcd_ca_file: none(),
+            etcd_cert_file: none(),
+            etcd_key_file: none(),
+            etcd_username: none(),
+            etcd_password_file: none(),
         }
     }
 
@@ -275,6 +344,30 @@ impl Merged {
         set(&mut self.history_versions, layer.history.versions, || {
             name("history.versions")
         });
+        let etcd = layer.etcd;
+        set(
+            &mut self.etcd_endpoints,
+            etcd.endpoints.as_ref().map(Endpoints::urls),
+            || name("etcd.endpoints"),
+        );
+        set(&mut self.etcd_prefix, etcd.prefix, || name("etcd.prefix"));
+        set(&mut self.etcd_ca_file, etcd.ca_file.map(Some), || {
+            name("etcd.ca_file")
+        });
+        set(&mut self.etcd_cert_file, etcd.cert_file.map(Some), || {
+            name("etcd.cert_file")
+        });
+        set(&mut self.etcd_key_file, etcd.key_file.map(Some), || {
+            name("etcd.key_file")
+        });
+        set(&mut self.etcd_username, etcd.username.map(Some), || {
+            name("etcd.username")
+        });
+        set(
+            &mut self.etcd_password_file,
+            etcd.password_file.map(Some),
+            || name("etcd.password_file"),
+        );
     }
 }
 
@@ -293,6 +386,13 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("STRATA_LIMITS_MAX_VALUE_BYTES", "limits.max_value_bytes"),
     ("STRATA_WATCH_JOURNAL_REVISIONS", "watch.journal_revisions"),
     ("STRATA_HISTORY_VERSIONS", "history.versions"),
+    ("STRATA_ETCD_ENDPOINTS", "etcd.endpoints"),
+    ("STRATA_ETCD_PREFIX", "etcd.prefix"),
+    ("STRATA_ETCD_CA_FILE", "etcd.ca_file"),
+    ("STRATA_ETCD_CERT_FILE", "etcd.cert_file"),
+    ("STRATA_ETCD_KEY_FILE", "etcd.key_file"),
+    ("STRATA_ETCD_USERNAME", "etcd.username"),
+    ("STRATA_ETCD_PASSWORD_FILE", "etcd.password_file"),
 ];
 
 fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
@@ -337,6 +437,15 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
         history: HistoryLayer {
             versions: number("STRATA_HISTORY_VERSIONS", "history.versions")?,
         },
+        etcd: EtcdLayer {
+            endpoints: get("STRATA_ETCD_ENDPOINTS").map(Endpoints::Joined),
+            prefix: get("STRATA_ETCD_PREFIX"),
+            ca_file: get("STRATA_ETCD_CA_FILE").map(PathBuf::from),
+            cert_file: get("STRATA_ETCD_CERT_FILE").map(PathBuf::from),
+            key_file: get("STRATA_ETCD_KEY_FILE").map(PathBuf::from),
+            username: get("STRATA_ETCD_USERNAME"),
+            password_file: get("STRATA_ETCD_PASSWORD_FILE").map(PathBuf::from),
+        },
     })
 }
 
@@ -348,7 +457,7 @@ fn env_name(setting: &str) -> String {
 }
 
 fn flag_name(setting: &str) -> String {
-    format!("--{}", setting.replace("log.", "log-").replace('_', "-"))
+    format!("--{}", setting.replace(['.', '_'], "-"))
 }
 
 /// Parses a configuration file's text (used for `--config` and by tests of
@@ -409,6 +518,10 @@ impl Config {
                 limits: LimitsLayer::default(),
                 watch: WatchLayer::default(),
                 history: HistoryLayer::default(),
+                etcd: EtcdLayer {
+                    endpoints: flags.etcd_endpoints.clone().map(Endpoints::Joined),
+                    ..EtcdLayer::default()
+                },
             },
             flag_name,
         );
@@ -523,6 +636,7 @@ impl Merged {
                 format!("{level:?}: {e}"),
             ));
         }
+        let etcd = self.etcd()?;
         Ok(Config {
             listen,
             data_dir: self.data_dir.value,
@@ -541,7 +655,177 @@ impl Merged {
                 max_revisions: journal_revisions,
                 ..crate::view::JournalLimits::default()
             },
+            etcd,
         })
+    }
+
+    /// The etcd settings, validated together: `None` without endpoints.
+    fn etcd(&self) -> Result<Option<crate::store::etcd::EtcdOptions>, ConfigError> {
+        use crate::store::etcd::{EtcdAuth, EtcdOptions, EtcdTls};
+        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+            setting,
+            source_name: source.to_owned(),
+            message,
+        };
+        let endpoints = &self.etcd_endpoints;
+        if endpoints.value.is_empty() {
+            // Without endpoints every other etcd setting would be ignored;
+            // say so instead of silently running on the embedded store.
+            let stray = [
+                (
+                    "etcd.ca_file",
+                    &self.etcd_ca_file.source,
+                    self.etcd_ca_file.value.is_some(),
+                ),
+                (
+                    "etcd.cert_file",
+                    &self.etcd_cert_file.source,
+                    self.etcd_cert_file.value.is_some(),
+                ),
+                (
+                    "etcd.key_file",
+                    &self.etcd_key_file.source,
+                    self.etcd_key_file.value.is_some(),
+                ),
+                (
+                    "etcd.username",
+                    &self.etcd_username.source,
+                    self.etcd_username.value.is_some(),
+                ),
+                (
+                    "etcd.password_file",
+                    &self.etcd_password_file.source,
+                    self.etcd_password_file.value.is_some(),
+                ),
+                (
+                    "etcd.prefix",
+                    &self.etcd_prefix.source,
+                    !self.etcd_prefix.value.is_empty(),
+                ),
+            ];
+            if let Some((setting, source, _)) = stray.into_iter().find(|(_, _, set)| *set) {
+                return Err(invalid(
+                    setting,
+                    source,
+                    "only applies with etcd.endpoints (--etcd-endpoints, STRATA_ETCD_ENDPOINTS)"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let mut https = 0;
+        for url in &endpoints.value {
+            let parsed = url
+                .parse::<http::Uri>()
+                .ok()
+                .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+            let Some(parsed) = parsed else {
+                return Err(invalid(
+                    "etcd.endpoints",
+                    &endpoints.source,
+                    format!(
+                        "{url:?} is not an http:// or https:// URL (e.g. http://127.0.0.1:2379)"
+                    ),
+                ));
+            };
+            if parsed.scheme_str() == Some("https") {
+                https += 1;
+            }
+        }
+        let file = |setting: &'static str, v: &Sourced<Option<PathBuf>>| match &v.value {
+            Some(path) if !path.is_file() => Err(invalid(
+                setting,
+                &v.source,
+                format!("{} is not a readable file", path.display()),
+            )),
+            other => Ok(other.clone()),
+        };
+        let ca_file = file("etcd.ca_file", &self.etcd_ca_file)?;
+        let cert_file = file("etcd.cert_file", &self.etcd_cert_file)?;
+        let key_file = file("etcd.key_file", &self.etcd_key_file)?;
+        let tls = if https == 0 {
+            if let Some((setting, v)) = [
+                ("etcd.ca_file", &self.etcd_ca_file),
+                ("etcd.cert_file", &self.etcd_cert_file),
+                ("etcd.key_file", &self.etcd_key_file),
+            ]
+            .into_iter()
+            .find(|(_, v)| v.value.is_some())
+            {
+                return Err(invalid(
+                    setting,
+                    &v.source,
+                    "TLS needs https:// etcd endpoints".into(),
+                ));
+            }
+            None
+        } else if https < endpoints.value.len() {
+            return Err(invalid(
+                "etcd.endpoints",
+                &endpoints.source,
+                "mixes http:// and https:// URLs".into(),
+            ));
+        } else {
+            let Some(ca_file) = ca_file else {
+                return Err(invalid(
+                    "etcd.ca_file",
+                    &self.etcd_ca_file.source,
+                    "https:// etcd endpoints need the CA certificate that signed etcd's".into(),
+                ));
+            };
+            if cert_file.is_some() != key_file.is_some() {
+                let (setting, source) = if cert_file.is_some() {
+                    ("etcd.key_file", &self.etcd_key_file.source)
+                } else {
+                    ("etcd.cert_file", &self.etcd_cert_file.source)
+                };
+                return Err(invalid(
+                    setting,
+                    source,
+                    "the client certificate and key go together".into(),
+                ));
+            }
+            Some(EtcdTls {
+                ca_file,
+                cert_file,
+                key_file,
+            })
+        };
+        let auth = match (&self.etcd_username.value, &self.etcd_password_file.value) {
+            (None, None) => None,
+            (Some(username), Some(path)) => {
+                let password = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "etcd.password_file",
+                        &self.etcd_password_file.source,
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(EtcdAuth {
+                    username: username.clone(),
+                    password: password.trim_end_matches(['\n', '\r']).to_owned(),
+                })
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "etcd.password_file",
+                    &self.etcd_password_file.source,
+                    "etcd.username needs a password file".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "etcd.username",
+                    &self.etcd_username.source,
+                    "etcd.password_file needs a user name".into(),
+                ));
+            }
+        };
+        let mut options = EtcdOptions::new(endpoints.value.clone())
+            .with_prefix(self.etcd_prefix.value.clone().into_bytes());
+        options.tls = tls;
+        options.auth = auth;
+        Ok(Some(options))
     }
 }
 
@@ -667,6 +951,153 @@ mod tests {
         };
         let err = Config::load(&flags, env(&[])).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn etcd_endpoints_select_etcd_and_layer_like_any_setting() {
+        let config = Config::load(&Flags::default(), env(&[])).unwrap();
+        assert_eq!(config.etcd, None, "the embedded store is the default");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratad.toml");
+        std::fs::write(
+            &file,
+            "[etcd]\nendpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\"]\nprefix = \"/s/\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        };
+        let etcd = Config::load(&flags, env(&[])).unwrap().etcd.unwrap();
+        assert_eq!(etcd.endpoints, ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        assert_eq!(etcd.prefix, b"/s/");
+        assert_eq!((etcd.tls, etcd.auth), (None, None));
+
+        let from_env = env(&[("STRATA_ETCD_ENDPOINTS", "http://a:3, http://b:4,")]);
+        let etcd = Config::load(&flags, from_env.clone())
+            .unwrap()
+            .etcd
+            .unwrap();
+        assert_eq!(
+            etcd.endpoints,
+            ["http://a:3", "http://b:4"],
+            "env beats file"
+        );
+        assert_eq!(etcd.prefix, b"/s/", "the file's prefix stays");
+
+        let flags = Flags {
+            etcd_endpoints: Some("http://c:5".into()),
+            ..flags
+        };
+        let etcd = Config::load(&flags, from_env).unwrap().etcd.unwrap();
+        assert_eq!(etcd.endpoints, ["http://c:5"], "flag beats env");
+    }
+
+    #[test]
+    fn etcd_settings_are_checked_together() {
+        let err = |flags: &Flags, pairs: &[(&str, &str)]| {
+            Config::load(flags, env(pairs)).unwrap_err().to_string()
+        };
+        let flags = Flags {
+            etcd_endpoints: Some("127.0.0.1:2379".into()),
+            ..Flags::default()
+        };
+        let e = err(&flags, &[]);
+        assert!(
+            e.contains("etcd.endpoints") && e.contains("--etcd-endpoints"),
+            "{e}"
+        );
+
+        let e = err(&Flags::default(), &[("STRATA_ETCD_PREFIX", "/x/")]);
+        assert!(
+            e.contains("etcd.prefix") && e.contains("STRATA_ETCD_PREFIX"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "pem").unwrap();
+        let ca = ca.to_str().unwrap();
+        let plain = Flags {
+            etcd_endpoints: Some("http://127.0.0.1:2379".into()),
+            ..Flags::default()
+        };
+        let e = err(&plain, &[("STRATA_ETCD_CA_FILE", ca)]);
+        assert!(e.contains("etcd.ca_file") && e.contains("https"), "{e}");
+
+        let tls = Flags {
+            etcd_endpoints: Some("https://127.0.0.1:2379".into()),
+            ..Flags::default()
+        };
+        let e = err(&tls, &[]);
+        assert!(e.contains("etcd.ca_file"), "{e}");
+        let e = err(&tls, &[("STRATA_ETCD_CA_FILE", "/nonexistent/ca.pem")]);
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+        let e = err(
+            &tls,
+            &[("STRATA_ETCD_CA_FILE", ca), ("STRATA_ETCD_CERT_FILE", ca)],
+        );
+        assert!(e.contains("etcd.key_file"), "{e}");
+        let config = Config::load(&tls, env(&[("STRATA_ETCD_CA_FILE", ca)])).unwrap();
+        let etcd = config.etcd.unwrap();
+        assert_eq!(etcd.tls.unwrap().ca_file, PathBuf::from(ca));
+
+        let mixed = Flags {
+            etcd_endpoints: Some("https://a:1,http://b:2".into()),
+            ..Flags::default()
+        };
+        assert!(err(&mixed, &[("STRATA_ETCD_CA_FILE", ca)]).contains("mixes"));
+
+        let password = dir.path().join("password");
+        std::fs::write(&password, "s3cret\n").unwrap();
+        let e = err(&plain, &[("STRATA_ETCD_USERNAME", "strata")]);
+        assert!(e.contains("etcd.password_file"), "{e}");
+        let config = Config::load(
+            &plain,
+            env(&[
+                ("STRATA_ETCD_USERNAME", "strata"),
+                ("STRATA_ETCD_PASSWORD_FILE", password.to_str().unwrap()),
+            ]),
+        )
+        .unwrap();
+        let auth = config.etcd.unwrap().auth.unwrap();
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("strata", "s3cret")
+        );
+        assert!(
+            !format!("{auth:?}").contains("s3cret"),
+            "the password stays out of Debug"
+        );
+    }
+
+    #[test]
+    fn shipped_example_etcd_section_parses_when_uncommented() {
+        // Settings in the example's [etcd] section are commented as `#key`
+        // (prose as `# text`), so removing the `#` enables them.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stratad.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut in_etcd = false;
+        let enabled: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("#[") || line.starts_with('[') {
+                    in_etcd = line == "#[etcd]";
+                }
+                let uncomment =
+                    in_etcd && line.len() > 1 && line.starts_with('#') && !line.starts_with("# ");
+                format!("{}\n", if uncomment { &line[1..] } else { line })
+            })
+            .collect();
+        assert!(
+            enabled.contains("\n[etcd]\n"),
+            "the example documents [etcd]"
+        );
+        let layer = parse_layer(&path, &enabled).unwrap();
+        let endpoints = layer.etcd.endpoints.unwrap().urls();
+        assert!(endpoints.len() >= 2, "{endpoints:?}");
+        assert!(layer.etcd.prefix.is_some());
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use clap::Parser;
 use strata_server::config::{Config, Flags};
 use strata_server::server::{self, ServerOptions};
+use strata_server::store::Store;
 use strata_server::store::embedded::EmbeddedStore;
+use strata_server::store::etcd::EtcdStore;
 use strata_server::telemetry;
 
 /// `EX_USAGE` from sysexits.h: bad command line or configuration.
@@ -57,6 +59,37 @@ fn fail(code: u8, message: &str) -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
+    let store = open_store(&config).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    tracing::info!(
+        listen = %config.listen,
+        data_dir = %config.data_dir.display(),
+        store = store.kind(),
+        version = env!("CARGO_PKG_VERSION"),
+        "stratad starting"
+    );
+    let options = ServerOptions {
+        shutdown_grace: config.shutdown_grace,
+        compaction: config.compaction.clone(),
+        limits: config.limits,
+        journal: config.journal,
+    };
+    server::run(listener, store, options, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The etcd store when etcd endpoints are configured, else the embedded one.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, String> {
+    if let Some(etcd) = &config.etcd {
+        let endpoints = etcd.endpoints.join(",");
+        let store = EtcdStore::connect(etcd.clone())
+            .await
+            .map_err(|e| format!("cannot use etcd at {endpoints}: {e}"))?;
+        return Ok(Arc::new(store));
+    }
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
         .await
@@ -67,25 +100,7 @@ async fn serve(config: Config) -> Result<(), String> {
                 config.data_dir.display()
             )
         })?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    tracing::info!(
-        listen = %config.listen,
-        data_dir = %config.data_dir.display(),
-        store = "embedded",
-        version = env!("CARGO_PKG_VERSION"),
-        "stratad starting"
-    );
-    let options = ServerOptions {
-        shutdown_grace: config.shutdown_grace,
-        compaction: config.compaction.clone(),
-        limits: config.limits,
-        journal: config.journal,
-    };
-    server::run(listener, Arc::new(store), options, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    Ok(Arc::new(store))
 }
 
 /// Completes on SIGTERM or SIGINT.

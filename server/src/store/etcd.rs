@@ -63,11 +63,11 @@ const RANGE_RESTARTS: usize = 3;
 
 /// TLS settings for the etcd connection (rustls). The endpoints must be
 /// `https://` URLs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdTls {
     /// PEM file with the CA certificate(s) that signed the etcd server
-    /// certificates; `None` trusts the platform's roots.
-    pub ca_file: Option<PathBuf>,
+    /// certificates (no platform roots are built in).
+    pub ca_file: PathBuf,
     /// PEM client certificate, for etcd's `--client-cert-auth`.
     pub cert_file: Option<PathBuf>,
     /// PEM private key of the client certificate.
@@ -687,12 +687,8 @@ fn tls_options(tls: &EtcdTls) -> Result<etcd::TlsOptions, StoreError> {
             StoreError::Unavailable(format!("cannot read etcd {what} {}: {e}", path.display()))
         })
     };
-    let mut options = etcd::TlsOptions::new();
-    if let Some(ca) = &tls.ca_file {
-        options = options.ca_certificate(etcd::Certificate::from_pem(read("CA file", ca)?));
-    } else {
-        options = options.with_enabled_roots();
-    }
+    let mut options = etcd::TlsOptions::new()
+        .ca_certificate(etcd::Certificate::from_pem(read("CA file", &tls.ca_file)?));
     match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => {
             options = options.identity(etcd::Identity::from_pem(

@@ -6,14 +6,20 @@
 //! in-process; `stratad` calls it with the configured address.
 
 use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
+use prost::Message;
 use strata_proto::v1::admin_service_server::AdminServiceServer;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminApi;
@@ -26,9 +32,10 @@ use crate::service_watch::ServicesLens;
 use crate::store::Store;
 use crate::view::{JournalLimits, View};
 use strata_proto::v1::ErrorReason;
-use strata_proto::v1::config_service_server::ConfigServiceServer;
+use strata_proto::v1::config_service_server::{ConfigService, ConfigServiceServer};
 use strata_proto::v1::registry_service_server::RegistryServiceServer;
 use strata_proto::v1::tenant_service_server::TenantServiceServer;
+use strata_proto::v1::{WatchConfigRequest, WatchConfigResponse};
 
 /// Everything request handlers share.
 pub struct DaemonState {
@@ -191,7 +198,18 @@ pub async fn run(
         .add_service(TenantServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(ConfigServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(RegistryServiceServer::new(GrpcApi::new(Arc::clone(&state))))
-        .into_axum_router();
+        .into_axum_router()
+        // More specific than the service's catch-all route, so it wins.
+        .route_service(WATCH_PATH, {
+            let api = GrpcApi::new(Arc::clone(&state));
+            tower::service_fn(move |request: axum::extract::Request| {
+                let method = WatchMethod(api.clone());
+                async move {
+                    let mut grpc = tonic::server::Grpc::new(WatchCodec);
+                    Ok::<_, std::convert::Infallible>(grpc.server_streaming(method, request).await)
+                }
+            })
+        });
     let app = grpc
         .merge(crate::http::router(Arc::clone(&state)))
         .merge(crate::http_api::router(Arc::clone(&state)))
@@ -200,7 +218,7 @@ pub async fn run(
 
     let stop_accepting = state.shutdown.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(DaemonListener(listener), app)
             .with_graceful_shutdown(async move { stop_accepting.cancelled().await })
             .await
     });
@@ -304,5 +322,283 @@ pub async fn run(
             tracing::warn!("grace period over; closing the connections still open");
             Ok(())
         }
+    }
+}
+
+/// Route of `ConfigService.Watch`.
+const WATCH_PATH: &str = "/strata.v1.ConfigService/Watch";
+
+/// Bytes each Watch stream's encoder reserves when the stream opens. tonic's
+/// default, 8 KiB, stays allocated for the life of the stream, which with
+/// thousands of mostly idle subscribers was the largest per-stream cost; a
+/// push larger than this grows that one stream's buffer as needed.
+const WATCH_ENCODE_BUFFER: usize = 256;
+
+/// Encoded bytes after which a stream hands what it has to HTTP/2 even when
+/// more messages are ready (tonic's default).
+const WATCH_YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// `ConfigService.Watch` exactly as the generated server serves it (the
+/// handler is still [`ConfigService::watch`]), but with [`WatchCodec`]'s
+/// small buffers.
+#[derive(Clone)]
+struct WatchMethod(GrpcApi);
+
+impl tonic::server::ServerStreamingService<WatchConfigRequest> for WatchMethod {
+    type Response = WatchConfigResponse;
+    type ResponseStream = <GrpcApi as ConfigService>::WatchStream;
+    type Future = Pin<
+        Box<
+            dyn Future<Output = Result<tonic::Response<Self::ResponseStream>, tonic::Status>>
+                + Send,
+        >,
+    >;
+
+    fn call(&mut self, request: tonic::Request<WatchConfigRequest>) -> Self::Future {
+        let api = self.0.clone();
+        Box::pin(async move { api.watch(request).await })
+    }
+}
+
+/// Protobuf codec of `ConfigService.Watch` with small per-stream buffers
+/// (see [`WATCH_ENCODE_BUFFER`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct WatchCodec;
+
+fn watch_buffers() -> BufferSettings {
+    BufferSettings::new(WATCH_ENCODE_BUFFER, WATCH_YIELD_THRESHOLD)
+}
+
+impl Codec for WatchCodec {
+    type Encode = WatchConfigResponse;
+    type Decode = WatchConfigRequest;
+    type Encoder = WatchCodec;
+    type Decoder = WatchCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        WatchCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        WatchCodec
+    }
+}
+
+impl Encoder for WatchCodec {
+    type Item = WatchConfigResponse;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        // tonic reserves the message's length before encoding, so this only
+        // fails if the message changed size meanwhile.
+        item.encode(buf)
+            .map_err(|e| tonic::Status::internal(format!("cannot encode a watch message: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        watch_buffers()
+    }
+}
+
+impl Decoder for WatchCodec {
+    type Item = WatchConfigRequest;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        WatchConfigRequest::decode(buf)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("cannot decode the request: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        watch_buffers()
+    }
+}
+
+/// The daemon's listener: every accepted connection gets `TCP_NODELAY`, as
+/// gRPC servers set it (a push must not wait for the peer to acknowledge
+/// the previous one), and a [`CoalescingIo`].
+struct DaemonListener(TcpListener);
+
+impl axum::serve::Listener for DaemonListener {
+    type Io = CoalescingIo<TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted connection");
+        }
+        (CoalescingIo::new(stream), addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
+/// Pending bytes above which [`CoalescingIo`] writes before being flushed.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+/// Capacity a drained [`CoalescingIo`] keeps; a burst's larger buffer is
+/// freed, so idle connections stay small.
+const COALESCE_KEEP: usize = 4 * 1024;
+
+/// A connection whose writes are held until a flush, and whose flushes wait
+/// one turn of the scheduler.
+///
+/// One push to many Watch streams wakes one task per stream, and each
+/// stream's write wakes its connection's task, which tokio runs right after
+/// the waking task: without this, every connection wrote each push of each
+/// of its streams in its own system call (about one `writev` per
+/// subscriber and push; the kernel's loopback work for each came on top).
+/// Re-queueing the flush behind the tasks already runnable lets the other
+/// streams of the connection add their frames first, so a push to 10,000
+/// subscribers over 100 connections takes a few hundred writes instead of
+/// 10,000. When nothing else is runnable the flush happens on the next poll.
+struct CoalescingIo<T> {
+    inner: T,
+    pending: Vec<u8>,
+    /// Bytes of `pending` already written.
+    written: usize,
+    /// The current flush was already postponed once.
+    deferred: bool,
+}
+
+impl<T: AsyncWrite + Unpin> CoalescingIo<T> {
+    fn new(inner: T) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            written: 0,
+            deferred: false,
+        }
+    }
+
+    /// Writes everything pending.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.written < self.pending.len() {
+            let rest = [IoSlice::new(&self.pending[self.written..])];
+            let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &rest))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.written = 0;
+        if self.pending.capacity() > COALESCE_KEEP {
+            self.pending = Vec::new();
+        } else {
+            self.pending.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CoalescingIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescingIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(data)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        if me.pending.len() >= COALESCE_LIMIT {
+            ready!(me.poll_drain(cx))?;
+        }
+        let mut n = 0;
+        for b in bufs {
+            me.pending.extend_from_slice(b);
+            n += b.len();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if me.pending.is_empty() {
+            return Pin::new(&mut me.inner).poll_flush(cx);
+        }
+        if !me.deferred {
+            // Waking itself puts the task at the back of the run queue.
+            me.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        ready!(me.poll_drain(cx))?;
+        me.deferred = false;
+        Pin::new(&mut me.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        ready!(me.poll_drain(cx))?;
+        Pin::new(&mut me.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn coalescing_io_holds_writes_until_the_postponed_flush() {
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut io = CoalescingIo::new(near);
+        io.write_all(b"one ").await.unwrap();
+        io.write_all(b"two").await.unwrap();
+        let mut buf = [0_u8; 16];
+        let early = tokio::time::timeout(Duration::from_millis(20), far.read(&mut buf)).await;
+        assert!(early.is_err(), "nothing may reach the peer before a flush");
+        let mut first = true;
+        let flushed = std::future::poll_fn(|cx| {
+            let r = Pin::new(&mut io).poll_flush(cx);
+            if first {
+                assert!(r.is_pending(), "the first flush waits one turn");
+                first = false;
+            }
+            r
+        });
+        flushed.await.unwrap();
+        let n = far.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"one two");
+    }
+
+    #[tokio::test]
+    async fn coalescing_io_writes_through_large_bursts_and_on_shutdown() {
+        let (near, mut far) = tokio::io::duplex(4 * COALESCE_LIMIT);
+        let mut io = CoalescingIo::new(near);
+        let burst = vec![7_u8; COALESCE_LIMIT + 10];
+        io.write_all(&burst).await.unwrap();
+        io.write_all(b"tail").await.unwrap();
+        let mut got = vec![0_u8; COALESCE_LIMIT + 10];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, burst);
+        io.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        far.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"tail");
     }
 }

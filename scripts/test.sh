@@ -14,11 +14,14 @@ cd "$(dirname "$0")/.."
 # check is a command name, or an absolute path to a file the package
 # installs. Our own protos compile with protox; etcd-client (used by
 # strata-benches' subscriber-bench) runs protoc at build time and needs the
-# well-known types, and subscriber-bench starts a real etcd 3.4.
+# well-known types, and subscriber-bench starts a real etcd 3.4. The etcd
+# backend's tests start etcd clusters too, and make TLS certificates with
+# openssl.
 REQUIRED_TOOLS=(
   etcd:etcd-server
   protoc:protobuf-compiler
   /usr/include/google/protobuf/timestamp.proto:libprotobuf-dev
+  openssl:openssl
 )
 
 missing=()

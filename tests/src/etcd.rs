@@ -67,6 +67,109 @@ pub fn etcd_available(test: &str) -> bool {
     false
 }
 
+/// Certificates for a TLS test cluster, made by [`TestCerts::generate`].
+#[derive(Clone, Debug)]
+pub struct TestCerts {
+    /// The CA that signed both certificates (PEM).
+    pub ca: PathBuf,
+    /// The members' server certificate, valid for 127.0.0.1 and localhost.
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// A client certificate (CN `strata`) for `--client-cert-auth`.
+    pub client_cert: PathBuf,
+    /// Its key.
+    pub client_key: PathBuf,
+}
+
+impl TestCerts {
+    /// Makes a CA, a server and a client certificate in `dir` with the
+    /// `openssl` command.
+    pub fn generate(dir: &Path) -> Self {
+        let certs = Self {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        let ca_key = dir.join("ca-key.pem");
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl (Debian package openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let p = |path: &Path| path.to_str().expect("utf-8 temp path").to_owned();
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=strata-test-ca",
+            "-keyout",
+            &p(&ca_key),
+            "-out",
+            &p(&certs.ca),
+        ]);
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .expect("write openssl extensions");
+        let client_ext = dir.join("client.ext");
+        std::fs::write(&client_ext, "extendedKeyUsage=clientAuth\n").expect("write extensions");
+        for (cn, cert, key, ext) in [
+            ("127.0.0.1", &certs.server_cert, &certs.server_key, &ext),
+            ("strata", &certs.client_cert, &certs.client_key, &client_ext),
+        ] {
+            let csr = dir.join(format!("{cn}.csr"));
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN={cn}"),
+                "-keyout",
+                &p(key),
+                "-out",
+                &p(&csr),
+            ]);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &p(&csr),
+                "-CA",
+                &p(&certs.ca),
+                "-CAkey",
+                &p(&ca_key),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &p(ext),
+                "-out",
+                &p(cert),
+            ]);
+        }
+        certs
+    }
+}
+
 /// Timing and extra flags for the members.
 #[derive(Clone, Debug)]
 pub struct EtcdSettings {
@@ -74,6 +177,9 @@ pub struct EtcdSettings {
     pub heartbeat: Duration,
     /// Raft election timeout (leader loss is noticed after about this long).
     pub election_timeout: Duration,
+    /// Serve clients over TLS with these certificates and require client
+    /// certificates; client URLs become `https://`.
+    pub tls: Option<TestCerts>,
     /// Extra flags for every member.
     pub extra_args: Vec<String>,
 }
@@ -86,6 +192,7 @@ impl Default for EtcdSettings {
         Self {
             heartbeat: Duration::from_millis(50),
             election_timeout: Duration::from_millis(500),
+            tls: None,
             extra_args: Vec::new(),
         }
     }
@@ -93,8 +200,11 @@ impl Default for EtcdSettings {
 
 struct Member {
     name: String,
+    scheme: &'static str,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP `/health` and `/metrics`, also when clients need TLS.
+    metrics_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
     pid_file: PathBuf,
@@ -103,7 +213,11 @@ struct Member {
 
 impl Member {
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
+    }
+
+    fn metrics_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port))
     }
 
     fn peer_url(&self) -> String {
@@ -189,8 +303,14 @@ impl EtcdCluster {
             .map(|i| {
                 let name = format!("m{i}");
                 Member {
+                    scheme: if settings.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    },
                     client_port: free_port(),
                     peer_port: free_port(),
+                    metrics_port: free_port(),
                     data_dir: dir.path().join(format!("{name}.etcd")),
                     log: dir.path().join(format!("{name}.log")),
                     pid_file: dir.path().join(format!("{name}.pid")),
@@ -240,12 +360,27 @@ impl EtcdCluster {
         let err = log.try_clone().expect("etcd log file");
         let heartbeat = self.settings.heartbeat.as_millis().to_string();
         let election = self.settings.election_timeout.as_millis().to_string();
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(tls) = &self.settings.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.server_cert)
+                .arg("--key-file")
+                .arg(&tls.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
             .args(["--listen-client-urls", &m.client_url()])
             .args(["--advertise-client-urls", &m.client_url()])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://{}", m.metrics_addr()),
+            ])
             .args(["--listen-peer-urls", &m.peer_url()])
             .args(["--initial-advertise-peer-urls", &m.peer_url()])
             .args(["--initial-cluster", &self.initial_cluster])
@@ -358,9 +493,7 @@ impl EtcdCluster {
     /// a cluster with a leader); panics with its log after `timeout`.
     pub async fn wait_healthy(&mut self, i: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        let addr = format!("127.0.0.1:{}", self.members[i].client_port)
-            .parse()
-            .expect("loopback address");
+        let addr = self.members[i].metrics_addr();
         loop {
             if let Some(child) = self.members[i].child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
@@ -384,29 +517,18 @@ impl EtcdCluster {
         }
     }
 
-    /// Index of the member that currently leads, asking every running
-    /// member; `None` when no running member knows a leader.
+    /// Index of the member that currently leads (by each running member's
+    /// own `etcd_server_is_leader` metric); `None` when none does.
     pub async fn leader(&mut self) -> Option<usize> {
         for i in 0..self.members.len() {
             if !self.is_running(i) {
                 continue;
             }
-            let addr = format!("127.0.0.1:{}", self.members[i].client_port)
-                .parse()
-                .expect("loopback address");
-            let Ok((200, body)) =
-                http_request(addr, "POST", "/v3/maintenance/status", &[], b"{}").await
-            else {
-                continue;
-            };
-            let Ok(status) = serde_json::from_str::<serde_json::Value>(&body) else {
-                continue;
-            };
-            let member = status["header"]["member_id"].as_str();
-            let leader = status["leader"].as_str();
-            match (member, leader) {
-                (Some(member), Some(leader)) if member == leader => return Some(i),
-                _ => {}
+            let addr = self.members[i].metrics_addr();
+            if let Ok((200, body)) = http_request(addr, "GET", "/metrics", &[], b"").await
+                && body.lines().any(|l| l.trim() == "etcd_server_is_leader 1")
+            {
+                return Some(i);
             }
         }
         None

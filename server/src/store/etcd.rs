@@ -49,6 +49,12 @@ use super::{
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default limit for opening a connection to one endpoint.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default limit for one attempt at one endpoint. etcd itself gives up on a
+/// proposal only after 5 s plus two election timeouts (a write that reached
+/// a follower just as the leader died waits that long); answering sooner
+/// lets a reader try the next endpoint, and a writer report the unknown
+/// outcome, while the cluster elects a new leader.
+pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Keys per range request; larger ranges are read in pages at one revision
 /// so that neither etcd nor the daemon builds one huge message.
@@ -107,6 +113,8 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// Limit for one store call, failover included.
     pub request_timeout: Duration,
+    /// Limit for one attempt of a call at one endpoint.
+    pub attempt_timeout: Duration,
 }
 
 impl EtcdOptions {
@@ -119,6 +127,7 @@ impl EtcdOptions {
             auth: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
         }
     }
 
@@ -157,6 +166,7 @@ struct Inner {
     connect: etcd::ConnectOptions,
     connect_timeout: Duration,
     request_timeout: Duration,
+    attempt_timeout: Duration,
     /// Highest compaction point seen; etcd's only grows.
     compacted: AtomicI64,
 }
@@ -336,7 +346,9 @@ impl Inner {
         }
     }
 
-    async fn client(&self, index: usize) -> Result<etcd::Client, String> {
+    /// The client of endpoint `index`, connecting it first if needed (with
+    /// auth, connecting already asks etcd for a token).
+    async fn client(&self, index: usize) -> Result<etcd::Client, Attempt> {
         let member = &self.members[index];
         let connect = async {
             match tokio::time::timeout(
@@ -346,8 +358,27 @@ impl Inner {
             .await
             {
                 Ok(Ok(client)) => Ok(client),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no connection within {:?}", self.connect_timeout)),
+                Ok(Err(etcd::Error::GRpcStatus(status)))
+                    if matches!(
+                        status.code(),
+                        Code::InvalidArgument
+                            | Code::Unauthenticated
+                            | Code::PermissionDenied
+                            | Code::FailedPrecondition
+                    ) =>
+                {
+                    // Wrong credentials, or auth not enabled: every
+                    // endpoint would say the same.
+                    Err(Attempt::Broken(format!(
+                        "authentication failed: {}",
+                        status.message()
+                    )))
+                }
+                Ok(Err(e)) => Err(Attempt::NotSent(e.to_string())),
+                Err(_) => Err(Attempt::NotSent(format!(
+                    "no connection within {:?}",
+                    self.connect_timeout
+                ))),
             }
         };
         member.client.get_or_try_init(|| connect).await.cloned()
@@ -369,16 +400,18 @@ impl Inner {
             if remaining.is_zero() {
                 break;
             }
+            let limit = remaining.min(self.attempt_timeout);
             let index = self.current.load(Ordering::Relaxed) % count;
             let outcome = match self.client(index).await {
-                Err(e) => Attempt::NotSent(e),
-                Ok(client) => match tokio::time::timeout(remaining, op(client)).await {
+                Err(e) => e,
+                Ok(client) => match tokio::time::timeout(limit, op(client)).await {
                     Ok(Ok(value)) => return Ok(value),
                     Ok(Err(e)) => classify(e),
-                    Err(_) => Attempt::Unknown(format!("no answer within {remaining:?}")),
+                    Err(_) => Attempt::Unknown(format!("no answer within {limit:?}")),
                 },
             };
             let url = &self.members[index].url;
+            let unknown = matches!(outcome, Attempt::Unknown(_));
             match outcome {
                 Attempt::Rejected(status) => return Err(CallError::Rejected(status)),
                 Attempt::Broken(e) => {
@@ -386,23 +419,24 @@ impl Inner {
                         "etcd {what} via {url}: {e}"
                     ))));
                 }
-                Attempt::Unknown(e) if repeat == Repeat::Unsafe => {
-                    return Err(CallError::Store(StoreError::Unavailable(format!(
-                        "etcd {what} via {url} failed and may or may not have been applied: {e}"
-                    ))));
-                }
                 Attempt::Unknown(e) | Attempt::NotSent(e) => {
-                    tracing::debug!(endpoint = %url, error = %e, "etcd {what} failed; trying the next endpoint");
+                    tracing::debug!(endpoint = %url, error = %e, "etcd {what} failed");
                     last = format!("{url}: {e}");
+                    // This endpoint failed: later calls start at the next
+                    // one (unless another call already moved on).
+                    let _ = self.current.compare_exchange(
+                        index,
+                        (index + 1) % count,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    if repeat == Repeat::Unsafe && unknown {
+                        return Err(CallError::Store(StoreError::Unavailable(format!(
+                            "etcd {what} via {last} (it may or may not have been applied)"
+                        ))));
+                    }
                 }
             }
-            // Move on unless another call already did.
-            let _ = self.current.compare_exchange(
-                index,
-                (index + 1) % count,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
             if (attempt + 1) % count == 0 {
                 // Every endpoint failed once in this round: give the cluster
                 // a moment (a leader election takes about a second).
@@ -661,6 +695,7 @@ impl EtcdStore {
             connect,
             connect_timeout: options.connect_timeout,
             request_timeout: options.request_timeout,
+            attempt_timeout: options.attempt_timeout,
             compacted: AtomicI64::new(0),
         };
         let store = Self {

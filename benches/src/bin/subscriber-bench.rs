@@ -168,8 +168,12 @@ impl Memory {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+        let read = |file: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+                .map_err(|e| format!("cannot read /proc/{pid}/{file} (did the server exit?): {e}"))
+        };
+        let status = read("status")?;
+        let rollup = read("smaps_rollup")?;
         Ok(Self {
             rss_kib: field(&status, "VmRSS:").ok_or("no VmRSS in /proc/PID/status")?,
             anon_kib: field(&rollup, "Anonymous:").ok_or("no Anonymous in smaps_rollup")?,
@@ -211,6 +215,9 @@ struct CpuResult {
     /// Every other process and kernel work not charged to a process
     /// (`/proc/stat` busy time minus the two above).
     other: f64,
+    /// Write system calls the server made (`syscw` of `/proc/PID/io`):
+    /// how well it batches the pushes of many streams into one write.
+    server_writes: u64,
 }
 
 /// Result of one (system, subscriber count) measurement.
@@ -811,12 +818,21 @@ fn machine_busy_seconds() -> Option<f64> {
     Some((f.iter().sum::<u64>() - idle - iowait) as f64 / 100.0)
 }
 
+/// Write system calls of process `pid` so far.
+fn write_syscalls(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[derive(Clone, Copy)]
 struct CpuMark {
     at: Instant,
     server: f64,
     bench: f64,
     machine: f64,
+    server_writes: u64,
 }
 
 impl CpuMark {
@@ -826,6 +842,7 @@ impl CpuMark {
             server: cpu_seconds(&pid.to_string()).unwrap_or(0.0),
             bench: cpu_seconds("self").unwrap_or(0.0),
             machine: machine_busy_seconds().unwrap_or(0.0),
+            server_writes: write_syscalls(pid).unwrap_or(0),
         }
     }
 
@@ -837,6 +854,7 @@ impl CpuMark {
             server,
             bench,
             other: (self.machine - start.machine - server - bench).max(0.0),
+            server_writes: self.server_writes.saturating_sub(start.server_writes),
         }
     }
 }
@@ -844,7 +862,8 @@ impl CpuMark {
 /// What puts the changes and how, per system.
 enum Putter {
     Stratad(ConfigServiceClient<Channel>),
-    Etcd(etcd_client::KvClient),
+    // Boxed: etcd's clients are large next to a tonic channel.
+    Etcd(Box<etcd_client::KvClient>),
 }
 
 impl Putter {
@@ -898,11 +917,11 @@ async fn measure(
                 .await?;
             Putter::Stratad(ConfigServiceClient::new(channel))
         }
-        System::Etcd => Putter::Etcd(
+        System::Etcd => Putter::Etcd(Box::new(
             etcd_client::Client::connect([endpoint.as_str()], None)
                 .await?
                 .kv_client(),
-        ),
+        )),
     };
     putter.put(value_for(0, args.value_size)).await?;
     tokio::time::sleep(settle).await;
@@ -912,7 +931,7 @@ async fn measure(
     // as the streams'.
     enum Conn {
         Stratad(ConfigServiceClient<Channel>),
-        Etcd(etcd_client::WatchClient),
+        Etcd(Box<etcd_client::WatchClient>),
     }
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -927,7 +946,7 @@ async fn measure(
             System::Etcd => {
                 let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await?;
                 client.get(ETCD_KEY, None).await?;
-                conns.push(Conn::Etcd(client.watch_client()));
+                conns.push(Conn::Etcd(Box::new(client.watch_client())));
             }
         }
     }
@@ -949,7 +968,7 @@ async fn measure(
         let shared = Arc::clone(&shared);
         tasks.push(match &conns[i % connections] {
             Conn::Stratad(c) => tokio::spawn(stratad_subscriber(c.clone(), shared)),
-            Conn::Etcd(c) => tokio::spawn(etcd_subscriber(c.clone(), shared)),
+            Conn::Etcd(c) => tokio::spawn(etcd_subscriber((**c).clone(), shared)),
         });
     }
     let setup_deadline = setup_started + secs(args.setup_timeout_secs, "--setup-timeout-secs")?;
@@ -1153,18 +1172,19 @@ fn render(report: &Report) -> String {
     let _ = writeln!(
         out,
         "CPU while the changes were pushed (CPU-seconds)\n\
-         system    subs |  wall server  bench  other | setup s"
+         system    subs |  wall server  bench  other | server writes/change | setup s"
     );
     for r in &report.runs {
         let _ = writeln!(
             out,
-            "{:<7} {:>6} | {:>5.1} {:>6.2} {:>6.2} {:>6.2} | {:>7.1}",
+            "{:<7} {:>6} | {:>5.1} {:>6.2} {:>6.2} {:>6.2} | {:>20.0} | {:>7.1}",
             r.system.name(),
             r.subscribers,
             r.cpu.wall,
             r.cpu.server,
             r.cpu.bench,
             r.cpu.other,
+            r.cpu.server_writes as f64 / r.changes as f64,
             r.setup_seconds
         );
     }

@@ -34,7 +34,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The etcd binary: `$ETCD_BIN`, else `/usr/bin/etcd`, else `etcd` on `PATH`.
 pub fn etcd_bin() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("ETCD_BIN") {
-        return Some(PathBuf::from(path));
+        // Named explicitly: that one or none.
+        return Some(PathBuf::from(path)).filter(|p| p.is_file());
     }
     let default = PathBuf::from(DEFAULT_ETCD_BIN);
     if default.exists() {

@@ -840,8 +840,16 @@ impl Store for EtcdStore {
             .inner
             .call("lease keep-alive", Repeat::Safe, |client| async move {
                 // Opening the stream already renews once and reports an
-                // unknown lease; the second renewal reports the TTL.
-                let (mut keeper, mut stream) = client.lease_client().keep_alive(id).await?;
+                // unknown lease (as an error, which is an answer, not a
+                // failure to try elsewhere); the second renewal reports the
+                // TTL.
+                let (mut keeper, mut stream) = match client.lease_client().keep_alive(id).await {
+                    Ok(opened) => opened,
+                    Err(etcd::Error::LeaseKeepAliveError(m)) if is_lease_not_found(&m) => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                };
                 keeper.keep_alive().await?;
                 stream.message().await
             })
@@ -849,9 +857,6 @@ impl Store for EtcdStore {
         match resp {
             Ok(Some(resp)) if resp.ttl() > 0 => Ok(resp.ttl()),
             Ok(_) => Err(StoreError::LeaseNotFound(id)),
-            Err(CallError::Store(StoreError::Unavailable(m))) if is_lease_not_found(&m) => {
-                Err(StoreError::LeaseNotFound(id))
-            }
             Err(e) => self.inner.lift("lease keep-alive", id, Err(e)),
         }
     }
@@ -1011,6 +1016,7 @@ impl Watch {
                 Ok(None) => {
                     tracing::debug!(next = self.next, "etcd watch stream closed; re-creating");
                     self.stream = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => {
                     tracing::debug!(next = self.next, error = %e, "etcd watch stream failed; re-creating");

@@ -61,7 +61,10 @@ pub fn etcd_available(test: &str) -> bool {
         "etcd not found ({DEFAULT_ETCD_BIN}, $ETCD_BIN or PATH) and CI is set: install the \
          Debian package etcd-server (./scripts/test.sh does) instead of skipping {test}"
     );
-    eprintln!(
+    // Straight to the stderr stream: libtest swallows `eprintln!` output of
+    // passing tests, and this must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
         "\n!!!!! SKIPPED {test}: etcd not found ({DEFAULT_ETCD_BIN}, $ETCD_BIN or PATH); \
          install etcd-server (./scripts/test.sh does) to run it !!!!!\n"
     );

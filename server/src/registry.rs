@@ -227,11 +227,12 @@ impl Api {
         names::validate_service(service).map_err(name_error)
     }
 
-    /// Whether `lease` exists and has not expired.
-    async fn lease_alive(&self, lease: LeaseId) -> Result<bool, ApiError> {
+    /// The granted TTL of `lease` in seconds, if it exists and has not
+    /// expired.
+    async fn live_lease_ttl(&self, lease: LeaseId) -> Result<Option<i64>, ApiError> {
         match self.store.lease_time_to_live(lease).await {
-            Ok(info) => Ok(info.remaining_seconds >= 0),
-            Err(crate::store::StoreError::LeaseNotFound(_)) => Ok(false),
+            Ok(info) if info.remaining_seconds >= 0 => Ok(Some(info.granted_ttl_seconds)),
+            Ok(_) | Err(crate::store::StoreError::LeaseNotFound(_)) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -251,20 +252,23 @@ impl Api {
         }
         let record = instance_record(&req.spec, &self.limits.registration, unix_now_ms())?;
         let id = req.id.clone().unwrap_or_else(|| generate_id(&req.service));
-        let (lease, granted) = if record.persistent {
+        // The lease's granted TTL is learnt here, from the look-up or the
+        // grant, so the answer needs no further store call: each one waits
+        // for a turn of the store's writer.
+        let (lease, ttl_seconds, granted) = if record.persistent {
             if req.lease.is_some_and(|l| l != 0) {
                 return Err(invalid(
                     "lease_id is for ephemeral instances; a persistent one has no lease",
                 ));
             }
-            (0, false)
+            (0, 0, false)
         } else if let Some(lease) = req.lease.filter(|l| *l != 0) {
-            if !self.lease_alive(lease).await? {
+            let Some(ttl) = self.live_lease_ttl(lease).await? else {
                 return Err(not_found(format!(
                     "lease {lease} does not exist or has expired; register without it to get a new one"
                 )));
-            }
-            (lease, false)
+            };
+            (lease, ttl, false)
         } else {
             let existing = {
                 let state = self.view.read();
@@ -272,10 +276,17 @@ impl Api {
                     .and_then(|p| p.instance(&req.tenant, &req.service, &id))
                     .map_or(0, |e| e.lease)
             };
-            if existing != 0 && self.lease_alive(existing).await? {
-                (existing, false)
+            let alive = if existing == 0 {
+                None
             } else {
-                (self.store.lease_grant(record.ttl_seconds).await?.id, true)
+                self.live_lease_ttl(existing).await?
+            };
+            match alive {
+                Some(ttl) => (existing, ttl, false),
+                None => {
+                    let lease = self.store.lease_grant(record.ttl_seconds).await?;
+                    (lease.id, lease.ttl_seconds, true)
+                }
             }
         };
         let tenant_key = keyspace::tenant_key(&req.project, &req.tenant);
@@ -314,14 +325,6 @@ impl Api {
         };
         metrics::counter!("strata_registry_registrations_total", "project" => req.project.clone(), "kind" => kind)
             .increment(1);
-        let ttl_seconds = if lease == 0 {
-            0
-        } else {
-            self.store
-                .lease_time_to_live(lease)
-                .await
-                .map_or(record.ttl_seconds, |i| i.granted_ttl_seconds)
-        };
         Ok((
             Registered {
                 id,

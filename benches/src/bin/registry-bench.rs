@@ -58,7 +58,7 @@ use serde::Serialize;
 use strata_benches::daemon::{
     CpuMark, CpuUsage, Stratad, default_stratad, disturbing_processes, histogram_totals,
 };
-use strata_benches::{BoxError, LatencySummary, MachineInfo, micros, new_histogram};
+use strata_benches::{BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram};
 use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
@@ -250,6 +250,9 @@ struct EnvResult {
 #[derive(Debug, Serialize)]
 struct Report {
     machine: MachineInfo,
+    /// 4 KiB write + fdatasync in the data directory's file system, before
+    /// the measurements: the floor of one durable commit at that moment.
+    disk_fdatasync: LatencySummary,
     stratad: PathBuf,
     args: Args,
     register: Vec<RegisterResult>,
@@ -329,6 +332,11 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
     if machine.in_memory() {
         eprintln!("WARNING: the data directory is in memory; pass --dir on a disk");
     }
+    let disk_fdatasync = fsync_probe(&parent, 200)?;
+    eprintln!(
+        "disk: 4 KiB write + fdatasync p50 {:.2} ms, p99 {:.2} ms",
+        disk_fdatasync.p50_ms, disk_fdatasync.p99_ms
+    );
     let busy = disturbing_processes();
     if !busy.is_empty() {
         eprintln!("WARNING: running now: {}", busy.join(", "));
@@ -386,6 +394,7 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
     }
     Ok(Report {
         machine,
+        disk_fdatasync,
         stratad,
         args,
         register,
@@ -1124,6 +1133,12 @@ fn render(report: &Report) -> String {
         m.fs_type.as_deref().unwrap_or("?"),
         m.device.as_deref().unwrap_or("?"),
         if m.in_memory() { " — IN MEMORY" } else { "" }
+    );
+    let d = &report.disk_fdatasync;
+    let _ = writeln!(
+        out,
+        "disk: 4 KiB write + fdatasync p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+        d.p50_ms, d.p99_ms, d.max_ms, d.count
     );
     if !report.register.is_empty() {
         let _ = writeln!(out);

@@ -23,20 +23,19 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use strata_benches::{
     BoxError, LatencySummary, MachineInfo, WriterMetrics, WriterSnapshot, fsync_probe, micros,
     nanos, new_histogram, process_write_bytes,
 };
 use strata_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
-use strata_server::store::{KeyRange, Store, WatchBatch};
+use strata_server::store::{KeyRange, Store, WatchBatch, WatchStream};
 use tokio::sync::{broadcast, oneshot};
 
 /// Which measurements to run.
@@ -155,7 +154,23 @@ struct WatchResult {
     fanout_spread: LatencySummary,
     /// Put sent → ack, for the spaced puts.
     put_ack: LatencySummary,
+    /// The puts whose last delivery came latest after the put was sent,
+    /// slowest first: with N watchers every put is 1/puts of the samples, so
+    /// these few decide p99.
+    slowest_puts: Vec<SlowPut>,
     writer: WriterSnapshot,
+}
+
+/// Timing of one put of the watch benchmark.
+#[derive(Debug, Serialize)]
+struct SlowPut {
+    index: usize,
+    /// Put sent → acknowledged, ms.
+    ack_ms: f64,
+    /// Put sent → first delivery, ms.
+    first_ms: f64,
+    /// Put sent → last delivery, ms.
+    last_ms: f64,
 }
 
 impl WatchResult {
@@ -458,7 +473,31 @@ enum Delivery {
     Raw(Arc<[u8]>),
 }
 
-type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery, String>> + Send>>;
+/// One watcher's subscription, polled directly by its task — the store's
+/// `WatchStream` as a user gets it, or a bare broadcast receiver — with no
+/// adapter of the benchmark's own in between.
+enum Subscription {
+    Store(WatchStream),
+    Fanout(broadcast::Receiver<Arc<[u8]>>),
+}
+
+impl Subscription {
+    /// The next delivery; `None` when the stream ended.
+    async fn next(&mut self) -> Option<Result<Delivery, String>> {
+        match self {
+            Self::Store(stream) => stream
+                .next()
+                .await
+                .map(|r| r.map(Delivery::Batch).map_err(|e| e.to_string())),
+            Self::Fanout(rx) => Some(
+                rx.recv()
+                    .await
+                    .map(Delivery::Raw)
+                    .map_err(|e| e.to_string()),
+            ),
+        }
+    }
+}
 
 /// The fan-out baseline: a broadcast channel fed by an OS thread.
 struct Fanout {
@@ -488,15 +527,8 @@ impl Fanout {
         })
     }
 
-    fn subscribe(&self) -> DeliveryStream {
-        let rx = self.sender.subscribe();
-        Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-            let item = match rx.recv().await {
-                Ok(value) => Ok(Delivery::Raw(value)),
-                Err(e) => Err(e.to_string()),
-            };
-            Some((item, rx))
-        }))
+    fn subscribe(&self) -> Subscription {
+        Subscription::Fanout(self.sender.subscribe())
     }
 
     async fn publish(&self, value: Vec<u8>) -> Result<(), BoxError> {
@@ -525,14 +557,11 @@ enum Source {
 }
 
 impl Source {
-    async fn subscribe(&self) -> Result<DeliveryStream, BoxError> {
+    async fn subscribe(&self) -> Result<Subscription, BoxError> {
         Ok(match self {
-            Self::Store(store) => Box::pin(
-                store
-                    .watch(KeyRange::prefix(WATCH_PREFIX), 0)
-                    .await?
-                    .map(|r| r.map(Delivery::Batch).map_err(|e| e.to_string())),
-            ),
+            Self::Store(store) => {
+                Subscription::Store(store.watch(KeyRange::prefix(WATCH_PREFIX), 0).await?)
+            }
             Self::Fanout(f) => f.subscribe(),
         })
     }
@@ -567,17 +596,17 @@ async fn watch_bench(
     let interval = Duration::from_millis(args.watch_interval_ms);
     let timeout = secs(args.watch_timeout_secs, "--watch-timeout-secs")?;
     let base = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ready = Arc::new(AtomicUsize::new(0));
+    let finished = Arc::new(AtomicUsize::new(0));
 
     // Every stream subscribes inside `watch()`, so all of them are in place
     // before the first put, whenever their tasks first run.
     let setup_started = Instant::now();
     let mut tasks = Vec::with_capacity(watchers);
     for _ in 0..watchers {
-        let mut stream = source.subscribe().await?;
-        let mut stop = stop_rx.clone();
+        let mut subscription = source.subscribe().await?;
         let ready = Arc::clone(&ready);
+        let finished = Arc::clone(&finished);
         tasks.push(tokio::spawn(async move {
             let mut out = WatcherOutcome {
                 received_at: vec![u64::MAX; puts],
@@ -586,37 +615,38 @@ async fn watch_bench(
                 unexpected: 0,
                 error: None,
             };
-            // Registered once: a fresh `changed()` per iteration would cost a
-            // waiter-list lock round trip per delivery.
-            let stopped = stop.changed();
-            tokio::pin!(stopped);
             ready.fetch_add(1, Ordering::Release);
+            // Only the subscription is awaited, as in a plain consumer loop.
+            // A stop signal raced against it here would cost a registration
+            // on a shared waiter list each time the stream has nothing;
+            // instead, a run that times out closes the source, which ends
+            // every stream.
             while out.received < puts as u64 {
-                tokio::select! {
-                    biased;
-                    item = stream.next() => match item {
-                        Some(Ok(Delivery::Batch(batch))) => {
-                            let now = nanos(base.elapsed());
-                            for event in batch.events.iter() {
-                                out.record(&event.kv.value, now);
-                            }
+                match subscription.next().await {
+                    Some(Ok(Delivery::Batch(batch))) => {
+                        let now = nanos(base.elapsed());
+                        for event in batch.events.iter() {
+                            out.record(&event.kv.value, now);
                         }
-                        Some(Ok(Delivery::Raw(value))) => {
-                            out.record(&value, nanos(base.elapsed()));
-                        }
-                        Some(Err(e)) => {
-                            out.error = Some(e.to_string());
-                            break;
-                        }
-                        None => {
-                            out.error = Some("watch stream ended".into());
-                            break;
-                        }
-                    },
-                    _ = &mut stopped => break,
+                    }
+                    Some(Ok(Delivery::Raw(value))) => {
+                        out.record(&value, nanos(base.elapsed()));
+                    }
+                    Some(Err(e)) => {
+                        out.error = Some(e);
+                        break;
+                    }
+                    None => {
+                        out.error = Some("watch stream ended".into());
+                        break;
+                    }
                 }
             }
-            out
+            finished.fetch_add(1, Ordering::Release);
+            // The subscription is dropped later by the main task: dropping a
+            // stream is not part of delivering, and done here it would delay
+            // the tasks still waiting for the last put.
+            (out, subscription)
         }));
     }
     // Let every task reach its stream, so the first puts do not measure
@@ -643,21 +673,25 @@ async fn watch_bench(
         tokio::time::sleep(interval).await;
     }
 
+    // Wait for the last deliveries by watching a counter rather than by
+    // joining the tasks: a join per task (with its timeout) while the last
+    // put is still fanning out would compete with that fan-out.
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut outcomes = Vec::with_capacity(watchers);
-    for mut task in tasks {
-        let outcome = match tokio::time::timeout_at(deadline, &mut task).await {
-            Ok(done) => done?,
-            Err(_) => {
-                // Too late: stop everyone still waiting; they count as missing.
-                let _ = stop_tx.send(true);
-                task.await?
-            }
-        };
-        outcomes.push(outcome);
+    while finished.load(Ordering::Acquire) < watchers && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let writer = metrics.take()?;
+    // Closing the source ends every stream still waiting (after a timeout);
+    // what those watchers did not receive counts as missing.
     source.close().await?;
+    let mut outcomes = Vec::with_capacity(watchers);
+    let mut subscriptions = Vec::with_capacity(watchers);
+    for task in tasks {
+        let (outcome, subscription) = task.await?;
+        outcomes.push(outcome);
+        subscriptions.push(subscription);
+    }
+    drop(subscriptions);
 
     let mut send_to_recv = new_histogram()?;
     let mut ack_to_recv = new_histogram()?;
@@ -689,6 +723,20 @@ async fn watch_bench(
             last[i] = last[i].max(at);
         }
     }
+    let mut slowest_puts: Vec<SlowPut> = (0..puts)
+        .filter(|&i| first[i] != u64::MAX)
+        .map(|i| {
+            let ms = |t: u64| t.saturating_sub(sent_at[i]) as f64 / 1e6;
+            SlowPut {
+                index: i,
+                ack_ms: ms(acked_at[i]),
+                first_ms: ms(first[i]),
+                last_ms: ms(last[i]),
+            }
+        })
+        .collect();
+    slowest_puts.sort_by(|a, b| b.last_ms.total_cmp(&a.last_ms));
+    slowest_puts.truncate(5);
     for (f, l) in first.iter().zip(&last) {
         if *f != u64::MAX {
             spread.saturating_record(l.saturating_sub(*f) / 1000);
@@ -710,6 +758,7 @@ async fn watch_bench(
         ack_to_recv: LatencySummary::from_micros(&ack_to_recv),
         before_ack,
         fanout_spread: LatencySummary::from_micros(&spread),
+        slowest_puts,
         put_ack: LatencySummary::from_micros(&put_ack),
         writer,
     })
@@ -843,6 +892,24 @@ fn render_into(s: &mut String, r: &Report) -> std::fmt::Result {
             "(send→recv: put issued → watcher got it; ack→recv: put acknowledged → watcher got \
              it, 0 if earlier; spread: first → last watcher per put; put ack: p50 put latency)"
         )?;
+        for w in r.watch.iter().filter(|w| w.watchers > 1) {
+            let slow: Vec<String> = w
+                .slowest_puts
+                .iter()
+                .map(|p| {
+                    format!(
+                        "#{} ack {:.1} first {:.1} last {:.1}",
+                        p.index, p.ack_ms, p.first_ms, p.last_ms
+                    )
+                })
+                .collect();
+            writeln!(
+                s,
+                "slowest puts, {} watchers (ms after send): {}",
+                w.watchers,
+                slow.join("; ")
+            )?;
+        }
     }
     Ok(())
 }

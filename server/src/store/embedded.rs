@@ -297,10 +297,19 @@ impl Shared {
 /// Each node links to the next one weakly, so only the feed's ring decides
 /// how much history stays in memory: a watcher pins just the node it stands
 /// on, never the chain behind it, and dropping a node never recurses.
+///
+/// Aligned to a cache line so that the reference counts `Arc` puts in front
+/// of it, which every watcher passing by writes, do not share a line with
+/// the fields every watcher reads.
 #[derive(Debug)]
+#[repr(align(64))]
 struct Node {
     revision: Revision,
     events: Arc<[Event]>,
+    /// The longest prefix all event keys share: a watcher can tell from it
+    /// alone whether it wants every event, without reading the events (whose
+    /// array shares a line with their own, equally busy, reference counts).
+    common: Box<[u8]>,
     next: OnceLock<Weak<Node>>,
 }
 
@@ -315,6 +324,38 @@ enum Step {
 }
 
 impl Node {
+    fn new(revision: Revision, events: Arc<[Event]>) -> Self {
+        let mut keys = events.iter().map(|e| e.kv.key.as_slice());
+        let mut common = keys.next().unwrap_or_default();
+        for key in keys {
+            let shared = common.iter().zip(key).take_while(|(a, b)| a == b).count();
+            common = common.get(..shared).unwrap_or_default();
+        }
+        Self {
+            revision,
+            common: common.into(),
+            events,
+            next: OnceLock::new(),
+        }
+    }
+
+    /// This revision's events inside `range`, if any.
+    fn batch_for(&self, range: &KeyRange) -> Option<WatchBatch> {
+        let all = match range {
+            KeyRange::Prefix(p) => self.common.starts_with(p),
+            // Keys are unique within a revision, so a key range can hold all
+            // events only when there is one.
+            KeyRange::Key(k) => self.events.len() == 1 && *self.common == **k,
+        };
+        if all && !self.events.is_empty() {
+            return Some(WatchBatch {
+                revision: self.revision,
+                events: Arc::clone(&self.events),
+            });
+        }
+        filter(range, self.revision, &self.events)
+    }
+
     fn step(&self) -> Step {
         match self.next.get() {
             None => Step::End,
@@ -364,11 +405,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Feed {
     fn new(revision: Revision, capacity: usize) -> Self {
-        let start = Arc::new(Node {
-            revision,
-            events: Arc::from(Vec::new()),
-            next: OnceLock::new(),
-        });
+        let start = Arc::new(Node::new(revision, Arc::from(Vec::new())));
         Self {
             ring: Mutex::new(Ring {
                 nodes: VecDeque::new(),
@@ -392,14 +429,13 @@ impl Feed {
         if committed.is_empty() {
             return;
         }
+        let nodes: Vec<Arc<Node>> = committed
+            .into_iter()
+            .map(|c| Arc::new(Node::new(c.revision, c.events)))
+            .collect();
         {
             let mut ring = lock(&self.ring);
-            for c in committed {
-                let node = Arc::new(Node {
-                    revision: c.revision,
-                    events: c.events,
-                    next: OnceLock::new(),
-                });
+            for node in nodes {
                 // Only the writer links, and always onto the newest node, so
                 // the link is always still unset.
                 let _ = ring.tail.next.set(Arc::downgrade(&node));
@@ -830,7 +866,7 @@ impl Stream for Watcher {
                         continue;
                     }
                     this.next = node.revision + 1;
-                    if let Some(batch) = filter(&this.range, node.revision, &node.events) {
+                    if let Some(batch) = node.batch_for(&this.range) {
                         return Poll::Ready(Some(Ok(batch)));
                     }
                 }

@@ -1370,3 +1370,151 @@ fn reject(request: Request, err: StoreError) {
         Request::Compact(_, r) => drop(r.send(Err(err))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
+    use super::*;
+
+    async fn open(options: EmbeddedOptions) -> (tempfile::TempDir, Arc<EmbeddedStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let store = tokio::task::spawn_blocking(move || EmbeddedStore::open_with(&path, options))
+            .await
+            .unwrap()
+            .unwrap();
+        (dir, Arc::new(store))
+    }
+
+    async fn next(stream: &mut WatchStream) -> Option<Result<WatchBatch, StoreError>> {
+        tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("watch stream stalled")
+    }
+
+    #[tokio::test]
+    async fn stream_delivers_what_was_published_then_reports_the_store_closed() {
+        let (_dir, store) = open(EmbeddedOptions::default()).await;
+        let mut stream = store.watch(KeyRange::prefix("a/"), 0).await.unwrap();
+        let revision = store.put(b"a/1", b"x").await.unwrap();
+        tokio::task::spawn_blocking(move || drop(store))
+            .await
+            .unwrap();
+        let batch = next(&mut stream).await.unwrap().unwrap();
+        assert_eq!(batch.revision, revision);
+        assert!(matches!(
+            next(&mut stream).await,
+            Some(Err(StoreError::Unavailable(_)))
+        ));
+        assert!(next(&mut stream).await.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stream_moved_to_another_task_is_woken_there() {
+        let (_dir, store) = open(EmbeddedOptions::default()).await;
+        let mut stream = store.watch(KeyRange::prefix("a/"), 0).await.unwrap();
+        // Polled (and registered) from this task first, with nothing to see.
+        let quiet = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+        assert!(quiet.is_err());
+        let other = tokio::spawn(async move { next(&mut stream).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let revision = store.put(b"a/1", b"x").await.unwrap();
+        let batch = other.await.unwrap().unwrap().unwrap();
+        assert_eq!(batch.revision, revision);
+    }
+
+    #[tokio::test]
+    async fn dropped_watchers_give_their_waker_slots_back() {
+        let (_dir, store) = open(EmbeddedOptions::default()).await;
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            streams.push(store.watch(KeyRange::prefix("a/"), 0).await.unwrap());
+        }
+        store.put(b"a/1", b"x").await.unwrap();
+        for stream in &mut streams {
+            next(stream).await.unwrap().unwrap();
+            // Register: nothing more to deliver yet.
+            let quiet = tokio::time::timeout(Duration::from_millis(10), stream.next()).await;
+            assert!(quiet.is_err());
+        }
+        let registered = |store: &EmbeddedStore| {
+            let w = lock(&store.feed.wakers);
+            (w.slots.len(), w.slots.iter().flatten().count())
+        };
+        assert_eq!(registered(&store), (3, 3));
+        streams.truncate(1);
+        assert_eq!(registered(&store), (3, 1));
+        let mut again = store.watch(KeyRange::prefix("a/"), 0).await.unwrap();
+        let revision = store.put(b"a/2", b"y").await.unwrap();
+        assert_eq!(next(&mut again).await.unwrap().unwrap().revision, revision);
+        assert_eq!(registered(&store).0, 3);
+        assert_eq!(
+            next(&mut streams[0]).await.unwrap().unwrap().revision,
+            revision
+        );
+    }
+
+    #[tokio::test]
+    async fn watcher_behind_the_ring_reads_the_log_then_follows_the_feed() {
+        let options = EmbeddedOptions {
+            max_batch: 4,
+            watch_buffer: 16,
+        };
+        let (_dir, store) = open(options).await;
+        let mut stream = store.watch(KeyRange::prefix("a/"), 0).await.unwrap();
+        let first = store.put(b"a/0", b"x").await.unwrap();
+        // Stand on the first revision, then fall far behind the ring.
+        assert_eq!(next(&mut stream).await.unwrap().unwrap().revision, first);
+        for i in 1..100 {
+            store.put(format!("a/{i}").as_bytes(), b"x").await.unwrap();
+        }
+        store.put(b"b/other", b"x").await.unwrap();
+        let last = store.put(b"a/last", b"x").await.unwrap();
+        let mut expected = first + 1;
+        loop {
+            if expected == first + 100 {
+                // The revision of `b/other` is outside the range.
+                expected += 1;
+            }
+            let batch = next(&mut stream).await.unwrap().unwrap();
+            assert_eq!(batch.revision, expected);
+            expected += 1;
+            if batch.revision == last {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn node_common_prefix_decides_whole_revision_matches() {
+        let put = |key: &str| Event {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key: key.into(),
+                ..KeyValue::default()
+            },
+        };
+        let node = Node::new(7, vec![put("c/p/t/a"), put("c/p/t/b"), put("c/p/u")].into());
+        assert_eq!(&*node.common, b"c/p/");
+        let all = node.batch_for(&KeyRange::prefix("c/p/")).unwrap();
+        assert!(Arc::ptr_eq(&all.events, &node.events));
+        let some = node.batch_for(&KeyRange::prefix("c/p/t/")).unwrap();
+        assert_eq!(some.events.len(), 2);
+        assert!(node.batch_for(&KeyRange::prefix("d/")).is_none());
+        assert_eq!(
+            node.batch_for(&KeyRange::key("c/p/u"))
+                .unwrap()
+                .events
+                .len(),
+            1
+        );
+        let single = Node::new(8, vec![put("k")].into());
+        let batch = single.batch_for(&KeyRange::key("k")).unwrap();
+        assert!(Arc::ptr_eq(&batch.events, &single.events));
+        assert!(single.batch_for(&KeyRange::key("k2")).is_none());
+        assert!(single.batch_for(&KeyRange::prefix("k2")).is_none());
+    }
+}

@@ -10,7 +10,7 @@
 //! committed alone.
 //!
 //! On disk (tables of `<data-dir>/strata.redb`):
-//! - `kv`: key → [`KvRecord`] (value, create/mod revision, version, lease);
+//! - `kv`: key → `KvRecord` (value, create/mod revision, version, lease);
 //! - `log`: revision → the events of that revision (the watch history, cut by
 //!   compaction);
 //! - `meta`: current revision, compaction point, next lease id;
@@ -19,12 +19,12 @@
 //!   lapsed while the daemon was down expires right after start.
 //!
 //! After a commit (and after answering the batch's callers) the writer
-//! appends each revision to the live [`Feed`]: a chain of revisions in
+//! appends each revision to the live `Feed`: a chain of revisions in
 //! memory, of which only the newest [`EmbeddedOptions::watch_buffer`] are
 //! kept. A watcher reads history it missed from `log`, then walks the chain;
 //! when the revision it needs has already dropped out of memory it falls back
 //! to `log`, so a slow watcher never slows the writer or other watchers. See
-//! [`Feed`] for why this is not a broadcast channel.
+//! `Feed` for why this is not a broadcast channel.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;

@@ -26,7 +26,7 @@ use strata_client::proto::{
     ListServicesRequest, ListTenantsRequest, PutConfigRequest, ResolveRequest, ResolvedValue,
     RollbackRequest, StatusRequest, Tenant, WatchConfigRequest, WatchConfigResponse,
 };
-use strata_client::{Client, Error, Status};
+use strata_client::{Connection, Error, Status};
 use tonic::Streaming;
 
 use crate::output::{Output, Table};
@@ -273,8 +273,8 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     /// Connects to the first reachable daemon.
-    pub(crate) async fn connect(&self) -> Result<Client, Failure> {
-        Client::connect(&self.endpoints, self.timeout)
+    pub(crate) async fn connect(&self) -> Result<Connection, Failure> {
+        Connection::connect(&self.endpoints, self.timeout)
             .await
             .map_err(|e| Failure::Server(e.to_string()))
     }
@@ -372,7 +372,7 @@ pub(crate) trait Resumable: Clone {
     /// What the stream carries.
     type Message;
     /// Opens the stream from the request's start revision.
-    async fn open(&self, client: &Client) -> Result<Streaming<Self::Message>, Status>;
+    async fn open(&self, client: &Connection) -> Result<Streaming<Self::Message>, Status>;
     /// Moves the start past `message`; true when the stream is over for good
     /// (its tenant was deleted).
     fn advance(&mut self, message: &Self::Message) -> bool;
@@ -381,7 +381,7 @@ pub(crate) trait Resumable: Clone {
 impl Resumable for WatchConfigRequest {
     type Message = WatchConfigResponse;
 
-    async fn open(&self, client: &Client) -> Result<Streaming<Self::Message>, Status> {
+    async fn open(&self, client: &Connection) -> Result<Streaming<Self::Message>, Status> {
         Ok(client.config().watch(self.clone()).await?.into_inner())
     }
 
@@ -396,7 +396,7 @@ impl Resumable for WatchConfigRequest {
 /// message handled, so nothing is missed or repeated across the gap.
 pub(crate) async fn follow<R: Resumable>(
     ctx: &Ctx,
-    mut client: Client,
+    mut client: Connection,
     mut request: R,
     mut handle: impl FnMut(&R::Message),
 ) -> Result<(), Failure> {
@@ -437,7 +437,7 @@ pub(crate) async fn follow<R: Resumable>(
 }
 
 async fn tenant(
-    client: &Client,
+    client: &Connection,
     project: &str,
     out: Output,
     cmd: TenantCommand,
@@ -585,7 +585,7 @@ impl Removal {
 /// whole subtree), how many config keys each holds a layer of, and each one's
 /// registered instances.
 async fn removal_plan(
-    client: &Client,
+    client: &Connection,
     project: &str,
     name: &str,
     force: bool,
@@ -653,7 +653,11 @@ async fn removal_plan(
 /// it first in the origin; a key its parent resolves but it does not can only
 /// be hidden by its own tombstone. (A tombstone over a key no ancestor has is
 /// invisible through the API; the delete's answer gives the exact count.)
-async fn own_layer_count(client: &Client, project: &str, tenant: &Tenant) -> Result<usize, String> {
+async fn own_layer_count(
+    client: &Connection,
+    project: &str,
+    tenant: &Tenant,
+) -> Result<usize, String> {
     let own = resolve_all(client, project, &tenant.name, "").await?;
     let mut count = own
         .iter()
@@ -673,7 +677,7 @@ async fn own_layer_count(client: &Client, project: &str, tenant: &Tenant) -> Res
 /// The instance ids registered in exactly `tenant`, by service; `None` from
 /// a daemon without the registry, so deleting still works against one.
 async fn own_instances(
-    client: &Client,
+    client: &Connection,
     project: &str,
     tenant: &str,
 ) -> Result<Option<BTreeMap<String, Vec<String>>>, String> {
@@ -729,7 +733,7 @@ fn confirm(question: &str) -> Result<(), Failure> {
 }
 
 async fn resolve_all(
-    client: &Client,
+    client: &Connection,
     project: &str,
     tenant: &str,
     prefix: &str,
@@ -749,7 +753,7 @@ async fn resolve_all(
 }
 
 async fn config(
-    client: &Client,
+    client: &Connection,
     project: &str,
     out: Output,
     cmd: ConfigCommand,

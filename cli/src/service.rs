@@ -11,7 +11,7 @@ use strata_client::proto::{
     InstanceKind, ListInstancesRequest, ListServicesRequest, Protocol, RegisterRequest,
     RegisterResponse, ResolveServiceRequest, WatchServicesRequest, WatchServicesResponse,
 };
-use strata_client::{Client, Code, Status};
+use strata_client::{Code, Connection, Status};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::IntervalStream;
@@ -272,7 +272,7 @@ impl RegisterArgs {
 impl Resumable for WatchServicesRequest {
     type Message = WatchServicesResponse;
 
-    async fn open(&self, client: &Client) -> Result<Streaming<Self::Message>, Status> {
+    async fn open(&self, client: &Connection) -> Result<Streaming<Self::Message>, Status> {
         Ok(client
             .registry()
             .watch_services(self.clone())
@@ -504,7 +504,7 @@ fn lease_end(status: Status) -> LeaseEnd {
 
 /// Renews `lease_id` over one `KeepAlive` stream every third of its TTL,
 /// until the stream ends. Also says whether any renewal got through.
-async fn renew(client: &Client, lease_id: i64, ttl_seconds: i64) -> (LeaseEnd, bool) {
+async fn renew(client: &Connection, lease_id: i64, ttl_seconds: i64) -> (LeaseEnd, bool) {
     let ttl = Duration::from_secs(u64::try_from(ttl_seconds).unwrap_or(0).max(1));
     let mut ticks = tokio::time::interval((ttl / 3).max(Duration::from_millis(200)));
     // After a stall, one renewal is enough; a burst of catch-up ticks is not.
@@ -543,7 +543,7 @@ async fn renew(client: &Client, lease_id: i64, ttl_seconds: i64) -> (LeaseEnd, b
 /// id again if its lease expired meanwhile.
 async fn hold(
     ctx: &Ctx,
-    mut client: Client,
+    mut client: Connection,
     request: RegisterRequest,
     first: RegisterResponse,
     mut signals: Signals,

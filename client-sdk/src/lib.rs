@@ -1,135 +1,92 @@
-//! The Strata client SDK: connect to any of a list of `stratad` endpoints and
-//! call the `strata.v1` API with typed errors.
+//! The Strata client SDK for game servers.
 //!
-//! This crate owns client-side connection handling and the mapping of gRPC
-//! failures to [`Error`]; it depends on `strata-proto` only, never on the
-//! server. The CLI is a thin layer over it; typed config watches,
-//! self-registration and discovery build on it next.
+//! One [`Client`] talks to a list of `stratad` daemons for one project and
+//! tenant. It gives a game server:
+//!
+//! - **typed, hot-reloaded config** — [`Client::watch`] and
+//!   [`Client::watch_prefix`] return handles whose read is a lock-free load
+//!   and which notify of every change (a `tokio::sync::watch` receiver or a
+//!   callback with the old and new value); a bad value keeps the last good
+//!   one and is reported, never panics;
+//! - **a disk fallback** — with [`ClientBuilder::cache_dir`], everything
+//!   watched is written atomically to disk, and a game server started while
+//!   every daemon is down starts from it, then catches up;
+//! - **self-registration** — [`Client::register`] returns a
+//!   [`Registration`] guard that keeps the instance's lease alive across
+//!   daemon failover, registers again if the lease was lost, and
+//!   deregisters on drop;
+//! - **discovery** — [`Client::resolve`] and [`Client::watch_service`] with
+//!   the tenant fallback of the registry, and client-side balancing
+//!   ([`RoundRobin`], [`PowerOfTwoChoices`]);
+//! - **tenant propagation** — [`propagation`] puts the tenant on outgoing
+//!   `http` and tonic requests as the W3C `baggage` entry `strata-tenant`.
+//!
+//! Every call and watch fails over between the daemons: on a failure it
+//! moves to the next endpoint (with backoff and jitter after each round),
+//! and watches resume from the last revision they saw, so no update is lost
+//! or delivered twice.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use serde::Deserialize;
+//! use strata_client::{Client, InstanceSpec, RoundRobin};
+//!
+//! #[derive(Deserialize)]
+//! struct Settings {
+//!     max_players: u32,
+//!     tick_rate: u32,
+//! }
+//!
+//! # async fn run() -> Result<(), strata_client::Error> {
+//! let client = Client::builder()
+//!     .endpoints(["10.0.0.1:7700", "10.0.0.2:7700"])
+//!     .project("vega")
+//!     .tenant("feat-login")
+//!     .cache_dir("/var/cache/strata")
+//!     .build()?;
+//!
+//! let settings = client.watch::<Settings>("game/settings.yaml").await?;
+//! println!("max players: {}", settings.get().max_players);
+//!
+//! let _registration = client
+//!     .register(InstanceSpec::new("game-server").endpoint("main", "10.0.0.7:7777"))
+//!     .await?;
+//!
+//! let matchmaker = client.watch_service("matchmaker").await?;
+//! let balancer = RoundRobin::new();
+//! if let Some(instance) = balancer.pick(&matchmaker.get().instances) {
+//!     println!("matchmaker at {:?}", instance.address());
+//! }
+//! # tokio::time::sleep(Duration::ZERO).await;
+//! # Ok(()) }
+//! ```
+//!
+//! The admin CLI uses [`Connection`], a plain connection exposing the raw
+//! `strata.v1` clients.
 
-use std::time::Duration;
+#![deny(missing_docs)]
 
-use prost::Message;
-use strata_proto::v1::admin_service_client::AdminServiceClient;
-use strata_proto::v1::config_service_client::ConfigServiceClient;
-use strata_proto::v1::registry_service_client::RegistryServiceClient;
-use strata_proto::v1::tenant_service_client::TenantServiceClient;
-use strata_proto::v1::{ErrorDetail, ErrorReason};
-use tonic::transport::{Channel, Endpoint};
+mod balance;
+mod cache;
+mod client;
+mod config;
+mod connection;
+mod discovery;
+mod endpoints;
+mod error;
+mod format;
+pub mod propagation;
+mod registration;
+mod watch;
 
+pub use balance::{InFlight, PowerOfTwoChoices, RoundRobin};
+pub use client::{Client, ClientBuilder};
+pub use config::{Config, ConfigMap, ConfigRef};
+pub use connection::Connection;
+pub use discovery::{Endpoint, ResolvedService, ServiceInstance, ServiceWatch};
+pub use error::{Error, WatchError};
+pub use registration::{InstanceSpec, Registration};
 pub use strata_proto::v1 as proto;
 pub use tonic::{Code, Status};
-
-/// A failed call.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The daemon answered with an error.
-    #[error("{message}")]
-    Server {
-        /// gRPC status code.
-        code: tonic::Code,
-        /// Strata's reason, when the daemon sent one.
-        reason: ErrorReason,
-        /// The daemon's message.
-        message: String,
-    },
-    /// No endpoint could be reached.
-    #[error("cannot reach any of {endpoints:?}: {last_error}")]
-    Unreachable {
-        /// Endpoints tried.
-        endpoints: Vec<String>,
-        /// The last connection error.
-        last_error: String,
-    },
-    /// An endpoint is not a valid URI.
-    #[error("invalid endpoint {endpoint:?}: {message}")]
-    InvalidEndpoint {
-        /// The endpoint.
-        endpoint: String,
-        /// Why.
-        message: String,
-    },
-}
-
-impl From<tonic::Status> for Error {
-    fn from(status: tonic::Status) -> Self {
-        let reason = status
-            .metadata()
-            .get_bin(strata_proto::ERROR_DETAIL_TRAILER)
-            .and_then(|v| v.to_bytes().ok())
-            .and_then(|b| ErrorDetail::decode(b).ok())
-            .and_then(|d| ErrorReason::try_from(d.reason).ok())
-            .unwrap_or(ErrorReason::Unspecified);
-        Error::Server {
-            code: status.code(),
-            reason,
-            message: status.message().to_owned(),
-        }
-    }
-}
-
-/// A connection to one of several daemons.
-#[derive(Debug, Clone)]
-pub struct Client {
-    channel: Channel,
-    endpoint: String,
-}
-
-impl Client {
-    /// Connects to the first reachable endpoint of `endpoints`, in order.
-    pub async fn connect<S: AsRef<str>>(endpoints: &[S], timeout: Duration) -> Result<Self, Error> {
-        let mut last_error = String::from("no endpoints given");
-        for endpoint in endpoints {
-            let endpoint = endpoint.as_ref().trim();
-            let uri = if endpoint.contains("://") {
-                endpoint.to_owned()
-            } else {
-                format!("http://{endpoint}")
-            };
-            let configured = Endpoint::from_shared(uri.clone())
-                .map_err(|e| Error::InvalidEndpoint {
-                    endpoint: endpoint.to_owned(),
-                    message: e.to_string(),
-                })?
-                .connect_timeout(timeout)
-                .timeout(timeout);
-            match configured.connect().await {
-                Ok(channel) => {
-                    return Ok(Self {
-                        channel,
-                        endpoint: uri,
-                    });
-                }
-                Err(e) => last_error = format!("{uri}: {e}"),
-            }
-        }
-        Err(Error::Unreachable {
-            endpoints: endpoints.iter().map(|e| e.as_ref().to_owned()).collect(),
-            last_error,
-        })
-    }
-
-    /// The endpoint this client is connected to.
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
-    }
-
-    /// `AdminService` client.
-    pub fn admin(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::new(self.channel.clone())
-    }
-
-    /// `TenantService` client.
-    pub fn tenants(&self) -> TenantServiceClient<Channel> {
-        TenantServiceClient::new(self.channel.clone())
-    }
-
-    /// `ConfigService` client.
-    pub fn config(&self) -> ConfigServiceClient<Channel> {
-        ConfigServiceClient::new(self.channel.clone())
-    }
-
-    /// `RegistryService` client.
-    pub fn registry(&self) -> RegistryServiceClient<Channel> {
-        RegistryServiceClient::new(self.channel.clone())
-    }
-}
+pub use watch::Source;

@@ -1,0 +1,283 @@
+//! [`Client`] and [`ClientBuilder`]: the daemons to talk to, who is asking
+//! (project, tenant, token), timeouts, and the retry loop every one-shot
+//! call goes through.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Channel;
+
+use crate::Error;
+use crate::cache::DiskCache;
+use crate::endpoints::{Backoff, Pool};
+
+/// How to build a [`Client`]. Start with [`Client::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    project: String,
+    tenant: String,
+    token: Option<String>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    startup_timeout: Duration,
+    backoff: Backoff,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            project: "default".into(),
+            tenant: String::new(),
+            token: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(3),
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
+            cache_dir: None,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// The daemons, as `host:port` or `http://host:port`. Calls and watches
+    /// go to one of them and move to the next when it fails. Required.
+    pub fn endpoints<I, S>(mut self, endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.endpoints = endpoints.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The project (default `default`).
+    pub fn project(mut self, project: impl Into<String>) -> Self {
+        self.project = project.into();
+        self
+    }
+
+    /// The tenant this game server runs in: config resolves along its chain,
+    /// registrations land in it, discovery falls back from it. Required.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// A bearer token sent with every call.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// How long dialling one daemon may take (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one call to one daemon may take before the next endpoint is
+    /// tried (default 5 s). Also bounds how long a watch waits for its first
+    /// message.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long starting a watch keeps trying the daemons before it falls
+    /// back to the disk cache (default 3 s; every endpoint is tried at least
+    /// once).
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Backoff between rounds over every endpoint: starts at `initial`,
+    /// doubles up to `max`, each pause drawn at random from its upper half
+    /// (defaults 100 ms and 5 s).
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = Backoff {
+            initial,
+            max: max.max(initial),
+        };
+        self
+    }
+
+    /// Keeps the last resolved value of everything watched in
+    /// `<dir>/<project>/<tenant>.json`, so a game server started while every
+    /// daemon is down starts from it. Off unless set.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// Builds the client. Nothing is dialled yet: the first call or watch
+    /// connects. Fails on an empty endpoint list, an invalid endpoint, a
+    /// missing tenant or a token that cannot be sent as a header.
+    pub fn build(self) -> Result<Client, Error> {
+        if self.tenant.is_empty() {
+            return Err(Error::Config("a tenant is required".into()));
+        }
+        if self.project.is_empty() {
+            return Err(Error::Config("the project must not be empty".into()));
+        }
+        let pool = Pool::new(&self.endpoints, self.connect_timeout, self.backoff)?;
+        let token = self
+            .token
+            .map(|t| {
+                MetadataValue::try_from(format!("Bearer {t}"))
+                    .map_err(|_| Error::Config("the token is not a valid header value".into()))
+            })
+            .transpose()?;
+        let cache = self
+            .cache_dir
+            .map(|dir| DiskCache::open(&dir, &self.project, &self.tenant))
+            .map(Arc::new);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                pool,
+                project: self.project,
+                tenant: self.tenant,
+                token,
+                request_timeout: self.request_timeout,
+                startup_timeout: self.startup_timeout,
+                cache,
+            }),
+        })
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
+    pub(crate) project: String,
+    pub(crate) tenant: String,
+    token: Option<MetadataValue<Ascii>>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) startup_timeout: Duration,
+    pub(crate) cache: Option<Arc<DiskCache>>,
+}
+
+/// A client of a set of `stratad` daemons, for one project and tenant.
+///
+/// Cheap to clone (clones share connections, the disk cache and the
+/// current endpoint). Everything it starts — watches, registrations — runs
+/// on the Tokio runtime it was started from.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), strata_client::Error> {
+/// let client = strata_client::Client::builder()
+///     .endpoints(["10.0.0.1:7700", "10.0.0.2:7700"])
+///     .project("vega")
+///     .tenant("feat-login")
+///     .cache_dir("/var/cache/strata")
+///     .build()?;
+/// # let _ = client; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.inner.pool)
+            .field("project", &self.inner.project)
+            .field("tenant", &self.inner.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts building a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The project.
+    pub fn project(&self) -> &str {
+        &self.inner.project
+    }
+
+    /// The tenant.
+    pub fn tenant(&self) -> &str {
+        &self.inner.tenant
+    }
+
+    /// The daemon endpoints, as URIs, in the order given.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner.pool.uris()
+    }
+
+    /// The disk cache file, when a cache directory was set.
+    pub fn cache_path(&self) -> Option<&Path> {
+        self.inner.cache.as_deref().map(DiskCache::path)
+    }
+
+    /// Wraps a message with the token.
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.inner.token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        request
+    }
+
+    /// Runs a one-shot call with failover: on a transient failure (daemon
+    /// unreachable, shutting down, timed out) the next endpoint is tried,
+    /// pausing with backoff after each full round, until `budget` has
+    /// passed. Other errors return at once. Callers only pass calls that are
+    /// safe to repeat.
+    pub(crate) async fn call<T, F, Fut>(&self, budget: Duration, mut f: F) -> Result<T, Error>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let pool = &self.inner.pool;
+        let deadline = Instant::now() + budget;
+        let mut failures: u32 = 0;
+        loop {
+            let picked = pool.pick();
+            let timeout = self.inner.request_timeout;
+            let outcome = match tokio::time::timeout(timeout, f(picked.channel, timeout)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(status)) => Error::from(status),
+                Err(_) => Error::Server {
+                    code: tonic::Code::DeadlineExceeded,
+                    reason: strata_proto::v1::ErrorReason::Unavailable,
+                    message: format!("no answer within {timeout:?}"),
+                },
+            };
+            if !outcome.is_transient() {
+                return Err(outcome);
+            }
+            tracing::debug!(endpoint = %picked.uri, error = %outcome, "call failed; trying the next endpoint");
+            pool.failed(picked.index);
+            failures += 1;
+            let rounds = failures / pool.len() as u32;
+            let pause = if failures.is_multiple_of(pool.len() as u32) {
+                pool.backoff.delay(rounds.saturating_sub(1))
+            } else {
+                Duration::ZERO
+            };
+            if Instant::now() + pause >= deadline {
+                return Err(Error::Unreachable {
+                    endpoints: pool.uris(),
+                    last_error: format!("{}: {outcome}", picked.uri),
+                });
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The endpoint pool behind a [`Client`](crate::Client): one lazily
+//! connected channel per daemon, a shared "current" endpoint that every call
+//! and watch starts from, rotation to the next endpoint when one fails, and
+//! backoff with jitter between rounds.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+
+/// Parses `host:port` or a URI into its normalised URI and a tonic endpoint.
+pub(crate) fn parse_endpoint(endpoint: &str) -> Result<(String, Endpoint), Error> {
+    let endpoint = endpoint.trim();
+    let uri = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let parsed = Endpoint::from_shared(uri.clone()).map_err(|e| Error::InvalidEndpoint {
+        endpoint: endpoint.to_owned(),
+        message: e.to_string(),
+    })?;
+    Ok((uri, parsed))
+}
+
+struct Target {
+    uri: String,
+    endpoint: Endpoint,
+    /// Created on first use: `connect_lazy` needs a running Tokio runtime,
+    /// and building a client must not.
+    channel: Mutex<Option<Channel>>,
+}
+
+/// Exponential backoff with "equal jitter": the delay for round `n` is
+/// uniformly drawn from `[d/2, d]` with `d = min(initial * 2^n, max)`, so
+/// clients that lost the same daemon do not all come back at once, yet none
+/// retries with no pause at all.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn delay(&self, round: u32) -> Duration {
+        let factor = 1u32.checked_shl(round.min(16)).unwrap_or(u32::MAX);
+        let full = self.initial.saturating_mul(factor).min(self.max);
+        let half = full / 2;
+        half + full.mul_f64(rand::random::<f64>() * 0.5)
+    }
+}
+
+/// The daemons a client talks to.
+pub(crate) struct Pool {
+    targets: Vec<Target>,
+    current: AtomicUsize,
+    pub(crate) backoff: Backoff,
+}
+
+/// One endpoint picked for an attempt: report failures with its `index`.
+pub(crate) struct Picked {
+    pub(crate) index: usize,
+    pub(crate) channel: Channel,
+    pub(crate) uri: String,
+}
+
+impl Pool {
+    pub(crate) fn new(
+        endpoints: &[String],
+        connect_timeout: Duration,
+        backoff: Backoff,
+    ) -> Result<Self, Error> {
+        if endpoints.is_empty() {
+            return Err(Error::Config("no daemon endpoints given".into()));
+        }
+        let targets = endpoints
+            .iter()
+            .map(|e| {
+                let (uri, endpoint) = parse_endpoint(e)?;
+                // HTTP/2 keep-alive pings notice a daemon that vanished
+                // without closing the connection (power loss, partition), so
+                // a watch moves on instead of waiting forever.
+                let endpoint = endpoint
+                    .connect_timeout(connect_timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(connect_timeout.max(Duration::from_secs(5)))
+                    .keep_alive_while_idle(true)
+                    .tcp_nodelay(true);
+                Ok(Target {
+                    uri,
+                    endpoint,
+                    channel: Mutex::new(None),
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Self {
+            targets,
+            current: AtomicUsize::new(0),
+            backoff,
+        })
+    }
+
+    /// Number of endpoints.
+    pub(crate) fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Every endpoint's URI, in order.
+    pub(crate) fn uris(&self) -> Vec<String> {
+        self.targets.iter().map(|t| t.uri.clone()).collect()
+    }
+
+    /// The endpoint calls go to now.
+    pub(crate) fn pick(&self) -> Picked {
+        let index = self.current.load(Ordering::Acquire) % self.targets.len();
+        let target = &self.targets[index];
+        let channel = {
+            let mut slot = target
+                .channel
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            slot.get_or_insert_with(|| target.endpoint.clone().connect_lazy())
+                .clone()
+        };
+        Picked {
+            index,
+            channel,
+            uri: target.uri.clone(),
+        }
+    }
+
+    /// Reports that the endpoint at `index` failed: the pool moves to the
+    /// next one, unless another caller already moved it (many watches
+    /// failing together rotate once, not once each). The failed endpoint's
+    /// channel is dropped so the next use of it dials afresh.
+    pub(crate) fn failed(&self, index: usize) {
+        let next = (index + 1) % self.targets.len();
+        let _ = self
+            .current
+            .compare_exchange(index, next, Ordering::AcqRel, Ordering::Acquire);
+        if let Some(target) = self.targets.get(index) {
+            *target
+                .channel
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("endpoints", &self.uris())
+            .field("current", &self.current.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_in_the_upper_half() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for _ in 0..100 {
+            let d0 = b.delay(0);
+            assert!(d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100));
+            let d3 = b.delay(3);
+            assert!(d3 >= Duration::from_millis(400) && d3 <= Duration::from_millis(800));
+            let d40 = b.delay(40);
+            assert!(d40 >= Duration::from_secs(1) && d40 <= Duration::from_secs(2));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failure_rotates_once_even_when_reported_twice() {
+        let pool = Pool::new(
+            &[
+                "127.0.0.1:1".into(),
+                "127.0.0.1:2".into(),
+                "127.0.0.1:3".into(),
+            ],
+            Duration::from_secs(1),
+            Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+            },
+        )
+        .unwrap();
+        let first = pool.pick();
+        assert_eq!(first.uri, "http://127.0.0.1:1");
+        pool.failed(first.index);
+        pool.failed(first.index);
+        assert_eq!(pool.pick().uri, "http://127.0.0.1:2");
+        let second = pool.pick();
+        pool.failed(second.index);
+        pool.failed(pool.pick().index);
+        assert_eq!(pool.pick().uri, "http://127.0.0.1:1", "wraps around");
+    }
+}

@@ -94,9 +94,17 @@ pub struct DaemonBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
+    addr: Option<SocketAddr>,
 }
 
 impl DaemonBuilder {
+    /// Listens on this address instead of a fresh free port (to restart a
+    /// daemon where its clients expect it).
+    pub fn addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = Some(addr);
+        self
+    }
+
     /// Adds command-line arguments.
     pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
@@ -125,7 +133,9 @@ impl DaemonBuilder {
                 (Some(tmp), dir)
             }
         };
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr: SocketAddr = self
+            .addr
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let mut command = Command::new(stratad_bin());
         command
             .arg("--listen")

@@ -592,19 +592,26 @@ impl Merged {
                 ));
             }
         };
-        let max_value_bytes = usize::try_from(self.max_value_bytes.value)
-            .ok()
-            .filter(|n| (1..=64 * 1024 * 1024).contains(n))
-            .ok_or_else(|| {
-                invalid(
-                    "limits.max_value_bytes",
-                    &self.max_value_bytes.source,
-                    format!(
-                        "must be between 1 and 67108864, got {}",
-                        self.max_value_bytes.value
-                    ),
-                )
-            })?;
+        // On etcd, an unset limit defaults to what etcd's default request
+        // limit takes (a write carries its value twice); stratad logs it.
+        let max_value_bytes =
+            if self.max_value_bytes.source == "default" && !self.etcd_endpoints.value.is_empty() {
+                crate::store::etcd::DEFAULT_MAX_VALUE_BYTES
+            } else {
+                usize::try_from(self.max_value_bytes.value)
+                    .ok()
+                    .filter(|n| (1..=64 * 1024 * 1024).contains(n))
+                    .ok_or_else(|| {
+                        invalid(
+                            "limits.max_value_bytes",
+                            &self.max_value_bytes.source,
+                            format!(
+                                "must be between 1 and 67108864, got {}",
+                                self.max_value_bytes.value
+                            ),
+                        )
+                    })?
+            };
         let journal_revisions = usize::try_from(self.journal_revisions.value)
             .ok()
             .filter(|n| *n >= 1)

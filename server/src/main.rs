@@ -70,6 +70,9 @@ async fn serve(config: Config) -> Result<(), String> {
         version = env!("CARGO_PKG_VERSION"),
         "stratad starting"
     );
+    if config.etcd.is_some() {
+        log_etcd_value_limit(config.limits.max_value_bytes);
+    }
     let options = ServerOptions {
         shutdown_grace: config.shutdown_grace,
         compaction: config.compaction.clone(),
@@ -79,6 +82,30 @@ async fn serve(config: Config) -> Result<(), String> {
     server::run(listener, store, options, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Says how large config values may be on etcd, and what etcd must accept
+/// for that: a write carries its value twice, and etcd refuses requests
+/// over its `--max-request-bytes` (1.5 MiB by default).
+fn log_etcd_value_limit(max_value_bytes: usize) {
+    use strata_server::store::etcd::{ETCD_DEFAULT_MAX_REQUEST_BYTES, request_bytes_for_value};
+    let needed = request_bytes_for_value(max_value_bytes);
+    if needed <= ETCD_DEFAULT_MAX_REQUEST_BYTES {
+        tracing::info!(
+            max_value_bytes,
+            "config values are limited to limits.max_value_bytes = {max_value_bytes} bytes on etcd, \
+             so that a write (value, plus its history copy) fits etcd's default request limit \
+             (--max-request-bytes 1.5 MiB); for larger values raise both"
+        );
+    } else {
+        tracing::warn!(
+            max_value_bytes,
+            needed_request_bytes = needed,
+            "limits.max_value_bytes = {max_value_bytes} needs etcd to accept requests of \
+             {needed} bytes (--max-request-bytes; etcd's default is 1.5 MiB): writes of \
+             larger values fail until etcd allows it"
+        );
+    }
 }
 
 /// The etcd store when etcd endpoints are configured, else the embedded one.

@@ -56,6 +56,27 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// outcome, while the cluster elects a new leader.
 pub const DEFAULT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// etcd's default limit on one request (`--max-request-bytes`).
+pub const ETCD_DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// The default largest config value when the store is etcd. A config write
+/// carries its value twice (the layer and its history version) in one
+/// transaction, so values up to `limits.max_value_bytes` fit in etcd's
+/// default 1.5 MiB request limit only when that is well under half of it:
+/// 512 KiB leaves room for the keys, records and history pruning of the
+/// write. Larger values need etcd's `--max-request-bytes` raised, and
+/// `limits.max_value_bytes` set explicitly.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 512 * 1024;
+/// Bytes a config write needs besides twice its value (keys, records,
+/// compares and pruned versions), for [`request_bytes_for_value`].
+const WRITE_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// The etcd request limit (`--max-request-bytes`) a config write of a
+/// `value_bytes`-byte value needs, rounded up to a whole MiB.
+pub fn request_bytes_for_value(value_bytes: usize) -> usize {
+    const MIB: usize = 1024 * 1024;
+    (2 * value_bytes + WRITE_OVERHEAD_BYTES).div_ceil(MIB) * MIB
+}
+
 /// Keys per range request; larger ranges are read in pages at one revision
 /// so that neither etcd nor the daemon builds one huge message.
 const RANGE_PAGE: i64 = 1000;
@@ -274,6 +295,15 @@ fn first_lease(txn: &Txn) -> LeaseId {
         .unwrap_or(0)
 }
 
+/// Whether etcd refused a request for its size: over `--max-request-bytes`
+/// ("request is too large"), or so far over that its gRPC server would not
+/// even read it (the limit plus 512 KiB: "received message larger than max").
+fn is_too_large(status: &tonic::Status) -> bool {
+    let message = status.message();
+    message.contains("request is too large")
+        || (status.code() == Code::ResourceExhausted && message.contains("larger than max"))
+}
+
 fn is_lease_not_found(message: &str) -> bool {
     message.contains("lease not found")
 }
@@ -459,10 +489,18 @@ impl Inner {
         if is_lease_not_found(message) {
             return StoreError::LeaseNotFound(lease);
         }
-        const INVALID: [&str; 6] = [
+        if is_too_large(status) {
+            // etcd's limit is its own setting; say which one, and ours.
+            return StoreError::InvalidTxn(format!(
+                "etcd refused the {what} as larger than its request limit ({message}); \
+                 a config write carries its value twice (layer and history), so raise \
+                 etcd's --max-request-bytes (1.5 MiB by default) or lower stratad's \
+                 limits.max_value_bytes; nothing was written"
+            ));
+        }
+        const INVALID: [&str; 5] = [
             "duplicate key given in txn request",
             "too many operations in txn request",
-            "request is too large",
             "key is not provided",
             "requested lease TTL is too large",
             "invalid",

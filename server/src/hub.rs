@@ -24,15 +24,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use futures::Stream;
+use metrics::{Counter, Gauge, Histogram};
 use strata_proto::v1::watch_config_response::Kind;
 use strata_proto::v1::{
     ConfigChange, ErrorReason, ResolvedValue, ResponseHeader, WatchConfigResponse,
 };
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::ApiError;
 use crate::store::Revision;
@@ -276,11 +280,41 @@ struct Group<L: Lens> {
     deleted: bool,
 }
 
+/// The hub's metric handles, looked up in the registry once: a push to
+/// 10,000 subscribers records 10,000 deliveries, and a registry look-up per
+/// delivery (key hash, label comparison) was a measurable share of it.
+struct HubMetrics {
+    pushes: Counter,
+    latency: Histogram,
+    subscribers: Gauge,
+    resets_history: Counter,
+    resets_lagged: Counter,
+    fanout: Histogram,
+}
+
+impl HubMetrics {
+    fn new(kind: &'static str) -> Self {
+        Self {
+            pushes: metrics::counter!("strata_watch_pushes_total", "watch" => kind),
+            latency: metrics::histogram!("strata_watch_push_latency_seconds", "watch" => kind),
+            subscribers: metrics::gauge!("strata_watch_subscribers", "watch" => kind),
+            resets_history: metrics::counter!(
+                "strata_watch_resets_total", "watch" => kind, "reason" => "history"
+            ),
+            resets_lagged: metrics::counter!(
+                "strata_watch_resets_total", "watch" => kind, "reason" => "lagged"
+            ),
+            fanout: metrics::histogram!("strata_watch_fanout_duration_seconds", "watch" => kind),
+        }
+    }
+}
+
 /// The hub (see the module documentation).
 pub struct Hub<L: Lens> {
     view: Arc<View>,
     groups: Mutex<HashMap<GroupKey<L::Selection>, Group<L>>>,
     member: String,
+    metrics: HubMetrics,
 }
 
 impl<L: Lens> std::fmt::Debug for Hub<L> {
@@ -299,6 +333,7 @@ impl<L: Lens> Hub<L> {
             view: Arc::clone(&view),
             groups: Mutex::new(HashMap::new()),
             member,
+            metrics: HubMetrics::new(L::NAME),
         });
         let weak: Weak<Self> = Arc::downgrade(&hub);
         view.add_listener(Box::new(move |state, entry| {
@@ -409,8 +444,7 @@ impl<L: Lens> Hub<L> {
             }
         }
         groups.retain(|_, g| !g.deleted);
-        metrics::histogram!("strata_watch_fanout_duration_seconds", "watch" => L::NAME)
-            .record(started.elapsed().as_secs_f64());
+        self.metrics.fanout.record(started.elapsed().as_secs_f64());
     }
 
     /// Starts a subscription (see [`Subscription`]).
@@ -439,15 +473,17 @@ impl<L: Lens> Hub<L> {
             selection,
         };
         let (rx, initial, after) = self.join(&key, start_revision)?;
-        metrics::gauge!("strata_watch_subscribers", "watch" => L::NAME).increment(1.0);
+        self.metrics.subscribers.increment(1.0);
         Ok(Subscription {
             hub: Arc::clone(self),
             key,
-            rx,
+            rx: BroadcastStream::new(rx),
             pending: initial.into(),
             after,
             done: false,
+            cancelled: Box::pin(shutdown.clone().cancelled_owned()),
             shutdown,
+            registered: None,
         })
     }
 
@@ -502,8 +538,7 @@ impl<L: Lens> Hub<L> {
         } else if state.journal.covers(start_revision) {
             self.replay(&state, key, start_revision)
         } else {
-            metrics::counter!("strata_watch_resets_total", "watch" => L::NAME, "reason" => "history")
-                .increment(1);
+            self.metrics.resets_history.increment(1);
             vec![self.snapshot(&current, revision, true)]
         };
         Ok((rx, initial, revision))
@@ -560,20 +595,35 @@ impl<L: Lens> Hub<L> {
 /// One subscriber's stream of messages: the initial snapshot or replay,
 /// then live pushes. Ends after a `tenant_deleted` message, and with
 /// `UNAVAILABLE` when the daemon shuts down (resume on another replica).
+///
+/// A hand-written [`Stream`]: one push wakes every subscriber of a group,
+/// so what a poll costs is paid thousands of times per change. Polling
+/// allocates nothing (the receive future's box is reused), and the shutdown
+/// signal is registered once per task rather than on every poll.
 pub struct Subscription<L: Lens> {
     hub: Arc<Hub<L>>,
     key: GroupKey<L::Selection>,
-    rx: broadcast::Receiver<Arc<Push<L::Message>>>,
+    rx: BroadcastStream<Arc<Push<L::Message>>>,
     pending: VecDeque<L::Message>,
     /// Live pushes at or below this revision are already covered.
     after: Revision,
     done: bool,
     shutdown: CancellationToken,
+    /// Wakes the stream when the daemon starts draining.
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker `cancelled` was last polled with: polling it again takes
+    /// the shutdown token's lock, which every subscription shares, so it is
+    /// polled only when the stream moved to another task.
+    registered: Option<Waker>,
 }
+
+// No field is pinned structurally: the futures are boxed, so moving a
+// subscription never moves them.
+impl<L: Lens> Unpin for Subscription<L> {}
 
 impl<L: Lens> Drop for Subscription<L> {
     fn drop(&mut self) {
-        metrics::gauge!("strata_watch_subscribers", "watch" => L::NAME).decrement(1.0);
+        self.hub.metrics.subscribers.decrement(1.0);
     }
 }
 
@@ -583,75 +633,350 @@ pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, tonic::Status>> 
 impl<L: Lens> Subscription<L> {
     /// The next message; `None` when the stream is over.
     pub async fn next(&mut self) -> Option<Result<L::Message, tonic::Status>> {
-        loop {
-            if let Some(message) = self.pending.pop_front() {
-                self.done |= L::is_last(&message);
-                metrics::counter!("strata_watch_pushes_total", "watch" => L::NAME).increment(1);
-                return Some(Ok(message));
-            }
-            if self.done {
-                return None;
-            }
-            let received = tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    self.done = true;
-                    return Some(Err(tonic::Status::unavailable(
-                        "stratad is shutting down; resume the watch on another replica",
-                    )));
-                }
-                r = self.rx.recv() => r,
-            };
-            match received {
-                Ok(push) => {
-                    if L::revision(&push.message) <= self.after {
-                        continue;
-                    }
-                    self.after = L::revision(&push.message);
-                    metrics::histogram!("strata_watch_push_latency_seconds", "watch" => L::NAME)
-                        .record(push.created.elapsed().as_secs_f64());
-                    self.pending.push_back(push.message.clone());
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    metrics::counter!("strata_watch_resets_total", "watch" => L::NAME, "reason" => "lagged")
-                        .increment(1);
-                    match self.hub.join(&self.key, 0) {
-                        Ok((rx, mut initial, after)) => {
-                            self.rx = rx;
-                            self.after = after;
-                            for m in &mut initial {
-                                L::mark_reset(m);
-                            }
-                            self.pending.extend(initial);
-                        }
-                        Err(_) => {
-                            let m = self
-                                .hub
-                                .deleted(&Resolution::new(), self.hub.view.revision());
-                            self.pending.push_back(m);
-                        }
-                    }
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
-        }
+        futures::StreamExt::next(self).await
     }
 
     /// This subscription as a stream for tonic.
     pub fn into_stream(self) -> MessageStream<L::Message> {
-        Box::pin(futures::stream::unfold(self, |mut s| async move {
-            s.next().await.map(|m| (m, s))
-        }))
+        Box::pin(self)
+    }
+
+    /// Handles what the group channel delivered; a message to deliver is
+    /// queued in `pending`.
+    fn receive(&mut self, received: Result<Arc<Push<L::Message>>, BroadcastStreamRecvError>) {
+        match received {
+            Ok(push) => {
+                let revision = L::revision(&push.message);
+                if revision <= self.after {
+                    return;
+                }
+                self.after = revision;
+                self.hub
+                    .metrics
+                    .latency
+                    .record(push.created.elapsed().as_secs_f64());
+                self.pending.push_back(push.message.clone());
+            }
+            Err(BroadcastStreamRecvError::Lagged(_)) => {
+                self.hub.metrics.resets_lagged.increment(1);
+                match self.hub.join(&self.key, 0) {
+                    Ok((rx, mut initial, after)) => {
+                        self.rx = BroadcastStream::new(rx);
+                        self.after = after;
+                        for m in &mut initial {
+                            L::mark_reset(m);
+                        }
+                        self.pending.extend(initial);
+                    }
+                    Err(_) => {
+                        let m = self
+                            .hub
+                            .deleted(&Resolution::new(), self.hub.view.revision());
+                        self.pending.push_back(m);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<L: Lens> Stream for Subscription<L> {
+    type Item = Result<L::Message, tonic::Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(message) = this.pending.pop_front() {
+                this.done |= L::is_last(&message);
+                this.hub.metrics.pushes.increment(1);
+                return Poll::Ready(Some(Ok(message)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if this.shutdown.is_cancelled() {
+                this.done = true;
+                return Poll::Ready(Some(Err(tonic::Status::unavailable(
+                    "stratad is shutting down; resume the watch on another replica",
+                ))));
+            }
+            match Pin::new(&mut this.rx).poll_next(cx) {
+                Poll::Ready(Some(received)) => this.receive(received),
+                // The group was dropped: the hub is gone.
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    let fresh = this
+                        .registered
+                        .as_ref()
+                        .is_none_or(|w| !w.will_wake(cx.waker()));
+                    if fresh {
+                        if this.cancelled.as_mut().poll(cx).is_ready() {
+                            continue;
+                        }
+                        this.registered = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::api::{Api, Limits, NewTenant, PutLayer};
+    use crate::domain::document::{Format, Mode};
+    use crate::store::Store;
+    use crate::store::embedded::EmbeddedStore;
+    use crate::view::JournalLimits;
+
+    /// A real embedded store, its view following it, a config hub and the
+    /// API that writes through it.
+    struct Rig {
+        api: Api,
+        hub: Arc<Hub<ConfigLens>>,
+        shutdown: CancellationToken,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        async fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+            let view = View::load(store.as_ref(), JournalLimits::default())
+                .await
+                .unwrap();
+            let hub = Hub::<ConfigLens>::new(Arc::clone(&view), "m1".into());
+            let shutdown = CancellationToken::new();
+            tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), shutdown.clone()));
+            let api = Api::new(store, view, Limits::default());
+            Self {
+                api,
+                hub,
+                shutdown,
+                _dir: dir,
+            }
+        }
+
+        async fn tenant(&self, name: &str, parent: &str) {
+            self.api
+                .create_tenant(NewTenant {
+                    project: "p".into(),
+                    name: name.into(),
+                    parent: parent.into(),
+                    ..NewTenant::default()
+                })
+                .await
+                .unwrap();
+        }
+
+        async fn put(&self, tenant: &str, key: &str, value: &str) -> Revision {
+            self.api
+                .put_layer(PutLayer {
+                    project: "p".into(),
+                    tenant: tenant.into(),
+                    key: key.into(),
+                    value: value.as_bytes().to_vec(),
+                    format: Some(Format::Text),
+                    mode: Mode::Replace,
+                    expected_revision: None,
+                })
+                .await
+                .unwrap()
+                .1
+        }
+
+        async fn subscribe(&self, tenant: &str, key: &str) -> Subscription<ConfigLens> {
+            self.hub
+                .subscribe(
+                    "p".into(),
+                    tenant.into(),
+                    Selection::new(vec![key.into()], vec![]),
+                    0,
+                    self.shutdown.clone(),
+                )
+                .await
+                .unwrap()
+        }
+
+        fn groups(&self) -> usize {
+            self.hub
+                .groups
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    async fn next(s: &mut Subscription<ConfigLens>) -> WatchConfigResponse {
+        tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("the stream goes on")
+            .expect("a message, not an error")
+    }
+
+    /// A resolved value as (text, origin); `None`: the key is gone.
+    type Seen = Option<(String, Vec<String>)>;
+
+    /// (key, what it resolves to) for each change of a message.
+    fn entries(m: &WatchConfigResponse) -> Vec<(String, Seen)> {
+        m.changes
+            .iter()
+            .map(|c| {
+                let v = c.value.as_ref().map(|v| {
+                    (
+                        String::from_utf8(v.value.clone()).unwrap(),
+                        v.origin.clone(),
+                    )
+                });
+                (c.key.clone(), v)
+            })
+            .collect()
+    }
+
+    fn value(text: &str, origin: &str) -> Seen {
+        Some((text.to_owned(), vec![origin.to_owned()]))
+    }
 
     #[test]
     fn selection_matches_keys_and_prefixes() {
         let s = Selection::new(vec!["a/x.yaml".into()], vec!["b/".into()]);
         assert!(s.matches("a/x.yaml") && s.matches("b/y") && !s.matches("a/y") && !s.matches("c"));
         assert!(Selection::new(vec![], vec![]).matches("anything"));
+    }
+
+    #[tokio::test]
+    async fn subscribers_of_one_tenant_and_key_share_one_group_and_get_the_same_push() {
+        let rig = Rig::new().await;
+        rig.tenant("base", "").await;
+        rig.put("base", "a.txt", "v1").await;
+        let mut subs = Vec::new();
+        for _ in 0..3 {
+            let mut s = rig.subscribe("base", "a.txt").await;
+            let snapshot = next(&mut s).await;
+            assert_eq!(snapshot.kind, Kind::Snapshot as i32);
+            assert_eq!(
+                entries(&snapshot),
+                vec![("a.txt".into(), value("v1", "base"))]
+            );
+            subs.push(s);
+        }
+        assert_eq!(rig.groups(), 1, "one group for one (tenant, selection)");
+        let revision = rig.put("base", "a.txt", "v2").await;
+        for s in &mut subs {
+            let m = next(s).await;
+            assert_eq!((m.kind, m.revision), (Kind::Change as i32, revision));
+            assert_eq!(entries(&m), vec![("a.txt".into(), value("v2", "base"))]);
+        }
+    }
+
+    #[tokio::test]
+    async fn tenants_with_and_without_an_override_get_their_own_pushes_and_nothing_they_cannot_see()
+    {
+        let rig = Rig::new().await;
+        rig.tenant("integration", "").await;
+        rig.tenant("feat-1", "integration").await;
+        rig.put("integration", "a.txt", "base-1").await;
+        let mut parent = rig.subscribe("integration", "a.txt").await;
+        let mut child = rig.subscribe("feat-1", "a.txt").await;
+        let mut child2 = rig.subscribe("feat-1", "a.txt").await;
+        for s in [&mut parent, &mut child, &mut child2] {
+            assert_eq!(
+                entries(&next(s).await),
+                vec![("a.txt".into(), value("base-1", "integration"))]
+            );
+        }
+        assert_eq!(rig.groups(), 2, "one group per tenant");
+
+        // The override changes only the child's view.
+        let overridden = rig.put("feat-1", "a.txt", "feat").await;
+        for s in [&mut child, &mut child2] {
+            let m = next(s).await;
+            assert_eq!(m.revision, overridden);
+            assert_eq!(entries(&m), vec![("a.txt".into(), value("feat", "feat-1"))]);
+        }
+        // The parent's change is hidden from the child by its override.
+        let hidden = rig.put("integration", "a.txt", "base-2").await;
+        let m = next(&mut parent).await;
+        assert_eq!(m.revision, hidden);
+        assert_eq!(
+            entries(&m),
+            vec![("a.txt".into(), value("base-2", "integration"))]
+        );
+        // The parent's first push is this one: the override sent it nothing.
+        assert!(overridden < hidden);
+
+        // The next thing the children see is the override going away, not
+        // the hidden change.
+        let removed = rig
+            .api
+            .delete_layer("p", "feat-1", "a.txt", None)
+            .await
+            .unwrap();
+        for s in [&mut child, &mut child2] {
+            let m = next(s).await;
+            assert_eq!(m.revision, removed, "no push for the hidden change");
+            assert_eq!(
+                entries(&m),
+                vec![("a.txt".into(), value("base-2", "integration"))]
+            );
+        }
+        // Removing the override does not change the parent's view: its next
+        // push is the next change of its own.
+        let last = rig.put("integration", "a.txt", "base-3").await;
+        let m = next(&mut parent).await;
+        assert_eq!(
+            m.revision, last,
+            "no push for the child's override going away"
+        );
+        assert_eq!(
+            entries(&m),
+            vec![("a.txt".into(), value("base-3", "integration"))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_ends_with_unavailable_when_the_daemon_shuts_down() {
+        let rig = Rig::new().await;
+        rig.tenant("base", "").await;
+        let mut s = rig.subscribe("base", "a.txt").await;
+        assert_eq!(next(&mut s).await.kind, Kind::Snapshot as i32);
+        let waiting = tokio::spawn(async move {
+            let end = s.next().await;
+            (end, s.next().await)
+        });
+        // Let the stream register for the signal first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        rig.shutdown.cancel();
+        let (end, after) = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        let status = end.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(after.is_none(), "the stream is over");
+    }
+
+    #[tokio::test]
+    async fn groups_without_subscribers_are_dropped() {
+        let rig = Rig::new().await;
+        rig.tenant("base", "").await;
+        let mut s = rig.subscribe("base", "a.txt").await;
+        next(&mut s).await;
+        assert_eq!(rig.groups(), 1);
+        drop(s);
+        // The next revision sweeps the group away.
+        rig.put("base", "b.txt", "x").await;
+        assert_eq!(rig.groups(), 0);
     }
 }

@@ -3,8 +3,8 @@
 //! and watch starts from, rotation to the next endpoint when one fails, and
 //! backoff with jitter between rounds.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
@@ -26,12 +26,50 @@ pub(crate) fn parse_endpoint(endpoint: &str) -> Result<(String, Endpoint), Error
     Ok((uri, parsed))
 }
 
+/// Most watch streams on one connection. stratad (hyper) allows 200
+/// concurrent streams per HTTP/2 connection; a stream over the limit waits
+/// for a free one, so a client with many watches would hang. Keeping watches
+/// at half of that leaves room for one-shot calls (which use the first
+/// connection) and opens another connection when one is full.
+const WATCHES_PER_CONNECTION: usize = 100;
+
+/// One HTTP/2 connection to an endpoint and the watches it carries.
+struct Connection {
+    channel: Channel,
+    watches: Arc<AtomicUsize>,
+}
+
 struct Target {
     uri: String,
     endpoint: Endpoint,
     /// Created on first use: `connect_lazy` needs a running Tokio runtime,
     /// and building a client must not.
-    channel: Mutex<Option<Channel>>,
+    connections: Mutex<Vec<Connection>>,
+}
+
+impl Target {
+    fn connections(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn open(&self) -> Connection {
+        Connection {
+            channel: self.endpoint.clone().connect_lazy(),
+            watches: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// A watch's hold on a connection's stream budget; released on drop.
+#[derive(Debug)]
+pub(crate) struct WatchPermit(Arc<AtomicUsize>);
+
+impl Drop for WatchPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Exponential backoff with "equal jitter": the delay for round `n` is
@@ -92,7 +130,7 @@ impl Pool {
                 Ok(Target {
                     uri,
                     endpoint,
-                    channel: Mutex::new(None),
+                    connections: Mutex::new(Vec::new()),
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -113,17 +151,16 @@ impl Pool {
         self.targets.iter().map(|t| t.uri.clone()).collect()
     }
 
-    /// The endpoint calls go to now.
+    /// The endpoint one-shot calls go to now (its first connection).
     pub(crate) fn pick(&self) -> Picked {
         let index = self.current.load(Ordering::Acquire) % self.targets.len();
         let target = &self.targets[index];
         let channel = {
-            let mut slot = target
-                .channel
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            slot.get_or_insert_with(|| target.endpoint.clone().connect_lazy())
-                .clone()
+            let mut connections = target.connections();
+            if connections.is_empty() {
+                connections.push(target.open());
+            }
+            connections[0].channel.clone()
         };
         Picked {
             index,
@@ -132,20 +169,47 @@ impl Pool {
         }
     }
 
+    /// The endpoint a watch goes to now, on a connection with room for one
+    /// more stream (opening another connection when all are full).
+    pub(crate) fn pick_for_watch(&self) -> (Picked, WatchPermit) {
+        let index = self.current.load(Ordering::Acquire) % self.targets.len();
+        let target = &self.targets[index];
+        let mut connections = target.connections();
+        let slot = match connections
+            .iter()
+            .position(|c| c.watches.load(Ordering::Acquire) < WATCHES_PER_CONNECTION)
+        {
+            Some(slot) => slot,
+            None => {
+                connections.push(target.open());
+                connections.len() - 1
+            }
+        };
+        let connection = &connections[slot];
+        connection.watches.fetch_add(1, Ordering::AcqRel);
+        let permit = WatchPermit(Arc::clone(&connection.watches));
+        (
+            Picked {
+                index,
+                channel: connection.channel.clone(),
+                uri: target.uri.clone(),
+            },
+            permit,
+        )
+    }
+
     /// Reports that the endpoint at `index` failed: the pool moves to the
     /// next one, unless another caller already moved it (many watches
     /// failing together rotate once, not once each). The failed endpoint's
-    /// channel is dropped so the next use of it dials afresh.
+    /// connections are forgotten so the next use of it dials afresh
+    /// (streams still open on them keep them until they end).
     pub(crate) fn failed(&self, index: usize) {
         let next = (index + 1) % self.targets.len();
         let _ = self
             .current
             .compare_exchange(index, next, Ordering::AcqRel, Ordering::Acquire);
         if let Some(target) = self.targets.get(index) {
-            *target
-                .channel
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            target.connections().clear();
         }
     }
 }
@@ -203,5 +267,38 @@ mod tests {
         pool.failed(second.index);
         pool.failed(pool.pick().index);
         assert_eq!(pool.pick().uri, "http://127.0.0.1:1", "wraps around");
+    }
+
+    #[tokio::test]
+    async fn watches_spread_over_connections_and_release_their_slot() {
+        let pool = Pool::new(
+            &["127.0.0.1:1".into()],
+            Duration::from_secs(1),
+            Backoff {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(1),
+            },
+        )
+        .unwrap();
+        let permits: Vec<WatchPermit> = (0..WATCHES_PER_CONNECTION * 2 + 1)
+            .map(|_| pool.pick_for_watch().1)
+            .collect();
+        assert_eq!(pool.targets[0].connections().len(), 3);
+        let counts = |pool: &Pool| -> Vec<usize> {
+            pool.targets[0]
+                .connections()
+                .iter()
+                .map(|c| c.watches.load(Ordering::Acquire))
+                .collect()
+        };
+        assert_eq!(
+            counts(&pool),
+            [WATCHES_PER_CONNECTION, WATCHES_PER_CONNECTION, 1]
+        );
+        drop(permits);
+        assert_eq!(counts(&pool), [0, 0, 0]);
+        // A freed slot on the first connection is reused before a new one.
+        let _p = pool.pick_for_watch();
+        assert_eq!(counts(&pool), [1, 0, 0]);
     }
 }

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::client::Client;
+use crate::endpoints::WatchPermit;
 use crate::{Error, WatchError};
 
 /// Where a watch's current values came from.
@@ -89,6 +90,7 @@ pub(crate) struct Live<M> {
     stream: tonic::Streaming<M>,
     index: usize,
     uri: String,
+    _permit: WatchPermit,
 }
 
 /// Bookkeeping of one watch across reconnects.
@@ -123,7 +125,7 @@ impl<F: Feed> Resumable<F> {
     /// Opens the stream and waits for its first message, within the
     /// request timeout.
     async fn open(&mut self) -> Result<Live<F::Msg>, (usize, String, Error)> {
-        let picked = self.client.inner.pool.pick();
+        let (picked, permit) = self.client.inner.pool.pick_for_watch();
         let start = if self.revision > 0 {
             self.revision + 1
         } else {
@@ -145,6 +147,7 @@ impl<F: Feed> Resumable<F> {
                     stream,
                     index: picked.index,
                     uri: picked.uri,
+                    _permit: permit,
                 })
             }
             Ok(Err(status)) => Err((picked.index, picked.uri, Error::from(status))),

@@ -698,3 +698,41 @@ async fn a_service_watch_follows_fallback_and_balancers_spread_over_it() {
     assert_eq!(watch.get().instances.len(), 3);
     drop(shared);
 }
+
+#[tokio::test]
+async fn one_client_holds_more_watches_than_a_connection_allows_streams() {
+    // stratad allows 200 concurrent streams per HTTP/2 connection; a client
+    // with more watches must spread them, and still make one-shot calls.
+    let daemon = Daemon::start().await;
+    let admin = Admin::new(daemon.addr);
+    admin.tenant("integration", "").await;
+    admin
+        .put("integration", "shared.json", "json", r#"{"seq":0}"#)
+        .await;
+    let client = client(&[daemon.addr.to_string()], "integration", None);
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..250 {
+        let handle = client.watch::<Seq>("shared.json").await.unwrap();
+        let seen = Arc::clone(&seen);
+        handle.on_change(move |_, _| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        handles.push(handle);
+    }
+    let resolved = timeout(Duration::from_secs(5), client.resolve("nothing"))
+        .await
+        .expect("a one-shot call is not starved by the watches")
+        .unwrap();
+    assert!(resolved.tenant.is_none());
+    admin
+        .put("integration", "shared.json", "json", r#"{"seq":1}"#)
+        .await;
+    eventually(
+        "every watch sees the change",
+        Duration::from_secs(10),
+        || async { seen.load(std::sync::atomic::Ordering::SeqCst) == 250 },
+    )
+    .await;
+    assert!(handles.iter().all(|h| h.get().seq == 1));
+}

@@ -310,6 +310,7 @@ pub fn disturbing_processes() -> Vec<String> {
         "store-bench",
         "subscriber-benc",
         "registry-bench",
+        "etcd-bench",
     ];
     let me = std::process::id().to_string();
     let Ok(dir) = std::fs::read_dir("/proc") else {

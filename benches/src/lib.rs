@@ -7,7 +7,8 @@
 //!   benchmark can show how the writer thread grouped the load;
 //! - [`MachineInfo`] and [`fsync_probe`]: what the figures were measured on;
 //! - [`daemon`]: a real `stratad` child process and CPU accounting, for load
-//!   generators that drive the daemon over the network.
+//!   generators that drive the daemon over the network;
+//! - [`etcd_cluster`]: a real etcd cluster and `stratad` replicas on it.
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
@@ -20,6 +21,7 @@ use metrics::{Counter, Gauge, Key, KeyName, Metadata, Recorder, SharedString, Un
 use serde::Serialize;
 
 pub mod daemon;
+pub mod etcd_cluster;
 
 /// Error type of the helpers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

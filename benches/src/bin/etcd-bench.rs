@@ -1,0 +1,1501 @@
+#![allow(clippy::print_stdout)]
+//! `etcd-bench`: `stratad` on etcd against etcd itself, in one run, on one
+//! real 3-member etcd 3.4 cluster (issue 5's benchmark).
+//!
+//! The cluster runs on free loopback ports with temporary data directories
+//! (under `--dir`, default the system temp dir). Member 0 is made the raft
+//! leader, and every client of the cluster — the raw-etcd load, the raw
+//! watchers, and each `stratad` replica (its `--etcd-endpoints` list starts
+//! with member 0) — talks to member 0, so no path pays a follower's forward
+//! and the others do not.
+//!
+//! **Writes** (for every client count N in `--clients`, in this order, so a
+//! slow stretch of the VM hits neighbouring rows alike):
+//! 1. *raw put*: N tasks loop `Put` of their own key (`--value-size` bytes)
+//!    through `etcd-client`, spread over ⌈N / `--clients-per-connection`⌉
+//!    connections;
+//! 2. *raw txn*: the same, but each request is the transaction a `stratad`
+//!    config write sends: three compares (tenant exists, layer unchanged,
+//!    version number free), a put of the history version, a put of the
+//!    layer, and (past 50 versions) the delete of the oldest version;
+//! 3. *stratad ×R* for each R in `--replicas`: R fresh `stratad` processes on
+//!    the cluster under a key prefix of their own; N tasks loop
+//!    `ConfigService.PutConfig` of their own key, client i through replica
+//!    i mod R. A `stratad` write is answered after etcd committed it and
+//!    the replica's own view applied it from its etcd watch.
+//!
+//! Each measurement has a warm-up, then a window; a request counts when its
+//! answer arrives inside the window. Requests/s and key changes/s (puts and
+//! deletes) are reported, with latency and the CPU each group of processes
+//! used in the window.
+//!
+//! **Watch delivery** (one key, `--subscribers` subscribers over
+//! max(`--min-connections`, ⌈N / `--streams-per-connection`⌉) connections,
+//! `--changes` puts each `--interval-ms` after the previous ack; latency from
+//! the start of the put call to the receipt, for every (subscriber, change);
+//! the same method as `subscriber-bench`):
+//! 1. raw etcd, one watcher (etcd's own watch latency, which a replica's view
+//!    pays once per change);
+//! 2. raw etcd, N watchers (`etcd-client` Watch, one stream each);
+//! 3. `stratad` on etcd, N `ConfigService.Watch` subscribers;
+//! 4. `stratad` on its embedded store (after the cluster was stopped), N
+//!    subscribers.
+//!
+//! The process exits non-zero if any write fails or any subscriber misses,
+//! duplicates or cannot parse a change, after printing the figures. Every
+//! process started is killed when the benchmark exits, also on errors.
+//!
+//! ```text
+//! cargo build --release -p strata-server -p strata-benches
+//! target/release/etcd-bench --help
+//! ```
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use strata_benches::daemon::{default_stratad, disturbing_processes, histogram_totals};
+use strata_benches::etcd_cluster::{
+    Backend, CpuMarks, CpuSplit, Daemon, EtcdCluster, etcd_version,
+};
+use strata_benches::{
+    BoxError, LatencySummary, MachineInfo, fsync_probe, micros, nanos, new_histogram,
+};
+use strata_proto::v1::config_service_client::ConfigServiceClient;
+use strata_proto::v1::tenant_service_client::TenantServiceClient;
+use strata_proto::v1::watch_config_response::Kind;
+use strata_proto::v1::{CreateTenantRequest, PutConfigRequest, WatchConfigRequest};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// Project and tenant the `stratad` clients write and watch.
+const PROJECT: &str = "bench";
+const TENANT: &str = "integration";
+/// History versions `stratad` keeps per layer by default (`history.versions`):
+/// past this many writes of a key, each write also deletes the oldest one.
+const HISTORY_KEEP: u64 = 50;
+/// Values start with this, followed by the change number.
+const SEQ_PREFIX: &[u8] = b"seq=";
+
+/// Which parts to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Part {
+    /// Writes, then watch delivery.
+    All,
+    /// Only the write throughput.
+    Writes,
+    /// Only watch delivery.
+    Watch,
+}
+
+/// `stratad` on a 3-member etcd cluster against etcd itself: writes/s and
+/// watch delivery latency, in one run.
+#[derive(Debug, Parser, Serialize)]
+#[command(version, about)]
+struct Args {
+    /// The `stratad` binary (default: `$STRATAD_BIN`, else the one next to
+    /// this binary, i.e. `target/release/stratad`).
+    #[arg(long)]
+    stratad: Option<PathBuf>,
+    /// The etcd 3.4 binary (Debian package `etcd-server`).
+    #[arg(long, default_value = "etcd")]
+    etcd: PathBuf,
+    /// etcd cluster members.
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// Which parts to run.
+    #[arg(long, value_enum, default_value_t = Part::All)]
+    part: Part,
+    /// Concurrent writers.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_usize, 16, 128])]
+    clients: Vec<usize>,
+    /// Writers per HTTP/2 connection (to etcd for the raw rows, to
+    /// `stratad` for the others).
+    #[arg(long, default_value_t = 8)]
+    clients_per_connection: usize,
+    /// `stratad` replica counts for the write measurements.
+    #[arg(long, value_delimiter = ',', default_values_t = [1_usize, 2])]
+    replicas: Vec<usize>,
+    /// Skip the raw-etcd transaction of `stratad`'s shape.
+    #[arg(long)]
+    no_raw_txn: bool,
+    /// Warm-up before each write window, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
+    /// Length of each write window, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    duration_secs: f64,
+    /// Subscribers of the watched key.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Fewest HTTP/2 connections the subscribers are spread over.
+    #[arg(long, default_value_t = 10)]
+    min_connections: usize,
+    /// Most subscription streams per connection (stratad allows 200).
+    #[arg(long, default_value_t = 100)]
+    streams_per_connection: usize,
+    /// Changes (puts) per watch measurement.
+    #[arg(long, default_value_t = 30)]
+    changes: usize,
+    /// Pause after each acknowledged change, ms.
+    #[arg(long, default_value_t = 200)]
+    interval_ms: u64,
+    /// Size of each value in bytes (at least 16).
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Longest wait for every subscriber's snapshot, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    setup_timeout_secs: f64,
+    /// Longest wait for the last deliveries after the last change, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    delivery_timeout_secs: f64,
+    /// Tokio worker threads of this load generator (default: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// Directory for the etcd members' and daemons' temporary data dirs
+    /// (default: the system temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print the results as JSON on stdout (tables go to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+/// What a write measurement drove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Writer {
+    /// `etcd-client` puts of one key each.
+    RawPut,
+    /// `etcd-client` transactions of `stratad`'s shape.
+    RawTxn,
+    /// `ConfigService.PutConfig` through `stratad` on etcd.
+    Stratad,
+}
+
+/// Result of one write measurement.
+#[derive(Debug, Serialize)]
+struct WriteResult {
+    writer: Writer,
+    /// `stratad` replicas (0 for the raw rows).
+    replicas: usize,
+    clients: usize,
+    connections: usize,
+    seconds: f64,
+    requests: u64,
+    requests_per_sec: f64,
+    /// Puts and deletes per second (each etcd request is one revision).
+    key_changes_per_sec: f64,
+    latency: LatencySummary,
+    /// `stratad`'s own mean time per PutConfig (from its metrics), ms.
+    server_ms: Option<f64>,
+    cpu: CpuSplit,
+    errors: u64,
+    first_error: Option<String>,
+    /// Compilers, cargo and load generators seen at either end of the window.
+    disturbed_by: Vec<String>,
+}
+
+impl WriteResult {
+    fn name(&self) -> String {
+        match self.writer {
+            Writer::RawPut => "etcd put".into(),
+            Writer::RawTxn => "etcd txn".into(),
+            Writer::Stratad => format!("stratad x{}", self.replicas),
+        }
+    }
+}
+
+/// Which system a watch measurement drove.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum WatchSystem {
+    /// `etcd-client` watchers on the cluster.
+    Etcd,
+    /// `stratad` on the cluster.
+    StratadEtcd,
+    /// `stratad` on its embedded store.
+    StratadEmbedded,
+}
+
+impl WatchSystem {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Etcd => "etcd",
+            Self::StratadEtcd => "stratad/etcd",
+            Self::StratadEmbedded => "stratad/embedded",
+        }
+    }
+}
+
+/// Result of one watch measurement.
+#[derive(Debug, Serialize)]
+struct WatchResult {
+    system: WatchSystem,
+    subscribers: usize,
+    connections: usize,
+    changes: usize,
+    setup_seconds: f64,
+    expected_deliveries: u64,
+    deliveries: u64,
+    missing: u64,
+    duplicates: u64,
+    unexpected: u64,
+    stream_errors: u64,
+    first_error: Option<String>,
+    /// Put call started → subscriber received the change.
+    latency: LatencySummary,
+    /// Per change: put call started → first subscriber received it.
+    first: LatencySummary,
+    /// Put call → acknowledgement.
+    put_ack: LatencySummary,
+    cpu: CpuSplit,
+}
+
+impl WatchResult {
+    fn complete(&self) -> bool {
+        self.missing == 0
+            && self.duplicates == 0
+            && self.unexpected == 0
+            && self.stream_errors == 0
+            && self.deliveries == self.expected_deliveries
+    }
+}
+
+/// The verdicts against issue 5's targets.
+#[derive(Debug, Default, Serialize)]
+struct Verdict {
+    /// Per client count: (clients, stratad ×1 requests/s ÷ raw put
+    /// requests/s, same ÷ raw txn requests/s).
+    write_ratios: Vec<(usize, f64, Option<f64>)>,
+    /// p99 of stratad on etcd minus p99 of stratad embedded, ms.
+    push_p99_excess_ms: Option<f64>,
+    /// p99 of one raw etcd watcher, ms.
+    etcd_single_watcher_p99_ms: Option<f64>,
+    /// p99 of raw etcd with N watchers, ms.
+    etcd_watchers_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: MachineInfo,
+    fsync: LatencySummary,
+    etcd_version: Option<String>,
+    args: Args,
+    writes: Vec<WriteResult>,
+    watch: Vec<WatchResult>,
+    verdict: Verdict,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    run().map_err(|e| e as Box<dyn std::error::Error>)
+}
+
+fn run() -> Result<(), BoxError> {
+    let args = Args::parse();
+    if args.value_size < 16 {
+        return Err("--value-size must be at least 16".into());
+    }
+    if args.clients_per_connection == 0
+        || args.streams_per_connection == 0
+        || args.changes == 0
+        || args.replicas.contains(&0)
+        || args.clients.contains(&0)
+    {
+        return Err("counts must be positive".into());
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = args.worker_threads {
+        builder.worker_threads(n.max(1));
+    }
+    let runtime = builder.build()?;
+    let report = runtime.block_on(bench(args))?;
+    // Subscriber tasks that failed may still hold connections; do not wait.
+    runtime.shutdown_background();
+
+    let tables = render(&report);
+    if report.args.json {
+        eprint!("{tables}");
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{tables}");
+    }
+    let mut failed: Vec<String> = report
+        .watch
+        .iter()
+        .filter(|r| !r.complete())
+        .map(|r| {
+            format!(
+                "{} with {} subscribers: {} of {} deliveries, {} missing, {} duplicate, \
+                 {} unexpected, {} stream errors{}",
+                r.system.name(),
+                r.subscribers,
+                r.deliveries,
+                r.expected_deliveries,
+                r.missing,
+                r.duplicates,
+                r.unexpected,
+                r.stream_errors,
+                r.first_error
+                    .as_ref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    failed.extend(report.writes.iter().filter(|w| w.errors > 0).map(|w| {
+        format!(
+            "{} at {} clients: {} failed requests (first: {})",
+            w.name(),
+            w.clients,
+            w.errors,
+            w.first_error.as_deref().unwrap_or("?")
+        )
+    }));
+    if !failed.is_empty() {
+        return Err(format!("FAILED: {}", failed.join("; ")).into());
+    }
+    Ok(())
+}
+
+fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
+    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
+}
+
+async fn bench(args: Args) -> Result<Report, BoxError> {
+    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)?;
+    let machine = MachineInfo::probe(&parent);
+    let fsync = fsync_probe(&parent, 200)?;
+    let stratad = match &args.stratad {
+        Some(p) => p.clone(),
+        None => default_stratad()?,
+    };
+    let version = etcd_version(&args.etcd);
+    eprintln!(
+        "etcd-bench: {} CPUs; data in {} ({}); fdatasync p50 {:.2} ms; stratad {}; {}",
+        machine.cpus,
+        machine.dir.display(),
+        machine.fs_type.as_deref().unwrap_or("?"),
+        fsync.p50_ms,
+        stratad.display(),
+        version.as_deref().unwrap_or("etcd version unknown")
+    );
+    if machine.in_memory() {
+        eprintln!("WARNING: the data directories are in memory; commits cost no disk time");
+    }
+    let busy = disturbing_processes();
+    if !busy.is_empty() {
+        eprintln!("WARNING: running now: {}", busy.join(", "));
+    }
+
+    let cluster = EtcdCluster::start(&args.etcd, &parent, args.members).await?;
+    cluster.make_leader(0).await?;
+    eprintln!(
+        "etcd cluster of {} members up, leader: member {}",
+        args.members,
+        cluster.leader().await?
+    );
+    let mut writes = Vec::new();
+    let mut watch = Vec::new();
+
+    if args.part != Part::Watch {
+        for &n in &args.clients {
+            let mut kinds = vec![Writer::RawPut];
+            if !args.no_raw_txn {
+                kinds.push(Writer::RawTxn);
+            }
+            for kind in kinds {
+                let r = measure_raw_writes(&cluster, kind, n, &args).await?;
+                print_write(&r);
+                writes.push(r);
+            }
+            for &replicas in &args.replicas {
+                let r =
+                    measure_stratad_writes(&cluster, &stratad, &parent, replicas, n, &args).await?;
+                print_write(&r);
+                writes.push(r);
+            }
+        }
+    }
+
+    if args.part != Part::Writes {
+        for (system, n) in [
+            (WatchSystem::Etcd, 1),
+            (WatchSystem::Etcd, args.subscribers),
+            (WatchSystem::StratadEtcd, args.subscribers),
+        ] {
+            let r = watch_run(system, n, Some(&cluster), &stratad, &parent, &args).await?;
+            print_watch(&r);
+            watch.push(r);
+        }
+    }
+    let pids = cluster.pids();
+    drop(cluster);
+    // The members are gone before the embedded run, so their heartbeats do
+    // not share the CPU with it.
+    for pid in pids {
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if args.part != Part::Writes {
+        let r = watch_run(
+            WatchSystem::StratadEmbedded,
+            args.subscribers,
+            None,
+            &stratad,
+            &parent,
+            &args,
+        )
+        .await?;
+        print_watch(&r);
+        watch.push(r);
+    }
+
+    let verdict = verdict(&writes, &watch, args.subscribers);
+    Ok(Report {
+        machine,
+        fsync,
+        etcd_version: version,
+        args,
+        writes,
+        watch,
+        verdict,
+    })
+}
+
+fn print_write(r: &WriteResult) {
+    eprintln!(
+        "  {:<11} {:>4} clients: {:>8.0} req/s {:>8.0} keys/s, p50 {:.2} ms, p99 {:.2} ms{}",
+        r.name(),
+        r.clients,
+        r.requests_per_sec,
+        r.key_changes_per_sec,
+        r.latency.p50_ms,
+        r.latency.p99_ms,
+        if r.errors > 0 { " ERRORS" } else { "" }
+    );
+}
+
+fn print_watch(r: &WatchResult) {
+    eprintln!(
+        "  {:<16} {:>5} subscribers: {} / {} deliveries, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        r.system.name(),
+        r.subscribers,
+        r.deliveries,
+        r.expected_deliveries,
+        r.latency.p50_ms,
+        r.latency.p99_ms,
+        r.latency.max_ms
+    );
+}
+
+/// A unique tag for key prefixes, so that no measurement sees another's keys.
+fn tag() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A value of `size` bytes naming change `seq`.
+fn value_for(seq: usize, size: usize) -> Vec<u8> {
+    let mut v = format!("seq={seq:08} ").into_bytes();
+    v.resize(size.max(v.len()), b'x');
+    v
+}
+
+async fn etcd_connect(endpoint: &str) -> Result<etcd_client::Client, BoxError> {
+    Ok(etcd_client::Client::connect([endpoint], None).await?)
+}
+
+async fn connect(endpoint: &str) -> Result<Channel, BoxError> {
+    Ok(Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await?)
+}
+
+/// What one writer task saw in the window.
+struct WriterRecord {
+    latency: Histogram<u64>,
+    key_changes: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl WriterRecord {
+    fn new() -> Result<Self, BoxError> {
+        Ok(Self {
+            latency: new_histogram()?,
+            key_changes: 0,
+            errors: 0,
+            first_error: None,
+        })
+    }
+
+    fn failed(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
+}
+
+/// One writer's connection.
+enum WriteClient {
+    Raw(etcd_client::KvClient),
+    Stratad(ConfigServiceClient<Channel>),
+}
+
+/// Loops writes of writer `index`'s own key until `end`; records those
+/// answered in `[start, end)`.
+async fn writer_task(
+    client: WriteClient,
+    kind: Writer,
+    prefix: String,
+    index: usize,
+    value_size: usize,
+    start: Instant,
+    end: Instant,
+) -> Result<WriterRecord, BoxError> {
+    let mut record = WriterRecord::new()?;
+    let in_window = |at: Instant| at >= start && at < end;
+    let layer_key = format!("{prefix}layer/k-{index:03}");
+    let tenant_key = format!("{prefix}tenant");
+    let config_key = format!("svc/k-{index:03}.txt");
+    // The layer's last mod revision, as `stratad`'s view would know it.
+    let mut layer_rev = 0_i64;
+    let mut seq = 0_u64;
+    let mut client = client;
+    while Instant::now() < end {
+        seq += 1;
+        let value = value_for(usize::try_from(seq)?, value_size);
+        let began = Instant::now();
+        // Key changes of this request: puts plus the pruning delete.
+        let changes = match kind {
+            Writer::RawPut => 1,
+            Writer::RawTxn | Writer::Stratad => 2 + u64::from(seq > HISTORY_KEEP),
+        };
+        let outcome: Result<(), String> = match (&mut client, kind) {
+            (WriteClient::Raw(kv), Writer::RawPut) => kv
+                .put(layer_key.as_str(), value, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            (WriteClient::Raw(kv), _) => {
+                use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+                let version_key = format!("{prefix}version/k-{index:03}/{seq:020}");
+                let mut ops = vec![
+                    TxnOp::put(version_key.as_str(), value.clone(), None),
+                    TxnOp::put(layer_key.as_str(), value, None),
+                ];
+                if seq > HISTORY_KEEP {
+                    let old = seq - HISTORY_KEEP;
+                    ops.push(TxnOp::delete(
+                        format!("{prefix}version/k-{index:03}/{old:020}"),
+                        None,
+                    ));
+                }
+                let txn = Txn::new()
+                    .when([
+                        Compare::version(tenant_key.as_str(), CompareOp::Greater, 0),
+                        Compare::mod_revision(layer_key.as_str(), CompareOp::Equal, layer_rev),
+                        Compare::version(version_key.as_str(), CompareOp::Equal, 0),
+                    ])
+                    .and_then(ops);
+                match kv.txn(txn).await {
+                    Ok(r) if r.succeeded() => {
+                        layer_rev = r.header().map_or(0, |h| h.revision());
+                        Ok(())
+                    }
+                    Ok(_) => Err("transaction compare failed".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            (WriteClient::Stratad(c), _) => c
+                .put_config(PutConfigRequest {
+                    project: PROJECT.into(),
+                    tenant: TENANT.into(),
+                    key: config_key.clone(),
+                    value,
+                    format: "text".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        let acked = Instant::now();
+        match outcome {
+            Ok(()) if in_window(acked) => {
+                record.latency.saturating_record(micros(acked - began));
+                record.key_changes += changes;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                record.failed(e);
+                // A failing server must not turn the loop into a busy spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    Ok(record)
+}
+
+/// Runs `clients` writer tasks over the warm-up and the window, and sums
+/// what they saw.
+async fn drive_writers(
+    clients: Vec<WriteClient>,
+    kind: Writer,
+    prefix: &str,
+    etcd_pids: &[u32],
+    stratad: &[&Daemon],
+    args: &Args,
+) -> Result<
+    (
+        Histogram<u64>,
+        u64,
+        u64,
+        Option<String>,
+        CpuSplit,
+        Option<f64>,
+        Vec<String>,
+    ),
+    BoxError,
+> {
+    let mut disturbed_by = disturbing_processes();
+    let warmup = secs(args.warmup_secs, "--warmup-secs")?;
+    let window = secs(args.duration_secs, "--duration-secs")?;
+    let start = Instant::now() + warmup;
+    let end = start + window;
+    let tasks: Vec<JoinHandle<Result<WriterRecord, BoxError>>> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            tokio::spawn(writer_task(
+                c,
+                kind,
+                prefix.to_owned(),
+                i,
+                args.value_size,
+                start,
+                end,
+            ))
+        })
+        .collect();
+    let stratad_pids: Vec<u32> = stratad.iter().map(|d| d.pid()).collect();
+    tokio::time::sleep_until(start.into()).await;
+    let cpu_start = CpuMarks::take(etcd_pids, &stratad_pids);
+    let mut server_start = (0.0, 0.0);
+    for d in stratad {
+        let (s, c) = put_config_time(d).await?;
+        server_start = (server_start.0 + s, server_start.1 + c);
+    }
+    tokio::time::sleep_until(end.into()).await;
+    let cpu = CpuMarks::take(etcd_pids, &stratad_pids).since(cpu_start);
+    let mut server_end = (0.0, 0.0);
+    for d in stratad {
+        let (s, c) = put_config_time(d).await?;
+        server_end = (server_end.0 + s, server_end.1 + c);
+    }
+    disturbed_by.extend(disturbing_processes());
+    disturbed_by.sort();
+    disturbed_by.dedup();
+    let mut latency = new_histogram()?;
+    let (mut changes, mut errors, mut first_error) = (0, 0, None);
+    for t in tasks {
+        let r = t.await??;
+        latency.add(&r.latency)?;
+        changes += r.key_changes;
+        errors += r.errors;
+        if first_error.is_none() {
+            first_error = r.first_error;
+        }
+    }
+    let count = server_end.1 - server_start.1;
+    let server_ms = (!stratad.is_empty() && count > 0.0)
+        .then(|| (server_end.0 - server_start.0) / count * 1000.0);
+    Ok((
+        latency,
+        changes,
+        errors,
+        first_error,
+        cpu,
+        server_ms,
+        disturbed_by,
+    ))
+}
+
+/// Sum and count of `stratad`'s own PutConfig times so far.
+async fn put_config_time(d: &Daemon) -> Result<(f64, f64), BoxError> {
+    let text = d.metrics().await?;
+    Ok(histogram_totals(
+        &text,
+        "strata_rpc_duration_seconds",
+        r#"op="/strata.v1.ConfigService/PutConfig""#,
+    ))
+}
+
+async fn measure_raw_writes(
+    cluster: &EtcdCluster,
+    kind: Writer,
+    n: usize,
+    args: &Args,
+) -> Result<WriteResult, BoxError> {
+    let endpoint = cluster.endpoints()[0].clone();
+    let prefix = format!("/etcd-bench/{}/", tag());
+    let mut setup = etcd_connect(&endpoint).await?;
+    // The tenant key the transactions' first compare asks for.
+    setup.put(format!("{prefix}tenant"), "t", None).await?;
+    let connections = n.div_ceil(args.clients_per_connection);
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        conns.push(etcd_connect(&endpoint).await?.kv_client());
+    }
+    let clients = (0..n)
+        .map(|i| WriteClient::Raw(conns[i % connections].clone()))
+        .collect();
+    let (latency, changes, errors, first_error, cpu, _, disturbed_by) =
+        drive_writers(clients, kind, &prefix, &cluster.pids(), &[], args).await?;
+    // Later measurements start from the same (small) database.
+    setup
+        .delete(
+            prefix.as_str(),
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?;
+    Ok(write_result(
+        kind,
+        0,
+        n,
+        connections,
+        args,
+        &latency,
+        changes,
+        errors,
+        first_error,
+        cpu,
+        None,
+        disturbed_by,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_result(
+    writer: Writer,
+    replicas: usize,
+    clients: usize,
+    connections: usize,
+    args: &Args,
+    latency: &Histogram<u64>,
+    changes: u64,
+    errors: u64,
+    first_error: Option<String>,
+    cpu: CpuSplit,
+    server_ms: Option<f64>,
+    disturbed_by: Vec<String>,
+) -> WriteResult {
+    let seconds = args.duration_secs;
+    WriteResult {
+        writer,
+        replicas,
+        clients,
+        connections,
+        seconds,
+        requests: latency.len(),
+        requests_per_sec: latency.len() as f64 / seconds,
+        key_changes_per_sec: changes as f64 / seconds,
+        latency: LatencySummary::from_micros(latency),
+        server_ms,
+        cpu,
+        errors,
+        first_error,
+        disturbed_by,
+    }
+}
+
+async fn create_tenant(channel: Channel) -> Result<(), BoxError> {
+    TenantServiceClient::new(channel)
+        .create_tenant(CreateTenantRequest {
+            project: PROJECT.into(),
+            name: TENANT.into(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+/// Starts `replicas` daemons on the cluster under a fresh prefix.
+async fn start_replicas(
+    cluster: &EtcdCluster,
+    stratad: &std::path::Path,
+    parent: &std::path::Path,
+    replicas: usize,
+) -> Result<Vec<Daemon>, BoxError> {
+    let backend = Backend::Etcd {
+        endpoints: cluster.endpoints(),
+        prefix: format!("/strata-bench/{}/", tag()),
+    };
+    let mut daemons = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        daemons.push(Daemon::start(stratad, parent, &backend).await?);
+    }
+    Ok(daemons)
+}
+
+/// Waits until a `ConfigService.Watch` on `endpoint` gets its snapshot, so
+/// that replica's view has the tenant.
+async fn wait_tenant(endpoint: &str) -> Result<(), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut client = ConfigServiceClient::new(connect(endpoint).await?);
+    loop {
+        let request = WatchConfigRequest {
+            project: PROJECT.into(),
+            tenant: TENANT.into(),
+            keys: vec!["svc/none.txt".into()],
+            ..Default::default()
+        };
+        if let Ok(r) = client.watch(request).await {
+            let mut stream = r.into_inner();
+            if matches!(stream.message().await, Ok(Some(_))) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("tenant not visible through {endpoint} after 10 s").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn measure_stratad_writes(
+    cluster: &EtcdCluster,
+    stratad: &std::path::Path,
+    parent: &std::path::Path,
+    replicas: usize,
+    n: usize,
+    args: &Args,
+) -> Result<WriteResult, BoxError> {
+    let daemons = start_replicas(cluster, stratad, parent, replicas).await?;
+    create_tenant(connect(&daemons[0].endpoint()).await?).await?;
+    for d in &daemons {
+        wait_tenant(&d.endpoint()).await?;
+    }
+    // Clients i → replica i mod R; each replica gets its share of the
+    // connections, `--clients-per-connection` clients each.
+    let mut per_replica: Vec<Vec<Channel>> = Vec::with_capacity(replicas);
+    let mut connections = 0;
+    for (r, d) in daemons.iter().enumerate() {
+        let share = (r..n).step_by(replicas).count();
+        let count = share.div_ceil(args.clients_per_connection).max(1);
+        connections += share.div_ceil(args.clients_per_connection);
+        let mut channels = Vec::with_capacity(count);
+        for _ in 0..count {
+            channels.push(connect(&d.endpoint()).await?);
+        }
+        per_replica.push(channels);
+    }
+    let clients = (0..n)
+        .map(|i| {
+            let channels = &per_replica[i % replicas];
+            let slot = (i / replicas) % channels.len();
+            WriteClient::Stratad(ConfigServiceClient::new(channels[slot].clone()))
+        })
+        .collect();
+    let refs: Vec<&Daemon> = daemons.iter().collect();
+    let outcome = drive_writers(clients, Writer::Stratad, "", &cluster.pids(), &refs, args).await;
+    let logs: Vec<String> = daemons.iter().map(Daemon::log_tail).collect();
+    for d in daemons {
+        d.stop().await?;
+    }
+    let (latency, changes, errors, mut first_error, cpu, server_ms, disturbed_by) = outcome?;
+    if errors > 0 {
+        first_error = first_error.map(|e| format!("{e}; replica logs:\n{}", logs.join("\n---\n")));
+    }
+    Ok(write_result(
+        Writer::Stratad,
+        replicas,
+        n,
+        connections,
+        args,
+        &latency,
+        changes,
+        errors,
+        first_error,
+        cpu,
+        server_ms,
+        disturbed_by,
+    ))
+}
+
+// ---- watch delivery (the approach of subscriber-bench, copied) ----------
+
+/// One subscriber's view of the run.
+#[derive(Debug, Default)]
+struct Record {
+    /// Receive time per change number (index 0 unused), ns since the run's
+    /// origin; 0: not received.
+    received: Vec<u64>,
+    duplicates: u64,
+    unexpected: u64,
+    error: Option<String>,
+}
+
+impl Record {
+    fn new(changes: usize) -> Self {
+        Self {
+            received: vec![0; changes + 1],
+            ..Self::default()
+        }
+    }
+
+    /// Notes that change `value` names arrived at `at` ns.
+    fn note(&mut self, value: &[u8], at: u64, shared: &Shared) {
+        match parse_seq(value) {
+            Some(seq) if seq >= 1 && seq < self.received.len() => {
+                if self.received[seq] == 0 {
+                    self.received[seq] = at.max(1);
+                    shared.delivered.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.duplicates += 1;
+                }
+            }
+            _ => self.unexpected += 1,
+        }
+    }
+}
+
+/// The change number of a value written by [`value_for`].
+fn parse_seq(value: &[u8]) -> Option<usize> {
+    let rest = value.strip_prefix(SEQ_PREFIX)?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// State every subscriber task shares with the driver.
+struct Shared {
+    origin: Instant,
+    /// Subscribers that have their snapshot / `created` response.
+    ready: AtomicUsize,
+    /// Distinct (subscriber, change) deliveries so far.
+    delivered: AtomicUsize,
+    stop: CancellationToken,
+    changes: usize,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        nanos(self.origin.elapsed())
+    }
+}
+
+async fn stratad_subscriber(
+    mut client: ConfigServiceClient<Channel>,
+    key: String,
+    shared: Arc<Shared>,
+) -> Record {
+    let mut record = Record::new(shared.changes);
+    let request = WatchConfigRequest {
+        project: PROJECT.into(),
+        tenant: TENANT.into(),
+        keys: vec![key],
+        ..Default::default()
+    };
+    let mut stream = match client.watch(request).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            record.error = Some(format!("watch: {e}"));
+            return record;
+        }
+    };
+    let mut snapshot = false;
+    loop {
+        let message = tokio::select! {
+            () = shared.stop.cancelled() => break,
+            m = stream.message() => m,
+        };
+        let at = shared.now();
+        match message {
+            Ok(Some(m)) if !snapshot => {
+                if m.kind == Kind::Snapshot as i32 {
+                    snapshot = true;
+                    shared.ready.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    record.unexpected += 1;
+                }
+            }
+            Ok(Some(m)) => {
+                if m.kind != Kind::Change as i32 || m.reset || m.changes.is_empty() {
+                    record.unexpected += 1;
+                    continue;
+                }
+                for change in &m.changes {
+                    match &change.value {
+                        Some(v) => record.note(&v.value, at, &shared),
+                        None => record.unexpected += 1,
+                    }
+                }
+            }
+            Ok(None) => {
+                record.error = Some("stream ended".into());
+                break;
+            }
+            Err(e) => {
+                record.error = Some(format!("stream failed: {e}"));
+                break;
+            }
+        }
+    }
+    record
+}
+
+async fn etcd_subscriber(
+    mut client: etcd_client::WatchClient,
+    key: String,
+    shared: Arc<Shared>,
+) -> Record {
+    let mut record = Record::new(shared.changes);
+    // The handle holds the request half of the stream; etcd ends the watch
+    // when the client closes that half, so it lives as long as the task.
+    let mut stream = match client.watch(key, None).await {
+        Ok(s) => s,
+        Err(e) => {
+            record.error = Some(format!("watch: {e}"));
+            return record;
+        }
+    };
+    let mut created = false;
+    loop {
+        let message = tokio::select! {
+            () = shared.stop.cancelled() => break,
+            m = stream.message() => m,
+        };
+        let at = shared.now();
+        match message {
+            Ok(Some(m)) => {
+                if m.canceled() || m.compact_revision() != 0 {
+                    record.unexpected += 1;
+                    continue;
+                }
+                if m.created() && !created {
+                    created = true;
+                    shared.ready.fetch_add(1, Ordering::Relaxed);
+                }
+                for event in m.events() {
+                    match event.kv() {
+                        Some(kv) => record.note(kv.value(), at, &shared),
+                        None => record.unexpected += 1,
+                    }
+                }
+            }
+            Ok(None) => {
+                record.error = Some("stream ended".into());
+                break;
+            }
+            Err(e) => {
+                record.error = Some(format!("stream failed: {e}"));
+                break;
+            }
+        }
+    }
+    record
+}
+
+/// What makes the changes.
+enum Putter {
+    Stratad(ConfigServiceClient<Channel>, String),
+    // Boxed: etcd's clients are large next to a tonic channel.
+    Etcd(Box<etcd_client::KvClient>, String),
+}
+
+impl Putter {
+    async fn put(&mut self, value: Vec<u8>) -> Result<(), BoxError> {
+        match self {
+            Self::Stratad(c, key) => {
+                c.put_config(PutConfigRequest {
+                    project: PROJECT.into(),
+                    tenant: TENANT.into(),
+                    key: key.clone(),
+                    value,
+                    format: "text".into(),
+                    ..Default::default()
+                })
+                .await?;
+            }
+            Self::Etcd(c, key) => {
+                c.put(key.as_str(), value, None).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One watch measurement; `cluster` is `None` for the embedded store.
+async fn watch_run(
+    system: WatchSystem,
+    n: usize,
+    cluster: Option<&EtcdCluster>,
+    stratad: &std::path::Path,
+    parent: &std::path::Path,
+    args: &Args,
+) -> Result<WatchResult, BoxError> {
+    let daemon = match (system, cluster) {
+        (WatchSystem::Etcd, _) => None,
+        (WatchSystem::StratadEtcd, Some(c)) => start_replicas(c, stratad, parent, 1).await?.pop(),
+        (WatchSystem::StratadEtcd, None) => return Err("no etcd cluster".into()),
+        (WatchSystem::StratadEmbedded, _) => {
+            Some(Daemon::start(stratad, parent, &Backend::Embedded).await?)
+        }
+    };
+    let result = watch_measure(system, n, cluster, daemon.as_ref(), args).await;
+    if let Some(d) = daemon {
+        let tail = d.log_tail();
+        d.stop().await?;
+        return result.map_err(|e| format!("{e}; stratad log:\n{tail}").into());
+    }
+    result
+}
+
+async fn watch_measure(
+    system: WatchSystem,
+    n: usize,
+    cluster: Option<&EtcdCluster>,
+    daemon: Option<&Daemon>,
+    args: &Args,
+) -> Result<WatchResult, BoxError> {
+    let connections = args
+        .min_connections
+        .max(n.div_ceil(args.streams_per_connection))
+        .max(1)
+        .min(n);
+    let etcd_pids = cluster.map(EtcdCluster::pids).unwrap_or_default();
+    let stratad_pids: Vec<u32> = daemon.iter().map(|d| d.pid()).collect();
+    let etcd_endpoint = cluster.map(|c| c.endpoints()[0].clone());
+    let etcd_key = format!("/etcd-bench/{}/svc/bench.txt", tag());
+    let config_key = "svc/bench.txt".to_owned();
+
+    // The key exists before anyone subscribes, so every snapshot has it.
+    let mut putter = match (daemon, &etcd_endpoint) {
+        (Some(d), _) => {
+            let channel = connect(&d.endpoint()).await?;
+            create_tenant(channel.clone()).await?;
+            Putter::Stratad(ConfigServiceClient::new(channel), config_key.clone())
+        }
+        (None, Some(e)) => Putter::Etcd(
+            Box::new(etcd_connect(e).await?.kv_client()),
+            etcd_key.clone(),
+        ),
+        (None, None) => return Err("nothing to watch".into()),
+    };
+    putter.put(value_for(0, args.value_size)).await?;
+
+    enum Conn {
+        Stratad(ConfigServiceClient<Channel>),
+        Etcd(Box<etcd_client::WatchClient>),
+    }
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        match (daemon, &etcd_endpoint) {
+            (Some(d), _) => conns.push(Conn::Stratad(ConfigServiceClient::new(
+                connect(&d.endpoint()).await?,
+            ))),
+            (None, Some(e)) => {
+                conns.push(Conn::Etcd(Box::new(etcd_connect(e).await?.watch_client())))
+            }
+            (None, None) => return Err("nothing to watch".into()),
+        }
+    }
+
+    let shared = Arc::new(Shared {
+        origin: Instant::now(),
+        ready: AtomicUsize::new(0),
+        delivered: AtomicUsize::new(0),
+        stop: CancellationToken::new(),
+        changes: args.changes,
+    });
+    // Stops the subscribers on every way out of this function.
+    let _stop_guard = shared.stop.clone().drop_guard();
+    let setup_started = Instant::now();
+    let mut tasks: Vec<JoinHandle<Record>> = Vec::with_capacity(n);
+    for i in 0..n {
+        let shared = Arc::clone(&shared);
+        tasks.push(match &conns[i % connections] {
+            Conn::Stratad(c) => {
+                tokio::spawn(stratad_subscriber(c.clone(), config_key.clone(), shared))
+            }
+            Conn::Etcd(c) => tokio::spawn(etcd_subscriber((**c).clone(), etcd_key.clone(), shared)),
+        });
+    }
+    let setup_deadline = setup_started + secs(args.setup_timeout_secs, "--setup-timeout-secs")?;
+    while shared.ready.load(Ordering::Relaxed) < n {
+        if Instant::now() > setup_deadline {
+            return Err(format!(
+                "{}: only {} of {n} subscribers got their snapshot within {} s",
+                system.name(),
+                shared.ready.load(Ordering::Relaxed),
+                args.setup_timeout_secs
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let interval = Duration::from_millis(args.interval_ms);
+    let mut sent = vec![0_u64; args.changes + 1];
+    let mut put_ack = new_histogram()?;
+    let cpu_start = CpuMarks::take(&etcd_pids, &stratad_pids);
+    for (seq, slot) in sent.iter_mut().enumerate().skip(1) {
+        let value = value_for(seq, args.value_size);
+        let started = Instant::now();
+        *slot = shared.now().max(1);
+        putter.put(value).await?;
+        put_ack.saturating_record(micros(started.elapsed()));
+        tokio::time::sleep(interval).await;
+    }
+    let expected = n * args.changes;
+    let deadline = Instant::now() + secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?;
+    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cpu = CpuMarks::take(&etcd_pids, &stratad_pids).since(cpu_start);
+    // A grace period in which duplicates would show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shared.stop.cancel();
+    let mut records = Vec::with_capacity(n);
+    for t in tasks {
+        records.push(t.await?);
+    }
+    drop(conns);
+    if let Some(e) = &etcd_endpoint {
+        // Later measurements start from the same (small) database.
+        etcd_connect(e)
+            .await?
+            .delete(etcd_key.as_str(), None)
+            .await?;
+    }
+
+    let mut latency = new_histogram()?;
+    let mut first_hist = new_histogram()?;
+    let (mut deliveries, mut missing, mut duplicates, mut unexpected, mut stream_errors) =
+        (0_u64, 0_u64, 0_u64, 0_u64, 0_u64);
+    let mut first_error = None;
+    let mut first = vec![u64::MAX; args.changes + 1];
+    for r in &records {
+        duplicates += r.duplicates;
+        unexpected += r.unexpected;
+        if let Some(e) = &r.error {
+            stream_errors += 1;
+            first_error.get_or_insert_with(|| e.clone());
+        }
+        for seq in 1..=args.changes {
+            let at = r.received[seq];
+            if at == 0 {
+                missing += 1;
+                continue;
+            }
+            deliveries += 1;
+            latency.saturating_record(at.saturating_sub(sent[seq]) / 1000);
+            first[seq] = first[seq].min(at);
+        }
+    }
+    for seq in 1..=args.changes {
+        if first[seq] != u64::MAX {
+            first_hist.saturating_record(first[seq].saturating_sub(sent[seq]) / 1000);
+        }
+    }
+    Ok(WatchResult {
+        system,
+        subscribers: n,
+        connections,
+        changes: args.changes,
+        setup_seconds,
+        expected_deliveries: expected as u64,
+        deliveries,
+        missing,
+        duplicates,
+        unexpected,
+        stream_errors,
+        first_error,
+        latency: LatencySummary::from_micros(&latency),
+        first: LatencySummary::from_micros(&first_hist),
+        put_ack: LatencySummary::from_micros(&put_ack),
+        cpu,
+    })
+}
+
+fn verdict(writes: &[WriteResult], watch: &[WatchResult], subscribers: usize) -> Verdict {
+    let mut v = Verdict::default();
+    let find = |writer: Writer, replicas: usize, clients: usize| {
+        writes
+            .iter()
+            .find(|w| w.writer == writer && w.replicas == replicas && w.clients == clients)
+            .map(|w| w.requests_per_sec)
+    };
+    let mut clients: Vec<usize> = writes.iter().map(|w| w.clients).collect();
+    clients.dedup();
+    for n in clients {
+        if let (Some(s), Some(put)) = (find(Writer::Stratad, 1, n), find(Writer::RawPut, 0, n))
+            && put > 0.0
+        {
+            let txn = find(Writer::RawTxn, 0, n)
+                .filter(|t| *t > 0.0)
+                .map(|t| s / t);
+            v.write_ratios.push((n, s / put, txn));
+        }
+    }
+    let p99 = |system: WatchSystem, n: usize| {
+        watch
+            .iter()
+            .find(|w| w.system == system && w.subscribers == n)
+            .map(|w| w.latency.p99_ms)
+    };
+    if let (Some(on_etcd), Some(embedded)) = (
+        p99(WatchSystem::StratadEtcd, subscribers),
+        p99(WatchSystem::StratadEmbedded, subscribers),
+    ) {
+        v.push_p99_excess_ms = Some(on_etcd - embedded);
+    }
+    v.etcd_single_watcher_p99_ms = p99(WatchSystem::Etcd, 1);
+    v.etcd_watchers_p99_ms = p99(WatchSystem::Etcd, subscribers);
+    v
+}
+
+fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let m = &report.machine;
+    let a = &report.args;
+    let _ = writeln!(
+        out,
+        "etcd-bench — stratad on a {}-member etcd cluster against etcd itself",
+        a.members
+    );
+    let _ = writeln!(
+        out,
+        "machine: {} CPUs ({}); {}; data in {} ({} on {}); fdatasync p50 {:.2} ms, p99 {:.2} ms",
+        m.cpus,
+        m.cpu_model.as_deref().unwrap_or("unknown CPU"),
+        report
+            .etcd_version
+            .as_deref()
+            .unwrap_or("etcd version unknown"),
+        m.dir.display(),
+        m.fs_type.as_deref().unwrap_or("?"),
+        m.device.as_deref().unwrap_or("?"),
+        report.fsync.p50_ms,
+        report.fsync.p99_ms,
+    );
+    if !report.writes.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Writes ({} s window after {} s warm-up; {} B values; ≤ {} clients per connection; \
+             latency ms; CPU-seconds in the window)\n\
+             writer      clients conns |    req/s   keys/s | p50     p99   | srv ms | cpu etcd \
+             stratad bench other | err",
+            a.duration_secs, a.warmup_secs, a.value_size, a.clients_per_connection
+        );
+        for w in &report.writes {
+            let _ = writeln!(
+                out,
+                "{:<11} {:>7} {:>5} | {:>8.0} {:>8.0} | {:>6.2} {:>6.2} | {:>6} | {:>8.2} {:>7.2} \
+                 {:>5.2} {:>5.2} | {:>3}{}",
+                w.name(),
+                w.clients,
+                w.connections,
+                w.requests_per_sec,
+                w.key_changes_per_sec,
+                w.latency.p50_ms,
+                w.latency.p99_ms,
+                w.server_ms.map_or("-".into(), |s| format!("{s:.2}")),
+                w.cpu.etcd,
+                w.cpu.stratad,
+                w.cpu.bench,
+                w.cpu.other,
+                w.errors,
+                if w.disturbed_by.is_empty() {
+                    String::new()
+                } else {
+                    format!("  disturbed by: {}", w.disturbed_by.join(", "))
+                }
+            );
+        }
+    }
+    if !report.watch.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Watch delivery ({} changes, {} ms apart; put call → subscriber received; ms)\n\
+             system            subs conns | deliveries miss dup unexp err |    p50    p99  \
+             p99.9    max | first p50 p99 | put ack p50 | cpu etcd stratad bench other",
+            a.changes, a.interval_ms
+        );
+        for r in &report.watch {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>5} {:>5} | {:>10} {:>4} {:>3} {:>5} {:>3} | {:>6.2} {:>6.2} {:>6.2} \
+                 {:>6.2} | {:>5.2} {:>6.2} | {:>11.2} | {:>8.2} {:>7.2} {:>5.2} {:>5.2}",
+                r.system.name(),
+                r.subscribers,
+                r.connections,
+                r.deliveries,
+                r.missing,
+                r.duplicates,
+                r.unexpected,
+                r.stream_errors,
+                r.latency.p50_ms,
+                r.latency.p99_ms,
+                r.latency.p999_ms,
+                r.latency.max_ms,
+                r.first.p50_ms,
+                r.first.p99_ms,
+                r.put_ack.p50_ms,
+                r.cpu.etcd,
+                r.cpu.stratad,
+                r.cpu.bench,
+                r.cpu.other,
+            );
+        }
+    }
+    let v = &report.verdict;
+    let _ = writeln!(out);
+    let _ = writeln!(out, "Against issue 5's targets");
+    for (n, put, txn) in &v.write_ratios {
+        let _ = writeln!(
+            out,
+            "  writes, {n} clients: stratad x1 / etcd put = {put:.2} (target ≥ 0.80: {}){}",
+            if *put >= 0.8 { "met" } else { "NOT met" },
+            txn.map(|t| format!("; / etcd txn of the same shape = {t:.2}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(excess) = v.push_p99_excess_ms {
+        let bound = v.etcd_single_watcher_p99_ms;
+        let _ = writeln!(
+            out,
+            "  push p99 at {} subscribers: stratad/etcd − stratad/embedded = {excess:.2} ms; \
+             etcd's own watch p99: {} (1 watcher), {} ({} watchers) → {}",
+            a.subscribers,
+            bound.map_or("-".into(), |b| format!("{b:.2} ms")),
+            v.etcd_watchers_p99_ms
+                .map_or("-".into(), |b| format!("{b:.2} ms")),
+            a.subscribers,
+            match (bound, v.etcd_watchers_p99_ms) {
+                (Some(one), _) if excess <= one => "met (even against 1 watcher)",
+                (_, Some(many)) if excess <= many => "met against etcd's p99 at the same count",
+                _ => "NOT met",
+            }
+        );
+    }
+    out
+}

@@ -552,7 +552,8 @@ impl WriterRecord {
 
 /// One writer's connection.
 enum WriteClient {
-    Raw(etcd_client::KvClient),
+    // Boxed: etcd's clients are large next to a tonic channel.
+    Raw(Box<etcd_client::KvClient>),
     Stratad(ConfigServiceClient<Channel>),
 }
 
@@ -762,7 +763,7 @@ async fn measure_raw_writes(
         conns.push(etcd_connect(&endpoint).await?.kv_client());
     }
     let clients = (0..n)
-        .map(|i| WriteClient::Raw(conns[i % connections].clone()))
+        .map(|i| WriteClient::Raw(Box::new(conns[i % connections].clone())))
         .collect();
     let (latency, changes, errors, first_error, cpu, _, disturbed_by) =
         drive_writers(clients, kind, &prefix, &cluster.pids(), &[], args).await?;

@@ -529,7 +529,7 @@ async fn killing_the_etcd_leader_under_writers_loses_no_acknowledged_write() {
     let _serial = SERIAL.lock().await;
     let mut etcd = start_etcd(3, EtcdSettings::default()).await;
     let daemons = replicas(&etcd, 2, &[]).await;
-    let mut clients = vec![
+    let mut clients = [
         Client::new(&daemons[0]).await,
         Client::new(&daemons[1]).await,
     ];
@@ -667,6 +667,21 @@ struct Seen {
     snapshot: Revision,
     /// Pushes received from the first replica before it died.
     from_first: usize,
+    /// Last revision seen on the first replica, and the survivor's
+    /// revision when the subscriber came back: the changes in between
+    /// happened while it was away.
+    away: (Revision, Revision),
+}
+
+impl Seen {
+    /// How many changes the subscriber missed while away (and got replayed).
+    fn missed(&self) -> usize {
+        let (last, back) = self.away;
+        self.changes
+            .iter()
+            .filter(|(r, _, _)| *r > last && *r <= back)
+            .count()
+    }
 }
 
 /// SIGKILL of a replica with subscribers attached while two writers make
@@ -679,7 +694,7 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
         return;
     }
     const SUBSCRIBERS: usize = 3;
-    const WRITES_PER_WRITER: usize = 300;
+    const WRITES_PER_WRITER: usize = 400;
     const KEYS: usize = 10;
     let _serial = SERIAL.lock().await;
     let etcd = start_etcd(3, EtcdSettings::default()).await;
@@ -716,8 +731,13 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
                     Ok(Some(m)) => m,
                     Ok(None) | Err(_) if !resumed => {
                         // The replica died: resume on the other one after
-                        // the last revision seen, as the SDK does.
+                        // the last revision seen, as the SDK does — after
+                        // a pause (a client's back-off), so that a few
+                        // hundred writes happen while it is away.
                         resumed = true;
+                        tokio::time::sleep(Duration::from_millis(600 * (s as u64 + 1))).await;
+                        let (_, back) = survivor.resolve_all("integration").await;
+                        seen.away = (last, back);
                         stream = survivor
                             .watch_config("integration", last + 1)
                             .await
@@ -885,10 +905,16 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
             got.len()
         );
     }
+    let missed: Vec<usize> = seen_by.iter().map(Seen::missed).collect();
     eprintln!(
-        "{} writes checked against etcd; pushes before the kill per subscriber: {:?}",
+        "{} writes checked against etcd; pushes before the kill per subscriber: {:?}; \
+         changes missed while away and replayed on resume: {missed:?}",
         truth.len(),
         seen_by.iter().map(|s| s.from_first).collect::<Vec<_>>()
+    );
+    assert!(
+        missed.iter().sum::<usize>() >= 200,
+        "the subscribers should have missed hundreds of changes while away: {missed:?}"
     );
 }
 

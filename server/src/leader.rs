@@ -130,6 +130,13 @@ async fn campaign(
 
 /// Keeps the term's lease alive until `shutdown` (`None`) or until the term
 /// is lost (`Some(reason)`).
+///
+/// The term is over, as far as this replica may assume, one TTL after the
+/// last renewal was *sent* (etcd counts from when it received it, which is
+/// later): a renewal that has not been answered by then is abandoned rather
+/// than awaited, because meanwhile the lease may have expired and another
+/// replica may be leading. A store call may otherwise take its whole
+/// request timeout (10 s on etcd), far longer than the TTL.
 async fn hold(
     store: &dyn Store,
     lease: LeaseId,
@@ -138,21 +145,32 @@ async fn hold(
 ) -> Option<String> {
     let ttl = Duration::from_secs(u64::try_from(ttl_seconds.max(1)).unwrap_or(1));
     let every = ttl / 3;
-    let mut last_renewal = tokio::time::Instant::now();
+    let mut term_ends = tokio::time::Instant::now() + ttl;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return None,
             () = tokio::time::sleep(every) => {}
         }
-        match store.lease_keep_alive(lease).await {
-            Ok(_) => last_renewal = tokio::time::Instant::now(),
-            Err(StoreError::LeaseNotFound(_)) => return Some("the term's lease expired".into()),
-            Err(e) => {
-                // Past the TTL the lease may have expired and someone else
-                // may lead: stop rather than risk two leaders.
-                if last_renewal.elapsed() >= ttl {
-                    return Some(format!("could not renew the term within its TTL: {e}"));
-                }
+        let sent = tokio::time::Instant::now();
+        if sent >= term_ends {
+            return Some("could not renew the term within its TTL".into());
+        }
+        let renewal = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            r = tokio::time::timeout_at(term_ends, store.lease_keep_alive(lease)) => r,
+        };
+        match renewal {
+            Ok(Ok(_)) => term_ends = sent + ttl,
+            Ok(Err(StoreError::LeaseNotFound(_))) => {
+                return Some("the term's lease expired".into());
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "could not renew the leader term; retrying");
+            }
+            Err(_) => {
+                return Some(format!(
+                    "could not renew the term within its TTL ({ttl:?}): the store did not answer"
+                ));
             }
         }
     }
@@ -260,6 +278,110 @@ mod tests {
         }
         assert_eq!(most.load(Ordering::SeqCst), 1, "never two leaders at once");
         assert_eq!(leading.load(Ordering::SeqCst), 0);
+    }
+
+    /// The embedded store, except that lease renewals can be made to hang
+    /// (a store that stopped answering).
+    struct Stalling {
+        inner: EmbeddedStore,
+        stall: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Stalling {
+        fn kind(&self) -> &'static str {
+            "stalling"
+        }
+        async fn range(&self, range: KeyRange) -> Result<crate::store::RangeResponse, StoreError> {
+            self.inner.range(range).await
+        }
+        async fn txn(&self, txn: Txn) -> Result<crate::store::TxnResponse, StoreError> {
+            self.inner.txn(txn).await
+        }
+        async fn watch(
+            &self,
+            range: KeyRange,
+            start_revision: Revision,
+        ) -> Result<crate::store::WatchStream, StoreError> {
+            self.inner.watch(range, start_revision).await
+        }
+        async fn lease_grant(&self, ttl_seconds: i64) -> Result<crate::store::Lease, StoreError> {
+            self.inner.lease_grant(ttl_seconds).await
+        }
+        async fn lease_keep_alive(&self, id: LeaseId) -> Result<i64, StoreError> {
+            if self.stall.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.lease_keep_alive(id).await
+        }
+        async fn lease_revoke(&self, id: LeaseId) -> Result<Revision, StoreError> {
+            self.inner.lease_revoke(id).await
+        }
+        async fn lease_time_to_live(
+            &self,
+            id: LeaseId,
+        ) -> Result<crate::store::LeaseInfo, StoreError> {
+            self.inner.lease_time_to_live(id).await
+        }
+        async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+            self.inner.compact(revision).await
+        }
+        async fn status(&self) -> Result<crate::store::StoreStatus, StoreError> {
+            self.inner.status().await
+        }
+    }
+
+    /// A leader whose store stops answering renewals gives up its jobs
+    /// within the term's TTL, instead of waiting out the store call while
+    /// its lease may already have expired and another replica leads.
+    #[tokio::test]
+    async fn a_leader_that_cannot_renew_stops_its_jobs_within_the_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Stalling {
+            inner: EmbeddedStore::open(dir.path()).unwrap(),
+            stall: std::sync::atomic::AtomicBool::new(false),
+        });
+        let (started, ended) = (
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(tokio::sync::Notify::new()),
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Arc::clone(&store) as Arc<dyn Store>,
+            "only".into(),
+            1,
+            shutdown.clone(),
+            {
+                let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
+                move |term: CancellationToken| {
+                    let (started, ended) = (Arc::clone(&started), Arc::clone(&ended));
+                    async move {
+                        started.notify_one();
+                        term.cancelled().await;
+                        ended.notify_one();
+                    }
+                }
+            },
+        ));
+        tokio::time::timeout(Duration::from_secs(5), started.notified())
+            .await
+            .expect("elected");
+        // Renewals work for a while, then hang.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        store.stall.store(true, Ordering::SeqCst);
+        let stalled = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), ended.notified())
+            .await
+            .expect("the term ends although the renewal never returns");
+        // At most one TTL after the last renewal sent before the stall,
+        // which was at most a third of a TTL before it.
+        assert!(
+            stalled.elapsed() <= Duration::from_millis(1_000 + 200),
+            "jobs ran {:?} after renewals stopped",
+            stalled.elapsed()
+        );
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
 
     #[tokio::test]

@@ -37,8 +37,8 @@ use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
 use strata_proto::v1::watch_config_response::Kind;
 use strata_proto::v1::{
-    CreateTenantRequest, GetLayerRequest, PutConfigRequest, ResolveRequest, WatchConfigRequest,
-    WatchConfigResponse, WatchServicesRequest, WatchServicesResponse,
+    CreateTenantRequest, GetLayerRequest, GetTenantRequest, PutConfigRequest, ResolveRequest,
+    WatchConfigRequest, WatchConfigResponse, WatchServicesRequest, WatchServicesResponse,
 };
 use strata_server::store::etcd::{EtcdOptions, EtcdStore};
 use strata_server::store::{KeyRange, Revision, Store};
@@ -189,6 +189,33 @@ impl Client {
             .header
             .unwrap()
             .revision)
+    }
+
+    /// Waits (bounded) until this replica's view has the tenant another
+    /// replica created: replicas converge through the store's watch, and
+    /// only the replica that acknowledged a write is sure to serve it at once.
+    async fn wait_for_tenant(&mut self, name: &str, who: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let found = self
+                .tenants
+                .get_tenant(GetTenantRequest {
+                    project: PROJECT.into(),
+                    name: name.into(),
+                })
+                .await;
+            match found {
+                Ok(_) => return,
+                Err(e) if e.code() == tonic::Code::NotFound => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{who} has not seen tenant {name} after 10 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("{who}: get tenant {name}: {e}"),
+            }
+        }
     }
 
     /// A tenant's own layer of `key`: (value, the revision the read saw).
@@ -534,6 +561,7 @@ async fn killing_the_etcd_leader_under_writers_loses_no_acknowledged_write() {
         Client::new(&daemons[1]).await,
     ];
     clients[0].create_tenant("integration").await;
+    clients[1].wait_for_tenant("integration", "replica 1").await;
 
     let killed_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let acked_total = Arc::new(AtomicUsize::new(0));
@@ -703,6 +731,10 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
     let client_a = Client::new(&daemons[0]).await;
     let mut client_b = Client::new(&daemons[1]).await;
     client_b.create_tenant("integration").await;
+    client_a
+        .clone()
+        .wait_for_tenant("integration", "replica A")
+        .await;
     // The end marker is the last write; subscribers stop when they see it.
     const END: &str = "zz/end";
 
@@ -795,7 +827,16 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
                     Ok(r) => acked.push((r, key, value)),
                     // Its outcome is unknown (the replica died under it):
                     // not counted, not retried; etcd's history says.
-                    Err(e) if w == 1 && !switched => {
+                    Err(e)
+                        if w == 1
+                            && !switched
+                            && matches!(
+                                e.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::Unknown
+                                    | tonic::Code::Cancelled
+                            ) =>
+                    {
                         eprintln!("writer 1 switches replica after: {e}");
                         switched = true;
                         let channel = Channel::from_shared(survivor_endpoint.clone())

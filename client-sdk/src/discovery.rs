@@ -115,7 +115,7 @@ pub struct ResolvedService {
 }
 
 impl ResolvedService {
-    fn from_proto(
+    pub(crate) fn from_proto(
         service: &str,
         resolved: Option<strata_proto::v1::ResolvedService>,
         revision: i64,
@@ -137,7 +137,7 @@ impl ResolvedService {
     }
 
     /// Same answer, whatever the revision.
-    fn same_as(&self, other: &Self) -> bool {
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
         self.tenant == other.tenant
             && self.fallback == other.fallback
             && self.instances == other.instances

@@ -78,6 +78,7 @@ mod error;
 mod format;
 pub mod propagation;
 mod registration;
+mod tenant_services;
 mod watch;
 
 pub use balance::{InFlight, PowerOfTwoChoices, RoundRobin};
@@ -88,5 +89,6 @@ pub use discovery::{Endpoint, ResolvedService, ServiceInstance, ServiceWatch};
 pub use error::{Error, WatchError};
 pub use registration::{InstanceSpec, Registration};
 pub use strata_proto::v1 as proto;
+pub use tenant_services::{TenantServices, TenantServicesWatch};
 pub use tonic::{Code, Status};
 pub use watch::Source;

@@ -1,0 +1,472 @@
+//! Settings: defaults → TOML file → `STRATA_*` environment → flags. The
+//! sources are passed in (arguments, an environment map), never read from
+//! the process inside, so tests never set environment variables.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// A local TCP port routed to a service (`--tcp 127.0.0.1:16001=matchmaker`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpRoute {
+    /// Where the sidecar listens.
+    pub listen: SocketAddr,
+    /// The service a connection goes to.
+    pub service: String,
+}
+
+/// Everything the sidecar runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// stratad endpoints (`host:port` or URIs).
+    pub endpoints: Vec<String>,
+    /// Project.
+    pub project: String,
+    /// The sidecar's own tenant: requests without a tenant are routed for it.
+    pub tenant: String,
+    /// Bearer token for stratad.
+    pub token: Option<String>,
+    /// Outbound HTTP/1.1 + h2c proxy address.
+    pub outbound: SocketAddr,
+    /// Admin server address.
+    pub admin: SocketAddr,
+    /// Raw TCP routes.
+    pub tcp: Vec<TcpRoute>,
+    /// Dialling one upstream instance may take this long before the next
+    /// instance is tried.
+    pub connect_timeout: Duration,
+    /// Default per-route timeout: from the request to the upstream's
+    /// response head (a streaming body may then take as long as it needs).
+    pub timeout: Duration,
+    /// Per-service timeouts overriding `timeout`.
+    pub route_timeouts: HashMap<String, Duration>,
+    /// How long the first request carrying a tenant the sidecar has not
+    /// seen yet may wait for that tenant's routes.
+    pub tenant_wait: Duration,
+    /// Consecutive failures (connect errors, resets, timeouts, 5xx) after
+    /// which an instance is ejected.
+    pub eject_after: u32,
+    /// How long an ejected instance is left out.
+    pub eject_for: Duration,
+    /// How long in-flight requests may finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Most tenants whose routes the sidecar follows at once.
+    pub max_tenants: usize,
+    /// `tracing` filter (`RUST_LOG` syntax).
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            project: "default".into(),
+            tenant: String::new(),
+            token: None,
+            outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            tcp: Vec::new(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(15),
+            route_timeouts: HashMap::new(),
+            tenant_wait: Duration::from_secs(2),
+            eject_after: 5,
+            eject_for: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            max_tenants: 256,
+            log: "info".into(),
+        }
+    }
+}
+
+/// A setting that could not be used; the message names its source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Command line of `strata-sidecar`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "strata-sidecar",
+    version,
+    about = "Routes an app's outbound HTTP, gRPC and TCP calls to the nearest tenant that runs the callee."
+)]
+struct Cli {
+    /// stratad endpoints, comma separated [env: STRATA_ENDPOINTS]
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Option<Vec<String>>,
+    /// Project [env: STRATA_PROJECT] (default `default`)
+    #[arg(long)]
+    project: Option<String>,
+    /// The sidecar's own tenant [env: STRATA_TENANT]
+    #[arg(long)]
+    tenant: Option<String>,
+    /// File holding the bearer token [env: STRATA_TOKEN holds the token itself]
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Outbound proxy address [env: STRATA_SIDECAR_OUTBOUND] (default 127.0.0.1:15001)
+    #[arg(long)]
+    outbound: Option<SocketAddr>,
+    /// Admin address [env: STRATA_SIDECAR_ADMIN] (default 127.0.0.1:15000)
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// LOCAL_ADDR=SERVICE raw TCP route, repeatable [env: STRATA_SIDECAR_TCP, comma separated]
+    #[arg(long)]
+    tcp: Vec<String>,
+    /// Default route timeout to the response head, e.g. `15s`
+    #[arg(long)]
+    timeout: Option<String>,
+    /// SERVICE=DURATION per-route timeout, repeatable
+    #[arg(long)]
+    route_timeout: Vec<String>,
+    /// Upstream connect timeout, e.g. `1s`
+    #[arg(long)]
+    connect_timeout: Option<String>,
+    /// TOML settings file [env: STRATA_SIDECAR_CONFIG]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Log filter [env: STRATA_LOG] (default `info`)
+    #[arg(long)]
+    log: Option<String>,
+}
+
+/// The TOML file's shape (every field optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    endpoints: Option<Vec<String>>,
+    project: Option<String>,
+    tenant: Option<String>,
+    token_file: Option<PathBuf>,
+    outbound: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    tcp: Option<Vec<String>>,
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+    tenant_wait: Option<String>,
+    eject_after: Option<u32>,
+    eject_for: Option<String>,
+    shutdown_grace: Option<String>,
+    max_tenants: Option<usize>,
+    log: Option<String>,
+    #[serde(default)]
+    routes: BTreeMap<String, FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    timeout: Option<String>,
+}
+
+fn duration(value: &str, source: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(value.trim())
+        .map_err(|e| ConfigError(format!("{source}: {value:?} is not a duration: {e}")))
+}
+
+fn tcp_route(value: &str, source: &str) -> Result<TcpRoute, ConfigError> {
+    let (listen, service) = value
+        .split_once('=')
+        .ok_or_else(|| ConfigError(format!("{source}: {value:?} is not LOCAL_ADDR=SERVICE")))?;
+    let listen = listen
+        .trim()
+        .parse()
+        .map_err(|e| ConfigError(format!("{source}: {listen:?} is not an address: {e}")))?;
+    let service = service.trim();
+    if service.is_empty() {
+        return Err(ConfigError(format!("{source}: {value:?} names no service")));
+    }
+    Ok(TcpRoute {
+        listen,
+        service: service.to_owned(),
+    })
+}
+
+fn read_token(path: &PathBuf, source: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| ConfigError(format!("{source} {}: {e}", path.display())))
+}
+
+impl Settings {
+    /// Builds settings from command-line `args` (the program name first) and
+    /// an environment map. Returns clap's error (help, version, usage) as a
+    /// `clap::Error` for the caller to print.
+    pub fn load<I, T>(args: I, env: &HashMap<String, String>) -> Result<Self, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(LoadError::Usage)?;
+        Self::from_sources(cli, env).map_err(LoadError::Invalid)
+    }
+
+    fn from_sources(cli: Cli, env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let mut s = Settings::default();
+        let env_get = |k: &str| env.get(k).filter(|v| !v.is_empty());
+
+        // File.
+        let config_path = cli
+            .config
+            .clone()
+            .or_else(|| env_get("STRATA_SIDECAR_CONFIG").map(PathBuf::from));
+        if let Some(path) = &config_path {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            let file: FileSettings = toml::from_str(&text)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            let src = format!("config file {}", path.display());
+            if let Some(v) = file.endpoints {
+                s.endpoints = v;
+            }
+            if let Some(v) = file.project {
+                s.project = v;
+            }
+            if let Some(v) = file.tenant {
+                s.tenant = v;
+            }
+            if let Some(p) = &file.token_file {
+                s.token = Some(read_token(p, &format!("{src}: token_file"))?);
+            }
+            if let Some(v) = file.outbound {
+                s.outbound = v;
+            }
+            if let Some(v) = file.admin {
+                s.admin = v;
+            }
+            for t in file.tcp.unwrap_or_default() {
+                s.tcp.push(tcp_route(&t, &format!("{src}: tcp"))?);
+            }
+            if let Some(v) = &file.timeout {
+                s.timeout = duration(v, &format!("{src}: timeout"))?;
+            }
+            if let Some(v) = &file.connect_timeout {
+                s.connect_timeout = duration(v, &format!("{src}: connect_timeout"))?;
+            }
+            if let Some(v) = &file.tenant_wait {
+                s.tenant_wait = duration(v, &format!("{src}: tenant_wait"))?;
+            }
+            if let Some(v) = file.eject_after {
+                s.eject_after = v;
+            }
+            if let Some(v) = &file.eject_for {
+                s.eject_for = duration(v, &format!("{src}: eject_for"))?;
+            }
+            if let Some(v) = &file.shutdown_grace {
+                s.shutdown_grace = duration(v, &format!("{src}: shutdown_grace"))?;
+            }
+            if let Some(v) = file.max_tenants {
+                s.max_tenants = v;
+            }
+            if let Some(v) = file.log {
+                s.log = v;
+            }
+            for (service, route) in file.routes {
+                if let Some(t) = &route.timeout {
+                    let d = duration(t, &format!("{src}: routes.{service}.timeout"))?;
+                    s.route_timeouts.insert(service, d);
+                }
+            }
+        }
+
+        // Environment.
+        if let Some(v) = env_get("STRATA_ENDPOINTS") {
+            s.endpoints = v.split(',').map(|e| e.trim().to_owned()).collect();
+        }
+        if let Some(v) = env_get("STRATA_PROJECT") {
+            s.project = v.clone();
+        }
+        if let Some(v) = env_get("STRATA_TENANT") {
+            s.tenant = v.clone();
+        }
+        if let Some(v) = env_get("STRATA_TOKEN") {
+            s.token = Some(v.trim().to_owned());
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_OUTBOUND") {
+            s.outbound = v.parse().map_err(|e| {
+                ConfigError(format!(
+                    "STRATA_SIDECAR_OUTBOUND: {v:?} is not an address: {e}"
+                ))
+            })?;
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_ADMIN") {
+            s.admin = v.parse().map_err(|e| {
+                ConfigError(format!(
+                    "STRATA_SIDECAR_ADMIN: {v:?} is not an address: {e}"
+                ))
+            })?;
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_TCP") {
+            s.tcp = v
+                .split(',')
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| tcp_route(t, "STRATA_SIDECAR_TCP"))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = env_get("STRATA_LOG") {
+            s.log = v.clone();
+        }
+
+        // Flags.
+        if let Some(v) = cli.endpoints {
+            s.endpoints = v;
+        }
+        if let Some(v) = cli.project {
+            s.project = v;
+        }
+        if let Some(v) = cli.tenant {
+            s.tenant = v;
+        }
+        if let Some(p) = &cli.token_file {
+            s.token = Some(read_token(p, "--token-file")?);
+        }
+        if let Some(v) = cli.outbound {
+            s.outbound = v;
+        }
+        if let Some(v) = cli.admin {
+            s.admin = v;
+        }
+        if !cli.tcp.is_empty() {
+            s.tcp = cli
+                .tcp
+                .iter()
+                .map(|t| tcp_route(t, "--tcp"))
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = &cli.timeout {
+            s.timeout = duration(v, "--timeout")?;
+        }
+        if let Some(v) = &cli.connect_timeout {
+            s.connect_timeout = duration(v, "--connect-timeout")?;
+        }
+        for rt in &cli.route_timeout {
+            let (service, d) = rt.split_once('=').ok_or_else(|| {
+                ConfigError(format!("--route-timeout: {rt:?} is not SERVICE=DURATION"))
+            })?;
+            s.route_timeouts
+                .insert(service.trim().to_owned(), duration(d, "--route-timeout")?);
+        }
+        if let Some(v) = cli.log {
+            s.log = v;
+        }
+
+        s.endpoints.retain(|e| !e.trim().is_empty());
+        if s.endpoints.is_empty() {
+            return Err(ConfigError(
+                "no stratad endpoints: give --endpoints, STRATA_ENDPOINTS or `endpoints` in the config file".into(),
+            ));
+        }
+        if s.tenant.is_empty() {
+            return Err(ConfigError(
+                "no tenant: give --tenant, STRATA_TENANT or `tenant` in the config file".into(),
+            ));
+        }
+        if strata_client::propagation::Tenant::new(s.tenant.clone()).is_err() {
+            return Err(ConfigError(format!(
+                "tenant {:?} is not a valid tenant name",
+                s.tenant
+            )));
+        }
+        Ok(s)
+    }
+
+    /// The timeout for requests to `service`.
+    pub fn timeout_for(&self, service: &str) -> Duration {
+        self.route_timeouts
+            .get(service)
+            .copied()
+            .unwrap_or(self.timeout)
+    }
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Bad usage, or `--help` / `--version` (clap renders these).
+    #[error("{0}")]
+    Usage(clap::Error),
+    /// A setting is invalid.
+    #[error("{0}")]
+    Invalid(ConfigError),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Settings, LoadError> {
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::load(
+            std::iter::once("strata-sidecar").chain(args.iter().copied()),
+            &env,
+        )
+    }
+
+    #[test]
+    fn flags_override_env_which_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("sidecar-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sidecar.toml");
+        std::fs::write(
+            &file,
+            "endpoints = [\"10.0.0.1:7700\"]\nproject = \"vega\"\ntenant = \"from-file\"\n\
+             tcp = [\"127.0.0.1:16001=matchmaker\"]\n[routes.matchmaker]\ntimeout = \"2s\"\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let s = load(&["--config", path], &[("STRATA_TENANT", "from-env")]).unwrap();
+        assert_eq!(s.tenant, "from-env");
+        assert_eq!(s.project, "vega");
+        assert_eq!(s.endpoints, ["10.0.0.1:7700"]);
+        assert_eq!(s.tcp[0].service, "matchmaker");
+        assert_eq!(s.timeout_for("matchmaker"), Duration::from_secs(2));
+        assert_eq!(s.timeout_for("other"), Duration::from_secs(15));
+        let s = load(
+            &[
+                "--config",
+                path,
+                "--tenant",
+                "from-flag",
+                "--tcp",
+                "127.0.0.1:1=echo",
+            ],
+            &[("STRATA_TENANT", "from-env")],
+        )
+        .unwrap();
+        assert_eq!(s.tenant, "from-flag");
+        assert_eq!(s.tcp.len(), 1);
+        assert_eq!(s.tcp[0].service, "echo");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_their_source() {
+        let err = load(&["--tenant", "t"], &[]).unwrap_err().to_string();
+        assert!(err.contains("endpoints"), "{err}");
+        let err = load(
+            &["--endpoints", "x:1", "--tenant", "t", "--tcp", "nope"],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--tcp"), "{err}");
+        let err = load(&["--endpoints", "x:1"], &[("STRATA_SIDECAR_ADMIN", "bad")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STRATA_SIDECAR_ADMIN"), "{err}");
+        let err = load(&["--endpoints", "x:1", "--tenant", "a b"], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a valid tenant"), "{err}");
+    }
+}

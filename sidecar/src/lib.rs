@@ -1,0 +1,181 @@
+//! `strata-sidecar`: routes an app's outbound calls to the nearest tenant
+//! that runs the callee (DESIGN.md section 5).
+//!
+//! - [`http_proxy`] — HTTP/1.1 + h2c outbound proxy (default
+//!   `127.0.0.1:15001`); the callee is named by the `Host` header or an
+//!   absolute URI.
+//! - [`tenant`] — the tenant of a request (baggage `strata-tenant`,
+//!   `x-strata-tenant`, else the sidecar's own) and carrying it on.
+//! - [`table`] — the routing table, pushed from `stratad` through the SDK
+//!   and held in an `ArcSwap` snapshot.
+//! - [`upstream`] — pooled upstream connections, weighted balancing,
+//!   connect retries on another instance, passive ejection.
+//! - [`tcp_proxy`] — raw TCP ports per callee.
+//! - [`admin`] — `/routes`, `/metrics`, `/healthz`, `/readyz` (default
+//!   `127.0.0.1:15000`).
+//! - [`config`] — settings from flags, env and a TOML file.
+
+pub mod admin;
+pub mod config;
+pub mod http_proxy;
+pub mod metrics;
+pub mod table;
+pub mod tcp_proxy;
+pub mod tenant;
+pub mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Settings;
+
+/// A shutdown signal the serving loops wait on.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Resolves once shutdown began (or its sender is gone).
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+/// The sockets the sidecar serves on, bound before [`run`] so a caller
+/// (or a test) can bind port 0 and learn the addresses.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Outbound HTTP proxy.
+    pub outbound: TcpListener,
+    /// Admin server.
+    pub admin: TcpListener,
+    /// Raw TCP routes: listener and service.
+    pub tcp: Vec<(TcpListener, String)>,
+}
+
+impl Listeners {
+    /// Binds every address of `settings`.
+    pub async fn bind(settings: &Settings) -> Result<Self, RunError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| RunError::Bind(addr, e))
+        };
+        let mut tcp = Vec::new();
+        for route in &settings.tcp {
+            tcp.push((bind(route.listen).await?, route.service.clone()));
+        }
+        Ok(Self {
+            outbound: bind(settings.outbound).await?,
+            admin: bind(settings.admin).await?,
+            tcp,
+        })
+    }
+}
+
+/// Why the sidecar could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// The SDK client could not be built from the settings.
+    #[error("{0}")]
+    Client(#[from] strata_client::Error),
+    /// The metrics recorder could not be installed.
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// Runs the sidecar until `shutdown` resolves: then readiness turns false,
+/// listeners stop accepting, and in-flight requests and TCP connections
+/// get `settings.shutdown_grace` to finish.
+pub async fn run(
+    settings: Settings,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let prometheus = metrics::prometheus().map_err(RunError::Metrics)?;
+    let mut builder = strata_client::Client::builder()
+        .endpoints(settings.endpoints.iter().cloned())
+        .project(settings.project.clone())
+        .tenant(settings.tenant.clone());
+    if let Some(token) = &settings.token {
+        builder = builder.token(token.clone());
+    }
+    let client = builder.build()?;
+    let routing = table::Routing::start(client, &settings);
+
+    let (stop, stopped) = watch::channel(false);
+    let draining = Arc::new(AtomicBool::new(false));
+    let grace = settings.shutdown_grace;
+    let mut serving = tokio::task::JoinSet::new();
+
+    tracing::info!(
+        outbound = %listeners.outbound.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+        admin = %listeners.admin.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+        project = %settings.project, tenant = %settings.tenant,
+        "strata-sidecar listening"
+    );
+    let proxy = Arc::new(http_proxy::Proxy {
+        routing: Arc::clone(&routing),
+        connect_timeout: settings.connect_timeout,
+        project: settings.project.clone(),
+    });
+    serving.spawn(http_proxy::serve(
+        listeners.outbound,
+        proxy,
+        Shutdown(stopped.clone()),
+        grace,
+    ));
+    for (listener, service) in listeners.tcp {
+        tracing::info!(
+            listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            service = %service, "TCP route"
+        );
+        let proxy = Arc::new(tcp_proxy::TcpProxy {
+            routing: Arc::clone(&routing),
+            service,
+            connect_timeout: settings.connect_timeout,
+            project: settings.project.clone(),
+        });
+        serving.spawn(tcp_proxy::serve(
+            listener,
+            proxy,
+            Shutdown(stopped.clone()),
+            grace,
+        ));
+    }
+    let admin = Arc::new(admin::Admin {
+        routing: Arc::clone(&routing),
+        prometheus: prometheus.clone(),
+        draining: Arc::clone(&draining),
+    });
+    let admin_task = tokio::spawn(admin::serve(
+        listeners.admin,
+        admin,
+        Shutdown(stopped.clone()),
+    ));
+    let upkeep = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            prometheus.run_upkeep();
+        }
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down: draining for at most {grace:?}");
+    draining.store(true, Ordering::Release);
+    let _ = stop.send(true);
+    while serving.join_next().await.is_some() {}
+    let _ = admin_task.await;
+    upkeep.abort();
+    tracing::info!("strata-sidecar stopped");
+    Ok(())
+}

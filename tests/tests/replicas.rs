@@ -1202,6 +1202,7 @@ async fn config_values_fit_etcds_request_limit() {
         message.contains("--max-request-bytes") && message.contains("max_value_bytes"),
         "the error says what to change: {message}"
     );
+    eprintln!("1 MiB value on a default etcd: {status} {message}");
     let (status, _) = http_get(
         raised.addr,
         &format!("{TENANTS}/integration/config/huge.bin"),

@@ -59,6 +59,8 @@ pub struct Settings {
     pub max_tenants: usize,
     /// `tracing` filter (`RUST_LOG` syntax).
     pub log: String,
+    /// Tokio worker threads (default: one per CPU).
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Settings {
@@ -80,6 +82,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             max_tenants: 256,
             log: "info".into(),
+            worker_threads: None,
         }
     }
 }
@@ -133,6 +136,9 @@ struct Cli {
     /// Log filter [env: STRATA_LOG] (default `info`)
     #[arg(long)]
     log: Option<String>,
+    /// Worker threads (default: one per CPU)
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 /// The TOML file's shape (every field optional).
@@ -154,6 +160,7 @@ struct FileSettings {
     shutdown_grace: Option<String>,
     max_tenants: Option<usize>,
     log: Option<String>,
+    worker_threads: Option<usize>,
     #[serde(default)]
     routes: BTreeMap<String, FileRoute>,
 }
@@ -266,6 +273,9 @@ impl Settings {
             if let Some(v) = file.log {
                 s.log = v;
             }
+            if let Some(v) = file.worker_threads {
+                s.worker_threads = Some(v);
+            }
             for (service, route) in file.routes {
                 if let Some(t) = &route.timeout {
                     let d = duration(t, &format!("{src}: routes.{service}.timeout"))?;
@@ -353,6 +363,9 @@ impl Settings {
         }
         if let Some(v) = cli.log {
             s.log = v;
+        }
+        if let Some(v) = cli.worker_threads {
+            s.worker_threads = Some(v.max(1));
         }
 
         s.endpoints.retain(|e| !e.trim().is_empty());

@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub mod etcd;
+pub mod sidecar;
 
 /// Path of the `stratad` binary under test: `$STRATAD_BIN`, else the one
 /// cargo built next to this test binary (`target/<profile>/stratad`).

@@ -1,0 +1,597 @@
+//! `strata-sidecar` end to end, with real processes: a `stratad`, test
+//! HTTP, gRPC and TCP services on loopback registered in `integration`
+//! (A, B, C) and `feat-1` (B only), and a sidecar per environment.
+//!
+//! What a feature environment relies on: a call for a service it does not
+//! run falls back to `integration`; a call for one it runs stays in
+//! `feat-1`; the callback chain feat-1.B → integration.A → B lands on
+//! feat-1.B because the tenant travels in the baggage; deregistering
+//! feat-1.B moves the next requests to integration.B; losing the daemon
+//! keeps the last routing table serving; gRPC streams and trailers pass;
+//! raw TCP falls back the same way.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step should fail loudly
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::Signal;
+use strata_tests::sidecar::Sidecar;
+use strata_tests::{Daemon, http_ok, http_request};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, sleep, timeout};
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response};
+
+const PROJECT: &str = "vega";
+
+/// Aborts a task when dropped, so test services stop with the test.
+struct Task(tokio::task::JoinHandle<()>);
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn create_tenant(api: SocketAddr, tenant: &str, parent: Option<&str>) {
+    let body = match parent {
+        Some(p) => format!(r#"{{"parent":"{p}"}}"#),
+        None => "{}".to_owned(),
+    };
+    http_ok(
+        api,
+        "PUT",
+        &format!("/v1/projects/{PROJECT}/tenants/{tenant}"),
+        &body,
+    )
+    .await;
+}
+
+async fn register(
+    api: SocketAddr,
+    tenant: &str,
+    service: &str,
+    id: &str,
+    addr: SocketAddr,
+    protocol: &str,
+) {
+    http_ok(
+        api,
+        "POST",
+        &format!("/v1/projects/{PROJECT}/tenants/{tenant}/services/{service}/instances"),
+        &format!(
+            r#"{{"id":"{id}","endpoints":{{"main":"{addr}"}},"protocol":"{protocol}","kind":"persistent"}}"#
+        ),
+    )
+    .await;
+}
+
+async fn deregister(api: SocketAddr, tenant: &str, service: &str, id: &str) {
+    let (status, body) = http_request(
+        api,
+        "DELETE",
+        &format!("/v1/projects/{PROJECT}/tenants/{tenant}/services/{service}/instances/{id}"),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    assert!(
+        (200..300).contains(&status),
+        "deregister {id}: {status} {body}"
+    );
+}
+
+/// One HTTP/1.1 request through `proxy` naming the callee with `host`:
+/// (status, headers, body).
+async fn get(
+    proxy: SocketAddr,
+    host: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (u16, HeaderMap, String) {
+    let stream = timeout(Duration::from_secs(5), TcpStream::connect(proxy))
+        .await
+        .expect("connect timeout")
+        .expect("connect to the sidecar");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut request = Request::get(uri).header("host", host);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = timeout(
+        Duration::from_secs(10),
+        sender.send_request(request.body(Empty::<Bytes>::new()).unwrap()),
+    )
+    .await
+    .expect("response within 10 s")
+    .expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A test HTTP service answering with its name (and the baggage it got
+/// in `x-baggage`). `/call/<svc>` calls `svc` through `sidecar`,
+/// forwarding the incoming baggage header as an OpenTelemetry-instrumented
+/// app does, and answers `<name>><callee's answer>`.
+async fn http_app(name: &'static str, sidecar: Option<SocketAddr>) -> (SocketAddr, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| async move {
+                    let baggage = req
+                        .headers()
+                        .get("baggage")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let path = req.uri().path().to_owned();
+                    let body = if let Some(callee) = path.strip_prefix("/call/") {
+                        let proxy = sidecar.expect("app without a sidecar");
+                        let (status, _, answer) =
+                            get(proxy, callee, "/", &[("baggage", baggage.as_str())]).await;
+                        format!("{name}>{answer}{}", if status == 200 { "" } else { "!" })
+                    } else {
+                        if path == "/slow" {
+                            sleep(Duration::from_millis(800)).await;
+                        }
+                        name.to_owned()
+                    };
+                    let mut response = Response::new(Full::new(Bytes::from(body)));
+                    response
+                        .headers_mut()
+                        .insert("x-baggage", baggage.parse().unwrap());
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+/// Retries `check` every 20 ms until it returns `Some`, for at most
+/// `limit`.
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_with_fallback_and_the_tenant_travels_across_hops() {
+    let mut daemon = Daemon::start().await;
+    let api = daemon.addr;
+    let endpoint = daemon.endpoint();
+    create_tenant(api, "integration", None).await;
+    create_tenant(api, "feat-1", Some("integration")).await;
+
+    let integration = Sidecar::start(&endpoint, PROJECT, "integration", &[], &[]).await;
+    let feat = Sidecar::start(&endpoint, PROJECT, "feat-1", &[], &[]).await;
+
+    // integration: A (calls out through integration's sidecar), B, C;
+    // feat-1: B only.
+    let (a, _a) = http_app("integration.a", Some(integration.outbound)).await;
+    let (b, _b) = http_app("integration.b", None).await;
+    let (c, _c) = http_app("integration.c", None).await;
+    let (fb, _fb) = http_app("feat-1.b", None).await;
+    register(api, "integration", "a", "a-int", a, "http").await;
+    register(api, "integration", "b", "b-int", b, "http").await;
+    register(api, "integration", "c", "c-int", c, "http").await;
+    register(api, "feat-1", "b", "b-feat", fb, "http").await;
+
+    let proxy = feat.outbound;
+    eventually(Duration::from_secs(10), "feat-1 routes", || async {
+        let (s, _, body) = get(proxy, "b", "/", &[]).await;
+        (s == 200 && body == "feat-1.b").then_some(())
+    })
+    .await;
+
+    // Fallback and own-tenant routing, by every way of naming the callee.
+    for host in ["c", "c.strata", "c:8080", "C.strata:80"] {
+        let (status, _, body) = get(proxy, host, "/", &[]).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "integration.c"),
+            "Host {host}"
+        );
+    }
+    let (status, _, body) = get(proxy, "b", "http://b.strata:8080/", &[]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "feat-1.b"),
+        "absolute-form URI"
+    );
+
+    // The tenant is added to the baggage, other entries kept.
+    let (_, headers, _) = get(proxy, "b", "/", &[("baggage", "userId=42")]).await;
+    assert_eq!(headers["x-baggage"], "userId=42,strata-tenant=feat-1");
+
+    // A request carrying a tenant routes for it, whichever sidecar it
+    // passes: x-strata-tenant on integration's sidecar reaches feat-1.b.
+    let (_, headers, body) = get(
+        integration.outbound,
+        "b",
+        "/",
+        &[("x-strata-tenant", "feat-1")],
+    )
+    .await;
+    assert_eq!(body, "feat-1.b");
+    assert_eq!(headers["x-baggage"], "strata-tenant=feat-1");
+
+    // The callback chain: feat-1 calls integration.A, which calls B
+    // through integration's sidecar forwarding the baggage: feat-1.B.
+    let (status, _, body) = get(proxy, "a", "/call/b", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "integration.a>feat-1.b"));
+    // Without a feature tenant on the call, A's B is integration's.
+    let (_, _, body) = get(integration.outbound, "a", "/call/b", &[]).await;
+    assert_eq!(body, "integration.a>integration.b");
+
+    // Nothing routable: 503 naming the service and the tenant chain.
+    let (status, _, body) = get(proxy, "nosuch", "/", &[]).await;
+    assert_eq!(status, 503, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["service"], "nosuch");
+    assert_eq!(error["error"]["tenant"], "feat-1");
+    assert_eq!(
+        error["error"]["chain"],
+        serde_json::json!(["feat-1", "integration"])
+    );
+    // An unknown tenant in the baggage is refused, not misrouted.
+    let (status, _, body) = get(proxy, "b", "/", &[("baggage", "strata-tenant=nope")]).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("nope"), "{body}");
+
+    // /routes says where each service resolves and why.
+    let routes = feat.routes().await;
+    let feat_routes = routes["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == "feat-1")
+        .unwrap();
+    let route_c = feat_routes["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "c")
+        .unwrap();
+    assert_eq!(route_c["resolves_to"], "integration");
+    assert_eq!(route_c["fallback"], true);
+    assert!(
+        route_c["why"].as_str().unwrap().contains("feat-1"),
+        "{route_c}"
+    );
+    assert_eq!(route_c["instances"][0]["address"], c.to_string());
+
+    // Deregister feat-1.B: requests move to integration.B (every answer on
+    // the way is a success), also on the callback chain.
+    deregister(api, "feat-1", "b", "b-feat").await;
+    eventually(
+        Duration::from_secs(5),
+        "b falls back after deregistration",
+        || async {
+            let (status, _, body) = get(proxy, "b", "/", &[]).await;
+            assert_eq!(status, 200, "{body}");
+            (body == "integration.b").then_some(())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(5), "the chain follows", || async {
+        let (_, _, body) = get(proxy, "a", "/call/b", &[]).await;
+        (body == "integration.a>integration.b").then_some(())
+    })
+    .await;
+
+    // Lose the daemon: the last table keeps serving.
+    daemon.signal(Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(10)).await;
+    sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let (_, _, body) = get(proxy, "c", "/", &[]).await;
+        assert_eq!(body, "integration.c");
+        let (_, _, body) = get(proxy, "a", "/call/b", &[]).await;
+        assert_eq!(body, "integration.a>integration.b");
+    }
+    let (status, _) = strata_tests::http_get(feat.admin, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "still ready on the last table");
+
+    // Metrics: requests by service, resolved tenant, fallback and status.
+    let metrics = feat.metrics().await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("strata_sidecar_requests_total{")
+                && l.contains(r#"service="c""#)
+                && l.contains(r#"tenant="integration""#)
+                && l.contains(r#"fallback="true""#)
+                && l.contains(r#"code="2xx""#)
+        })
+        .unwrap_or_else(|| panic!("no request metric for c:\n{metrics}"));
+    let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 7.0, "{line}");
+    assert!(metrics.contains("strata_sidecar_request_duration_seconds_bucket"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests() {
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    let (slow, _slow) = http_app("integration.slow", None).await;
+    register(api, "integration", "slow", "slow-1", slow, "http").await;
+    let mut sidecar = Sidecar::start(&daemon.endpoint(), PROJECT, "integration", &[], &[]).await;
+    let proxy = sidecar.outbound;
+    eventually(Duration::from_secs(10), "route", || async {
+        (get(proxy, "slow", "/", &[]).await.0 == 200).then_some(())
+    })
+    .await;
+
+    let in_flight = tokio::spawn(async move { get(proxy, "slow", "/slow", &[]).await });
+    sleep(Duration::from_millis(200)).await;
+    sidecar.signal(Signal::SIGTERM);
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "integration.slow"),
+        "in-flight request finished"
+    );
+    let exit = sidecar.wait_exit(Duration::from_secs(10)).await;
+    assert!(exit.success(), "{exit}; stderr:\n{}", sidecar.stderr());
+    assert!(
+        TcpStream::connect(proxy).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+/// A gRPC test service: the standard health service reporting its own
+/// identity as a SERVING service name (so a client can tell which instance
+/// answered), plus server reflection (a bidirectional stream).
+async fn grpc_app(identity: &str) -> (SocketAddr, tonic_health::server::HealthReporter, Task) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(identity, ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await;
+    });
+    (addr, reporter, Task(task))
+}
+
+async fn grpc_channel(proxy: SocketAddr, service: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
+        .unwrap()
+        .origin(format!("http://{service}").parse().unwrap())
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn check(channel: &tonic::transport::Channel, name: &str) -> Result<i32, tonic::Status> {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: name.to_owned(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_passes_through_with_streams_and_trailers() {
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    create_tenant(api, "feat-1", Some("integration")).await;
+    let (ig, _ig_reporter, _ig) = grpc_app("integration.g").await;
+    let (ih, _ih_reporter, _ih) = grpc_app("integration.h").await;
+    let (fg, fg_reporter, _fg) = grpc_app("feat-1.g").await;
+    register(api, "integration", "g", "g-int", ig, "grpc").await;
+    register(api, "integration", "h", "h-int", ih, "grpc").await;
+    register(api, "feat-1", "g", "g-feat", fg, "grpc").await;
+    let feat = Sidecar::start(&daemon.endpoint(), PROJECT, "feat-1", &[], &[]).await;
+
+    // Unary, with the status in trailers: g stays in feat-1, h falls back.
+    let g = grpc_channel(feat.outbound, "g").await;
+    let serving = health_check_response::ServingStatus::Serving as i32;
+    eventually(Duration::from_secs(10), "g in feat-1", || async {
+        (check(&g, "feat-1.g").await.ok() == Some(serving)).then_some(())
+    })
+    .await;
+    let wrong = check(&g, "integration.g").await.unwrap_err();
+    assert_eq!(
+        wrong.code(),
+        tonic::Code::NotFound,
+        "feat-1.g answered: {wrong:?}"
+    );
+    let h = grpc_channel(feat.outbound, "h.strata").await;
+    assert_eq!(check(&h, "integration.h").await.unwrap(), serving);
+
+    // A streaming response: each status change arrives as it happens.
+    let mut watch = HealthClient::new(g.clone())
+        .watch(HealthCheckRequest {
+            service: "feat-1.g".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status, serving);
+    fg_reporter
+        .set_service_status("feat-1.g", ServingStatus::NotServing)
+        .await;
+    let second = timeout(Duration::from_secs(5), watch.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second.status,
+        health_check_response::ServingStatus::NotServing as i32
+    );
+
+    // A bidirectional stream that ends: responses, then trailers with OK.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let requests = (0..2).map(|_| ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    });
+    let mut responses = ServerReflectionClient::new(g.clone())
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = 0;
+    while let Some(answer) = timeout(Duration::from_secs(5), responses.message())
+        .await
+        .unwrap()
+        .expect("stream ends with an OK status in its trailers")
+    {
+        assert!(answer.message_response.is_some());
+        answers += 1;
+    }
+    assert_eq!(answers, 2);
+    let trailers = responses.trailers().await.unwrap();
+    assert!(trailers.is_some(), "trailers arrived");
+
+    // Nothing routable: UNAVAILABLE.
+    let nosuch = grpc_channel(feat.outbound, "nosuch").await;
+    let err = check(&nosuch, "x").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("nosuch"), "{err:?}");
+}
+
+/// A TCP echo service that first says who it is.
+async fn echo_app(name: &'static str) -> (SocketAddr, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                stream.write_all(format!("{name}\n").as_bytes()).await?;
+                let (mut r, mut w) = stream.split();
+                tokio::io::copy(&mut r, &mut w).await?;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+/// Connects to a TCP route: (greeting, echo of "ping").
+async fn tcp_call(addr: SocketAddr) -> (String, String) {
+    let stream = timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut stream = BufReader::new(stream);
+    let mut greeting = String::new();
+    timeout(Duration::from_secs(5), stream.read_line(&mut greeting))
+        .await
+        .expect("greeting in time")
+        .unwrap();
+    stream.get_mut().write_all(b"ping\n").await.unwrap();
+    let mut echo = String::new();
+    timeout(Duration::from_secs(5), stream.read_line(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    (greeting.trim().to_owned(), echo.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_routes_fall_back_like_http() {
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    create_tenant(api, "feat-1", Some("integration")).await;
+    let (ie, _ie) = echo_app("integration.echo").await;
+    let (fe, _fe) = echo_app("feat-1.echo").await;
+    register(api, "integration", "echo", "echo-int", ie, "tcp").await;
+    let feat = Sidecar::start(&daemon.endpoint(), PROJECT, "feat-1", &["echo"], &[]).await;
+    let port = feat.tcp[0];
+
+    assert_eq!(
+        tcp_call(port).await,
+        ("integration.echo".to_owned(), "ping".to_owned()),
+        "falls back to integration"
+    );
+    register(api, "feat-1", "echo", "echo-feat", fe, "tcp").await;
+    eventually(Duration::from_secs(5), "feat-1.echo takes over", || async {
+        (tcp_call(port).await.0 == "feat-1.echo").then_some(())
+    })
+    .await;
+    deregister(api, "feat-1", "echo", "echo-feat").await;
+    eventually(Duration::from_secs(5), "back to integration", || async {
+        (tcp_call(port).await.0 == "integration.echo").then_some(())
+    })
+    .await;
+
+    // A dead instance next to a live one: connects move on to the live
+    // one, every time.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    register(api, "integration", "echo", "echo-dead", dead, "tcp").await;
+    eventually(Duration::from_secs(5), "two instances routed", || async {
+        let routes = feat.routes().await;
+        let n = routes["tenants"][0]["services"][0]["instances"]
+            .as_array()
+            .map_or(0, Vec::len);
+        (n == 2).then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(tcp_call(port).await.0, "integration.echo");
+    }
+}

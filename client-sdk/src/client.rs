@@ -281,3 +281,86 @@ impl Client {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_checks_what_it_can_without_dialling() {
+        let err = Client::builder()
+            .endpoints(["127.0.0.1:1"])
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "tenant required: {err}");
+        let err = Client::builder().tenant("t").build().unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "endpoints required: {err}");
+        let err = Client::builder()
+            .endpoints(["http://[::1"])
+            .tenant("t")
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidEndpoint { .. }), "{err}");
+        let err = Client::builder()
+            .endpoints(["127.0.0.1:1"])
+            .tenant("t")
+            .token("line\nbreak")
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+    }
+
+    #[test]
+    fn every_request_carries_the_token() {
+        let client = Client::builder()
+            .endpoints(["127.0.0.1:1", "http://127.0.0.1:2"])
+            .tenant("feat-1")
+            .token("s3cret")
+            .build()
+            .unwrap();
+        assert_eq!(
+            client.endpoints(),
+            ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+        );
+        assert_eq!(client.project(), "default");
+        let request = client.request(());
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_to_dead_endpoints_gives_up_after_its_budget() {
+        let client = Client::builder()
+            .endpoints(["127.0.0.1:1", "127.0.0.1:2"])
+            .tenant("t")
+            .backoff(Duration::from_millis(10), Duration::from_millis(20))
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut attempts = 0;
+        let outcome: Result<(), Error> = client
+            .call(Duration::from_millis(300), |_, _| {
+                attempts += 1;
+                async { Err(tonic::Status::unavailable("down")) }
+            })
+            .await;
+        assert!(
+            matches!(outcome, Err(Error::Unreachable { .. })),
+            "{outcome:?}"
+        );
+        assert!(attempts >= 4, "kept rotating: {attempts}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A non-transient error returns at once.
+        let mut attempts = 0;
+        let outcome: Result<(), Error> = client
+            .call(Duration::from_secs(5), |_, _| {
+                attempts += 1;
+                async { Err(tonic::Status::not_found("no such tenant")) }
+            })
+            .await;
+        assert_eq!(outcome.unwrap_err().code(), Some(tonic::Code::NotFound));
+        assert_eq!(attempts, 1);
+    }
+}

@@ -56,14 +56,6 @@ pub enum Error {
         /// The deserializer's message.
         message: String,
     },
-    /// The disk cache could not be read or written.
-    #[error("disk cache {path}: {message}")]
-    Cache {
-        /// The cache file.
-        path: String,
-        /// What failed.
-        message: String,
-    },
     /// A tenant name cannot be carried in a `baggage` header.
     #[error("invalid tenant {0:?} for propagation")]
     InvalidTenant(String),

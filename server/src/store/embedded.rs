@@ -246,6 +246,15 @@ struct Shared {
     /// Latest committed revision (updated after fsync, before publishing).
     revision: AtomicI64,
     compacted: AtomicI64,
+    /// Every live lease's (TTL seconds, deadline in Unix ms), as of the last
+    /// commit: answers [`Store::lease_time_to_live`] without a turn of the
+    /// writer, which registrations naming a lease would otherwise wait for
+    /// behind whole group commits. The writer updates it after a commit and
+    /// before answering that commit's callers, so an acknowledged grant,
+    /// keep-alive or revoke is always visible here.
+    leases: Mutex<HashMap<LeaseId, (i64, i64)>>,
+    /// Set when the writer refuses writes after a commit it could not undo.
+    failed: AtomicBool,
 }
 
 impl Shared {
@@ -530,7 +539,6 @@ enum Request {
     Grant(i64, Reply<Lease>),
     KeepAlive(LeaseId, Reply<i64>),
     Revoke(LeaseId, Reply<Revision>),
-    TimeToLive(LeaseId, Reply<LeaseInfo>),
     Compact(Revision, Reply<()>),
 }
 
@@ -595,6 +603,8 @@ impl EmbeddedStore {
             path,
             revision: AtomicI64::new(0),
             compacted: AtomicI64::new(0),
+            leases: Mutex::new(HashMap::new()),
+            failed: AtomicBool::new(false),
         });
         let writer = Writer::load(
             Arc::clone(&shared),
@@ -718,7 +728,25 @@ impl Store for EmbeddedStore {
     }
 
     async fn lease_time_to_live(&self, id: LeaseId) -> Result<LeaseInfo, StoreError> {
-        self.call(|r| Request::TimeToLive(id, r)).await
+        if self.feed.is_closed() {
+            return Err(StoreError::Unavailable("store is closed".into()));
+        }
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable(
+                "store failed earlier; see the daemon log".into(),
+            ));
+        }
+        let now = unix_now_ms();
+        match lock(&self.shared.leases).get(&id) {
+            // A lease past its deadline is as good as expired: the writer
+            // deletes it before it applies anything else, so nothing can
+            // attach to it or renew it any more.
+            Some(&(ttl_seconds, deadline_ms)) if deadline_ms > now => Ok(LeaseInfo {
+                granted_ttl_seconds: ttl_seconds,
+                remaining_seconds: (deadline_ms - now) / 1000,
+            }),
+            _ => Err(StoreError::LeaseNotFound(id)),
+        }
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
@@ -902,6 +930,11 @@ struct Writer {
     leases: HashMap<LeaseId, LeaseState>,
     /// (deadline, lease) for finding the next expiry without a scan.
     deadlines: BTreeSet<(i64, LeaseId)>,
+    /// Lease changes of the batch being written, for `Shared::leases` once
+    /// it has committed: (lease, (TTL, deadline), or `None` when it is gone).
+    lease_changes: Vec<(LeaseId, Option<(i64, i64)>)>,
+    /// Leases that expired in the batch being written.
+    expired: u64,
     /// Set after a failed commit whose state could not be reloaded.
     failed: Option<String>,
 }
@@ -929,6 +962,8 @@ impl Writer {
             next_lease: 1,
             leases: HashMap::new(),
             deadlines: BTreeSet::new(),
+            lease_changes: Vec::new(),
+            expired: 0,
             failed: None,
         };
         writer.reload()?;
@@ -976,6 +1011,11 @@ impl Writer {
         }
         // Creating the tables of a new file is the only write here.
         wtx.commit().map_err(backend)?;
+        *lock(&self.shared.leases) = self
+            .leases
+            .iter()
+            .map(|(&id, l)| (id, (l.ttl_seconds, l.deadline_ms)))
+            .collect();
         self.shared.revision.store(self.revision, Ordering::Release);
         self.shared
             .compacted
@@ -1027,6 +1067,8 @@ impl Writer {
         let size = batch.len();
         let mut deferred: Vec<Deferred> = Vec::with_capacity(size);
         let mut committed: Vec<Committed> = Vec::new();
+        self.lease_changes.clear();
+        self.expired = 0;
         let outcome = self.write_batch(batch, &mut deferred, &mut committed);
         match outcome {
             Ok(()) => {
@@ -1034,6 +1076,18 @@ impl Writer {
                 self.shared
                     .compacted
                     .store(self.compacted, Ordering::Release);
+                if !self.lease_changes.is_empty() {
+                    let mut leases = lock(&self.shared.leases);
+                    for (id, change) in self.lease_changes.drain(..) {
+                        match change {
+                            Some(state) => leases.insert(id, state),
+                            None => leases.remove(&id),
+                        };
+                    }
+                }
+                if self.expired > 0 {
+                    metrics::counter!("strata_store_lease_expired_total").increment(self.expired);
+                }
                 // Callers first: their writes are durable now, and waking
                 // thousands of watchers must not delay the acknowledgements.
                 for answer in deferred {
@@ -1053,6 +1107,7 @@ impl Writer {
                 if let Err(reload) = self.reload() {
                     tracing::error!(error = %reload, "store state could not be reloaded; refusing writes");
                     self.failed = Some(reload.to_string());
+                    self.shared.failed.store(true, Ordering::Release);
                 }
             }
         }
@@ -1079,6 +1134,7 @@ impl Writer {
                     break;
                 }
                 self.revoke(&mut t, id, committed)?;
+                self.expired += 1;
                 dirty = true;
             }
             for request in batch {
@@ -1134,6 +1190,8 @@ impl Writer {
                     },
                 );
                 self.deadlines.insert((deadline_ms, id));
+                self.lease_changes
+                    .push((id, Some((ttl_seconds, deadline_ms))));
                 (defer(reply, Ok(Lease { id, ttl_seconds })), true)
             }
             Request::KeepAlive(id, reply) => match self.leases.get_mut(&id) {
@@ -1144,6 +1202,8 @@ impl Writer {
                     t.leases
                         .insert(id, (lease.ttl_seconds, lease.deadline_ms))
                         .map_err(backend)?;
+                    self.lease_changes
+                        .push((id, Some((lease.ttl_seconds, lease.deadline_ms))));
                     (defer(reply, Ok(lease.ttl_seconds)), true)
                 }
                 None => (defer(reply, Err(StoreError::LeaseNotFound(id))), false),
@@ -1155,18 +1215,6 @@ impl Writer {
                 } else {
                     (defer(reply, Err(StoreError::LeaseNotFound(id))), false)
                 }
-            }
-            Request::TimeToLive(id, reply) => {
-                let result = self
-                    .leases
-                    .get(&id)
-                    .map_or(Err(StoreError::LeaseNotFound(id)), |l| {
-                        Ok(LeaseInfo {
-                            granted_ttl_seconds: l.ttl_seconds,
-                            remaining_seconds: (l.deadline_ms - now).max(0) / 1000,
-                        })
-                    });
-                (defer(reply, result), false)
             }
             Request::Compact(revision, reply) => {
                 if revision > self.revision {
@@ -1201,17 +1249,24 @@ impl Writer {
         txn: Txn,
         committed: &mut Vec<Committed>,
     ) -> Result<Result<TxnResponse, StoreError>, StoreError> {
-        for compare in &txn.compares {
-            if !compare.holds_for(read_kv(&t.kv, &compare.key)?.as_ref()) {
+        let Txn { compares, ops } = txn;
+        // What the compares read, kept for the puts below: a registry write
+        // compares the very key it then writes, and a second B-tree descent
+        // for the same answer was measurable writer time.
+        let mut seen: Vec<(Vec<u8>, Option<KeyValue>)> = Vec::with_capacity(compares.len());
+        for compare in compares {
+            let current = read_kv(&t.kv, &compare.key)?;
+            if !compare.holds_for(current.as_ref()) {
                 return Ok(Ok(TxnResponse {
                     succeeded: false,
                     revision: self.revision,
                     deleted: 0,
                 }));
             }
+            seen.push((compare.key, current));
         }
         // As in etcd, leases are checked only for the branch that applies.
-        for op in &txn.ops {
+        for op in &ops {
             if let TxnOp::Put { lease, .. } = op
                 && *lease != 0
                 && !self.leases.contains_key(lease)
@@ -1222,10 +1277,16 @@ impl Writer {
         let revision = self.revision + 1;
         let mut events = Vec::new();
         let mut deleted = 0;
-        for op in txn.ops {
+        for op in ops {
             match op {
                 TxnOp::Put { key, value, lease } => {
-                    let previous = read_kv(&t.kv, &key)?;
+                    // `Txn::validate` guarantees no other op of this
+                    // transaction names this key, so what a compare read is
+                    // still the key's state.
+                    let previous = match seen.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, current)) => current.take(),
+                        None => read_kv(&t.kv, &key)?,
+                    };
                     let (create_revision, version, old_lease) = match &previous {
                         Some(p) => (p.create_revision, p.version + 1, p.lease),
                         None => (revision, 1, 0),
@@ -1250,6 +1311,19 @@ impl Writer {
                         kind: EventKind::Put,
                         kv,
                     });
+                }
+                TxnOp::Delete(KeyRange::Key(key)) => {
+                    // One descent: the removal itself reports what was there
+                    // (a missing key leaves the tree untouched).
+                    let removed = match t.kv.remove(key.as_slice()).map_err(backend)? {
+                        Some(old) => Some(KvRecord::decode(old.value()).map_err(corrupt)?.lease),
+                        None => None,
+                    };
+                    if let Some(old_lease) = removed {
+                        self.detach(old_lease, &key);
+                        deleted += 1;
+                        events.push(delete_event(key, revision));
+                    }
                 }
                 TxnOp::Delete(range) => {
                     for kv in read_range(&t.kv, &range)? {
@@ -1288,6 +1362,7 @@ impl Writer {
             return Ok(());
         };
         self.deadlines.remove(&(lease.deadline_ms, id));
+        self.lease_changes.push((id, None));
         t.leases.remove(id).map_err(backend)?;
         let revision = self.revision + 1;
         let mut events = Vec::new();
@@ -1366,7 +1441,6 @@ fn reject(request: Request, err: StoreError) {
         Request::Grant(_, r) => drop(r.send(Err(err))),
         Request::KeepAlive(_, r) => drop(r.send(Err(err))),
         Request::Revoke(_, r) => drop(r.send(Err(err))),
-        Request::TimeToLive(_, r) => drop(r.send(Err(err))),
         Request::Compact(_, r) => drop(r.send(Err(err))),
     }
 }

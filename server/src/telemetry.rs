@@ -5,12 +5,14 @@
 //! and only bounded labels (`op`, `code`; later `project`, `tenant`,
 //! `service`) — never an instance id or a key.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::{LogConfig, LogFormat};
@@ -80,8 +82,35 @@ fn describe() {
         "Time to apply and durably commit one group-commit batch."
     );
     describe_histogram!(
-        "strata_store_batch_requests",
+        "strata_store_write_batch_size",
         "Requests committed together by one group-commit batch."
+    );
+    describe_counter!(
+        "strata_store_lease_expired_total",
+        "Leases the embedded store expired (their TTL ran out without a keep-alive); their keys \
+         were deleted with them."
+    );
+    describe_counter!(
+        "strata_registry_registrations_total",
+        "Instance registrations and re-registrations acknowledged, by project and kind \
+         (ephemeral, persistent)."
+    );
+    describe_counter!(
+        "strata_registry_deregistrations_total",
+        "Instance deregistrations acknowledged, by project."
+    );
+    describe_counter!(
+        "strata_registry_branch_registrations_total",
+        "Atomic branch registrations (RegisterBranch) acknowledged, by project."
+    );
+    describe_gauge!(
+        "strata_registry_instances",
+        "Registered instances, by project, tenant, kind and health."
+    );
+    describe_counter!(
+        "strata_service_resolves_total",
+        "Service resolutions answered, by project and whether they fell back to an ancestor \
+         tenant."
     );
     describe_gauge!("strata_store_revision", "Latest committed store revision.");
     describe_gauge!(
@@ -109,53 +138,170 @@ pub fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// Names the operation of a request with a bounded label value: the gRPC
-/// method path for gRPC, `METHOD /route/{param}` for HTTP, `unmatched` for
-/// anything that hit no route.
-fn op_label(request: &Request) -> String {
+/// The metric handles of one `op` label value, so that a request costs no
+/// label allocation and no look-up in the recorder's registry.
+struct OpMetrics {
+    duration: Histogram,
+    /// `strata_rpc_requests_total` by code; a handful per op.
+    codes: RwLock<Vec<(Box<str>, Counter)>>,
+    op: Box<str>,
+}
+
+impl OpMetrics {
+    fn new(op: &str) -> Self {
+        Self {
+            duration: metrics::histogram!("strata_rpc_duration_seconds", "op" => op.to_owned()),
+            codes: RwLock::new(Vec::new()),
+            op: op.into(),
+        }
+    }
+
+    fn count(&self, code: &str) {
+        let known = self
+            .codes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(c, _)| &**c == code)
+            .map(|(_, counter)| counter.clone());
+        let counter = known.unwrap_or_else(|| {
+            let mut codes = self.codes.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some((_, counter)) = codes.iter().find(|(c, _)| &**c == code) {
+                return counter.clone();
+            }
+            let counter = metrics::counter!(
+                "strata_rpc_requests_total",
+                "op" => self.op.to_string(),
+                "code" => code.to_owned()
+            );
+            codes.push((code.into(), counter.clone()));
+            counter
+        });
+        counter.increment(1);
+    }
+}
+
+/// Metric handles by route: the gRPC method path, or the HTTP route
+/// template with its methods. Bounded like the labels themselves: only
+/// routes that exist get an entry (an unknown gRPC method is counted as
+/// `unmatched` and never cached).
+type OpCache = RwLock<HashMap<Box<str>, Vec<(http::Method, Arc<OpMetrics>)>>>;
+
+fn op_cache() -> &'static OpCache {
+    static CACHE: OnceLock<OpCache> = OnceLock::new();
+    CACHE.get_or_init(OpCache::default)
+}
+
+/// The route part of a request's `op` label: the gRPC method path, the
+/// matched HTTP route template, or `None` for an HTTP request no route took.
+fn route_of(request: &Request) -> Option<&str> {
     if is_grpc(request.headers()) {
-        return request.uri().path().to_owned();
+        return Some(request.uri().path());
     }
-    match request.extensions().get::<MatchedPath>() {
-        Some(path) => format!("{} {}", request.method(), path.as_str()),
-        None => "unmatched".to_owned(),
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+}
+
+fn cached_op(route: &str, method: &http::Method) -> Option<Arc<OpMetrics>> {
+    op_cache()
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(route)?
+        .iter()
+        .find(|(m, _)| m == method)
+        .map(|(_, op)| Arc::clone(op))
+}
+
+fn insert_op(route: &str, method: &http::Method, op: &str) -> Arc<OpMetrics> {
+    let mut cache = op_cache().write().unwrap_or_else(PoisonError::into_inner);
+    let methods = cache.entry(route.into()).or_default();
+    if let Some((_, existing)) = methods.iter().find(|(m, _)| m == method) {
+        return Arc::clone(existing);
     }
+    let metrics = Arc::new(OpMetrics::new(op));
+    methods.push((method.clone(), Arc::clone(&metrics)));
+    metrics
+}
+
+fn unmatched() -> &'static OpMetrics {
+    static UNMATCHED: OnceLock<OpMetrics> = OnceLock::new();
+    UNMATCHED.get_or_init(|| OpMetrics::new("unmatched"))
 }
 
 /// Middleware recording `strata_rpc_requests_total{op,code}` and
 /// `strata_rpc_duration_seconds{op}` for every gRPC and HTTP request.
+///
+/// `op` is a bounded label value: the gRPC method path for gRPC,
+/// `METHOD /route/{param}` for HTTP, `unmatched` for anything that hit no
+/// route. The metric handles of each op are made once and cached, since
+/// building the labels and finding the series took measurable time per
+/// request at registry write rates.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let mut op = op_label(&request);
+    let grpc = is_grpc(request.headers());
+    let method = request.method().clone();
+    // The route is copied only when it has no entry yet.
+    let (cached, route) = match route_of(&request) {
+        Some(route) => match cached_op(route, &method) {
+            Some(op) => (Some(op), None),
+            None => (None, Some(route.to_owned())),
+        },
+        None => (None, None),
+    };
     let response = next.run(request).await;
-    let code = match response.headers().get("grpc-status") {
+    let status = response.status();
+    let code: &str = match response.headers().get("grpc-status") {
         Some(v) => grpc_code_name(v.to_str().unwrap_or("2")),
-        None if op.starts_with('/') => "OK".to_owned(),
-        None => response.status().as_u16().to_string(),
+        None if grpc => "OK",
+        None => status.as_str(),
     };
     // An unknown gRPC method must not mint a label value per method name.
-    if code == "UNIMPLEMENTED" {
-        op = "unmatched".to_owned();
-    }
-    metrics::counter!("strata_rpc_requests_total", "op" => op.clone(), "code" => code).increment(1);
-    metrics::histogram!("strata_rpc_duration_seconds", "op" => op)
-        .record(started.elapsed().as_secs_f64());
+    let handles = if code == "UNIMPLEMENTED" {
+        None
+    } else {
+        cached.or_else(|| {
+            let route = route?;
+            let label = if grpc {
+                route.clone()
+            } else {
+                format!("{method} {route}")
+            };
+            Some(insert_op(&route, &method, &label))
+        })
+    };
+    let op: &OpMetrics = match &handles {
+        Some(op) => op,
+        None => unmatched(),
+    };
+    op.count(code);
+    op.duration.record(started.elapsed().as_secs_f64());
     response
 }
 
-fn grpc_code_name(code: &str) -> String {
-    let code = code
-        .parse::<i32>()
-        .map(tonic::Code::from_i32)
-        .unwrap_or(tonic::Code::Unknown);
-    format!("{code:?}")
-        .chars()
-        .enumerate()
-        .flat_map(|(i, c)| {
-            let sep = (i > 0 && c.is_uppercase()).then_some('_');
-            sep.into_iter().chain(c.to_uppercase())
-        })
-        .collect()
+/// The canonical name of a gRPC status code (`NOT_FOUND`), `UNKNOWN` for
+/// anything that is not one.
+fn grpc_code_name(code: &str) -> &'static str {
+    match code.parse::<i32>().map(tonic::Code::from_i32) {
+        Ok(tonic::Code::Ok) => "OK",
+        Ok(tonic::Code::Cancelled) => "CANCELLED",
+        Ok(tonic::Code::InvalidArgument) => "INVALID_ARGUMENT",
+        Ok(tonic::Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
+        Ok(tonic::Code::NotFound) => "NOT_FOUND",
+        Ok(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
+        Ok(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
+        Ok(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
+        Ok(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
+        Ok(tonic::Code::Aborted) => "ABORTED",
+        Ok(tonic::Code::OutOfRange) => "OUT_OF_RANGE",
+        Ok(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
+        Ok(tonic::Code::Internal) => "INTERNAL",
+        Ok(tonic::Code::Unavailable) => "UNAVAILABLE",
+        Ok(tonic::Code::DataLoss) => "DATA_LOSS",
+        Ok(tonic::Code::Unauthenticated) => "UNAUTHENTICATED",
+        Ok(tonic::Code::Unknown) | Err(_) => "UNKNOWN",
+    }
 }
 
 #[cfg(test)]
@@ -169,5 +315,7 @@ mod tests {
         assert_eq!(grpc_code_name("12"), "UNIMPLEMENTED");
         assert_eq!(grpc_code_name("14"), "UNAVAILABLE");
         assert_eq!(grpc_code_name("x"), "UNKNOWN");
+        assert_eq!(grpc_code_name("3"), "INVALID_ARGUMENT");
+        assert_eq!(grpc_code_name("16"), "UNAUTHENTICATED");
     }
 }

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::io::IoSlice;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -33,9 +34,12 @@ use crate::store::Store;
 use crate::view::{JournalLimits, View};
 use strata_proto::v1::ErrorReason;
 use strata_proto::v1::config_service_server::{ConfigService, ConfigServiceServer};
-use strata_proto::v1::registry_service_server::RegistryServiceServer;
+use strata_proto::v1::registry_service_server::{RegistryService, RegistryServiceServer};
 use strata_proto::v1::tenant_service_server::TenantServiceServer;
-use strata_proto::v1::{WatchConfigRequest, WatchConfigResponse};
+use strata_proto::v1::{
+    DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
+    RegisterResponse, WatchConfigRequest, WatchConfigResponse,
+};
 
 /// Everything request handlers share.
 pub struct DaemonState {
@@ -209,7 +213,25 @@ pub async fn run(
                     Ok::<_, std::convert::Infallible>(grpc.server_streaming(method, request).await)
                 }
             })
-        });
+        })
+        .route_service(
+            REGISTER_PATH,
+            unary_route::<RegisterRequest, RegisterResponse>(&state, |api, r| {
+                Box::pin(async move { api.register(r).await })
+            }),
+        )
+        .route_service(
+            DEREGISTER_PATH,
+            unary_route::<DeregisterRequest, DeregisterResponse>(&state, |api, r| {
+                Box::pin(async move { api.deregister(r).await })
+            }),
+        )
+        .route_service(
+            HEARTBEAT_PATH,
+            unary_route::<HeartbeatRequest, HeartbeatResponse>(&state, |api, r| {
+                Box::pin(async move { api.heartbeat(r).await })
+            }),
+        );
     let app = grpc
         .merge(crate::http::router(Arc::clone(&state)))
         .merge(crate::http_api::router(Arc::clone(&state)))
@@ -322,6 +344,143 @@ pub async fn run(
             tracing::warn!("grace period over; closing the connections still open");
             Ok(())
         }
+    }
+}
+
+/// Routes of the registry's hot unary calls: what CD steps and SDK
+/// keep-alives call at high rates.
+const REGISTER_PATH: &str = "/strata.v1.RegistryService/Register";
+const DEREGISTER_PATH: &str = "/strata.v1.RegistryService/Deregister";
+const HEARTBEAT_PATH: &str = "/strata.v1.RegistryService/Heartbeat";
+
+/// Bytes a unary registry call's decoder and encoder reserve. tonic's
+/// default, 8 KiB each, is allocated and freed on every call, while these
+/// requests and answers are a few hundred bytes; a larger message grows
+/// its buffer as needed.
+const UNARY_BUFFER: usize = 1024;
+
+type UnaryFuture<Res> =
+    Pin<Box<dyn Future<Output = Result<tonic::Response<Res>, tonic::Status>> + Send>>;
+
+/// One unary `RegistryService` method served exactly as the generated
+/// server serves it (the handler is still the [`RegistryService`] method),
+/// but with [`SmallCodec`]'s buffers.
+struct UnaryMethod<Req, Res> {
+    api: GrpcApi,
+    handler: fn(GrpcApi, tonic::Request<Req>) -> UnaryFuture<Res>,
+}
+
+impl<Req, Res> Clone for UnaryMethod<Req, Res> {
+    fn clone(&self) -> Self {
+        Self {
+            api: self.api.clone(),
+            handler: self.handler,
+        }
+    }
+}
+
+impl<Req, Res> tonic::server::UnaryService<Req> for UnaryMethod<Req, Res> {
+    type Response = Res;
+    type Future = UnaryFuture<Res>;
+
+    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
+        (self.handler)(self.api.clone(), request)
+    }
+}
+
+/// The axum route of one unary registry method (see [`UnaryMethod`]).
+fn unary_route<Req, Res>(
+    state: &Arc<DaemonState>,
+    handler: fn(GrpcApi, tonic::Request<Req>) -> UnaryFuture<Res>,
+) -> impl tower::Service<
+    axum::extract::Request,
+    Response = axum::response::Response<tonic::body::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future + Send + 'static,
+> + Clone
++ Send
++ Sync
++ 'static
+where
+    Req: Message + Default + Send + 'static,
+    Res: Message + Send + 'static,
+{
+    let method = UnaryMethod {
+        api: GrpcApi::new(Arc::clone(state)),
+        handler,
+    };
+    tower::service_fn(move |request: axum::extract::Request| {
+        let method = method.clone();
+        async move {
+            let mut grpc = tonic::server::Grpc::new(SmallCodec::<Res, Req>::default());
+            Ok::<_, std::convert::Infallible>(grpc.unary(method, request).await)
+        }
+    })
+}
+
+/// Protobuf codec with [`UNARY_BUFFER`]-byte buffers: encodes `E`, decodes `D`.
+struct SmallCodec<E, D>(PhantomData<fn() -> (E, D)>);
+
+impl<E, D> Default for SmallCodec<E, D> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+/// The encoding or decoding half of a [`SmallCodec`].
+struct SmallHalf<T>(PhantomData<fn() -> T>);
+
+fn unary_buffers() -> BufferSettings {
+    BufferSettings::new(UNARY_BUFFER, WATCH_YIELD_THRESHOLD)
+}
+
+impl<E, D> Codec for SmallCodec<E, D>
+where
+    E: Message + Send + 'static,
+    D: Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = SmallHalf<E>;
+    type Decoder = SmallHalf<D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        SmallHalf(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SmallHalf(PhantomData)
+    }
+}
+
+impl<T: Message> Encoder for SmallHalf<T> {
+    type Item = T;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        // tonic reserves the message's length before encoding, so this only
+        // fails if the message changed size meanwhile.
+        item.encode(buf)
+            .map_err(|e| tonic::Status::internal(format!("cannot encode the answer: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        unary_buffers()
+    }
+}
+
+impl<T: Message + Default> Decoder for SmallHalf<T> {
+    type Item = T;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        T::decode(buf)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("cannot decode the request: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        unary_buffers()
     }
 }
 

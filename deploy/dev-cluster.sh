@@ -99,7 +99,9 @@ start() {
     if port_busy "${STRATAD_PORT[$i]}"; then
       echo "error: port ${STRATAD_PORT[$i]} is in use" >&2; exit 1
     fi
-    STRATA_ETCD_PREFIX=$PREFIX nohup "$STRATAD" \
+    # etcd here takes 3 MiB requests, so the replicas keep the 1 MiB value
+    # limit of the embedded store (on a default etcd it is 512 KiB).
+    STRATA_ETCD_PREFIX=$PREFIX STRATA_LIMITS_MAX_VALUE_BYTES=1048576 nohup "$STRATAD" \
       --listen "127.0.0.1:${STRATAD_PORT[$i]}" --data-dir "$DIR/$name" \
       --etcd-endpoints "$(endpoints)" >>"$DIR/$name.log" 2>&1 </dev/null &
     echo $! >"$DIR/$name.pid"

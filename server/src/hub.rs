@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use futures::Stream;
 use metrics::{Counter, Gauge, Histogram};
+use prost::bytes::Bytes;
 use strata_proto::v1::watch_config_response::Kind;
 use strata_proto::v1::{
     ConfigChange, ErrorReason, ResolvedValue, ResponseHeader, WatchConfigResponse,
@@ -111,7 +112,7 @@ pub trait Lens: Send + Sync + 'static {
     /// One resolved entry.
     type Value: Clone + Send + Sync + 'static;
     /// The message on the wire.
-    type Message: Clone + Send + Sync + 'static;
+    type Message: prost::Message + Clone + Send + Sync + 'static;
 
     /// Name of the kind, for metrics labels.
     const NAME: &'static str;
@@ -270,7 +271,58 @@ fn diff<L: Lens>(
 #[derive(Debug)]
 struct Push<M> {
     message: M,
+    /// `message` in protobuf, encoded once for every subscriber of the
+    /// group (see [`Encoded`]).
+    encoded: Bytes,
     created: Instant,
+}
+
+impl<M: prost::Message> Push<M> {
+    fn new(message: M, created: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            encoded: Bytes::from(message.encode_to_vec()),
+            message,
+            created,
+        })
+    }
+}
+
+/// A watch message already encoded in protobuf (without gRPC's framing).
+/// A live push is encoded once per group and the bytes are shared by every
+/// subscriber of the group, so a stream of these costs a subscriber a copy
+/// of the bytes instead of a clone of the message and its encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded(pub Bytes);
+
+/// What a subscription has to deliver next.
+enum Item<M> {
+    /// A message of this subscriber's own (snapshot, replay, reset).
+    Own(M),
+    /// A live push its group shares.
+    Shared(Arc<Push<M>>),
+}
+
+impl<M: prost::Message + Clone> Item<M> {
+    fn is_last(&self, is_last: impl Fn(&M) -> bool) -> bool {
+        match self {
+            Self::Own(m) => is_last(m),
+            Self::Shared(p) => is_last(&p.message),
+        }
+    }
+
+    fn message(self) -> M {
+        match self {
+            Self::Own(m) => m,
+            Self::Shared(p) => p.message.clone(),
+        }
+    }
+
+    fn encoded(self) -> Encoded {
+        match self {
+            Self::Own(m) => Encoded(Bytes::from(m.encode_to_vec())),
+            Self::Shared(p) => Encoded(p.encoded.clone()),
+        }
+    }
 }
 
 struct Group<L: Lens> {
@@ -413,10 +465,7 @@ impl<L: Lens> Hub<L> {
                 group.deleted = true;
                 let message = self.deleted(&group.last, entry.revision);
                 // Subscribers that left meanwhile need nothing.
-                let _ = group.sender.send(Arc::new(Push {
-                    message,
-                    created: started,
-                }));
+                let _ = group.sender.send(Push::new(message, started));
                 continue;
             };
             let new = match &affected {
@@ -437,10 +486,7 @@ impl<L: Lens> Hub<L> {
             group.chain = chain.into_iter().map(str::to_owned).collect();
             if !changes.is_empty() {
                 let message = L::message(self.frame(false, entry.revision), changes);
-                let _ = group.sender.send(Arc::new(Push {
-                    message,
-                    created: started,
-                }));
+                let _ = group.sender.send(Push::new(message, started));
             }
         }
         groups.retain(|_, g| !g.deleted);
@@ -478,7 +524,7 @@ impl<L: Lens> Hub<L> {
             hub: Arc::clone(self),
             key,
             rx: BroadcastStream::new(rx),
-            pending: initial.into(),
+            pending: initial.into_iter().map(Item::Own).collect(),
             after,
             done: false,
             cancelled: Box::pin(shutdown.clone().cancelled_owned()),
@@ -604,7 +650,7 @@ pub struct Subscription<L: Lens> {
     hub: Arc<Hub<L>>,
     key: GroupKey<L::Selection>,
     rx: BroadcastStream<Arc<Push<L::Message>>>,
-    pending: VecDeque<L::Message>,
+    pending: VecDeque<Item<L::Message>>,
     /// Live pushes at or below this revision are already covered.
     after: Revision,
     done: bool,
@@ -655,7 +701,7 @@ impl<L: Lens> Subscription<L> {
                     .metrics
                     .latency
                     .record(push.created.elapsed().as_secs_f64());
-                self.pending.push_back(push.message.clone());
+                self.pending.push_back(Item::Shared(push));
             }
             Err(BroadcastStreamRecvError::Lagged(_)) => {
                 self.hub.metrics.resets_lagged.increment(1);
@@ -666,13 +712,13 @@ impl<L: Lens> Subscription<L> {
                         for m in &mut initial {
                             L::mark_reset(m);
                         }
-                        self.pending.extend(initial);
+                        self.pending.extend(initial.into_iter().map(Item::Own));
                     }
                     Err(_) => {
                         let m = self
                             .hub
                             .deleted(&Resolution::new(), self.hub.view.revision());
-                        self.pending.push_back(m);
+                        self.pending.push_back(Item::Own(m));
                     }
                 }
             }
@@ -680,45 +726,76 @@ impl<L: Lens> Subscription<L> {
     }
 }
 
-impl<L: Lens> Stream for Subscription<L> {
-    type Item = Result<L::Message, tonic::Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = self.get_mut();
+impl<L: Lens> Subscription<L> {
+    /// The next thing to deliver (see [`Stream::poll_next`]).
+    fn poll_item(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Item<L::Message>, tonic::Status>>> {
         loop {
-            if let Some(message) = this.pending.pop_front() {
-                this.done |= L::is_last(&message);
-                this.hub.metrics.pushes.increment(1);
-                return Poll::Ready(Some(Ok(message)));
+            if let Some(item) = self.pending.pop_front() {
+                self.done |= item.is_last(L::is_last);
+                self.hub.metrics.pushes.increment(1);
+                return Poll::Ready(Some(Ok(item)));
             }
-            if this.done {
+            if self.done {
                 return Poll::Ready(None);
             }
-            if this.shutdown.is_cancelled() {
-                this.done = true;
+            if self.shutdown.is_cancelled() {
+                self.done = true;
                 return Poll::Ready(Some(Err(tonic::Status::unavailable(
                     "stratad is shutting down; resume the watch on another replica",
                 ))));
             }
-            match Pin::new(&mut this.rx).poll_next(cx) {
-                Poll::Ready(Some(received)) => this.receive(received),
+            match Pin::new(&mut self.rx).poll_next(cx) {
+                Poll::Ready(Some(received)) => self.receive(received),
                 // The group was dropped: the hub is gone.
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => {
-                    let fresh = this
+                    let fresh = self
                         .registered
                         .as_ref()
                         .is_none_or(|w| !w.will_wake(cx.waker()));
                     if fresh {
-                        if this.cancelled.as_mut().poll(cx).is_ready() {
+                        if self.cancelled.as_mut().poll(cx).is_ready() {
                             continue;
                         }
-                        this.registered = Some(cx.waker().clone());
+                        self.registered = Some(cx.waker().clone());
                     }
                     return Poll::Pending;
                 }
             }
         }
+    }
+
+    /// This subscription as a stream of encoded messages, for a codec that
+    /// writes [`Encoded`] bytes as they are (see [`crate::grpc`]).
+    pub fn into_encoded_stream(self) -> MessageStream<Encoded> {
+        Box::pin(EncodedStream(self))
+    }
+}
+
+impl<L: Lens> Stream for Subscription<L> {
+    type Item = Result<L::Message, tonic::Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut()
+            .poll_item(cx)
+            .map(|item| item.map(|r| r.map(Item::message)))
+    }
+}
+
+/// A subscription yielding [`Encoded`] messages.
+struct EncodedStream<L: Lens>(Subscription<L>);
+
+impl<L: Lens> Stream for EncodedStream<L> {
+    type Item = Result<Encoded, tonic::Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut()
+            .0
+            .poll_item(cx)
+            .map(|item| item.map(|r| r.map(Item::encoded)))
     }
 }
 
@@ -978,5 +1055,38 @@ mod tests {
         // The next revision sweeps the group away.
         rig.put("base", "b.txt", "x").await;
         assert_eq!(rig.groups(), 0);
+    }
+
+    #[tokio::test]
+    async fn encoded_streams_carry_the_same_messages_and_share_one_encoding_per_push() {
+        use prost::Message as _;
+        let rig = Rig::new().await;
+        rig.tenant("base", "").await;
+        rig.put("base", "a.txt", "v1").await;
+        let mut plain = rig.subscribe("base", "a.txt").await;
+        let mut encoded = Vec::new();
+        for _ in 0..2 {
+            encoded.push(rig.subscribe("base", "a.txt").await.into_encoded_stream());
+        }
+        let snapshot = next(&mut plain).await;
+        for s in &mut encoded {
+            let bytes = futures::StreamExt::next(s).await.unwrap().unwrap().0;
+            assert_eq!(WatchConfigResponse::decode(bytes).unwrap(), snapshot);
+        }
+        rig.put("base", "a.txt", "v2").await;
+        let push = next(&mut plain).await;
+        let mut seen = Vec::new();
+        for s in &mut encoded {
+            let bytes = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(s))
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .0;
+            assert_eq!(WatchConfigResponse::decode(bytes.clone()).unwrap(), push);
+            seen.push(bytes);
+        }
+        // Both subscribers were handed the very same buffer.
+        assert_eq!(seen[0].as_ptr(), seen[1].as_ptr());
     }
 }

@@ -40,8 +40,8 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -55,7 +55,6 @@ use strata_proto::v1::{CreateTenantRequest, PutConfigRequest, StatusRequest, Wat
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 /// Project and tenant the stratad subscribers watch.
@@ -675,8 +674,6 @@ struct Shared {
     ready: AtomicUsize,
     /// Distinct (subscriber, change) deliveries so far.
     delivered: AtomicUsize,
-    stop: CancellationToken,
-    changes: usize,
 }
 
 impl Shared {
@@ -685,11 +682,13 @@ impl Shared {
     }
 }
 
+/// One stratad subscriber: records every delivery in `record` until its
+/// stream fails or the task is aborted.
 async fn stratad_subscriber(
     mut client: ConfigServiceClient<Channel>,
     shared: Arc<Shared>,
-) -> Record {
-    let mut record = Record::new(shared.changes);
+    record: Arc<Mutex<Record>>,
+) {
     let request = WatchConfigRequest {
         project: PROJECT.into(),
         tenant: TENANT.into(),
@@ -699,17 +698,15 @@ async fn stratad_subscriber(
     let mut stream = match client.watch(request).await {
         Ok(r) => r.into_inner(),
         Err(e) => {
-            record.error = Some(format!("watch: {e}"));
-            return record;
+            lock(&record).error = Some(format!("watch: {e}"));
+            return;
         }
     };
     let mut snapshot = false;
     loop {
-        let message = tokio::select! {
-            () = shared.stop.cancelled() => break,
-            m = stream.message() => m,
-        };
+        let message = stream.message().await;
         let at = shared.now();
+        let mut record = lock(&record);
         match message {
             Ok(Some(m)) if !snapshot => {
                 if m.kind == Kind::Snapshot as i32 {
@@ -741,27 +738,29 @@ async fn stratad_subscriber(
             }
         }
     }
-    record
 }
 
-async fn etcd_subscriber(mut client: etcd_client::WatchClient, shared: Arc<Shared>) -> Record {
-    let mut record = Record::new(shared.changes);
+/// One etcd watcher: records every delivery in `record` until its stream
+/// fails or the task is aborted.
+async fn etcd_subscriber(
+    mut client: etcd_client::WatchClient,
+    shared: Arc<Shared>,
+    record: Arc<Mutex<Record>>,
+) {
     // The handle holds the request half of the stream; etcd ends the watch
     // when the client closes that half, so it lives as long as the task.
     let mut stream = match client.watch(ETCD_KEY, None).await {
         Ok(s) => s,
         Err(e) => {
-            record.error = Some(format!("watch: {e}"));
-            return record;
+            lock(&record).error = Some(format!("watch: {e}"));
+            return;
         }
     };
     let mut created = false;
     loop {
-        let message = tokio::select! {
-            () = shared.stop.cancelled() => break,
-            m = stream.message() => m,
-        };
+        let message = stream.message().await;
         let at = shared.now();
+        let mut record = lock(&record);
         match message {
             Ok(Some(m)) => {
                 if m.canceled() || m.compact_revision() != 0 {
@@ -789,7 +788,23 @@ async fn etcd_subscriber(mut client: etcd_client::WatchClient, shared: Arc<Share
             }
         }
     }
-    record
+}
+
+/// A subscriber's record; a subscriber that panicked left it as it was.
+fn lock(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
+    record.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Subscriber tasks, aborted when dropped: on every way out of a
+/// measurement, no subscriber outlives it.
+struct Subscribers(Vec<JoinHandle<()>>);
+
+impl Drop for Subscribers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Cumulative CPU seconds: of process `pid` (utime + stime of
@@ -957,24 +972,29 @@ async fn measure(
         origin: Instant::now(),
         ready: AtomicUsize::new(0),
         delivered: AtomicUsize::new(0),
-        stop: CancellationToken::new(),
-        changes: args.changes,
     });
-    // Stops the subscribers on every way out of this function.
-    let _stop_guard = shared.stop.clone().drop_guard();
     let setup_started = Instant::now();
-    let mut tasks: Vec<JoinHandle<Record>> = Vec::with_capacity(n);
-    for i in 0..n {
+    // Each subscriber writes only its own record, so the lock it takes per
+    // message is never contended; the driver reads the records after
+    // aborting the tasks. (Subscribers wait on nothing but their stream: a
+    // stop signal selected on every message would cost the load generator
+    // a shared lock per delivery.)
+    let records: Vec<Arc<Mutex<Record>>> = (0..n)
+        .map(|_| Arc::new(Mutex::new(Record::new(args.changes))))
+        .collect();
+    let mut tasks = Subscribers(Vec::with_capacity(n));
+    for (i, record) in records.iter().enumerate() {
         let shared = Arc::clone(&shared);
-        tasks.push(match &conns[i % connections] {
-            Conn::Stratad(c) => tokio::spawn(stratad_subscriber(c.clone(), shared)),
-            Conn::Etcd(c) => tokio::spawn(etcd_subscriber((**c).clone(), shared)),
+        let record = Arc::clone(record);
+        tasks.0.push(match &conns[i % connections] {
+            Conn::Stratad(c) => tokio::spawn(stratad_subscriber(c.clone(), shared, record)),
+            Conn::Etcd(c) => tokio::spawn(etcd_subscriber((**c).clone(), shared, record)),
         });
     }
     let setup_deadline = setup_started + secs(args.setup_timeout_secs, "--setup-timeout-secs")?;
     while shared.ready.load(Ordering::Relaxed) < n {
         if Instant::now() > setup_deadline {
-            let failed = tasks.iter().filter(|t| t.is_finished()).count();
+            let failed = tasks.0.iter().filter(|t| t.is_finished()).count();
             return Err(format!(
                 "{}: only {} of {n} subscribers got their snapshot within {} s ({failed} \
                  streams failed); is --streams-per-connection above the server's limit of \
@@ -1011,11 +1031,15 @@ async fn measure(
     let cpu = CpuMark::take(pid).since(cpu_start);
     // A grace period in which duplicates would show up.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    shared.stop.cancel();
-    let mut records = Vec::with_capacity(n);
-    for t in tasks {
-        records.push(t.await?);
+    for t in tasks.0.drain(..) {
+        t.abort();
+        // Cancelled, or ended earlier with an error it recorded.
+        let _ = t.await;
     }
+    let records: Vec<Record> = records
+        .iter()
+        .map(|r| std::mem::take(&mut *lock(r)))
+        .collect();
     tokio::time::sleep(settle).await;
     let after_pushes = Memory::read(pid)?;
     drop(conns);

@@ -32,10 +32,10 @@ use tokio::time::Instant;
 use crate::Shutdown;
 use crate::table::{Lookup, Route, Routing};
 use crate::tenant::{self, Origin};
-use crate::upstream::ConnectError;
+use crate::upstream::{ConnectError, PooledBody};
 
 /// Response bodies: the upstream's, streamed, or the sidecar's own error.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 /// Most attempts per request (first try plus moves to other instances or
 /// fresh connections after a failed connect).
@@ -298,7 +298,7 @@ async fn handle(
         }
     };
     let mut req = req;
-    tenant::carry(req.headers_mut(), &route.requested, origin);
+    tenant::carry(req.headers_mut(), &route.requested, origin, &route.baggage);
     let outcome = forward(&proxy, &route, req, started + route.timeout).await;
     let response = match outcome {
         Ok(response) => {
@@ -383,7 +383,7 @@ async fn forward(
     route: &Route,
     mut req: Request<Incoming>,
     deadline: Instant,
-) -> Result<Response<Incoming>, Refusal> {
+) -> Result<Response<PooledBody>, Refusal> {
     let h2 = req.version() == Version::HTTP_2;
     let mut downstream_upgrade = None;
     if !h2 {
@@ -424,7 +424,9 @@ async fn forward(
                     upstream.failed();
                     return Err(upstream_failure(route, timeout_message(route), true));
                 }
-                Ok(Ok(response)) => return Ok(finish(&upstream, response, h2)),
+                Ok(Ok(response)) => {
+                    return Ok(finish(&upstream, response, h2).map(PooledBody::plain));
+                }
                 Ok(Err(mut e)) => {
                     upstream.failed();
                     if let Some(req) = e.take_message() {
@@ -462,10 +464,11 @@ async fn forward(
                         let upstream_upgrade = hyper::upgrade::on(&mut response);
                         tokio::spawn(tunnel(downstream, upstream_upgrade));
                     }
-                } else {
-                    upstream.release_h1(sender);
+                    return Ok(finish(&upstream, response, h2).map(PooledBody::plain));
                 }
-                return Ok(finish(&upstream, response, h2));
+                let response = finish(&upstream, response, h2);
+                let upstream = Arc::clone(&upstream);
+                return Ok(response.map(move |body| PooledBody::pooled(body, upstream, sender)));
             }
             Ok(Err(mut e)) => {
                 if let Some(req) = e.take_message() {

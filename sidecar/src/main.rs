@@ -32,10 +32,17 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = settings.worker_threads {
-        runtime.worker_threads(n);
-    }
+    // One worker: a current-thread runtime, like one nginx worker — no
+    // cross-thread wake-ups on the request path.
+    let mut runtime = match settings.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -43,6 +43,8 @@ pub struct Route {
     pub timeout: Duration,
     /// Metric handles.
     pub metrics: RouteMetrics,
+    /// `strata-tenant=<requested>`, for requests without baggage.
+    pub baggage: http::HeaderValue,
 }
 
 /// Everything known for one requesting tenant.
@@ -356,6 +358,9 @@ impl Control {
         let mut routes = 0usize;
         for (tenant, watched) in &self.watched {
             let view = watched.watch.get();
+            let Some(baggage) = crate::tenant::baggage_value(tenant) else {
+                continue;
+            };
             let mut services = HashMap::with_capacity(view.services.len());
             for (name, resolved) in &view.services {
                 let Some(serving) = resolved.tenant.clone() else {
@@ -387,6 +392,7 @@ impl Control {
                     fallback: resolved.fallback,
                     balancer: Balancer::new(instances),
                     timeout: self.settings.timeout_for(name),
+                    baggage: baggage.clone(),
                 };
                 services.insert(name.clone(), Arc::new(route));
                 routes += 1;

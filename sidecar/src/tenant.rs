@@ -4,7 +4,7 @@
 //! baggage, so the next hop (and the next sidecar) sees it too.
 
 use http::HeaderMap;
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use strata_client::propagation::{self, TENANT_HEADER, Tenant};
 
 const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
@@ -40,6 +40,12 @@ pub fn tenant_of(headers: &HeaderMap) -> Option<(&str, Origin)> {
         .map(|t| (t, Origin::Header))
 }
 
+/// The baggage value naming only `tenant` (`None` for a name that cannot
+/// be a header value; [`valid`] names always can).
+pub fn baggage_value(tenant: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("{}={tenant}", propagation::BAGGAGE_KEY)).ok()
+}
+
 /// Checks a tenant name from a request (it goes back into a header and a
 /// metric label, so it must be a clean name).
 pub fn valid(name: &str) -> bool {
@@ -47,10 +53,15 @@ pub fn valid(name: &str) -> bool {
 }
 
 /// Makes sure `headers` carry `tenant` as the baggage entry
-/// `strata-tenant`, keeping other baggage entries. Leaves the headers alone
-/// when the only baggage header already names it (the common case on a
-/// hop that already propagates: no allocation).
-pub fn carry(headers: &mut HeaderMap, tenant: &str, origin: Origin) {
+/// `strata-tenant`, keeping other baggage entries. No allocation in the two
+/// common cases: the only baggage header already names it (a hop that
+/// propagates), or there is no baggage at all (`cached` is the prebuilt
+/// `strata-tenant=<tenant>` value).
+pub fn carry(headers: &mut HeaderMap, tenant: &str, origin: Origin, cached: &HeaderValue) {
+    if !headers.contains_key(BAGGAGE) {
+        headers.insert(BAGGAGE, cached.clone());
+        return;
+    }
     if origin == Origin::Baggage {
         let mut values = headers.get_all(BAGGAGE).iter();
         let first = values.next();
@@ -72,9 +83,11 @@ pub fn carry(headers: &mut HeaderMap, tenant: &str, origin: Origin) {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use http::HeaderValue;
-
     use super::*;
+
+    fn cached(t: &str) -> HeaderValue {
+        baggage_value(t).unwrap()
+    }
 
     #[test]
     fn baggage_wins_then_header_then_nothing() {
@@ -92,7 +105,7 @@ mod tests {
     #[test]
     fn carrying_keeps_other_entries_and_replaces_ours() {
         let mut h = HeaderMap::new();
-        carry(&mut h, "feat-1", Origin::Own);
+        carry(&mut h, "feat-1", Origin::Own, &cached("feat-1"));
         assert_eq!(h[BAGGAGE], "strata-tenant=feat-1");
 
         let mut h = HeaderMap::new();
@@ -100,13 +113,13 @@ mod tests {
             BAGGAGE,
             HeaderValue::from_static("userId=42,strata-tenant=feat-1"),
         );
-        carry(&mut h, "feat-1", Origin::Baggage);
+        carry(&mut h, "feat-1", Origin::Baggage, &cached("feat-1"));
         assert_eq!(h[BAGGAGE], "userId=42,strata-tenant=feat-1", "untouched");
 
         let mut h = HeaderMap::new();
         h.insert(BAGGAGE, HeaderValue::from_static("userId=42"));
         h.insert(TENANT_HEADER, HeaderValue::from_static("feat-2"));
-        carry(&mut h, "feat-2", Origin::Header);
+        carry(&mut h, "feat-2", Origin::Header, &cached("feat-2"));
         assert_eq!(h[BAGGAGE], "userId=42,strata-tenant=feat-2");
         assert!(valid("feat-2") && !valid("a,b"));
     }

@@ -20,6 +20,9 @@ use tokio::net::TcpStream;
 /// Most idle HTTP/1.1 connections kept per instance.
 const MAX_IDLE: usize = 256;
 
+/// How long a pooled HTTP/1.1 connection may take to become ready.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
 /// Milliseconds since the process started (a cheap monotonic clock for
 /// ejection deadlines stored in atomics).
 pub fn now_ms() -> u64 {
@@ -153,17 +156,25 @@ impl Upstream {
     }
 
     /// An HTTP/1.1 connection ready for a request: an idle pooled one, else
-    /// a new one.
+    /// a new one. The flag says whether it was pooled.
     pub async fn h1(
         &self,
         timeout: Duration,
     ) -> Result<(http1::SendRequest<Incoming>, bool), ConnectError> {
         loop {
             let idle = lock(&self.h1_idle).pop();
-            match idle {
-                Some(sender) if sender.is_ready() => return Ok((sender, true)),
-                Some(_) => continue, // closed or busy: drop it
-                None => break,
+            let Some(mut sender) = idle else { break };
+            if sender.is_closed() {
+                continue;
+            }
+            if sender.is_ready() {
+                return Ok((sender, true));
+            }
+            // Pooled as soon as its last response ended: the connection task
+            // may not have caught up yet. It will in a moment, or it is
+            // broken — then drop it.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                return Ok((sender, true));
             }
         }
         let io = TokioIo::new(self.dial(timeout).await?);
@@ -180,21 +191,15 @@ impl Upstream {
         Ok((sender, false))
     }
 
-    /// Gives an HTTP/1.1 connection back to the pool once its current
-    /// response is finished (in a small task, as hyper-util's pool does).
-    pub fn release_h1(self: &Arc<Self>, mut sender: http1::SendRequest<Incoming>) {
+    /// Puts an HTTP/1.1 connection whose response ended back in the pool.
+    fn put_idle(&self, sender: http1::SendRequest<Incoming>) {
         if sender.is_closed() {
             return;
         }
-        let this = Arc::clone(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = lock(&this.h1_idle);
-                if idle.len() < MAX_IDLE {
-                    idle.push(sender);
-                }
-            }
-        });
+        let mut idle = lock(&self.h1_idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
     }
 
     /// The instance's HTTP/2 connection, opened on first use and again
@@ -225,6 +230,84 @@ impl Upstream {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// An upstream response body that gives its HTTP/1.1 connection back to
+/// the pool when it ends (no task per request); a body dropped before its
+/// end takes the connection with it (hyper closes it).
+pub struct PooledBody {
+    inner: Incoming,
+    slot: Option<(Arc<Upstream>, http1::SendRequest<Incoming>)>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
+impl PooledBody {
+    /// A body whose connection returns to `upstream`'s pool at its end.
+    pub fn pooled(
+        inner: Incoming,
+        upstream: Arc<Upstream>,
+        sender: http1::SendRequest<Incoming>,
+    ) -> Self {
+        Self {
+            inner,
+            slot: Some((upstream, sender)),
+        }
+    }
+
+    /// A body with no connection to give back (HTTP/2, upgrades).
+    pub fn plain(inner: Incoming) -> Self {
+        Self { inner, slot: None }
+    }
+
+    fn finish(&mut self) {
+        if let Some((upstream, sender)) = self.slot.take() {
+            upstream.put_idle(sender);
+        }
+    }
+}
+
+impl hyper::body::Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.slot = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        use hyper::body::Body as _;
+        // A body the server never polled because it was empty still ended.
+        if self.inner.is_end_stream() {
+            self.finish();
+        }
+    }
 }
 
 /// Counts one request in flight to an upstream.

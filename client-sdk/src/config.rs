@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
 use serde::de::DeserializeOwned;
-use strata_proto::v1::config_service_client::ConfigServiceClient;
 use strata_proto::v1::watch_config_response::Kind;
 use strata_proto::v1::{ResolvedValue, WatchConfigRequest, WatchConfigResponse};
 use tokio::sync::{broadcast, watch};
@@ -69,10 +68,7 @@ impl Feed for ConfigFeed {
             prefixes: self.prefixes.clone(),
             start_revision,
         });
-        Ok(ConfigServiceClient::new(channel)
-            .watch(request)
-            .await?
-            .into_inner())
+        crate::codec::server_streaming(channel, request, "/strata.v1.ConfigService/Watch").await
     }
 
     fn revision(msg: &WatchConfigResponse) -> i64 {
@@ -188,7 +184,9 @@ struct Common {
     tenant: String,
     source: AtomicU8,
     revision: AtomicI64,
-    errors: broadcast::Sender<WatchError>,
+    /// Created by the first `errors()` call: a broadcast channel allocates
+    /// its whole buffer up front, which most watches never need.
+    errors: std::sync::OnceLock<broadcast::Sender<WatchError>>,
 }
 
 impl Common {
@@ -198,7 +196,7 @@ impl Common {
             tenant: client.tenant().to_owned(),
             source: AtomicU8::new(source.to_u8()),
             revision: AtomicI64::new(revision),
-            errors: broadcast::channel(ERROR_BUFFER).0,
+            errors: std::sync::OnceLock::new(),
         }
     }
 
@@ -219,7 +217,15 @@ impl Common {
         )
         .increment(1);
         // No receiver is fine: the error was logged and counted.
-        let _ = self.errors.send(error);
+        if let Some(errors) = self.errors.get() {
+            let _ = errors.send(error);
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<WatchError> {
+        self.errors
+            .get_or_init(|| broadcast::channel(ERROR_BUFFER).0)
+            .subscribe()
     }
 
     /// Runs a user callback; a panic in it is reported, not propagated, so
@@ -398,7 +404,7 @@ impl<T> Config<T> {
     /// A receiver of the problems this watch survives: bad values (the last
     /// good one is kept), removal of the key, disconnects.
     pub fn errors(&self) -> broadcast::Receiver<WatchError> {
-        self.slot.common.errors.subscribe()
+        self.slot.common.subscribe()
     }
 }
 
@@ -553,7 +559,7 @@ impl<T> ConfigMap<T> {
     /// A receiver of the problems this watch survives (see
     /// [`Config::errors`]).
     pub fn errors(&self) -> broadcast::Receiver<WatchError> {
-        self.slot.common.errors.subscribe()
+        self.slot.common.subscribe()
     }
 }
 

@@ -170,10 +170,8 @@ impl Feed for ServicesFeed {
             services: vec![self.service.clone()],
             start_revision,
         });
-        Ok(RegistryServiceClient::new(channel)
-            .watch_services(request)
-            .await?
-            .into_inner())
+        crate::codec::server_streaming(channel, request, "/strata.v1.RegistryService/WatchServices")
+            .await
     }
 
     fn revision(msg: &WatchServicesResponse) -> i64 {

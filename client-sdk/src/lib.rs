@@ -70,6 +70,7 @@
 mod balance;
 mod cache;
 mod client;
+mod codec;
 mod config;
 mod connection;
 mod discovery;

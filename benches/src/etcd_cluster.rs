@@ -237,6 +237,31 @@ impl EtcdCluster {
         }
     }
 
+    /// Sum of the samples of metric `name` in member `i`'s `/metrics` (etcd
+    /// serves them on the client port); 0 when absent.
+    pub async fn metric(&self, i: usize, name: &str) -> Result<f64, BoxError> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.members[i].client_port));
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            s.read_to_end(&mut answer).await?;
+            Ok::<Vec<u8>, std::io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(5), attempt).await??;
+        let text = String::from_utf8_lossy(&answer);
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (key, v) = l.rsplit_once(' ')?;
+                let base = key.split_once('{').map_or(key, |(b, _)| b);
+                (base == name).then(|| v.parse::<f64>().ok())?
+            })
+            .sum())
+    }
+
     /// Index of the member that leads, by member 0's status.
     pub async fn leader(&self) -> Result<usize, BoxError> {
         let (_, leader) = self.status(0).await?;

@@ -196,6 +196,13 @@ struct WriteResult {
     latency: LatencySummary,
     /// `stratad`'s own mean time per PutConfig (from its metrics), ms.
     server_ms: Option<f64>,
+    /// Watchers etcd (member 0) counted as slow at the end of the window
+    /// (`etcd_debugging_mvcc_slow_watcher_total`): a watcher whose stream
+    /// fell behind is fed from the backend in batches instead of at once.
+    slow_watchers: f64,
+    /// Events etcd (member 0) queued for watchers that could not take them
+    /// at once, during the window (`etcd_debugging_mvcc_pending_events_total`).
+    pending_events: f64,
     cpu: CpuSplit,
     errors: u64,
     first_error: Option<String>,
@@ -652,27 +659,33 @@ async fn writer_task(
     Ok(record)
 }
 
+/// What a write window measured.
+struct Window {
+    latency: Histogram<u64>,
+    changes: u64,
+    errors: u64,
+    first_error: Option<String>,
+    cpu: CpuSplit,
+    server_ms: Option<f64>,
+    slow_watchers: f64,
+    pending_events: f64,
+    disturbed_by: Vec<String>,
+}
+
 /// Runs `clients` writer tasks over the warm-up and the window, and sums
 /// what they saw.
 async fn drive_writers(
     clients: Vec<WriteClient>,
     kind: Writer,
     prefix: &str,
-    etcd_pids: &[u32],
+    cluster: &EtcdCluster,
     stratad: &[&Daemon],
     args: &Args,
-) -> Result<
-    (
-        Histogram<u64>,
-        u64,
-        u64,
-        Option<String>,
-        CpuSplit,
-        Option<f64>,
-        Vec<String>,
-    ),
-    BoxError,
-> {
+) -> Result<Window, BoxError> {
+    const PENDING: &str = "etcd_debugging_mvcc_pending_events_total";
+    const SLOW: &str = "etcd_debugging_mvcc_slow_watcher_total";
+    let etcd_pids = cluster.pids();
+    let etcd_pids = etcd_pids.as_slice();
     let mut disturbed_by = disturbing_processes();
     let warmup = secs(args.warmup_secs, "--warmup-secs")?;
     let window = secs(args.duration_secs, "--duration-secs")?;
@@ -696,6 +709,7 @@ async fn drive_writers(
     let stratad_pids: Vec<u32> = stratad.iter().map(|d| d.pid()).collect();
     tokio::time::sleep_until(start.into()).await;
     let cpu_start = CpuMarks::take(etcd_pids, &stratad_pids);
+    let pending_start = cluster.metric(0, PENDING).await?;
     let mut server_start = (0.0, 0.0);
     for d in stratad {
         let (s, c) = put_config_time(d).await?;
@@ -703,6 +717,8 @@ async fn drive_writers(
     }
     tokio::time::sleep_until(end.into()).await;
     let cpu = CpuMarks::take(etcd_pids, &stratad_pids).since(cpu_start);
+    let slow_watchers = cluster.metric(0, SLOW).await?;
+    let pending_events = cluster.metric(0, PENDING).await? - pending_start;
     let mut server_end = (0.0, 0.0);
     for d in stratad {
         let (s, c) = put_config_time(d).await?;
@@ -725,15 +741,17 @@ async fn drive_writers(
     let count = server_end.1 - server_start.1;
     let server_ms = (!stratad.is_empty() && count > 0.0)
         .then(|| (server_end.0 - server_start.0) / count * 1000.0);
-    Ok((
+    Ok(Window {
         latency,
         changes,
         errors,
         first_error,
         cpu,
         server_ms,
+        slow_watchers,
+        pending_events,
         disturbed_by,
-    ))
+    })
 }
 
 /// Sum and count of `stratad`'s own PutConfig times so far.
@@ -765,8 +783,7 @@ async fn measure_raw_writes(
     let clients = (0..n)
         .map(|i| WriteClient::Raw(Box::new(conns[i % connections].clone())))
         .collect();
-    let (latency, changes, errors, first_error, cpu, _, disturbed_by) =
-        drive_writers(clients, kind, &prefix, &cluster.pids(), &[], args).await?;
+    let window = drive_writers(clients, kind, &prefix, cluster, &[], args).await?;
     // Later measurements start from the same (small) database.
     setup
         .delete(
@@ -774,36 +791,16 @@ async fn measure_raw_writes(
             Some(etcd_client::DeleteOptions::new().with_prefix()),
         )
         .await?;
-    Ok(write_result(
-        kind,
-        0,
-        n,
-        connections,
-        args,
-        &latency,
-        changes,
-        errors,
-        first_error,
-        cpu,
-        None,
-        disturbed_by,
-    ))
+    Ok(write_result(kind, 0, n, connections, args, window))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn write_result(
     writer: Writer,
     replicas: usize,
     clients: usize,
     connections: usize,
     args: &Args,
-    latency: &Histogram<u64>,
-    changes: u64,
-    errors: u64,
-    first_error: Option<String>,
-    cpu: CpuSplit,
-    server_ms: Option<f64>,
-    disturbed_by: Vec<String>,
+    w: Window,
 ) -> WriteResult {
     let seconds = args.duration_secs;
     WriteResult {
@@ -812,15 +809,17 @@ fn write_result(
         clients,
         connections,
         seconds,
-        requests: latency.len(),
-        requests_per_sec: latency.len() as f64 / seconds,
-        key_changes_per_sec: changes as f64 / seconds,
-        latency: LatencySummary::from_micros(latency),
-        server_ms,
-        cpu,
-        errors,
-        first_error,
-        disturbed_by,
+        requests: w.latency.len(),
+        requests_per_sec: w.latency.len() as f64 / seconds,
+        key_changes_per_sec: w.changes as f64 / seconds,
+        latency: LatencySummary::from_micros(&w.latency),
+        server_ms: w.server_ms,
+        slow_watchers: w.slow_watchers,
+        pending_events: w.pending_events,
+        cpu: w.cpu,
+        errors: w.errors,
+        first_error: w.first_error,
+        disturbed_by: w.disturbed_by,
     }
 }
 
@@ -913,14 +912,16 @@ async fn measure_stratad_writes(
         })
         .collect();
     let refs: Vec<&Daemon> = daemons.iter().collect();
-    let outcome = drive_writers(clients, Writer::Stratad, "", &cluster.pids(), &refs, args).await;
+    let outcome = drive_writers(clients, Writer::Stratad, "", cluster, &refs, args).await;
     let logs: Vec<String> = daemons.iter().map(Daemon::log_tail).collect();
     for d in daemons {
         d.stop().await?;
     }
-    let (latency, changes, errors, mut first_error, cpu, server_ms, disturbed_by) = outcome?;
-    if errors > 0 {
-        first_error = first_error.map(|e| format!("{e}; replica logs:\n{}", logs.join("\n---\n")));
+    let mut window = outcome?;
+    if window.errors > 0 {
+        window.first_error = window
+            .first_error
+            .map(|e| format!("{e}; replica logs:\n{}", logs.join("\n---\n")));
     }
     Ok(write_result(
         Writer::Stratad,
@@ -928,13 +929,7 @@ async fn measure_stratad_writes(
         n,
         connections,
         args,
-        &latency,
-        changes,
-        errors,
-        first_error,
-        cpu,
-        server_ms,
-        disturbed_by,
+        window,
     ))
 }
 
@@ -1403,14 +1398,14 @@ fn render(report: &Report) -> String {
             "Writes ({} s window after {} s warm-up; {} B values; ≤ {} clients per connection; \
              latency ms; CPU-seconds in the window)\n\
              writer      clients conns |    req/s   keys/s | p50     p99   | srv ms | cpu etcd \
-             stratad bench other | err",
+             stratad bench other | slow pending | err",
             a.duration_secs, a.warmup_secs, a.value_size, a.clients_per_connection
         );
         for w in &report.writes {
             let _ = writeln!(
                 out,
                 "{:<11} {:>7} {:>5} | {:>8.0} {:>8.0} | {:>6.2} {:>6.2} | {:>6} | {:>8.2} {:>7.2} \
-                 {:>5.2} {:>5.2} | {:>3}{}",
+                 {:>5.2} {:>5.2} | {:>4.0} {:>7.0} | {:>3}{}",
                 w.name(),
                 w.clients,
                 w.connections,
@@ -1423,6 +1418,8 @@ fn render(report: &Report) -> String {
                 w.cpu.stratad,
                 w.cpu.bench,
                 w.cpu.other,
+                w.slow_watchers,
+                w.pending_events,
                 w.errors,
                 if w.disturbed_by.is_empty() {
                     String::new()

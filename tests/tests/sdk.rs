@@ -572,14 +572,14 @@ async fn the_registration_guard_survives_a_daemon_restart_and_deregisters_on_dro
     let id = registration.id().to_owned();
     assert_eq!(
         admin.instance_ids("integration", "game").await,
-        [id.clone()]
+        [id.as_str()]
     );
 
     // Kept alive well past its TTL.
     sleep(Duration::from_secs(4)).await;
     assert_eq!(
         admin.instance_ids("integration", "game").await,
-        [id.clone()]
+        [id.as_str()]
     );
     assert_eq!(registration.registrations(), 1);
 
@@ -590,14 +590,14 @@ async fn the_registration_guard_survives_a_daemon_restart_and_deregisters_on_dro
     daemon.up().await;
     eventually("the instance is back", Duration::from_secs(15), || async {
         registration.registrations() >= 2
-            && admin.instance_ids("integration", "game").await == [id.clone()]
+            && admin.instance_ids("integration", "game").await == [id.as_str()]
     })
     .await;
     // And it stays (the new lease is kept alive).
     sleep(Duration::from_secs(3)).await;
     assert_eq!(
         admin.instance_ids("integration", "game").await,
-        [id.clone()]
+        [id.as_str()]
     );
     let resolved = client.resolve("game").await.unwrap();
     assert_eq!(resolved.instances.len(), 1);

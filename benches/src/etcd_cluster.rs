@@ -237,9 +237,10 @@ impl EtcdCluster {
         }
     }
 
-    /// Sum of the samples of metric `name` in member `i`'s `/metrics` (etcd
-    /// serves them on the client port); 0 when absent.
-    pub async fn metric(&self, i: usize, name: &str) -> Result<f64, BoxError> {
+    /// Sum of the samples of metric `name` whose label text contains
+    /// `labels` (`""`: all) in member `i`'s `/metrics` (etcd serves them on
+    /// the client port); 0 when absent.
+    pub async fn metric(&self, i: usize, name: &str, labels: &str) -> Result<f64, BoxError> {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.members[i].client_port));
         let attempt = async {
             let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -256,8 +257,8 @@ impl EtcdCluster {
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| {
                 let (key, v) = l.rsplit_once(' ')?;
-                let base = key.split_once('{').map_or(key, |(b, _)| b);
-                (base == name).then(|| v.parse::<f64>().ok())?
+                let (base, rest) = key.split_once('{').unwrap_or((key, ""));
+                (base == name && rest.contains(labels)).then(|| v.parse::<f64>().ok())?
             })
             .sum())
     }

@@ -203,6 +203,9 @@ struct WriteResult {
     /// Events etcd (member 0) queued for watchers that could not take them
     /// at once, during the window (`etcd_debugging_mvcc_pending_events_total`).
     pending_events: f64,
+    /// `Txn` calls member 0 handled in the window per request answered in
+    /// it (`grpc_server_handled_total`): above 1, transactions were retried.
+    txns_per_request: f64,
     cpu: CpuSplit,
     errors: u64,
     first_error: Option<String>,
@@ -669,6 +672,7 @@ struct Window {
     server_ms: Option<f64>,
     slow_watchers: f64,
     pending_events: f64,
+    txns: f64,
     disturbed_by: Vec<String>,
 }
 
@@ -684,6 +688,8 @@ async fn drive_writers(
 ) -> Result<Window, BoxError> {
     const PENDING: &str = "etcd_debugging_mvcc_pending_events_total";
     const SLOW: &str = "etcd_debugging_mvcc_slow_watcher_total";
+    const HANDLED: &str = "grpc_server_handled_total";
+    const TXN: &str = r#"grpc_method="Txn""#;
     let etcd_pids = cluster.pids();
     let etcd_pids = etcd_pids.as_slice();
     let mut disturbed_by = disturbing_processes();
@@ -709,7 +715,8 @@ async fn drive_writers(
     let stratad_pids: Vec<u32> = stratad.iter().map(|d| d.pid()).collect();
     tokio::time::sleep_until(start.into()).await;
     let cpu_start = CpuMarks::take(etcd_pids, &stratad_pids);
-    let pending_start = cluster.metric(0, PENDING).await?;
+    let pending_start = cluster.metric(0, PENDING, "").await?;
+    let txns_start = cluster.metric(0, HANDLED, TXN).await?;
     let mut server_start = (0.0, 0.0);
     for d in stratad {
         let (s, c) = put_config_time(d).await?;
@@ -717,8 +724,9 @@ async fn drive_writers(
     }
     tokio::time::sleep_until(end.into()).await;
     let cpu = CpuMarks::take(etcd_pids, &stratad_pids).since(cpu_start);
-    let slow_watchers = cluster.metric(0, SLOW).await?;
-    let pending_events = cluster.metric(0, PENDING).await? - pending_start;
+    let slow_watchers = cluster.metric(0, SLOW, "").await?;
+    let pending_events = cluster.metric(0, PENDING, "").await? - pending_start;
+    let txns = cluster.metric(0, HANDLED, TXN).await? - txns_start;
     let mut server_end = (0.0, 0.0);
     for d in stratad {
         let (s, c) = put_config_time(d).await?;
@@ -750,6 +758,7 @@ async fn drive_writers(
         server_ms,
         slow_watchers,
         pending_events,
+        txns,
         disturbed_by,
     })
 }
@@ -816,6 +825,11 @@ fn write_result(
         server_ms: w.server_ms,
         slow_watchers: w.slow_watchers,
         pending_events: w.pending_events,
+        txns_per_request: if w.latency.is_empty() {
+            0.0
+        } else {
+            w.txns / w.latency.len() as f64
+        },
         cpu: w.cpu,
         errors: w.errors,
         first_error: w.first_error,
@@ -1398,14 +1412,14 @@ fn render(report: &Report) -> String {
             "Writes ({} s window after {} s warm-up; {} B values; ≤ {} clients per connection; \
              latency ms; CPU-seconds in the window)\n\
              writer      clients conns |    req/s   keys/s | p50     p99   | srv ms | cpu etcd \
-             stratad bench other | slow pending | err",
+             stratad bench other | slow pending txn/req | err",
             a.duration_secs, a.warmup_secs, a.value_size, a.clients_per_connection
         );
         for w in &report.writes {
             let _ = writeln!(
                 out,
                 "{:<11} {:>7} {:>5} | {:>8.0} {:>8.0} | {:>6.2} {:>6.2} | {:>6} | {:>8.2} {:>7.2} \
-                 {:>5.2} {:>5.2} | {:>4.0} {:>7.0} | {:>3}{}",
+                 {:>5.2} {:>5.2} | {:>4.0} {:>7.0} {:>7.2} | {:>3}{}",
                 w.name(),
                 w.clients,
                 w.connections,
@@ -1420,6 +1434,7 @@ fn render(report: &Report) -> String {
                 w.cpu.other,
                 w.slow_watchers,
                 w.pending_events,
+                w.txns_per_request,
                 w.errors,
                 if w.disturbed_by.is_empty() {
                     String::new()

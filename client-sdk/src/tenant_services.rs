@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
 use strata_proto::v1::watch_services_response::Kind;
 use strata_proto::v1::{GetTenantRequest, WatchServicesRequest, WatchServicesResponse};
@@ -64,10 +63,10 @@ impl Feed for AllServicesFeed {
             services: Vec::new(),
             start_revision,
         });
-        Ok(RegistryServiceClient::new(channel)
-            .watch_services(request)
-            .await?
-            .into_inner())
+        // Small codec buffers, like every other watch (`codec.rs`): a
+        // sidecar holds one of these per tenant it routes for.
+        crate::codec::server_streaming(channel, request, "/strata.v1.RegistryService/WatchServices")
+            .await
     }
 
     fn revision(msg: &WatchServicesResponse) -> i64 {

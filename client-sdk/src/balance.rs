@@ -9,7 +9,25 @@ use std::sync::{Arc, Mutex};
 
 use crate::discovery::ServiceInstance;
 
-/// Picks instances in turn.
+/// Weight of an instance as the registry defines it: 0 (unset) means 100
+/// (`registry.proto`, `Instance.weight`).
+fn effective_weight(instance: &ServiceInstance) -> u32 {
+    if instance.weight == 0 {
+        100
+    } else {
+        instance.weight
+    }
+}
+
+/// Picks instances in turn, in proportion to their weights: smooth
+/// weighted round robin, as nginx does it. Each pick adds every instance's
+/// weight to its running score, takes the instance with the highest score
+/// (the first on a tie) and subtracts the total weight from it. Weights
+/// 5:1:1 give `a a b a c a a` — the heavy instance's turns are spread out
+/// rather than bunched — and equal weights visit the instances in order.
+///
+/// The scores are kept per instance (tenant and id), so they carry over
+/// when the set changes; an instance that joins starts at 0.
 ///
 /// ```
 /// use strata_client::RoundRobin;
@@ -19,7 +37,21 @@ use crate::discovery::ServiceInstance;
 /// ```
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    next: AtomicUsize,
+    peers: Mutex<Vec<Peer>>,
+}
+
+/// An instance's running score.
+#[derive(Debug)]
+struct Peer {
+    tenant: String,
+    id: String,
+    current: i64,
+}
+
+impl Peer {
+    fn is(&self, instance: &ServiceInstance) -> bool {
+        self.id == instance.id && self.tenant == instance.tenant
+    }
 }
 
 impl RoundRobin {
@@ -28,14 +60,48 @@ impl RoundRobin {
         Self::default()
     }
 
-    /// The next instance, or `None` when there is none. Weights are not
-    /// taken into account; use [`PowerOfTwoChoices`] for that.
+    /// The next instance by weight, or `None` when there is none.
     pub fn pick<'a>(&self, instances: &'a [ServiceInstance]) -> Option<&'a ServiceInstance> {
         if instances.is_empty() {
             return None;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        instances.get(n % instances.len())
+        let mut peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The usual case is the same set as last time, in the same order;
+        // only a changed set pays for re-matching the scores.
+        let same =
+            peers.len() == instances.len() && peers.iter().zip(instances).all(|(p, i)| p.is(i));
+        if !same {
+            let mut old = std::mem::take(&mut *peers);
+            *peers = instances
+                .iter()
+                .map(|i| Peer {
+                    tenant: i.tenant.clone(),
+                    id: i.id.clone(),
+                    current: old
+                        .iter()
+                        .position(|p| p.is(i))
+                        .map_or(0, |at| old.swap_remove(at).current),
+                })
+                .collect();
+        }
+        let mut total = 0i64;
+        let mut best = 0usize;
+        let mut best_score = i64::MIN;
+        for (at, (peer, instance)) in peers.iter_mut().zip(instances).enumerate() {
+            let weight = i64::from(effective_weight(instance));
+            peer.current += weight;
+            total += weight;
+            // Strictly greater: the first instance wins a tie.
+            if peer.current > best_score {
+                best = at;
+                best_score = peer.current;
+            }
+        }
+        peers[best].current -= total;
+        instances.get(best)
     }
 }
 
@@ -90,12 +156,11 @@ impl PowerOfTwoChoices {
                 let (ia, ib) = (&instances[a], &instances[b]);
                 // Compare load/weight without division: la/wa <= lb/wb.
                 let (la, lb) = (load(ia) as u64, load(ib) as u64);
-                let chosen = if la * u64::from(ib.weight.max(1)) <= lb * u64::from(ia.weight.max(1))
-                {
-                    ia
-                } else {
-                    ib
-                };
+                let (wa, wb) = (
+                    u64::from(effective_weight(ia)),
+                    u64::from(effective_weight(ib)),
+                );
+                let chosen = if la * wb <= lb * wa { ia } else { ib };
                 // Forget instances that left the set and have nothing in
                 // flight, so the map does not grow with churn.
                 if map.len() > 4 * n + 16 {
@@ -156,6 +221,53 @@ mod tests {
         let rr = RoundRobin::new();
         let picks: Vec<&str> = (0..6).map(|_| rr.pick(&set).unwrap().id.as_str()).collect();
         assert_eq!(picks, ["a", "b", "c", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn round_robin_follows_weights_smoothly() {
+        let set = [instance("a", 5), instance("b", 1), instance("c", 1)];
+        let rr = RoundRobin::new();
+        let picks: Vec<&str> = (0..14)
+            .map(|_| rr.pick(&set).unwrap().id.as_str())
+            .collect();
+        // nginx's sequence for 5:1:1, twice: the scores are back at zero
+        // after every full cycle of 7.
+        assert_eq!(
+            picks,
+            [
+                "a", "a", "b", "a", "c", "a", "a", "a", "a", "b", "a", "c", "a", "a"
+            ]
+        );
+    }
+
+    #[test]
+    fn round_robin_reads_weight_zero_as_the_default_100() {
+        // 0 means 100 (registry.proto), so 0 against 100 is an even split,
+        // and 0 against 300 is 1:3.
+        let rr = RoundRobin::new();
+        let even = [instance("a", 0), instance("b", 100)];
+        let picks: Vec<&str> = (0..4)
+            .map(|_| rr.pick(&even).unwrap().id.as_str())
+            .collect();
+        assert_eq!(picks, ["a", "b", "a", "b"]);
+        let rr = RoundRobin::new();
+        let set = [instance("light", 0), instance("heavy", 300)];
+        let heavy = (0..400)
+            .filter(|_| rr.pick(&set).unwrap().id == "heavy")
+            .count();
+        assert_eq!(heavy, 300);
+    }
+
+    #[test]
+    fn round_robin_keeps_scores_across_a_changed_set() {
+        let rr = RoundRobin::new();
+        let (a, b, c) = (instance("a", 100), instance("b", 100), instance("c", 100));
+        assert_eq!(rr.pick(&[a.clone(), b.clone()]).unwrap().id, "a");
+        // c joins: b, which has waited, goes before a and the newcomer.
+        let set = [a, b, c];
+        let picks: Vec<&str> = (0..3).map(|_| rr.pick(&set).unwrap().id.as_str()).collect();
+        assert_eq!(picks, ["b", "c", "a"]);
+        assert!(rr.pick(&[]).is_none());
     }
 
     #[test]

@@ -263,6 +263,30 @@ impl EtcdCluster {
             .sum())
     }
 
+    /// Compacts the cluster's history up to its current revision and waits
+    /// until the members applied it, so that the next measurement starts on
+    /// a compacted database (and a `stratad` started next, whose compaction
+    /// job runs at once, has nothing to compact inside the window).
+    pub async fn compact(&self) -> Result<(), BoxError> {
+        let url = self.members[0].client_url();
+        let mut client = etcd_client::Client::connect([url.as_str()], None).await?;
+        let revision = client
+            .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+            .await?
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        if revision > 1 {
+            let physical = etcd_client::CompactionOptions::new().with_physical();
+            match client.compact(revision, Some(physical)).await {
+                Ok(_) => {}
+                // Already compacted that far: nothing to do.
+                Err(e) if e.to_string().contains("compacted") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Index of the member that leads, by member 0's status.
     pub async fn leader(&self) -> Result<usize, BoxError> {
         let (_, leader) = self.status(0).await?;

@@ -779,6 +779,7 @@ async fn measure_raw_writes(
     n: usize,
     args: &Args,
 ) -> Result<WriteResult, BoxError> {
+    cluster.compact().await?;
     let endpoint = cluster.endpoints()[0].clone();
     let prefix = format!("/etcd-bench/{}/", tag());
     let mut setup = etcd_connect(&endpoint).await?;
@@ -899,6 +900,7 @@ async fn measure_stratad_writes(
     n: usize,
     args: &Args,
 ) -> Result<WriteResult, BoxError> {
+    cluster.compact().await?;
     let daemons = start_replicas(cluster, stratad, parent, replicas).await?;
     create_tenant(connect(&daemons[0].endpoint()).await?).await?;
     for d in &daemons {
@@ -1158,6 +1160,9 @@ async fn watch_run(
     parent: &std::path::Path,
     args: &Args,
 ) -> Result<WatchResult, BoxError> {
+    if let Some(c) = cluster {
+        c.compact().await?;
+    }
     let daemon = match (system, cluster) {
         (WatchSystem::Etcd, _) => None,
         (WatchSystem::StratadEtcd, Some(c)) => start_replicas(c, stratad, parent, 1).await?.pop(),

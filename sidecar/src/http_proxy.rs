@@ -288,7 +288,15 @@ async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let grpc = is_grpc(&req);
-    let (route, origin) = match route_for(&proxy, &req).await {
+    // The slow path (learning a tenant) and forwarding are boxed: hyper
+    // spawns a task per HTTP/2 stream around this future and moves it on
+    // the way, so it should stay small.
+    let found = match find(&proxy, &req) {
+        Ok(Found::Route(route, origin)) => Ok((route, origin)),
+        Ok(Found::Unknown { .. }) => Box::pin(route_for(&proxy, &req)).await,
+        Err(refusal) => Err(refusal),
+    };
+    let (route, origin) = match found {
         Ok(found) => found,
         Err(refusal) => {
             metrics::counter!("strata_sidecar_unroutable_total", "project" => proxy.project.clone())
@@ -299,7 +307,7 @@ async fn handle(
     };
     let mut req = req;
     tenant::carry(req.headers_mut(), &route.requested, origin, &route.baggage);
-    let outcome = forward(&proxy, &route, req, started + route.timeout).await;
+    let outcome = Box::pin(forward(&proxy, &route, req, started + route.timeout)).await;
     let response = match outcome {
         Ok(response) => {
             route

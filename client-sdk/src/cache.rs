@@ -1,6 +1,7 @@
-//! The disk cache: the last resolved value of every key a client watches,
-//! kept in `<dir>/<project>/<tenant>.json` so that a game server started
-//! while every daemon is down can start from it.
+//! The disk cache: the last resolved value of every key a client watches
+//! and the last resolved instance set of every service it watches, kept in
+//! `<dir>/<project>/<tenant>.json` so that a game server started while
+//! every daemon is down can start from it.
 //!
 //! Writes are atomic — a temporary file in the same directory, fsync, rename
 //! over the old file, fsync of the directory — so a crash leaves either the
@@ -17,8 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use strata_proto::v1::ResolvedValue;
+use strata_proto::v1::{Protocol, ResolvedValue};
 use tokio::sync::Notify;
+
+use crate::discovery::{Endpoint, ResolvedService, ServiceInstance};
 
 /// Pause between a change and its write, gathering further changes into
 /// the same write.
@@ -49,6 +52,116 @@ struct CacheFile {
     revision: i64,
     written_at_unix_ms: u128,
     values: BTreeMap<String, CachedValue>,
+    /// Resolved services by name. Absent in files written before services
+    /// were cached; those read as no service cached.
+    #[serde(default)]
+    services: BTreeMap<String, CachedService>,
+}
+
+/// One cached service resolution, as [`ResolvedService`] holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedService {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+    #[serde(default)]
+    fallback: bool,
+    #[serde(default)]
+    instances: Vec<CachedInstance>,
+    #[serde(default)]
+    revision: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedInstance {
+    id: String,
+    tenant: String,
+    /// Endpoints by name.
+    #[serde(default)]
+    endpoints: BTreeMap<String, CachedEndpoint>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    weight: u32,
+    #[serde(default)]
+    version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedEndpoint {
+    address: String,
+    /// The proto enum's name (`PROTOCOL_GRPC`), readable and stable across
+    /// renumbering.
+    protocol: String,
+}
+
+impl CachedService {
+    fn from_resolved(s: &ResolvedService) -> Self {
+        Self {
+            tenant: s.tenant.clone(),
+            fallback: s.fallback,
+            instances: s
+                .instances
+                .iter()
+                .map(|i| CachedInstance {
+                    id: i.id.clone(),
+                    tenant: i.tenant.clone(),
+                    endpoints: i
+                        .endpoints
+                        .iter()
+                        .map(|(name, e)| {
+                            (
+                                name.clone(),
+                                CachedEndpoint {
+                                    address: e.address.clone(),
+                                    protocol: e.protocol.as_str_name().to_owned(),
+                                },
+                            )
+                        })
+                        .collect(),
+                    metadata: i.metadata.clone(),
+                    weight: i.weight,
+                    version: i.version.clone(),
+                })
+                .collect(),
+            revision: s.revision,
+        }
+    }
+
+    fn to_resolved(&self, service: &str) -> ResolvedService {
+        ResolvedService {
+            service: service.to_owned(),
+            tenant: self.tenant.clone(),
+            fallback: self.fallback,
+            instances: self
+                .instances
+                .iter()
+                .map(|i| ServiceInstance {
+                    id: i.id.clone(),
+                    tenant: i.tenant.clone(),
+                    endpoints: i
+                        .endpoints
+                        .iter()
+                        .map(|(name, e)| {
+                            (
+                                name.clone(),
+                                Endpoint {
+                                    address: e.address.clone(),
+                                    // A name this build does not know (a
+                                    // newer SDK wrote it) reads as unspecified.
+                                    protocol: Protocol::from_str_name(&e.protocol)
+                                        .unwrap_or(Protocol::Unspecified),
+                                },
+                            )
+                        })
+                        .collect(),
+                    metadata: i.metadata.clone(),
+                    weight: i.weight,
+                    version: i.version.clone(),
+                })
+                .collect(),
+            revision: self.revision,
+        }
+    }
 }
 
 impl CachedValue {
@@ -210,6 +323,31 @@ impl DiskCache {
                     .insert(k.clone(), CachedValue::from_resolved(v));
             }
             state.file.revision = state.file.revision.max(revision);
+            state.generation += 1;
+        }
+        self.ensure_writer();
+        self.dirty.notify_one();
+    }
+
+    /// The cached resolution of a service, if one was ever stored.
+    pub(crate) fn lookup_service(&self, service: &str) -> Option<ResolvedService> {
+        self.lock()
+            .file
+            .services
+            .get(service)
+            .map(|s| s.to_resolved(service))
+    }
+
+    /// Replaces the cached resolution of a service and schedules a write
+    /// (the same coalesced, atomic write as config values: one file).
+    pub(crate) fn store_service(&self, resolved: &ResolvedService) {
+        {
+            let mut state = self.lock();
+            state.file.services.insert(
+                resolved.service.clone(),
+                CachedService::from_resolved(resolved),
+            );
+            state.file.revision = state.file.revision.max(resolved.revision);
             state.generation += 1;
         }
         self.ensure_writer();
@@ -384,6 +522,64 @@ mod tests {
         cache.store(&[], &["m/".into()], &view, 4);
         let (values, _) = cache.lookup(&[], &["m/".into()]).unwrap();
         assert_eq!(values.keys().collect::<Vec<_>>(), ["m/b"]);
+    }
+
+    #[tokio::test]
+    async fn service_sets_survive_a_reopen_next_to_config_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut endpoints = BTreeMap::new();
+        endpoints.insert(
+            "main".to_string(),
+            Endpoint {
+                address: "10.0.0.9:8080".into(),
+                protocol: Protocol::Grpc,
+            },
+        );
+        let resolved = ResolvedService {
+            service: "matchmaker".into(),
+            tenant: Some("integration".into()),
+            fallback: true,
+            instances: vec![ServiceInstance {
+                id: "mm-1".into(),
+                tenant: "integration".into(),
+                endpoints,
+                metadata: [("region".to_string(), "eu".to_string())].into(),
+                weight: 300,
+                version: "1.2.3".into(),
+            }],
+            revision: 12,
+        };
+        {
+            let cache = DiskCache::open(dir.path(), "vega", "feat-1");
+            let mut view = BTreeMap::new();
+            view.insert("a.json".to_string(), value("a.json", b"{}"));
+            cache.store(&["a.json".into()], &[], &view, 9);
+            cache.store_service(&resolved);
+        }
+        let text = std::fs::read_to_string(dir.path().join("vega/feat-1.json")).unwrap();
+        assert!(text.contains("PROTOCOL_GRPC"), "{text}");
+        let cache = DiskCache::open(dir.path(), "vega", "feat-1");
+        assert_eq!(cache.lookup_service("matchmaker"), Some(resolved));
+        assert!(cache.lookup_service("other").is_none());
+        // The config value is still there: one file holds both.
+        let (values, revision) = cache.lookup(&["a.json".into()], &[]).unwrap();
+        assert_eq!(values["a.json"].value, b"{}");
+        assert_eq!(revision, 12);
+    }
+
+    #[test]
+    fn a_file_without_services_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("p")).unwrap();
+        std::fs::write(
+            dir.path().join("p/t.json"),
+            br#"{"version":1,"project":"p","tenant":"t","revision":4,"written_at_unix_ms":0,
+                "values":{"k":{"format":"text","value":"v"}}}"#,
+        )
+        .unwrap();
+        let cache = DiskCache::open(dir.path(), "p", "t");
+        assert!(cache.lookup(&["k".into()], &[]).is_some());
+        assert!(cache.lookup_service("matchmaker").is_none());
     }
 
     #[test]

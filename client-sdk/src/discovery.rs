@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use arc_swap::ArcSwap;
 use strata_proto::v1::registry_service_client::RegistryServiceClient;
@@ -15,6 +16,7 @@ use strata_proto::v1::{
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::cache::DiskCache;
 use crate::client::Client;
 use crate::watch::{AbortOnDrop, Feed, Resumable, Source, spawn};
 use crate::{Error, WatchError};
@@ -147,12 +149,17 @@ impl ResolvedService {
 struct ServiceSlot {
     value: ArcSwap<ResolvedService>,
     changes: watch::Sender<Arc<ResolvedService>>,
+    /// A [`Source`] as `u8`: read lock-free by the handle, set by the task.
+    source: AtomicU8,
 }
 
 struct ServicesFeed {
     service: String,
     current: Option<ResolvedService>,
     slot: Option<Arc<ServiceSlot>>,
+    /// Where each new resolution is kept for a start with every daemon
+    /// down (the client's cache: its tenant is the one resolved for).
+    cache: Option<Arc<DiskCache>>,
 }
 
 impl Feed for ServicesFeed {
@@ -193,7 +200,15 @@ impl Feed for ServicesFeed {
             return; // a change to nothing we watch
         }
         let fresh = ResolvedService::from_proto(&self.service, entry, msg.revision);
-        if self.current.as_ref().is_some_and(|c| c.same_as(&fresh)) {
+        let unchanged = self.current.as_ref().is_some_and(|c| c.same_as(&fresh));
+        // A snapshot is stored even when nothing changed, so the cache's
+        // revision follows the daemon's after a reconnect.
+        if let Some(cache) = &self.cache
+            && (snapshot || !unchanged)
+        {
+            cache.store_service(&fresh);
+        }
+        if unchanged {
             return;
         }
         self.current = Some(fresh.clone());
@@ -205,10 +220,29 @@ impl Feed for ServicesFeed {
     }
 
     fn start_from_cache(&mut self) -> bool {
-        false
+        let Some(cache) = &self.cache else {
+            return false;
+        };
+        let Some(cached) = cache.lookup_service(&self.service) else {
+            return false;
+        };
+        tracing::warn!(
+            path = %cache.path().display(),
+            revision = cached.revision,
+            service = %self.service,
+            instances = cached.instances.len(),
+            "every daemon is down: starting from the disk cache; will catch up when a daemon answers"
+        );
+        metrics::counter!("strata_sdk_cache_starts_total").increment(1);
+        self.current = Some(cached);
+        true
     }
 
-    fn set_source(&mut self, _source: Source) {}
+    fn set_source(&mut self, source: Source) {
+        if let Some(slot) = &self.slot {
+            slot.source.store(source.to_u8(), Ordering::Release);
+        }
+    }
 
     fn report(&self, error: WatchError) {
         tracing::info!(service = %self.service, error = %error, "service watch");
@@ -242,6 +276,14 @@ impl ServiceWatch {
     /// A receiver that sees every new resolution.
     pub fn changes(&self) -> watch::Receiver<Arc<ResolvedService>> {
         self.slot.changes.subscribe()
+    }
+
+    /// Where the current resolution came from: [`Source::DiskCache`] when
+    /// every daemon was down as the watch started and the set is the last
+    /// one this client's cache holds, [`Source::Daemon`] once a daemon has
+    /// answered.
+    pub fn source(&self) -> Source {
+        Source::from_u8(self.slot.source.load(Ordering::Acquire))
     }
 }
 
@@ -290,7 +332,11 @@ impl Client {
     /// Watches where a service resolves for this client's tenant: the
     /// handle always holds the current endpoint set (with the fallback
     /// information) and notifies of every change. Waits for the first
-    /// answer; fails when no daemon answers within the startup timeout.
+    /// answer. When no daemon answers within the startup timeout, it starts
+    /// from the last resolution kept in the disk cache (with
+    /// [`ClientBuilder::cache_dir`](crate::ClientBuilder::cache_dir);
+    /// [`ServiceWatch::source`] then says so) and catches up when a daemon
+    /// answers; with nothing cached it fails with [`Error::Unreachable`].
     ///
     /// ```no_run
     /// # async fn run(client: strata_client::Client) -> Result<(), strata_client::Error> {
@@ -311,6 +357,7 @@ impl Client {
                 service: service.to_owned(),
                 current: None,
                 slot: None,
+                cache: self.inner.cache.clone(),
             },
         );
         let live = feed.start().await?;
@@ -323,6 +370,7 @@ impl Client {
         let slot = Arc::new(ServiceSlot {
             value: ArcSwap::new(Arc::clone(&current)),
             changes: watch::channel(current).0,
+            source: AtomicU8::new(feed.source().to_u8()),
         });
         feed.feed.slot = Some(Arc::clone(&slot));
         let task = spawn(feed, live);

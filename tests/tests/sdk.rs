@@ -13,7 +13,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use serde::Deserialize;
 use strata_client::proto::{
-    CreateTenantRequest, DeleteLayerRequest, ListInstancesRequest, PutConfigRequest,
+    CreateTenantRequest, DeleteLayerRequest, Instance, InstanceKind, ListInstancesRequest,
+    Protocol, PutConfigRequest, RegisterRequest,
 };
 use strata_client::{
     Client, Connection, Error, InstanceSpec, PowerOfTwoChoices, RoundRobin, Source, WatchError,
@@ -138,6 +139,47 @@ impl Admin {
             .header
             .unwrap()
             .revision
+    }
+
+    /// Registers a persistent instance (it outlives daemon restarts, as an
+    /// operator-registered database or matchmaker would); retries until a
+    /// daemon acknowledges it.
+    async fn register_persistent(&self, tenant: &str, service: &str, id: &str, address: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let outcome = self
+                .connection()
+                .await
+                .registry()
+                .register(RegisterRequest {
+                    project: PROJECT.into(),
+                    tenant: tenant.into(),
+                    service: service.into(),
+                    instance: Some(Instance {
+                        id: id.into(),
+                        endpoints: [(
+                            "main".to_string(),
+                            strata_client::proto::Endpoint {
+                                address: address.into(),
+                                protocol: Protocol::Grpc as i32,
+                            },
+                        )]
+                        .into(),
+                        weight: 300,
+                        kind: InstanceKind::Persistent as i32,
+                        ..Default::default()
+                    }),
+                    lease_id: 0,
+                })
+                .await;
+            match outcome {
+                Ok(_) => return,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "register {id}: {e}");
+                    sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
 
     async fn instance_ids(&self, tenant: &str, service: &str) -> Vec<String> {
@@ -468,6 +510,93 @@ async fn with_every_daemon_down_a_watch_starts_from_the_disk_cache_then_catches_
     .expect("caught up after the daemon returned");
     assert_eq!(settings.source(), Source::Daemon);
     assert!(settings.revision() > 0);
+}
+
+#[tokio::test]
+async fn with_every_daemon_down_a_service_watch_starts_from_the_disk_cache_then_catches_up() {
+    let mut daemon = Restartable::start().await;
+    let admin = Admin::new(daemon.addr);
+    admin.tenant("integration", "").await;
+    admin
+        .register_persistent("integration", "matchmaker", "mm-1", "10.0.0.1:7000")
+        .await;
+    let cache = tempfile::tempdir().unwrap();
+    let endpoints = [daemon.endpoint(), dead_endpoint()];
+
+    // A first run watches the service, which writes its set to the cache.
+    {
+        let first = client(&endpoints, "integration", Some(cache.path()));
+        let path = first.cache_path().unwrap().to_owned();
+        let matchmaker = first.watch_service("matchmaker").await.unwrap();
+        assert_eq!(matchmaker.source(), Source::Daemon);
+        assert_eq!(matchmaker.get().instances.len(), 1);
+        eventually("the cache file is written", Duration::from_secs(5), || {
+            let path = path.clone();
+            async move { std::fs::read_to_string(&path).is_ok_and(|text| text.contains("mm-1")) }
+        })
+        .await;
+    }
+    // No daemon is left.
+    daemon.down(Signal::SIGKILL).await;
+
+    // A game server starting now gets the cached set, and says where from.
+    let second = client(&endpoints, "integration", Some(cache.path()));
+    let started = Instant::now();
+    let matchmaker = second.watch_service("matchmaker").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(matchmaker.source(), Source::DiskCache);
+    let cached = matchmaker.get();
+    assert_eq!(cached.tenant.as_deref(), Some("integration"));
+    assert!(!cached.fallback);
+    assert_eq!(cached.instances.len(), 1);
+    let instance = &cached.instances[0];
+    assert_eq!(instance.id, "mm-1");
+    assert_eq!(instance.address(), Some("10.0.0.1:7000"));
+    assert_eq!(
+        instance.endpoint("main").unwrap().protocol,
+        Protocol::Grpc,
+        "the protocol survives the cache"
+    );
+    assert_eq!(instance.weight, 300);
+    let mut changes = matchmaker.changes();
+    // Only what was watched is cached: another service, or a client
+    // without a cache, fails as unreachable.
+    match second.watch_service("lobby").await {
+        Err(Error::Unreachable { .. }) => {}
+        other => panic!("expected Unreachable for an uncached service, got {other:?}"),
+    }
+    let no_cache = client(&endpoints, "integration", None);
+    match no_cache.watch_service("matchmaker").await {
+        Err(Error::Unreachable {
+            endpoints: tried, ..
+        }) => assert_eq!(tried.len(), 2),
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+
+    // A daemon returns and a second instance joins: the watch catches up.
+    daemon.up().await;
+    admin
+        .register_persistent("integration", "matchmaker", "mm-2", "10.0.0.2:7000")
+        .await;
+    timeout(Duration::from_secs(10), async {
+        loop {
+            changes.changed().await.unwrap();
+            if changes.borrow_and_update().instances.len() == 2 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("caught up after the daemon returned");
+    assert_eq!(matchmaker.source(), Source::Daemon);
+    let current = matchmaker.get();
+    let ids: Vec<&str> = current.instances.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(ids, ["mm-1", "mm-2"]);
+    assert!(current.revision > cached.revision);
 }
 
 /// Puts `seq = i` for i in `range`, waiting after each until the handle

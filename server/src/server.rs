@@ -33,12 +33,12 @@ use crate::service_watch::ServicesLens;
 use crate::store::Store;
 use crate::view::{JournalLimits, View};
 use strata_proto::v1::ErrorReason;
-use strata_proto::v1::config_service_server::{ConfigService, ConfigServiceServer};
+use strata_proto::v1::config_service_server::ConfigServiceServer;
 use strata_proto::v1::registry_service_server::{RegistryService, RegistryServiceServer};
 use strata_proto::v1::tenant_service_server::TenantServiceServer;
 use strata_proto::v1::{
     DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
-    RegisterResponse, WatchConfigRequest, WatchConfigResponse,
+    RegisterResponse,
 };
 
 /// Everything request handlers share.
@@ -203,17 +203,15 @@ pub async fn run(
         .add_service(ConfigServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(RegistryServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .into_axum_router()
-        // More specific than the service's catch-all route, so it wins.
-        .route_service(WATCH_PATH, {
-            let api = GrpcApi::new(Arc::clone(&state));
-            tower::service_fn(move |request: axum::extract::Request| {
-                let method = WatchMethod(api.clone());
-                async move {
-                    let mut grpc = tonic::server::Grpc::new(WatchCodec);
-                    Ok::<_, std::convert::Infallible>(grpc.server_streaming(method, request).await)
-                }
-            })
-        })
+        // More specific than the services' catch-all routes, so they win.
+        .route_service(
+            crate::grpc::WATCH_CONFIG_PATH,
+            crate::grpc::watch_config_route(GrpcApi::new(Arc::clone(&state))),
+        )
+        .route_service(
+            crate::grpc::WATCH_SERVICES_PATH,
+            crate::grpc::watch_services_route(GrpcApi::new(Arc::clone(&state))),
+        )
         .route_service(
             REGISTER_PATH,
             unary_route::<RegisterRequest, RegisterResponse>(&state, |api, r| {
@@ -431,7 +429,7 @@ impl<E, D> Default for SmallCodec<E, D> {
 struct SmallHalf<T>(PhantomData<fn() -> T>);
 
 fn unary_buffers() -> BufferSettings {
-    BufferSettings::new(UNARY_BUFFER, WATCH_YIELD_THRESHOLD)
+    BufferSettings::new(UNARY_BUFFER, YIELD_THRESHOLD)
 }
 
 impl<E, D> Codec for SmallCodec<E, D>
@@ -484,95 +482,9 @@ impl<T: Message + Default> Decoder for SmallHalf<T> {
     }
 }
 
-/// Route of `ConfigService.Watch`.
-const WATCH_PATH: &str = "/strata.v1.ConfigService/Watch";
-
-/// Bytes each Watch stream's encoder reserves when the stream opens. tonic's
-/// default, 8 KiB, stays allocated for the life of the stream, which with
-/// thousands of mostly idle subscribers was the largest per-stream cost; a
-/// push larger than this grows that one stream's buffer as needed.
-const WATCH_ENCODE_BUFFER: usize = 256;
-
-/// Encoded bytes after which a stream hands what it has to HTTP/2 even when
-/// more messages are ready (tonic's default).
-const WATCH_YIELD_THRESHOLD: usize = 32 * 1024;
-
-/// `ConfigService.Watch` exactly as the generated server serves it (the
-/// handler is still [`ConfigService::watch`]), but with [`WatchCodec`]'s
-/// small buffers.
-#[derive(Clone)]
-struct WatchMethod(GrpcApi);
-
-impl tonic::server::ServerStreamingService<WatchConfigRequest> for WatchMethod {
-    type Response = WatchConfigResponse;
-    type ResponseStream = <GrpcApi as ConfigService>::WatchStream;
-    type Future = Pin<
-        Box<
-            dyn Future<Output = Result<tonic::Response<Self::ResponseStream>, tonic::Status>>
-                + Send,
-        >,
-    >;
-
-    fn call(&mut self, request: tonic::Request<WatchConfigRequest>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move { api.watch(request).await })
-    }
-}
-
-/// Protobuf codec of `ConfigService.Watch` with small per-stream buffers
-/// (see [`WATCH_ENCODE_BUFFER`]).
-#[derive(Debug, Clone, Copy, Default)]
-struct WatchCodec;
-
-fn watch_buffers() -> BufferSettings {
-    BufferSettings::new(WATCH_ENCODE_BUFFER, WATCH_YIELD_THRESHOLD)
-}
-
-impl Codec for WatchCodec {
-    type Encode = WatchConfigResponse;
-    type Decode = WatchConfigRequest;
-    type Encoder = WatchCodec;
-    type Decoder = WatchCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        WatchCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        WatchCodec
-    }
-}
-
-impl Encoder for WatchCodec {
-    type Item = WatchConfigResponse;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Self::Item, buf: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
-        // tonic reserves the message's length before encoding, so this only
-        // fails if the message changed size meanwhile.
-        item.encode(buf)
-            .map_err(|e| tonic::Status::internal(format!("cannot encode a watch message: {e}")))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        watch_buffers()
-    }
-}
-
-impl Decoder for WatchCodec {
-    type Item = WatchConfigRequest;
-    type Error = tonic::Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
-        WatchConfigRequest::decode(buf)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(format!("cannot decode the request: {e}")))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        watch_buffers()
-    }
-}
+/// Encoded bytes after which a unary response is handed to HTTP/2 (tonic's
+/// default; a unary call has one message, so it never applies in practice).
+const YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// The daemon's listener: every accepted connection gets `TCP_NODELAY`, as
 /// gRPC servers set it (a push must not wait for the peer to acknowledge

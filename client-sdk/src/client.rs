@@ -112,9 +112,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Keeps the last resolved value of everything watched in
-    /// `<dir>/<project>/<tenant>.json`, so a game server started while every
-    /// daemon is down starts from it. Off unless set.
+    /// Keeps the last resolved value of every config key and service this
+    /// client watches (not `watch_tenant_services`, whose users need live
+    /// data) in `<dir>/<project>/<tenant>.json`, so a game server started
+    /// while every daemon is down starts from it. Off unless set.
     pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cache_dir = Some(dir.into());
         self

@@ -8,8 +8,8 @@
 //!   and which notify of every change (a `tokio::sync::watch` receiver or a
 //!   callback with the old and new value); a bad value keeps the last good
 //!   one and is reported, never panics;
-//! - **a disk fallback** — with [`ClientBuilder::cache_dir`], everything
-//!   watched is written atomically to disk, and a game server started while
+//! - **a disk fallback** — with [`ClientBuilder::cache_dir`], every config
+//!   key and service watched is written atomically to disk, and a game server started while
 //!   every daemon is down starts from it, then catches up;
 //! - **self-registration** — [`Client::register`] returns a
 //!   [`Registration`] guard that keeps the instance's lease alive across

@@ -268,7 +268,7 @@ const WATCH_YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// Protobuf codec of the watch streams: requests are decoded as usual,
 /// responses are [`Encoded`] messages copied as they are, and both
-/// directions keep small buffers (see [`WATCH_ENCODE_BUFFER`]).
+/// directions keep small buffers (see `WATCH_ENCODE_BUFFER`).
 #[derive(Debug)]
 pub struct EncodedWatchCodec<Req>(PhantomData<fn() -> Req>);
 

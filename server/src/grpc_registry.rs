@@ -1,5 +1,5 @@
 //! gRPC handlers of `RegistryService`: thin — decode the request into the
-//! domain's terms, call [`Api`], encode the answer; errors go through the one
+//! domain's terms, call [`crate::api::Api`], encode the answer; errors go through the one
 //! table in [`crate::error`]. Also the conversions of registry objects to
 //! and from the wire, which the services watch shares.
 

@@ -5,7 +5,7 @@
 //!
 //! Subscribers with the same (project, tenant, selection) share a group; a
 //! group keeps the last resolved view and one broadcast channel. After the
-//! view applies a revision, [`Hub::on_batch`] visits only the groups whose
+//! view applies a revision, `Hub::on_batch` visits only the groups whose
 //! tenant chain contains a changed tenant, re-resolves only the affected keys
 //! (all selected keys when a tenant of the chain itself changed), and sends
 //! one message per group — built once, shared by every subscriber of the

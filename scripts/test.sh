@@ -4,7 +4,7 @@
 #   ./scripts/test.sh
 #
 # Used as-is by CI (.ci/run). Steps: install missing system packages, check
-# formatting, clippy with warnings as errors, build every binary (the
+# formatting, clippy with warnings as errors, rustdoc, build every binary (the
 # end-to-end tests start the real `stratad`), then `cargo test` for the whole
 # workspace.
 set -euo pipefail
@@ -51,6 +51,9 @@ cargo fmt --all -- --check
 
 echo "==> cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> cargo doc (broken links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
 echo "==> cargo build --bins"
 cargo build --workspace --bins --locked

@@ -595,3 +595,85 @@ async fn tcp_routes_fall_back_like_http() {
         assert_eq!(tcp_call(port).await.0, "integration.echo");
     }
 }
+
+/// An HTTP/1.1 service that accepts any upgrade and then echoes bytes.
+async fn upgrade_app() -> (SocketAddr, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|mut req: Request<Incoming>| async move {
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(upgraded) = upgrade.await {
+                            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        }
+                    });
+                    let response = Response::builder()
+                        .status(101)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "echo")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_upgrades_become_a_tunnel() {
+    use tokio::io::AsyncReadExt;
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    let (ws, _ws) = upgrade_app().await;
+    register(api, "integration", "ws", "ws-1", ws, "http").await;
+    let sidecar = Sidecar::start(&daemon.endpoint(), PROJECT, "integration", &[], &[]).await;
+
+    let mut stream = TcpStream::connect(sidecar.outbound).await.unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nhost: ws\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("response head in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "closed before the head ended: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for message in [&b"hello"[..], b"through the sidecar"] {
+        stream.write_all(message).await.unwrap();
+        let mut echo = vec![0u8; message.len()];
+        timeout(Duration::from_secs(5), stream.read_exact(&mut echo))
+            .await
+            .expect("echo in time")
+            .unwrap();
+        assert_eq!(echo, message);
+    }
+}

@@ -793,11 +793,16 @@ async fn a_service_watch_follows_fallback_and_balancers_spread_over_it() {
     let held: Vec<_> = (0..30)
         .map(|_| p2c.pick(&current.instances).unwrap())
         .collect();
+    // Two distinct random candidates, the less loaded wins. The spread is
+    // random, not exact: the least loaded instance is left out of a third
+    // of the draws, and two tied leaders drawn together push one ahead.
+    // Simulated over 300k runs of 30 picks: never above 12 or below 5.
     for instance in &current.instances {
-        assert_eq!(
-            p2c.in_flight(instance),
-            10,
-            "even spread with equal weights"
+        let in_flight = p2c.in_flight(instance);
+        assert!(
+            (4..=13).contains(&in_flight),
+            "even spread with equal weights: {} has {in_flight} of 30 in flight",
+            instance.id
         );
     }
     drop(held);

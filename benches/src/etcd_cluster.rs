@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::BoxError;
 use crate::daemon::{free_port, readyz};
+use crate::daemon::{machine_busy_seconds, process_cpu_seconds};
 
 /// How long a starting member or daemon may take to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -551,30 +552,4 @@ impl CpuMarks {
             other: (self.machine - start.machine - etcd - stratad - bench).max(0.0),
         }
     }
-}
-
-/// utime + stime of `/proc/PID/stat`, seconds.
-fn process_cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are
-    // fields 14 and 15 of the line, so 11 and 12 here.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ is 100 on every Linux ABI the benchmarks run on.
-    Some(ticks as f64 / 100.0)
-}
-
-/// Busy time of the whole machine from `/proc/stat`, seconds.
-fn machine_busy_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let (idle, iowait) = (*f.get(3)?, *f.get(4)?);
-    Some((f.iter().sum::<u64>() - idle - iowait) as f64 / 100.0)
 }

@@ -228,9 +228,9 @@ impl GrpcApi {
             .await?)
     }
 
-    /// A `RegistryService.WatchServices` subscription, validated as
-    /// `RegistryService::watch_services` validates it.
-    async fn subscribe_services(
+    /// A `RegistryService.WatchServices` subscription: the service names
+    /// validated, then subscribed on the services hub.
+    pub(crate) async fn subscribe_services(
         &self,
         request: Request<WatchServicesRequest>,
     ) -> Result<Subscription<ServicesLens>, Status> {

@@ -22,7 +22,6 @@ use crate::error::ApiError;
 use crate::grpc::GrpcApi;
 use crate::hub::MessageStream;
 use crate::registry::{BranchRegistration, InstanceInfo, Registration, ServiceResolution};
-use crate::service_watch::ServiceSelection;
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::new(strata_proto::v1::ErrorReason::InvalidArgument, message)
@@ -412,20 +411,9 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<WatchServicesRequest>,
     ) -> Result<Response<Self::WatchServicesStream>, Status> {
-        let r = request.into_inner();
-        for service in &r.services {
-            crate::domain::names::validate_service(service).map_err(|e| bad(e.to_string()))?;
-        }
-        let hub = self.state.services_hub()?;
-        let subscription = hub
-            .subscribe(
-                r.project,
-                r.tenant,
-                ServiceSelection::new(r.services),
-                r.start_revision,
-                self.state.shutdown.clone(),
-            )
-            .await?;
+        // Served through `grpc::watch_services_route` (encoded once per
+        // group); this generated entry point shares its subscription.
+        let subscription = self.subscribe_services(request).await?;
         Ok(Response::new(subscription.into_stream()))
     }
 }

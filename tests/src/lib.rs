@@ -214,24 +214,11 @@ impl Daemon {
     /// Polls `/readyz` until it answers 200; panics with the daemon's stderr
     /// when it exits or the timeout passes.
     pub async fn wait_ready(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "stratad exited early with {status}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            if let Ok((200, _)) = http_get(self.addr, "/readyz").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stratad not ready after {timeout:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let stderr = Arc::clone(&self.stderr);
+        poll_ready(&mut self.child, self.addr, "stratad", timeout, || {
+            stderr.lock().unwrap().clone()
+        })
+        .await;
     }
 
     /// Waits for the process to exit; panics after `timeout`.
@@ -362,4 +349,30 @@ pub async fn http_ok(addr: SocketAddr, method: &str, path: &str, body: &str) -> 
         "{method} {path} -> {status} {json}"
     );
     json
+}
+
+/// Polls `addr`'s `/readyz` until it answers 200; panics with `stderr()`
+/// when `child` exits or `timeout` passes. Shared by the process helpers.
+pub(crate) async fn poll_ready(
+    child: &mut Child,
+    addr: SocketAddr,
+    name: &str,
+    timeout: Duration,
+    stderr: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{name} exited early with {status}; stderr:\n{}", stderr());
+        }
+        if let Ok((200, _)) = http_get(addr, "/readyz").await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not ready after {timeout:?}; stderr:\n{}",
+            stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -110,24 +110,15 @@ impl Sidecar {
 
     /// Polls `/readyz` until 200; panics with its stderr otherwise.
     pub async fn wait_ready(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "strata-sidecar exited with {status}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            if let Ok((200, _)) = http_get(self.admin, "/readyz").await {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "strata-sidecar not ready after {timeout:?}; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let stderr = Arc::clone(&self.stderr);
+        crate::poll_ready(
+            &mut self.child,
+            self.admin,
+            "strata-sidecar",
+            timeout,
+            || stderr.lock().unwrap().clone(),
+        )
+        .await;
     }
 
     /// `GET /routes`, parsed.

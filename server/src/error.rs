@@ -59,6 +59,9 @@ impl ApiError {
             ErrorReason::Compacted => (Code::OutOfRange, StatusCode::GONE),
             ErrorReason::LimitExceeded => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
             ErrorReason::Unavailable => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
+            ErrorReason::Unauthenticated => (Code::Unauthenticated, StatusCode::UNAUTHORIZED),
+            ErrorReason::PermissionDenied => (Code::PermissionDenied, StatusCode::FORBIDDEN),
+            ErrorReason::RateLimited => (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
             ErrorReason::Internal | ErrorReason::Unspecified => {
                 (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR)
             }
@@ -77,6 +80,9 @@ impl ApiError {
             ErrorReason::Compacted => "compacted",
             ErrorReason::LimitExceeded => "limit_exceeded",
             ErrorReason::Unavailable => "unavailable",
+            ErrorReason::Unauthenticated => "unauthenticated",
+            ErrorReason::PermissionDenied => "permission_denied",
+            ErrorReason::RateLimited => "rate_limited",
         }
     }
 }

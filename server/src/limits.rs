@@ -1,0 +1,537 @@
+//! Limits beyond single-value sizes: counts per tenant and per project
+//! (enforced in the same plan/compare loop as every write), the request
+//! rate per token (a token bucket behind the authentication layer), and the
+//! middleware that gives every HTTP error a JSON body.
+//!
+//! **Counts.** A write that adds a tenant, a config key or an instance is
+//! planned against the view, which knows the current count. To keep
+//! concurrent writers from passing the limit together, such a write also
+//! puts a *guard* key (`q/{project}` for tenants, `q/{project}/{tenant}/c`
+//! for config keys, `q/{project}/{tenant}/i` for instances) with a compare
+//! that the guard has not changed since the revision the plan saw. Two
+//! guarded writers of one project or tenant therefore conflict, and the
+//! loser is re-planned against a view that counts the winner. Tenants are
+//! always guarded (creating one is rare); config keys and instances only
+//! once the count is within [`CONFIG_GUARD_MARGIN`] / [`INSTANCE_GUARD_MARGIN`]
+//! of the limit, so busy tenants far from it do not serialise their
+//! registrations. Guards of a tenant are deleted with it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Deserialize;
+use strata_proto::v1::ErrorReason;
+
+use crate::error::ApiError;
+use crate::store::{Compare, CompareOp, Revision, Txn};
+
+/// Writes adding a config key pin the tenant's guard once its key count
+/// is this close to the limit.
+pub const CONFIG_GUARD_MARGIN: usize = 256;
+/// Writes adding an instance pin the tenant's guard once its instance count
+/// is this close to the limit.
+pub const INSTANCE_GUARD_MARGIN: usize = 1024;
+
+/// Count limits (0 in a setting: no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CountLimits {
+    /// Most tenants in one project.
+    pub max_tenants_per_project: usize,
+    /// Most config keys (layers) in one tenant.
+    pub max_config_keys_per_tenant: usize,
+    /// Most service instances in one tenant.
+    pub max_instances_per_tenant: usize,
+    /// Longest config key, bytes (at most 512, the key syntax's own limit).
+    pub max_key_bytes: usize,
+    /// Longest label value, bytes.
+    pub max_label_value_bytes: usize,
+}
+
+impl Default for CountLimits {
+    fn default() -> Self {
+        Self {
+            max_tenants_per_project: 10_000,
+            max_config_keys_per_tenant: 10_000,
+            max_instances_per_tenant: 50_000,
+            max_key_bytes: crate::domain::names::MAX_KEY_LEN,
+            max_label_value_bytes: 256,
+        }
+    }
+}
+
+/// Request rate per token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateSettings {
+    /// Sustained requests per second per token (0: unlimited).
+    pub per_second: f64,
+    /// Requests a token may send at once after being idle.
+    pub burst: f64,
+}
+
+impl Default for RateSettings {
+    fn default() -> Self {
+        Self {
+            per_second: 10_000.0,
+            burst: 20_000.0,
+        }
+    }
+}
+
+impl Eq for RateSettings {}
+
+/// The `[limits]` table of the configuration file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Largest config value, bytes (validated in `config.rs`).
+    pub max_value_bytes: Option<i64>,
+    /// Longest config key, bytes.
+    pub max_key_bytes: Option<i64>,
+    /// Most labels on a tenant.
+    pub max_labels: Option<i64>,
+    /// Longest label value, bytes.
+    pub max_label_value_bytes: Option<i64>,
+    /// Most metadata entries of an instance.
+    pub max_metadata_entries: Option<i64>,
+    /// Most bytes of an instance's metadata keys and values together.
+    pub max_metadata_bytes: Option<i64>,
+    /// Most endpoints of an instance.
+    pub max_endpoints: Option<i64>,
+    /// Most tenants per project (0: unlimited).
+    pub max_tenants_per_project: Option<i64>,
+    /// Most config keys per tenant (0: unlimited).
+    pub max_config_keys_per_tenant: Option<i64>,
+    /// Most instances per tenant (0: unlimited).
+    pub max_instances_per_tenant: Option<i64>,
+    /// Requests per second per token (0: unlimited).
+    pub requests_per_second: Option<f64>,
+    /// Burst of requests per token.
+    pub request_burst: Option<f64>,
+}
+
+/// Applies the `[limits]` tables of the sources (later ones winning) to
+/// `limits`; errors name the setting and its source.
+pub(crate) fn apply_layers(
+    layers: &[(LimitsFile, String)],
+    limits: &mut crate::api::Limits,
+) -> Result<(), crate::config::ConfigError> {
+    let invalid = |setting: &'static str, source: &str, message: String| {
+        crate::config::ConfigError::Invalid {
+            setting,
+            source_name: source.to_owned(),
+            message,
+        }
+    };
+    let count = |setting: &'static str, source: &str, v: i64, min: i64, max: i64| {
+        if (min..=max).contains(&v) {
+            usize::try_from(v).map_err(|e| invalid(setting, source, e.to_string()))
+        } else {
+            Err(invalid(
+                setting,
+                source,
+                format!("must be between {min} and {max}, got {v}"),
+            ))
+        }
+    };
+    for (l, source) in layers {
+        let s = source.as_str();
+        if let Some(v) = l.max_key_bytes {
+            limits.counts.max_key_bytes = count(
+                "limits.max_key_bytes",
+                s,
+                v,
+                1,
+                crate::domain::names::MAX_KEY_LEN as i64,
+            )?;
+        }
+        if let Some(v) = l.max_labels {
+            limits.max_labels = count("limits.max_labels", s, v, 0, 10_000)?;
+        }
+        if let Some(v) = l.max_label_value_bytes {
+            limits.counts.max_label_value_bytes =
+                count("limits.max_label_value_bytes", s, v, 1, 1 << 20)?;
+        }
+        if let Some(v) = l.max_metadata_entries {
+            limits.registration.max_metadata_entries =
+                count("limits.max_metadata_entries", s, v, 0, 100_000)?;
+        }
+        if let Some(v) = l.max_metadata_bytes {
+            limits.registration.max_metadata_bytes =
+                count("limits.max_metadata_bytes", s, v, 0, 16 << 20)?;
+        }
+        if let Some(v) = l.max_endpoints {
+            limits.registration.max_endpoints = count("limits.max_endpoints", s, v, 1, 10_000)?;
+        }
+        if let Some(v) = l.max_tenants_per_project {
+            limits.counts.max_tenants_per_project =
+                count("limits.max_tenants_per_project", s, v, 0, i64::MAX)?;
+        }
+        if let Some(v) = l.max_config_keys_per_tenant {
+            limits.counts.max_config_keys_per_tenant =
+                count("limits.max_config_keys_per_tenant", s, v, 0, i64::MAX)?;
+        }
+        if let Some(v) = l.max_instances_per_tenant {
+            limits.counts.max_instances_per_tenant =
+                count("limits.max_instances_per_tenant", s, v, 0, i64::MAX)?;
+        }
+        if let Some(v) = l.requests_per_second {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(
+                    "limits.requests_per_second",
+                    s,
+                    format!("must be 0 (unlimited) or positive, got {v}"),
+                ));
+            }
+            limits.rate.per_second = v;
+        }
+        if let Some(v) = l.request_burst {
+            if !(v.is_finite() && v >= 1.0) {
+                return Err(invalid(
+                    "limits.request_burst",
+                    s,
+                    format!("must be at least 1, got {v}"),
+                ));
+            }
+            limits.rate.burst = v;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- counts
+
+/// Key of the guard of a project's tenant count.
+pub fn tenants_guard(project: &str) -> Vec<u8> {
+    format!("q/{project}").into_bytes()
+}
+
+fn config_guard(project: &str, tenant: &str) -> Vec<u8> {
+    format!("q/{project}/{tenant}/c").into_bytes()
+}
+
+fn instances_guard(project: &str, tenant: &str) -> Vec<u8> {
+    format!("q/{project}/{tenant}/i").into_bytes()
+}
+
+/// Pins `guard` to the state the plan saw (`seen`: the view's revision).
+fn guard(txn: Txn, guard: Vec<u8>, seen: Revision) -> Txn {
+    txn.when(Compare::mod_revision(guard.clone(), CompareOp::Less, seen + 1))
+        .put(guard, Vec::new())
+}
+
+fn exceeded(what: String, limit: usize, setting: &str) -> ApiError {
+    ApiError::new(ErrorReason::LimitExceeded, what)
+        .with("limit", limit)
+        .with("setting", setting)
+}
+
+/// Checks that a project with `current` tenants may get `adding` more, and
+/// guards the count. Call from the plan of a write.
+pub(crate) fn plan_tenants(
+    limits: &CountLimits,
+    project: &str,
+    current: usize,
+    adding: usize,
+    seen: Revision,
+    txn: Txn,
+) -> Result<Txn, ApiError> {
+    let max = limits.max_tenants_per_project;
+    if max == 0 || adding == 0 {
+        return Ok(txn);
+    }
+    if current + adding > max {
+        return Err(exceeded(
+            format!("project {project:?} has {current} tenants; the limit is {max}"),
+            max,
+            "limits.max_tenants_per_project",
+        ));
+    }
+    Ok(guard(txn, tenants_guard(project), seen))
+}
+
+/// Checks that a tenant with `current` config keys may get `adding` new
+/// ones, and guards the count near the limit.
+pub(crate) fn plan_config_keys(
+    limits: &CountLimits,
+    project: &str,
+    tenant: &str,
+    current: usize,
+    adding: usize,
+    seen: Revision,
+    txn: Txn,
+) -> Result<Txn, ApiError> {
+    let max = limits.max_config_keys_per_tenant;
+    if max == 0 || adding == 0 {
+        return Ok(txn);
+    }
+    if current + adding > max {
+        return Err(exceeded(
+            format!("tenant {tenant:?} has {current} config keys; the limit is {max}"),
+            max,
+            "limits.max_config_keys_per_tenant",
+        ));
+    }
+    if current + adding + CONFIG_GUARD_MARGIN > max {
+        return Ok(guard(txn, config_guard(project, tenant), seen));
+    }
+    Ok(txn)
+}
+
+/// Checks that a tenant with `current` instances may get `adding` new ones,
+/// and guards the count near the limit.
+pub(crate) fn plan_instances(
+    limits: &CountLimits,
+    project: &str,
+    tenant: &str,
+    current: usize,
+    adding: usize,
+    seen: Revision,
+    txn: Txn,
+) -> Result<Txn, ApiError> {
+    let max = limits.max_instances_per_tenant;
+    if max == 0 || adding == 0 {
+        return Ok(txn);
+    }
+    if current + adding > max {
+        return Err(exceeded(
+            format!("tenant {tenant:?} has {current} instances; the limit is {max}"),
+            max,
+            "limits.max_instances_per_tenant",
+        ));
+    }
+    if current + adding + INSTANCE_GUARD_MARGIN > max {
+        return Ok(guard(txn, instances_guard(project, tenant), seen));
+    }
+    Ok(txn)
+}
+
+// ---------------------------------------------------------------- rate
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Token buckets per token id.
+#[derive(Debug)]
+pub struct RateLimiter {
+    settings: RateSettings,
+    buckets: Mutex<HashMap<Arc<str>, Bucket>>,
+}
+
+/// Buckets kept before idle (full) ones are dropped.
+const MAX_BUCKETS: usize = 10_000;
+
+impl RateLimiter {
+    /// A limiter with `settings`.
+    pub fn new(settings: RateSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Takes one request from `token`'s bucket; `Err(wait)` when it is
+    /// empty, with how long until the next request is allowed.
+    pub fn take(&self, token: &Arc<str>, now: Instant) -> Result<(), Duration> {
+        let RateSettings { per_second, burst } = self.settings;
+        if per_second <= 0.0 {
+            return Ok(());
+        }
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(token) {
+            buckets.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * per_second < burst
+            });
+        }
+        let bucket = buckets.entry(Arc::clone(token)).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let refill = now.saturating_duration_since(bucket.at).as_secs_f64() * per_second;
+        bucket.tokens = (bucket.tokens + refill).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second))
+        }
+    }
+}
+
+/// Paths never rate limited: probes and scrapes (they carry no token).
+fn unlimited_path(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+        || path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.")
+}
+
+/// The rate-limit middleware: must run inside the authentication layer
+/// (it keys buckets by the principal's token id). A refused request gets
+/// `RATE_LIMITED` — HTTP 429 with `Retry-After` (whole seconds, at least
+/// 1) and a JSON body, gRPC `RESOURCE_EXHAUSTED` with `retry_after_ms` in
+/// the error detail.
+pub async fn rate_limit(
+    State(limiter): State<Arc<RateLimiter>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if limiter.settings.per_second <= 0.0 || unlimited_path(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Some(token) = request
+        .extensions()
+        .get::<crate::auth::Principal>()
+        .map(|p| Arc::clone(&p.token_id))
+    else {
+        return next.run(request).await;
+    };
+    match limiter.take(&token, Instant::now()) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => {
+            metrics::counter!("strata_rate_limited_total").increment(1);
+            let error = ApiError::new(
+                ErrorReason::RateLimited,
+                format!(
+                    "token {token:?} sent more than {} requests per second (burst {}); retry in {} ms",
+                    limiter.settings.per_second,
+                    limiter.settings.burst,
+                    wait.as_millis().max(1)
+                ),
+            )
+            .with("retry_after_ms", wait.as_millis().max(1));
+            if crate::telemetry::is_grpc(request.headers()) {
+                tonic::Status::from(error).into_http()
+            } else {
+                let mut response = error.into_response();
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(seconds.max(1)),
+                );
+                response
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- JSON errors
+
+/// Largest non-JSON error body read to become the JSON error's message.
+const MAX_ERROR_TEXT: usize = 4 * 1024;
+
+/// Gives every HTTP (non-gRPC) error response a JSON body
+/// `{"error":{"code","message","metadata"}}`: the router's own answers
+/// (405 for a method a route does not have, 400 for a path segment that is
+/// not UTF-8 or a malformed query) are plain text or empty otherwise.
+pub async fn json_errors(request: Request, next: Next) -> Response {
+    if crate::telemetry::is_grpc(request.headers()) {
+        return next.run(request).await;
+    }
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.as_u16() < 400 || is_json(response.headers()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_ERROR_TEXT)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let reason = match status {
+        StatusCode::UNAUTHORIZED => ErrorReason::Unauthenticated,
+        StatusCode::FORBIDDEN => ErrorReason::PermissionDenied,
+        StatusCode::NOT_FOUND => ErrorReason::NotFound,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorReason::LimitExceeded,
+        StatusCode::TOO_MANY_REQUESTS => ErrorReason::RateLimited,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorReason::Unavailable,
+        s if s.is_server_error() => ErrorReason::Internal,
+        _ => ErrorReason::InvalidArgument,
+    };
+    let message = if text.is_empty() {
+        let allow = parts
+            .headers
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .map(|a| format!("; allowed: {a}"))
+            .unwrap_or_default();
+        format!(
+            "{}{allow}",
+            status.canonical_reason().unwrap_or("request refused")
+        )
+    } else {
+        text
+    };
+    let mut response = ApiError::new(reason, message).into_response();
+    *response.status_mut() = status;
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
+fn is_json(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_refill_at_the_rate_and_cap_at_the_burst() {
+        let limiter = RateLimiter::new(RateSettings {
+            per_second: 10.0,
+            burst: 3.0,
+        });
+        let token: Arc<str> = "t1".into();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(limiter.take(&token, t0).is_ok());
+        }
+        let wait = limiter.take(&token, t0).unwrap_err();
+        assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO);
+        // Another token has its own bucket.
+        assert!(limiter.take(&"t2".into(), t0).is_ok());
+        assert!(limiter.take(&token, t0 + Duration::from_millis(100)).is_ok());
+        assert!(limiter.take(&token, t0 + Duration::from_millis(100)).is_err());
+        // A long pause refills only up to the burst.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(limiter.take(&token, later).is_ok());
+        }
+        assert!(limiter.take(&token, later).is_err());
+    }
+
+    #[test]
+    fn counts_are_refused_at_the_limit_and_guarded_near_it() {
+        let limits = CountLimits {
+            max_tenants_per_project: 2,
+            max_instances_per_tenant: 5000,
+            ..CountLimits::default()
+        };
+        let txn = plan_tenants(&limits, "p", 1, 1, 7, Txn::new()).unwrap();
+        assert_eq!(txn.ops.len(), 1, "creating a tenant puts the guard");
+        let e = plan_tenants(&limits, "p", 2, 1, 7, Txn::new()).unwrap_err();
+        assert_eq!(e.reason, ErrorReason::LimitExceeded);
+        let far = plan_instances(&limits, "p", "t", 10, 1, 7, Txn::new()).unwrap();
+        assert!(far.ops.is_empty(), "far from the limit, no guard");
+        let near = plan_instances(&limits, "p", "t", 4000, 1, 7, Txn::new()).unwrap();
+        assert_eq!(near.compares.len(), 1);
+    }
+}

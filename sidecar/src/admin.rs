@@ -1,5 +1,6 @@
 //! The admin server: `/routes` (where each service resolves for each
-//! followed tenant, and why), `/metrics` (Prometheus), `/healthz` (the
+//! followed tenant, and why), `/inbound` (which tenants call the app, when
+//! the inbound listener runs), `/metrics` (Prometheus), `/healthz` (the
 //! process runs) and `/readyz` (the own tenant's routes arrived and the
 //! sidecar is not draining).
 
@@ -30,6 +31,8 @@ pub struct Admin {
     pub prometheus: PrometheusHandle,
     /// Set once shutdown began.
     pub draining: Arc<AtomicBool>,
+    /// Callers of the app, when the inbound listener runs.
+    pub inbound: Option<Arc<crate::inbound::InboundTenants>>,
 }
 
 /// Serves until `shutdown`.
@@ -96,6 +99,21 @@ impl Admin {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "text/plain",
                     e.to_string(),
+                ),
+            },
+            "/inbound" => match &self.inbound {
+                Some(seen) => match serde_json::to_vec_pretty(&seen.view()) {
+                    Ok(body) => reply(StatusCode::OK, "application/json", body),
+                    Err(e) => reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        e.to_string(),
+                    ),
+                },
+                None => reply(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "no inbound listener (start with --inbound LISTEN=APP)\n",
                 ),
             },
             "/metrics" => reply(

@@ -54,6 +54,19 @@ fn describe() {
         "strata_sidecar_upstream_retries_total",
         "Requests moved to another instance after a failed connect."
     );
+    describe_counter!(
+        "strata_sidecar_proxy_header_errors_total",
+        "TCP connections on accept-proxy routes refused for a missing, malformed or late PROXY v2 header."
+    );
+    describe_counter!(
+        "strata_sidecar_inbound_requests_total",
+        "Calls through the inbound listener to the app, by calling tenant and status class (code)."
+    );
+    describe_histogram!(
+        "strata_sidecar_inbound_request_duration_seconds",
+        Unit::Seconds,
+        "Time from an inbound call's arrival to the app's response head."
+    );
     describe_gauge!(
         "strata_sidecar_routes",
         "Routes in the current table (tenant × service)."

@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "strata/v1/tenant.proto",
     "strata/v1/config.proto",
     "strata/v1/registry.proto",
+    "strata/v1/auth.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -10,6 +10,7 @@
 
 mod output;
 mod service;
+mod token;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, IsTerminal, Write};
@@ -57,6 +58,8 @@ struct Cli {
     /// Per-call timeout, e.g. `5s`.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+    #[command(flatten)]
+    token: token::TokenArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,6 +77,9 @@ enum Command {
     /// Register, resolve and follow service instances.
     #[command(subcommand)]
     Service(service::ServiceCommand),
+    /// Create, list and revoke bearer tokens (admin).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Follow a tenant's resolved configuration: a snapshot, then every
     /// change. Reconnects and resumes from the last revision seen.
     Watch {
@@ -269,14 +275,22 @@ pub(crate) struct Ctx {
     pub(crate) timeout: Duration,
     pub(crate) project: String,
     pub(crate) out: Output,
+    /// Bearer token from `STRATA_TOKEN` or `--token-file`.
+    pub(crate) token: Option<String>,
 }
 
 impl Ctx {
     /// Connects to the first reachable daemon.
     pub(crate) async fn connect(&self) -> Result<Connection, Failure> {
-        Connection::connect(&self.endpoints, self.timeout)
+        let connection = Connection::connect(&self.endpoints, self.timeout)
             .await
-            .map_err(|e| Failure::Server(e.to_string()))
+            .map_err(|e| Failure::Server(e.to_string()))?;
+        match &self.token {
+            Some(token) => connection
+                .with_token(token)
+                .map_err(|e| Failure::Usage(format!("STRATA_TOKEN / --token-file: {e}"))),
+            None => Ok(connection),
+        }
     }
 }
 
@@ -302,11 +316,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         timeout: cli.timeout,
         project: cli.project,
         out: cli.output,
+        token: cli.token.token().map_err(Failure::Usage)?,
     };
     // Service commands validate their arguments before connecting, so a usage
     // error is reported as one even when no daemon is up.
     if let Command::Service(cmd) = cli.command {
         return service::run(&ctx, cmd).await;
+    }
+    if let Command::Token(cmd) = cli.command {
+        return token::run(&ctx, cmd).await;
     }
     if let Command::Tenant(TenantCommand::Delete { yes: false, .. }) = &cli.command
         && !std::io::stdin().is_terminal()
@@ -356,7 +374,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             follow(&ctx, client, request, |m| out.watch_message(m)).await?;
         }
         // Handled above, before connecting.
-        Command::Service(_) => {}
+        Command::Service(_) | Command::Token(_) => {}
     }
     Ok(())
 }

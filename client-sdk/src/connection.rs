@@ -8,9 +8,11 @@ use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::config_service_client::ConfigServiceClient;
 use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
+use strata_proto::v1::token_service_client::TokenServiceClient;
 use tonic::transport::Channel;
 
 use crate::Error;
+use crate::token::{AuthChannel, BearerToken};
 use crate::endpoints::parse_endpoint;
 
 /// A connection to one of several daemons, for tools that call the raw API.
@@ -18,6 +20,7 @@ use crate::endpoints::parse_endpoint;
 pub struct Connection {
     channel: Channel,
     endpoint: String,
+    token: BearerToken,
 }
 
 impl Connection {
@@ -38,6 +41,7 @@ impl Connection {
                     return Ok(Self {
                         channel,
                         endpoint: uri,
+                        token: BearerToken::none(),
                     });
                 }
                 Err(e) => last_error = format!("{uri}: {e}"),
@@ -49,28 +53,44 @@ impl Connection {
         })
     }
 
+    /// Sends `token` (`authorization: Bearer <token>`) with every call of
+    /// the clients made from now on.
+    pub fn with_token(mut self, token: &str) -> Result<Self, Error> {
+        self.token = BearerToken::new(token)?;
+        Ok(self)
+    }
+
+    fn authed(&self) -> AuthChannel {
+        AuthChannel::new(self.channel.clone(), self.token.clone())
+    }
+
     /// The endpoint this connection reached.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
 
     /// `AdminService` client.
-    pub fn admin(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::new(self.channel.clone())
+    pub fn admin(&self) -> AdminServiceClient<AuthChannel> {
+        AdminServiceClient::new(self.authed())
     }
 
     /// `TenantService` client.
-    pub fn tenants(&self) -> TenantServiceClient<Channel> {
-        TenantServiceClient::new(self.channel.clone())
+    pub fn tenants(&self) -> TenantServiceClient<AuthChannel> {
+        TenantServiceClient::new(self.authed())
     }
 
     /// `ConfigService` client.
-    pub fn config(&self) -> ConfigServiceClient<Channel> {
-        ConfigServiceClient::new(self.channel.clone())
+    pub fn config(&self) -> ConfigServiceClient<AuthChannel> {
+        ConfigServiceClient::new(self.authed())
     }
 
     /// `RegistryService` client.
-    pub fn registry(&self) -> RegistryServiceClient<Channel> {
-        RegistryServiceClient::new(self.channel.clone())
+    pub fn registry(&self) -> RegistryServiceClient<AuthChannel> {
+        RegistryServiceClient::new(self.authed())
+    }
+
+    /// `TokenService` client (create, list, revoke tokens; admin only).
+    pub fn tokens(&self) -> TokenServiceClient<AuthChannel> {
+        TokenServiceClient::new(self.authed())
     }
 }

@@ -80,6 +80,7 @@ mod format;
 pub mod propagation;
 mod registration;
 mod tenant_services;
+mod token;
 mod watch;
 
 pub use balance::{InFlight, PowerOfTwoChoices, RoundRobin};
@@ -91,5 +92,6 @@ pub use error::{Error, WatchError};
 pub use registration::{InstanceSpec, Registration};
 pub use strata_proto::v1 as proto;
 pub use tenant_services::{TenantServices, TenantServicesWatch};
+pub use token::{AuthChannel, BearerToken};
 pub use tonic::{Code, Status};
 pub use watch::Source;

@@ -47,6 +47,16 @@ pub struct Flags {
     /// the embedded store, e.g. `http://10.0.0.1:2379,http://10.0.0.2:2379`.
     #[arg(long, value_name = "URLS")]
     pub etcd_endpoints: Option<String>,
+    /// Require a bearer token on every call: `on` (default) or `off` (local
+    /// experiments only; every caller may do everything).
+    #[arg(long, value_name = "on|off")]
+    pub auth: Option<String>,
+    /// Where first start writes the admin token [default: <data-dir>/admin.token].
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Whether `/metrics` needs a token: `open` (default) or `token`.
+    #[arg(long, value_name = "open|token")]
+    pub metrics_auth: Option<String>,
 }
 
 /// Log output format.
@@ -98,6 +108,8 @@ pub struct Config {
     /// The etcd cluster to store data in; `None`: the embedded store in
     /// `data_dir`.
     pub etcd: Option<crate::store::etcd::EtcdOptions>,
+    /// Tokens: enforcement, the admin token file, `/metrics`.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// A configuration problem, reported as one line; `stratad` exits with 64.
@@ -150,6 +162,16 @@ struct Layer {
     history: HistoryLayer,
     #[serde(default)]
     etcd: EtcdLayer,
+    #[serde(default)]
+    auth: AuthLayer,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthLayer {
+    mode: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    metrics: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -248,6 +270,9 @@ struct Merged {
     etcd_key_file: Sourced<Option<PathBuf>>,
     etcd_username: Sourced<Option<String>>,
     etcd_password_file: Sourced<Option<PathBuf>>,
+    auth_mode: Sourced<String>,
+    admin_token_file: Sourced<Option<PathBuf>>,
+    metrics_auth: Sourced<String>,
 }
 
 fn set<T>(slot: &mut Sourced<T>, value: Option<T>, source: impl FnOnce() -> String) {
@@ -307,6 +332,9 @@ impl Merged {
             etcd_key_file: none(),
             etcd_username: none(),
             etcd_password_file: none(),
+            auth_mode: d("on"),
+            admin_token_file: none(),
+            metrics_auth: d("open"),
         }
     }
 
@@ -368,6 +396,14 @@ impl Merged {
             etcd.password_file.map(Some),
             || name("etcd.password_file"),
         );
+        let auth = layer.auth;
+        set(&mut self.auth_mode, auth.mode, || name("auth.mode"));
+        set(
+            &mut self.admin_token_file,
+            auth.admin_token_file.map(Some),
+            || name("auth.admin_token_file"),
+        );
+        set(&mut self.metrics_auth, auth.metrics, || name("auth.metrics"));
     }
 }
 
@@ -393,6 +429,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("STRATA_ETCD_KEY_FILE", "etcd.key_file"),
     ("STRATA_ETCD_USERNAME", "etcd.username"),
     ("STRATA_ETCD_PASSWORD_FILE", "etcd.password_file"),
+    ("STRATA_AUTH", "auth.mode"),
+    ("STRATA_ADMIN_TOKEN_FILE", "auth.admin_token_file"),
+    ("STRATA_METRICS_AUTH", "auth.metrics"),
 ];
 
 fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
@@ -446,6 +485,11 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
             username: get("STRATA_ETCD_USERNAME"),
             password_file: get("STRATA_ETCD_PASSWORD_FILE").map(PathBuf::from),
         },
+        auth: AuthLayer {
+            mode: get("STRATA_AUTH"),
+            admin_token_file: get("STRATA_ADMIN_TOKEN_FILE").map(PathBuf::from),
+            metrics: get("STRATA_METRICS_AUTH"),
+        },
     })
 }
 
@@ -457,6 +501,13 @@ fn env_name(setting: &str) -> String {
 }
 
 fn flag_name(setting: &str) -> String {
+    // The auth flags are named for what operators type, not the file's table.
+    match setting {
+        "auth.mode" => return "--auth".into(),
+        "auth.admin_token_file" => return "--admin-token-file".into(),
+        "auth.metrics" => return "--metrics-auth".into(),
+        _ => {}
+    }
     format!("--{}", setting.replace(['.', '_'], "-"))
 }
 
@@ -521,6 +572,11 @@ impl Config {
                 etcd: EtcdLayer {
                     endpoints: flags.etcd_endpoints.clone().map(Endpoints::Joined),
                     ..EtcdLayer::default()
+                },
+                auth: AuthLayer {
+                    mode: flags.auth.clone(),
+                    admin_token_file: flags.admin_token_file.clone(),
+                    metrics: flags.metrics_auth.clone(),
                 },
             },
             flag_name,
@@ -644,6 +700,7 @@ impl Merged {
             ));
         }
         let etcd = self.etcd()?;
+        let auth = self.auth()?;
         Ok(Config {
             listen,
             data_dir: self.data_dir.value,
@@ -663,6 +720,43 @@ impl Merged {
                 ..crate::view::JournalLimits::default()
             },
             etcd,
+            auth,
+        })
+    }
+
+    /// The auth settings: `auth.mode` on|off, `auth.metrics` open|token.
+    fn auth(&self) -> Result<crate::auth::AuthConfig, ConfigError> {
+        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+            setting,
+            source_name: source.to_owned(),
+            message,
+        };
+        let mode = match self.auth_mode.value.trim() {
+            "on" => crate::auth::AuthMode::On,
+            "off" => crate::auth::AuthMode::Off,
+            other => {
+                return Err(invalid(
+                    "auth.mode",
+                    &self.auth_mode.source,
+                    format!("{other:?} is not one of: on, off"),
+                ));
+            }
+        };
+        let metrics_need_token = match self.metrics_auth.value.trim() {
+            "open" => false,
+            "token" => true,
+            other => {
+                return Err(invalid(
+                    "auth.metrics",
+                    &self.metrics_auth.source,
+                    format!("{other:?} is not one of: open, token"),
+                ));
+            }
+        };
+        Ok(crate::auth::AuthConfig {
+            mode,
+            admin_token_file: self.admin_token_file.value.clone(),
+            metrics_need_token,
         })
     }
 

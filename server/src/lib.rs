@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -28,4 +29,5 @@ pub mod server;
 pub mod service_watch;
 pub mod store;
 pub mod telemetry;
+pub mod tokens;
 pub mod view;

@@ -78,10 +78,29 @@ async fn serve(config: Config) -> Result<(), String> {
         compaction: config.compaction.clone(),
         limits: config.limits,
         journal: config.journal,
+        auth: auth_options(&config),
     };
     server::run(listener, store, options, shutdown_signal())
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The auth settings with the admin token file resolved (default
+/// `<data-dir>/admin.token`, also with etcd: the data directory is then
+/// only used for this file). Warns loudly when auth is off.
+fn auth_options(config: &Config) -> strata_server::auth::AuthConfig {
+    let mut auth = config.auth.clone();
+    if auth.admin_token_file.is_none() {
+        auth.admin_token_file = Some(config.data_dir.join("admin.token"));
+    }
+    if auth.mode == strata_server::auth::AuthMode::Off {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (--auth=off): anyone who can reach {} may read, change and \
+             delete everything. Use this only for local experiments.",
+            config.listen
+        );
+    }
+    auth
 }
 
 /// Says how large config values may be on etcd, and what etcd must accept

@@ -36,6 +36,7 @@ use strata_proto::v1::ErrorReason;
 use strata_proto::v1::config_service_server::ConfigServiceServer;
 use strata_proto::v1::registry_service_server::{RegistryService, RegistryServiceServer};
 use strata_proto::v1::tenant_service_server::TenantServiceServer;
+use strata_proto::v1::token_service_server::TokenServiceServer;
 use strata_proto::v1::{
     DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse,
@@ -55,6 +56,8 @@ pub struct DaemonState {
     pub shutdown: CancellationToken,
     /// Size and count limits on writes.
     pub limits: Limits,
+    /// Checks bearer tokens; its table follows the store.
+    pub auth: Arc<crate::auth::Authenticator>,
     ready: AtomicBool,
     api: OnceLock<Api>,
     hub: OnceLock<Arc<Hub<ConfigLens>>>,
@@ -127,6 +130,8 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// How much recent history the view keeps for resuming watches.
     pub journal: JournalLimits,
+    /// Tokens (`admin_token_file` `None`: `./admin.token`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// Failures that stop the server.
@@ -141,6 +146,9 @@ pub enum ServerError {
     /// The store failed while loading.
     #[error("store failed while loading: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The token table could not be loaded or the admin token created.
+    #[error("{0}")]
+    Auth(String),
     /// Serving failed.
     #[error("server failed: {0}")]
     Serve(std::io::Error),
@@ -167,6 +175,7 @@ pub async fn run(
         prometheus,
         shutdown: CancellationToken::new(),
         limits: options.limits,
+        auth: crate::auth::Authenticator::new(&options.auth),
         ready: AtomicBool::new(false),
         api: OnceLock::new(),
         hub: OnceLock::new(),
@@ -202,6 +211,13 @@ pub async fn run(
         .add_service(TenantServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(ConfigServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(RegistryServiceServer::new(GrpcApi::new(Arc::clone(&state))))
+        .add_service(TokenServiceServer::new(crate::tokens::TokenApi(
+            crate::tokens::Tokens::new(
+                Arc::clone(&store),
+                Arc::clone(&state.auth),
+                state.member.clone(),
+            ),
+        )))
         .into_axum_router()
         // More specific than the services' catch-all routes, so they win.
         .route_service(
@@ -234,6 +250,12 @@ pub async fn run(
         .merge(crate::http::router(Arc::clone(&state)))
         .merge(crate::http_api::router(Arc::clone(&state)))
         .fallback(crate::http::fallback)
+        // Every route, the fallback included, passes authentication first;
+        // requests refused there are still counted by `track_requests`.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.auth),
+            crate::auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn(crate::telemetry::track_requests));
 
     let stop_accepting = state.shutdown.clone();
@@ -255,6 +277,22 @@ pub async fn run(
     let _ = state
         .services_hub
         .set(Hub::new(Arc::clone(&view), state.member.clone()));
+    // Tokens load (and on a new store, the admin token is created) before
+    // readiness, so a ready daemon authenticates every valid token.
+    let token_file = options
+        .auth
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("admin.token"));
+    let tokens_loaded = crate::tokens::start(store.as_ref(), &state.auth, &token_file)
+        .await
+        .map_err(ServerError::Auth)?;
+    let token_follower = tokio::spawn(crate::tokens::follow(
+        Arc::clone(&store),
+        Arc::clone(&state.auth),
+        tokens_loaded,
+        state.shutdown.clone(),
+    ));
     let follower =
         tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), state.shutdown.clone()));
     // Only this function sets it, once.
@@ -302,6 +340,7 @@ pub async fn run(
         upkeep.abort();
         jobs.abort();
         follower.abort();
+        token_follower.abort();
         return match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ServerError::Serve(e)),
@@ -330,6 +369,7 @@ pub async fn run(
         jobs.abort();
     }
     follower.abort();
+    token_follower.abort();
     match drained {
         Ok(Ok(Ok(()))) => {
             tracing::info!("drained; stopped");

@@ -2,13 +2,20 @@
 //! real `stratad` processes on free loopback ports with temporary data
 //! directories, talking to them over real sockets, and stopping them with
 //! signals. Every process a test starts is killed when its handle drops.
+//!
+//! Daemons run with authentication on, as in production: the harness reads
+//! the admin token each daemon writes on first start ([`Daemon::admin_token`])
+//! and its helpers send it — [`strata`] as `STRATA_TOKEN`, the `http_*`
+//! helpers as `authorization: Bearer …`, [`Daemon::channel`] on every gRPC
+//! call. Replicas over one etcd cluster share one admin token file.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test harness: failing loudly is the point
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -19,6 +26,29 @@ use tokio::process::{Child, Command};
 
 pub mod etcd;
 pub mod sidecar;
+
+pub use strata_client::{AuthChannel, BearerToken};
+
+/// Admin token file of every daemon started by this process, by address,
+/// so that the address-based helpers ([`http_request`], [`strata`]) find
+/// the token of the daemon they talk to.
+static TOKEN_FILES: LazyLock<Mutex<HashMap<SocketAddr, PathBuf>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Admin token files shared by replicas of one etcd cluster and prefix
+/// (only the replica that bootstraps the store writes it), in a directory
+/// that lives as long as the test process.
+static SHARED_TOKEN_FILES: LazyLock<Mutex<(TempDir, HashMap<String, PathBuf>)>> =
+    LazyLock::new(|| Mutex::new((tempfile::tempdir().expect("tempdir"), HashMap::new())));
+
+/// The admin token of the daemon at `addr`, when it has one (not with
+/// `--auth=off`, not for daemons this process did not start).
+pub fn token_for(addr: SocketAddr) -> Option<String> {
+    let path = TOKEN_FILES.lock().unwrap().get(&addr).cloned()?;
+    let text = std::fs::read_to_string(path).ok()?;
+    let token = text.trim();
+    (!token.is_empty()).then(|| token.to_owned())
+}
 
 /// Path of the `stratad` binary under test: `$STRATAD_BIN`, else the one
 /// cargo built next to this test binary (`target/<profile>/stratad`).
@@ -56,6 +86,7 @@ pub async fn strata(daemon: &Daemon, args: &[&str]) -> (i32, String, String) {
             .arg(daemon.endpoint())
             .args(args)
             .env_clear()
+            .envs(token_for(daemon.addr).map(|t| ("STRATA_TOKEN", t)))
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),
@@ -85,6 +116,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     /// Its data directory.
     pub data_dir: PathBuf,
+    /// Where it writes (or wrote) the admin token on first start.
+    pub admin_token_file: PathBuf,
     stderr: Arc<Mutex<String>>,
     _tmp: Option<TempDir>,
 }
@@ -96,6 +129,7 @@ pub struct DaemonBuilder {
     env: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
     addr: Option<SocketAddr>,
+    admin_token_file: Option<PathBuf>,
 }
 
 impl DaemonBuilder {
@@ -124,9 +158,63 @@ impl DaemonBuilder {
         self
     }
 
+    /// Writes the admin token of first start to `path` instead of
+    /// `<data-dir>/admin.token`.
+    pub fn admin_token_file(mut self, path: &Path) -> Self {
+        self.admin_token_file = Some(path.to_owned());
+        self
+    }
+
+    /// The value of `--name X`/`--name=X` among the arguments, else of the
+    /// environment variable `env`.
+    fn setting(&self, flag: &str, env: &str) -> Option<String> {
+        let mut args = self.args.iter();
+        while let Some(arg) = args.next() {
+            if arg == flag {
+                return args.next().cloned();
+            }
+            if let Some(v) = arg.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+                return Some(v.to_owned());
+            }
+        }
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == env)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// The admin token file: as given, else one shared by every replica of
+    /// the same etcd cluster and prefix, else `<data-dir>/admin.token`.
+    fn token_file(&self, data_dir: &Path) -> PathBuf {
+        if let Some(path) = &self.admin_token_file {
+            return path.clone();
+        }
+        if let Some(path) = self.setting("--admin-token-file", "STRATA_ADMIN_TOKEN_FILE") {
+            return PathBuf::from(path);
+        }
+        if let Some(endpoints) = self.setting("--etcd-endpoints", "STRATA_ETCD_ENDPOINTS") {
+            let mut members: Vec<&str> = endpoints.split(',').map(str::trim).collect();
+            members.sort_unstable();
+            let prefix = self
+                .setting("--etcd-prefix", "STRATA_ETCD_PREFIX")
+                .unwrap_or_default();
+            let key = format!("{}|{prefix}", members.join(","));
+            let mut shared = SHARED_TOKEN_FILES.lock().unwrap();
+            let n = shared.1.len();
+            let dir = shared.0.path().to_owned();
+            return shared
+                .1
+                .entry(key)
+                .or_insert_with(|| dir.join(format!("admin-{n}.token")))
+                .clone();
+        }
+        data_dir.join("admin.token")
+    }
+
     /// Spawns the daemon without waiting for readiness.
     pub fn spawn(self) -> Daemon {
-        let (tmp, data_dir) = match self.data_dir {
+        let (tmp, data_dir) = match self.data_dir.clone() {
             Some(dir) => (None, dir),
             None => {
                 let tmp = tempfile::tempdir().expect("tempdir");
@@ -137,12 +225,19 @@ impl DaemonBuilder {
         let addr: SocketAddr = self
             .addr
             .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
+        let admin_token_file = self.token_file(&data_dir);
+        TOKEN_FILES
+            .lock()
+            .unwrap()
+            .insert(addr, admin_token_file.clone());
         let mut command = Command::new(stratad_bin());
         command
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(&data_dir)
+            .arg("--admin-token-file")
+            .arg(&admin_token_file)
             .args(&self.args)
             .env_clear()
             .env("RUST_BACKTRACE", "1")
@@ -167,6 +262,7 @@ impl DaemonBuilder {
             child,
             addr,
             data_dir,
+            admin_token_file,
             stderr,
             _tmp: tmp,
         }
@@ -189,6 +285,41 @@ impl Daemon {
     /// Starts a daemon with defaults and waits for readiness.
     pub async fn start() -> Daemon {
         Self::builder().start().await
+    }
+
+    /// The admin token (valid for every project) this daemon — or the
+    /// replica that bootstrapped its store — wrote on first start. Panics
+    /// when there is none (a daemon with `--auth=off`).
+    pub fn admin_token(&self) -> String {
+        let text = std::fs::read_to_string(&self.admin_token_file).unwrap_or_else(|e| {
+            panic!(
+                "no admin token at {}: {e}; stderr:\n{}",
+                self.admin_token_file.display(),
+                self.stderr()
+            )
+        });
+        text.trim().to_owned()
+    }
+
+    /// A gRPC channel to this daemon whose calls carry the admin token
+    /// (none with `--auth=off`): `XServiceClient::new(daemon.channel().await)`.
+    pub async fn channel(&self) -> AuthChannel {
+        self.channel_as(token_for(self.addr).as_deref()).await
+    }
+
+    /// A gRPC channel to this daemon whose calls carry `token` (or none).
+    pub async fn channel_as(&self, token: Option<&str>) -> AuthChannel {
+        let channel = tonic::transport::Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.addr));
+        let token = match token {
+            Some(t) => BearerToken::new(t).expect("token is a header value"),
+            None => BearerToken::none(),
+        };
+        AuthChannel::new(channel, token)
     }
 
     /// `http://127.0.0.1:<port>`, for gRPC channels.
@@ -267,7 +398,31 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 }
 
 /// A minimal HTTP/1.1 request over a fresh connection: (status, body).
+/// Sends the admin token of the daemon at `addr` unless `headers` has an
+/// `authorization` header already.
 pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let has_auth = headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("authorization"));
+    let bearer = (!has_auth)
+        .then(|| token_for(addr))
+        .flatten()
+        .map(|t| format!("Bearer {t}"));
+    let mut all: Vec<(&str, &str)> = headers.to_vec();
+    if let Some(b) = &bearer {
+        all.push(("authorization", b));
+    }
+    http_request_as(addr, method, path, &all, body).await
+}
+
+/// [`http_request`] sending exactly `headers` (no token unless given).
+pub async fn http_request_as(
     addr: SocketAddr,
     method: &str,
     path: &str,

@@ -70,6 +70,15 @@ impl Sidecar {
             .args(extra)
             .env_clear()
             .env("RUST_BACKTRACE", "1")
+            // The admin token of the daemon at `endpoint`, when this process started it.
+            .envs(
+                endpoint
+                    .trim_start_matches("http://")
+                    .parse()
+                    .ok()
+                    .and_then(crate::token_for)
+                    .map(|t| ("STRATA_TOKEN", t)),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

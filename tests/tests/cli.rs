@@ -193,6 +193,7 @@ async fn strata_watch_prints_snapshot_and_changes_until_the_tenant_is_deleted() 
             "watch",
             "feat-1",
         ])
+        .env("STRATA_TOKEN", daemon.admin_token())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

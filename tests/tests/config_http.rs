@@ -101,9 +101,7 @@ async fn feature_tenant_sees_its_override_and_the_rest_from_integration() {
     assert_eq!(raw, "name: b\nport: 7000\n");
 
     // The same through gRPC.
-    let mut grpc = ConfigServiceClient::connect(daemon.endpoint())
-        .await
-        .unwrap();
+    let mut grpc = ConfigServiceClient::new(daemon.channel().await);
     let resolved = grpc
         .resolve(ResolveRequest {
             project: "vega".into(),

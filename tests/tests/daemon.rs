@@ -19,16 +19,11 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-async fn channel(daemon: &Daemon) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(daemon.endpoint())
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .unwrap()
+async fn channel(daemon: &Daemon) -> strata_tests::AuthChannel {
+    daemon.channel().await
 }
 
-async fn health(channel: &tonic::transport::Channel, service: &str) -> i32 {
+async fn health(channel: &strata_tests::AuthChannel, service: &str) -> i32 {
     HealthClient::new(channel.clone())
         .check(HealthCheckRequest {
             service: service.into(),
@@ -39,7 +34,7 @@ async fn health(channel: &tonic::transport::Channel, service: &str) -> i32 {
         .status
 }
 
-async fn reflected_services(channel: &tonic::transport::Channel) -> Vec<String> {
+async fn reflected_services(channel: &strata_tests::AuthChannel) -> Vec<String> {
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -141,9 +141,7 @@ async fn feature_tenant_resolves_its_own_service_and_falls_back_for_the_rest() {
     }
 
     // Watch b from feat-1 before feat-1 has it: integration serves.
-    let mut registry = RegistryServiceClient::connect(daemon.endpoint())
-        .await
-        .unwrap();
+    let mut registry = RegistryServiceClient::new(daemon.channel().await);
     let mut watch = registry
         .watch_services(WatchServicesRequest {
             project: "vega".into(),
@@ -596,9 +594,7 @@ async fn a_resumed_services_watch_gets_exactly_the_missed_changes_or_a_reset() {
     )
     .await;
 
-    let mut registry = RegistryServiceClient::connect(daemon.endpoint())
-        .await
-        .unwrap();
+    let mut registry = RegistryServiceClient::new(daemon.channel().await);
     let request = |start_revision| WatchServicesRequest {
         project: "vega".into(),
         tenant: "feat-1".into(),

@@ -43,7 +43,7 @@ use strata_proto::v1::{
 use strata_server::store::etcd::{EtcdOptions, EtcdStore};
 use strata_server::store::{KeyRange, Revision, Store};
 use strata_tests::etcd::{EtcdCluster, EtcdSettings, etcd_available};
-use strata_tests::{Daemon, http_get, http_json, http_ok, http_request};
+use strata_tests::{AuthChannel, BearerToken, Daemon, http_get, http_json, http_ok, http_request};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -132,9 +132,9 @@ fn tail(log: &str) -> String {
 /// gRPC clients of one replica.
 #[derive(Clone)]
 struct Client {
-    config: ConfigServiceClient<Channel>,
-    tenants: TenantServiceClient<Channel>,
-    registry: RegistryServiceClient<Channel>,
+    config: ConfigServiceClient<AuthChannel>,
+    tenants: TenantServiceClient<AuthChannel>,
+    registry: RegistryServiceClient<AuthChannel>,
 }
 
 impl Client {
@@ -146,6 +146,7 @@ impl Client {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", daemon.addr));
+        let channel = AuthChannel::new(channel, BearerToken::new(&daemon.admin_token()).unwrap());
         Self {
             config: ConfigServiceClient::new(channel.clone()),
             tenants: TenantServiceClient::new(channel.clone()),
@@ -728,6 +729,7 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
     let etcd = start_etcd(3, EtcdSettings::default()).await;
     let daemons = replicas(&etcd, 2, &[]).await;
     let survivor_endpoint = daemons[1].endpoint();
+    let survivor_token = daemons[1].admin_token();
     let client_a = Client::new(&daemons[0]).await;
     let mut client_b = Client::new(&daemons[1]).await;
     client_b.create_tenant("integration").await;
@@ -817,6 +819,7 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
             client_a.clone()
         };
         let survivor_endpoint = survivor_endpoint.clone();
+        let survivor_token = survivor_token.clone();
         writers.push(tokio::spawn(async move {
             let mut acked: Vec<(Revision, String, String)> = Vec::new();
             let mut switched = false;
@@ -844,7 +847,10 @@ async fn subscribers_resume_on_another_replica_without_loss_or_duplicate() {
                             .connect()
                             .await
                             .unwrap();
-                        client.config = ConfigServiceClient::new(channel);
+                        client.config = ConfigServiceClient::new(AuthChannel::new(
+                            channel,
+                            BearerToken::new(&survivor_token).unwrap(),
+                        ));
                     }
                     Err(e) => panic!("writer {w}: write {i} failed: {e}"),
                 }

@@ -51,7 +51,21 @@ fn client(endpoints: &[String], tenant: &str, cache: Option<&Path>) -> Client {
     if let Some(dir) = cache {
         builder = builder.cache_dir(dir);
     }
+    if let Some(token) = token_of(endpoints) {
+        builder = builder.token(token);
+    }
     builder.build().unwrap()
+}
+
+/// The admin token of the first of `endpoints` this process started a
+/// daemon on (replicas of one store share it).
+fn token_of(endpoints: &[String]) -> Option<String> {
+    endpoints.iter().find_map(|e| {
+        e.trim_start_matches("http://")
+            .parse::<SocketAddr>()
+            .ok()
+            .and_then(strata_tests::token_for)
+    })
 }
 
 /// Admin-side calls (what a CD step or operator would do), retried while a
@@ -71,7 +85,12 @@ impl Admin {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match Connection::connect(&[&self.endpoint], Duration::from_secs(1)).await {
-                Ok(c) => return c,
+                Ok(c) => {
+                    return match token_of(std::slice::from_ref(&self.endpoint)) {
+                        Some(token) => c.with_token(&token).unwrap(),
+                        None => c,
+                    };
+                }
                 Err(e) => {
                     assert!(Instant::now() < deadline, "daemon unreachable: {e}");
                     sleep(Duration::from_millis(50)).await;

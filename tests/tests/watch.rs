@@ -13,9 +13,9 @@ use strata_proto::v1::{
     CreateTenantRequest, DeleteLayerRequest, DeleteTenantRequest, PutConfigRequest,
     WatchConfigRequest, WatchConfigResponse,
 };
+use strata_tests::AuthChannel as Channel;
 use strata_tests::Daemon;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 struct Fixture {
     config: ConfigServiceClient<Channel>,
@@ -24,11 +24,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new(daemon: &Daemon) -> Self {
-        let channel = Channel::from_shared(daemon.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = daemon.channel().await;
         Self {
             config: ConfigServiceClient::new(channel.clone()),
             tenants: TenantServiceClient::new(channel),

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Checks everything under deploy/ that cargo test does not:
+#
+#   scripts/check-deploy.sh            # check
+#   scripts/check-deploy.sh --update   # also re-render deploy/helm/rendered/*.yaml
+#
+# - Prometheus rules: `promtool check rules` and the unit tests
+#   (`promtool test rules deploy/prometheus/alerts_test.yaml`).
+# - Helm chart: rendered for both modes with Helm's engine (PyPI
+#   helm-python-sdk), `helm lint --strict`, every manifest validated against
+#   the Kubernetes schemas (PyPI kubernetes-validate, strict), the rendered
+#   copies in deploy/helm/rendered/ up to date (scripts/check_chart.py).
+# - The Grafana dashboard parses as JSON.
+# - systemd: `systemd-analyze verify` of deploy/systemd/stratad.service.
+#
+# Installs what is missing: promtool is extracted from Debian's
+# `prometheus` package (only the binary: installing the package would start
+# a Prometheus server), the Python packages go into a virtualenv under
+# ~/.cache. tests/tests/deploy.rs checks the metric names these files use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+update=""
+[ "${1:-}" = "--update" ] && update="--update"
+
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/strata-deploy-check"
+mkdir -p "$cache/bin"
+export PATH="$cache/bin:$PATH"
+
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "==> extracting promtool from Debian's prometheus package"
+  tmp=$(mktemp -d)
+  (
+    cd "$tmp"
+    apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; }
+    dpkg-deb -x prometheus_*.deb root
+  )
+  cp "$tmp/root/usr/bin/promtool" "$cache/bin/promtool"
+  rm -rf "$tmp"
+fi
+
+# Pinned: a new Helm engine or schema set changes the output on its own.
+PY_PACKAGES=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+venv="$cache/venv"
+if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, jsonschema' >/dev/null 2>&1 \
+  || ! "$venv/bin/pip" freeze 2>/dev/null | grep -qx 'helm-python-sdk==0.2.2'; then
+  echo "==> installing ${PY_PACKAGES[*]} into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}" pyyaml
+fi
+
+echo "==> promtool check rules"
+promtool check rules deploy/prometheus/alerts.yaml
+echo "==> promtool test rules"
+promtool test rules deploy/prometheus/alerts_test.yaml
+
+echo "==> helm chart: render, lint, validate"
+"$venv/bin/python" scripts/check_chart.py $update
+
+echo "==> grafana dashboard"
+python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print("dashboard", repr(d["title"]), len(d["panels"]), "panels")' \
+  deploy/grafana/strata.json
+
+if command -v systemd-analyze >/dev/null 2>&1; then
+  echo "==> systemd-analyze verify"
+  # verify resolves ExecStart; point it at a stand-in binary of the same name.
+  unit_dir=$(mktemp -d)
+  trap 'rm -rf "$unit_dir"' EXIT
+  mkdir -p "$unit_dir/bin"
+  printf '#!/bin/sh\n' >"$unit_dir/bin/stratad"
+  chmod +x "$unit_dir/bin/stratad"
+  sed "s#/usr/local/bin/stratad#$unit_dir/bin/stratad#" deploy/systemd/stratad.service >"$unit_dir/stratad.service"
+  out=$(systemd-analyze verify "$unit_dir/stratad.service" 2>&1) || { echo "$out"; exit 1; }
+  # verify exits 0 on some warnings (unknown keys); treat any line about our unit as a failure.
+  if echo "$out" | grep -i "stratad.service" | grep -v "^$"; then
+    exit 1
+  fi
+  echo "stratad.service: ok"
+else
+  echo "==> systemd-analyze not found: skipping the unit check"
+fi
+echo "deploy checks passed"

@@ -46,7 +46,15 @@ if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, jsons
   || ! "$venv/bin/pip" freeze 2>/dev/null | grep -qx 'helm-python-sdk==0.2.2'; then
   echo "==> installing ${PY_PACKAGES[*]} into $venv"
   rm -rf "$venv"
-  python3 -m venv "$venv"
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    # Debian's python3 keeps venv in its own package.
+    rm -rf "$venv"
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq python3-venv
+    python3 -m venv "$venv"
+  fi
   "$venv/bin/pip" install --quiet --disable-pip-version-check "${PY_PACKAGES[@]}" pyyaml
 fi
 
@@ -58,9 +66,34 @@ promtool test rules deploy/prometheus/alerts_test.yaml
 echo "==> helm chart: render, lint, validate"
 "$venv/bin/python" scripts/check_chart.py $update
 
-echo "==> grafana dashboard"
-python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); print("dashboard", repr(d["title"]), len(d["panels"]), "panels")' \
-  deploy/grafana/strata.json
+echo "==> grafana dashboard: every query parses (promtool)"
+# The panel queries, with Grafana's variables filled in, as recording rules:
+# promtool then parses each one as Prometheus would.
+dash_rules=$(mktemp --suffix=.yaml)
+python3 - deploy/grafana/strata.json "$dash_rules" <<'PY'
+import json, sys
+dashboard = json.load(open(sys.argv[1]))
+exprs = []
+def walk(v):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k == "expr" and isinstance(x, str):
+                exprs.append(x)
+            else:
+                walk(x)
+    elif isinstance(v, list):
+        for x in v:
+            walk(x)
+walk(dashboard["panels"])
+rules = []
+for i, e in enumerate(exprs):
+    e = e.replace("$__rate_interval", "5m").replace("$sidecar_job", ".*").replace("$job", ".*").replace("$project", ".*")
+    rules.append({"record": f"dashboard:query_{i}", "expr": e})
+json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
+print(f"dashboard {dashboard['title']!r}: {len(dashboard['panels'])} panels, {len(exprs)} queries")
+PY
+promtool check rules "$dash_rules" >/dev/null || { promtool check rules "$dash_rules"; rm -f "$dash_rules"; exit 1; }
+rm -f "$dash_rules"
 
 if command -v systemd-analyze >/dev/null 2>&1; then
   echo "==> systemd-analyze verify"

@@ -4,7 +4,9 @@
 #   ./scripts/test.sh
 #
 # Used as-is by CI (.ci/run). Steps: install missing system packages, check
-# formatting, clippy with warnings as errors, rustdoc, build every binary (the
+# formatting, clippy with warnings as errors, rustdoc, the deploy/ checks
+# (scripts/check-deploy.sh installs promtool and its Python tools itself),
+# build every binary (the
 # end-to-end tests start the real `stratad`), then `cargo test` for the whole
 # workspace.
 set -euo pipefail
@@ -54,6 +56,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> cargo doc (broken links are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
+echo "==> deploy/ checks (promtool rules and unit tests, Helm chart render + Kubernetes schemas, dashboard queries, systemd unit)"
+scripts/check-deploy.sh
 
 echo "==> cargo build --bins"
 cargo build --workspace --bins --locked

@@ -27,6 +27,7 @@ pub struct ClientBuilder {
     startup_timeout: Duration,
     backoff: Backoff,
     cache_dir: Option<PathBuf>,
+    tracing: crate::trace::TracingConfig,
 }
 
 impl Default for ClientBuilder {
@@ -44,6 +45,7 @@ impl Default for ClientBuilder {
                 max: Duration::from_secs(5),
             },
             cache_dir: None,
+            tracing: crate::trace::TracingConfig::off(),
         }
     }
 }
@@ -121,6 +123,16 @@ impl ClientBuilder {
         self
     }
 
+    /// Exports spans of this client's calls over OTLP/gRPC and sends their
+    /// W3C `traceparent` to the daemon (see [`crate::trace`]); usually
+    /// `TracingConfig::from_env(std::env::vars())?`. Off by default, and
+    /// when off it costs nothing. When on, [`ClientBuilder::build`] must run
+    /// inside a Tokio runtime.
+    pub fn tracing(mut self, config: crate::trace::TracingConfig) -> Self {
+        self.tracing = config;
+        self
+    }
+
     /// Builds the client. Nothing is dialled yet: the first call or watch
     /// connects. Fails on an empty endpoint list, an invalid endpoint, a
     /// missing tenant or a token that cannot be sent as a header.
@@ -143,6 +155,7 @@ impl ClientBuilder {
             .cache_dir
             .map(|dir| DiskCache::open(&dir, &self.project, &self.tenant))
             .map(Arc::new);
+        let trace = self.tracing.start("strata-client")?;
         Ok(Client {
             inner: Arc::new(Inner {
                 pool,
@@ -152,6 +165,7 @@ impl ClientBuilder {
                 request_timeout: self.request_timeout,
                 startup_timeout: self.startup_timeout,
                 cache,
+                trace,
             }),
         })
     }
@@ -165,6 +179,8 @@ pub(crate) struct Inner {
     pub(crate) request_timeout: Duration,
     pub(crate) startup_timeout: Duration,
     pub(crate) cache: Option<Arc<DiskCache>>,
+    /// The span exporter, when tracing is on.
+    pub(crate) trace: Option<crate::trace::Exporter>,
 }
 
 /// A client of a set of `stratad` daemons, for one project and tenant.
@@ -222,6 +238,45 @@ impl Client {
     /// The disk cache file, when a cache directory was set.
     pub fn cache_path(&self) -> Option<&Path> {
         self.inner.cache.as_deref().map(DiskCache::path)
+    }
+
+    /// Exports the spans of finished calls now (when tracing is on). Call
+    /// it before the process exits: spans are otherwise sent in batches.
+    pub async fn flush_traces(&self) {
+        if let Some(exporter) = &self.inner.trace {
+            exporter.flush().await;
+        }
+    }
+
+    /// Starts the client span of one call to `method` (the gRPC path
+    /// without its leading `/`) about `service`, a child of the caller's
+    /// current OpenTelemetry context; `None` when tracing is off.
+    pub(crate) fn start_call_span(
+        &self,
+        method: &'static str,
+        service: &str,
+    ) -> Option<opentelemetry::Context> {
+        let exporter = self.inner.trace.as_ref()?;
+        Some(crate::trace::start_call_span(
+            exporter,
+            method,
+            &self.inner.project,
+            &self.inner.tenant,
+            service,
+        ))
+    }
+
+    /// [`Client::request`] carrying `span`'s `traceparent`.
+    pub(crate) fn traced_request<T>(
+        &self,
+        message: T,
+        span: Option<&opentelemetry::Context>,
+    ) -> tonic::Request<T> {
+        let mut request = self.request(message);
+        if let Some(cx) = span {
+            crate::trace::inject_metadata(cx, request.metadata_mut());
+        }
+        request
     }
 
     /// Wraps a message with the token.

@@ -307,11 +307,12 @@ impl Client {
             tenant: self.tenant().to_owned(),
             service: service.to_owned(),
         };
+        let span = self.start_call_span("strata.v1.RegistryService/ResolveService", service);
         let response = self
             .call(
                 self.inner.request_timeout.max(self.inner.startup_timeout),
                 |channel, _| {
-                    let request = self.request(request.clone());
+                    let request = self.traced_request(request.clone(), span.as_ref());
                     async move {
                         RegistryServiceClient::new(channel)
                             .resolve_service(request)
@@ -319,14 +320,14 @@ impl Client {
                     }
                 },
             )
-            .await?
-            .into_inner();
-        let revision = response.header.map_or(0, |h| h.revision);
-        Ok(ResolvedService::from_proto(
-            service,
-            response.service,
-            revision,
-        ))
+            .await
+            .map(tonic::Response::into_inner);
+        let resolved = response.map(|response| {
+            let revision = response.header.map_or(0, |h| h.revision);
+            ResolvedService::from_proto(service, response.service, revision)
+        });
+        crate::trace::end_resolve_span(span.as_ref(), &resolved);
+        resolved
     }
 
     /// Watches where a service resolves for this client's tenant: the

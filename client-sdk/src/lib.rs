@@ -20,6 +20,10 @@
 //!   ([`RoundRobin`], [`PowerOfTwoChoices`]);
 //! - **tenant propagation** — [`propagation`] puts the tenant on outgoing
 //!   `http` and tonic requests as the W3C `baggage` entry `strata-tenant`.
+//! - **tracing** — with [`ClientBuilder::tracing`] (usually from
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT`), calls are OpenTelemetry spans exported
+//!   over OTLP/gRPC and carry their W3C `traceparent` to the daemon
+//!   ([`trace`]).
 //!
 //! Every call and watch fails over between the daemons: on a failure it
 //! moves to the next endpoint (with backoff and jitter after each round),
@@ -81,6 +85,7 @@ pub mod propagation;
 mod registration;
 mod tenant_services;
 mod token;
+pub mod trace;
 mod watch;
 
 pub use balance::{InFlight, PowerOfTwoChoices, RoundRobin};

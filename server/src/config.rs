@@ -108,6 +108,9 @@ pub struct Config {
     /// The etcd cluster to store data in; `None`: the embedded store in
     /// `data_dir`.
     pub etcd: Option<crate::store::etcd::EtcdOptions>,
+    /// OpenTelemetry trace export, from the standard `OTEL_*` variables
+    /// (not the file or flags); off unless an endpoint is set.
+    pub otel: crate::tracing_otel::OtelConfig,
     /// Tokens: enforcement, the admin token file, `/metrics`.
     pub auth: crate::auth::AuthConfig,
 }
@@ -536,6 +539,12 @@ impl Config {
         flags: &Flags,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let otel = crate::tracing_otel::OtelConfig::from_env(
+            env.iter()
+                .filter(|(k, _)| k.starts_with("OTEL_"))
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )?;
         let env: Vec<(String, String)> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("STRATA_"))
@@ -581,7 +590,9 @@ impl Config {
             },
             flag_name,
         );
-        merged.validate()
+        let mut config = merged.validate()?;
+        config.otel = otel;
+        Ok(config)
     }
 }
 
@@ -720,6 +731,7 @@ impl Merged {
                 ..crate::view::JournalLimits::default()
             },
             etcd,
+            otel: crate::tracing_otel::OtelConfig::default(),
             auth,
         })
     }

@@ -389,6 +389,13 @@ impl RegistryService for GrpcApi {
         let (resolved, revision) = self
             .api()?
             .resolve_service(&r.project, &r.tenant, &r.service)?;
+        crate::tracing_otel::record_resolution(
+            &r.project,
+            &r.tenant,
+            &r.service,
+            resolved.tenant.as_deref(),
+            resolved.fallback,
+        );
         Ok(Response::new(ResolveServiceResponse {
             header: self.header(revision),
             service: Some(resolution_to_proto(resolved)),

@@ -342,6 +342,13 @@ async fn resolve_service(
     Path((project, tenant, service)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     let (r, revision) = s.api()?.resolve_service(&project, &tenant, &service)?;
+    crate::tracing_otel::record_resolution(
+        &project,
+        &tenant,
+        &service,
+        r.tenant.as_deref(),
+        r.fallback,
+    );
     let mut out = resolution_json(&r);
     out["revision"] = json!(revision);
     Ok(Json(out).into_response())

@@ -30,4 +30,5 @@ pub mod service_watch;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
+pub mod tracing_otel;
 pub mod view;

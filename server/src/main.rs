@@ -15,6 +15,7 @@ use strata_server::store::Store;
 use strata_server::store::embedded::EmbeddedStore;
 use strata_server::store::etcd::EtcdStore;
 use strata_server::telemetry;
+use strata_server::tracing_otel::Tracing;
 
 /// `EX_USAGE` from sysexits.h: bad command line or configuration.
 const EXIT_CONFIG: u8 = 64;
@@ -37,9 +38,6 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, &format!("invalid configuration: {e}")),
     };
-    if let Err(e) = telemetry::init_logging(&config.log) {
-        return fail(EXIT_CONFIG, &format!("cannot set up logging: {e}"));
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -47,7 +45,26 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(1, &format!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(serve(config)) {
+    // The exporter's connection lives on the runtime, so it starts inside.
+    let otel = match runtime.block_on(async { Tracing::start(&config.otel) }) {
+        Ok(otel) => otel,
+        Err(e) => return fail(EXIT_CONFIG, &format!("cannot set up trace export: {e}")),
+    };
+    if let Err(e) = telemetry::init_logging(&config.log, otel.as_ref()) {
+        return fail(EXIT_CONFIG, &format!("cannot set up logging: {e}"));
+    }
+    if let Some(endpoint) = &config.otel.endpoint {
+        tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
+    }
+    let result = runtime.block_on(async {
+        let result = serve(config).await;
+        // After the drain: the spans of the last requests go out too.
+        if let Some(otel) = otel {
+            otel.shutdown().await;
+        }
+        result
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail(1, &message),
     }

@@ -257,6 +257,15 @@ pub async fn run(
             crate::auth::authenticate,
         ))
         .layer(axum::middleware::from_fn(crate::telemetry::track_requests));
+    // Outermost, so refused requests are traced too; not there at all when
+    // no OTLP endpoint is set, so tracing then costs nothing per request.
+    let app = if crate::tracing_otel::enabled() {
+        app.layer(axum::middleware::from_fn(
+            crate::tracing_otel::trace_requests,
+        ))
+    } else {
+        app
+    };
 
     let stop_accepting = state.shutdown.clone();
     let server = tokio::spawn(async move {

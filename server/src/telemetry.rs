@@ -25,18 +25,28 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 static PROMETHEUS: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
-/// Installs the global `tracing` subscriber writing to stderr.
-pub fn init_logging(config: &LogConfig) -> Result<(), String> {
+/// Installs the global `tracing` subscriber writing to stderr, plus the
+/// OpenTelemetry span export when `tracing` runs (the log filter applies
+/// to the log output only, so it never hides spans from traces).
+pub fn init_logging(
+    config: &LogConfig,
+    tracing: Option<&crate::tracing_otel::Tracing>,
+) -> Result<(), String> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter =
         tracing_subscriber::EnvFilter::try_new(&config.level).map_err(|e| e.to_string())?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
-    result.map_err(|e| e.to_string())
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(tracing.map(crate::tracing_otel::Tracing::layer))
+        .try_init()
+        .map_err(|e| e.to_string())
 }
 
 /// Returns the process-wide Prometheus handle, installing the recorder on

@@ -61,6 +61,9 @@ pub struct Settings {
     pub log: String,
     /// Tokio worker threads (default: one per CPU).
     pub worker_threads: Option<usize>,
+    /// OpenTelemetry span export, from the standard `OTEL_*` variables
+    /// (`OTEL_EXPORTER_OTLP_ENDPOINT`, …); off unless an endpoint is set.
+    pub tracing: strata_client::trace::TracingConfig,
 }
 
 impl Default for Settings {
@@ -83,6 +86,7 @@ impl Default for Settings {
             max_tenants: 256,
             log: "info".into(),
             worker_threads: None,
+            tracing: strata_client::trace::TracingConfig::off(),
         }
     }
 }
@@ -385,6 +389,10 @@ impl Settings {
                 s.tenant
             )));
         }
+        s.tracing = strata_client::trace::TracingConfig::from_env(
+            env.iter().filter(|(k, _)| k.starts_with("OTEL_")),
+        )
+        .map_err(|e| ConfigError(e.to_string()))?;
         Ok(s)
     }
 

@@ -50,6 +50,8 @@ pub struct Proxy {
     pub connect_timeout: Duration,
     /// Project (metric label).
     pub project: String,
+    /// Spans of proxied requests, when trace export is on.
+    pub trace: Option<crate::trace::ProxyTrace>,
 }
 
 /// Serves the proxy on `listener` until `shutdown`, then lets in-flight
@@ -302,25 +304,33 @@ async fn handle(
             metrics::counter!("strata_sidecar_unroutable_total", "project" => proxy.project.clone())
                 .increment(1);
             tracing::debug!(message = %refusal.message, "request refused");
+            if let Some(trace) = &proxy.trace {
+                trace.refused(
+                    req.headers(),
+                    refusal.service.as_deref(),
+                    refusal.tenant.as_deref(),
+                    refusal.status.as_u16(),
+                    &refusal.message,
+                );
+            }
             return Ok(refusal.into_response(grpc));
         }
     };
     let mut req = req;
     tenant::carry(req.headers_mut(), &route.requested, origin, &route.baggage);
+    let span = proxy.trace.as_ref().map(|t| t.start(&mut req, &route));
     let outcome = Box::pin(forward(&proxy, &route, req, started + route.timeout)).await;
+    let status = match &outcome {
+        Ok(response) => response.status().as_u16(),
+        Err(refusal) => refusal.status.as_u16(),
+    };
+    route.metrics.record(Some(status), started.elapsed());
+    if let Some(cx) = &span {
+        crate::trace::finish(cx, status);
+    }
     let response = match outcome {
-        Ok(response) => {
-            route
-                .metrics
-                .record(Some(response.status().as_u16()), started.elapsed());
-            response.map(Either::Left)
-        }
-        Err(refusal) => {
-            route
-                .metrics
-                .record(Some(refusal.status.as_u16()), started.elapsed());
-            refusal.into_response(grpc)
-        }
+        Ok(response) => response.map(Either::Left),
+        Err(refusal) => refusal.into_response(grpc),
     };
     Ok(response)
 }

@@ -14,6 +14,9 @@
 //! - [`admin`] — `/routes`, `/metrics`, `/healthz`, `/readyz` (default
 //!   `127.0.0.1:15000`).
 //! - [`config`] — settings from flags, env and a TOML file.
+//! - [`trace`] — OpenTelemetry spans of proxied requests, W3C trace
+//!   context carried to the callee (when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+//!   set).
 
 pub mod admin;
 pub mod config;
@@ -22,6 +25,7 @@ pub mod metrics;
 pub mod table;
 pub mod tcp_proxy;
 pub mod tenant;
+pub mod trace;
 pub mod upstream;
 
 use std::future::Future;
@@ -109,6 +113,8 @@ pub async fn run(
         builder = builder.token(token.clone());
     }
     let client = builder.build()?;
+    // Off (no endpoint): nothing is built, no thread is started.
+    let exporter = settings.tracing.start("strata-sidecar")?;
     let routing = table::Routing::start(client, &settings);
 
     let (stop, stopped) = watch::channel(false);
@@ -126,6 +132,9 @@ pub async fn run(
         routing: Arc::clone(&routing),
         connect_timeout: settings.connect_timeout,
         project: settings.project.clone(),
+        trace: exporter
+            .clone()
+            .map(|e| trace::ProxyTrace::new(e, settings.project.clone())),
     });
     serving.spawn(http_proxy::serve(
         listeners.outbound,
@@ -176,6 +185,10 @@ pub async fn run(
     while serving.join_next().await.is_some() {}
     let _ = admin_task.await;
     upkeep.abort();
+    // After the drain, so the spans of the last requests are exported.
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
     tracing::info!("strata-sidecar stopped");
     Ok(())
 }

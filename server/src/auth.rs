@@ -320,6 +320,18 @@ pub fn principal_of(extensions: &http::Extensions) -> Result<&Principal, ApiErro
     })
 }
 
+/// Authorizes a gRPC request: its principal (see [`principal_of`]) may do
+/// `action` on `tenant` of `project`. Handlers call it first, before they
+/// read or write anything.
+pub fn allow<T>(
+    request: &tonic::Request<T>,
+    action: Action,
+    project: &str,
+    tenant: &str,
+) -> Result<(), ApiError> {
+    principal_of(request.extensions())?.authorize(action, project, tenant)
+}
+
 /// Whether authentication is enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {

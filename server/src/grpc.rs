@@ -30,6 +30,7 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::server::{Grpc, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Action, allow};
 use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
@@ -129,6 +130,11 @@ impl TenantService for GrpcApi {
         &self,
         request: Request<CreateTenantRequest>,
     ) -> Result<Response<CreateTenantResponse>, Status> {
+        let q = request.get_ref();
+        let action = Action::CreateTenant {
+            protected: q.protected,
+        };
+        allow(&request, action, &q.project, &q.name)?;
         let r = request.into_inner();
         let (info, revision) = self
             .api()?
@@ -152,6 +158,8 @@ impl TenantService for GrpcApi {
         &self,
         request: Request<GetTenantRequest>,
     ) -> Result<Response<GetTenantResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.name)?;
         let r = request.into_inner();
         let (info, revision) = self.api()?.tenant(&r.project, &r.name)?;
         Ok(Response::new(GetTenantResponse {
@@ -164,6 +172,7 @@ impl TenantService for GrpcApi {
         &self,
         request: Request<ListTenantsRequest>,
     ) -> Result<Response<ListTenantsResponse>, Status> {
+        allow(&request, Action::Read, &request.get_ref().project, "")?;
         let r = request.into_inner();
         let (tenants, revision) = self.api()?.list_tenants(&r.project);
         Ok(Response::new(ListTenantsResponse {
@@ -176,6 +185,8 @@ impl TenantService for GrpcApi {
         &self,
         request: Request<UpdateTenantRequest>,
     ) -> Result<Response<UpdateTenantResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::CreateTenant { protected: false }, &q.project, &q.name)?;
         let r = request.into_inner();
         let (info, revision) = self
             .api()?
@@ -196,6 +207,8 @@ impl TenantService for GrpcApi {
         &self,
         request: Request<DeleteTenantRequest>,
     ) -> Result<Response<DeleteTenantResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::DeleteTenant { force: q.force }, &q.project, &q.name)?;
         let r = request.into_inner();
         let (deleted_layers, revision) = self
             .api()?
@@ -215,6 +228,8 @@ impl GrpcApi {
         &self,
         request: Request<WatchConfigRequest>,
     ) -> Result<Subscription<ConfigLens>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let hub: &Arc<Hub<ConfigLens>> = self.state.hub()?;
         Ok(hub
@@ -234,6 +249,8 @@ impl GrpcApi {
         &self,
         request: Request<WatchServicesRequest>,
     ) -> Result<Subscription<ServicesLens>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         for service in &r.services {
             crate::domain::names::validate_service(service).map_err(bad)?;
@@ -450,6 +467,8 @@ impl ConfigService for GrpcApi {
         &self,
         request: Request<PutConfigRequest>,
     ) -> Result<Response<PutConfigResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::WriteConfig, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let format = if r.format.is_empty() {
             None
@@ -483,6 +502,8 @@ impl ConfigService for GrpcApi {
         &self,
         request: Request<GetLayerRequest>,
     ) -> Result<Response<GetLayerResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let (info, revision) = self.api()?.layer(&r.project, &r.tenant, &r.key)?;
         Ok(Response::new(GetLayerResponse {
@@ -495,6 +516,8 @@ impl ConfigService for GrpcApi {
         &self,
         request: Request<DeleteLayerRequest>,
     ) -> Result<Response<DeleteLayerResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::WriteConfig, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let revision = self
             .api()?
@@ -509,6 +532,8 @@ impl ConfigService for GrpcApi {
         &self,
         request: Request<ListHistoryRequest>,
     ) -> Result<Response<ListHistoryResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let limit = (r.limit > 0).then_some(r.limit as usize);
         let (versions, revision) = self
@@ -528,6 +553,8 @@ impl ConfigService for GrpcApi {
         &self,
         request: Request<RollbackRequest>,
     ) -> Result<Response<RollbackResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::WriteConfig, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let (done, revision) = self
             .api()?
@@ -550,6 +577,8 @@ impl ConfigService for GrpcApi {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let (explained, revision) = self.api()?.explain(&r.project, &r.tenant, &r.key)?;
         let v = explained.resolved;
@@ -574,6 +603,8 @@ impl ConfigService for GrpcApi {
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let (values, revision) =
             self.api()?

@@ -15,6 +15,7 @@ use strata_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Action, allow};
 use crate::api::{NewTenant, PutLayer};
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
@@ -244,6 +245,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Register, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let instance = r.instance.ok_or_else(|| bad("instance is required"))?;
         let (id, spec) = spec_from_wire(&instance)?;
@@ -270,6 +273,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Register, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let revision = self
             .api()?
@@ -284,6 +289,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Register, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let revision = self
             .api()?
@@ -298,6 +305,7 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        allow(&request, Action::Heartbeat, "", "")?;
         let lease = request.into_inner().lease_id;
         let api = self.api()?;
         let ttl = api.heartbeat(lease).await?;
@@ -312,6 +320,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<Streaming<HeartbeatRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        // Authorized once, when the stream opens (like every stream).
+        allow(&request, Action::Heartbeat, "", "")?;
         let api = self.api()?.clone();
         let member = self.state.member.clone();
         let shutdown = self.state.shutdown.clone();
@@ -359,6 +369,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<RegisterBranchRequest>,
     ) -> Result<Response<RegisterBranchResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Register, &q.project, &q.tenant)?;
         let req = branch_from_wire(request.into_inner())?;
         let (done, revision) = self.api()?.register_branch(req).await?;
         Ok(Response::new(RegisterBranchResponse {
@@ -373,6 +385,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<ListInstancesRequest>,
     ) -> Result<Response<ListInstancesResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let (list, revision) = self.api()?.instances(&r.project, &r.tenant, &r.service)?;
         Ok(Response::new(ListInstancesResponse {
@@ -385,6 +399,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<ResolveServiceRequest>,
     ) -> Result<Response<ResolveServiceResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let (resolved, revision) = self
             .api()?
@@ -406,6 +422,8 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        let q = request.get_ref();
+        allow(&request, Action::Read, &q.project, &q.tenant)?;
         let r = request.into_inner();
         let (list, revision) = self.api()?.list_services(&r.project, &r.tenant)?;
         Ok(Response::new(ListServicesResponse {

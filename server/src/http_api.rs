@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_proto::v1::ErrorReason;
 
+use crate::auth::{Action, Principal};
 use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
@@ -180,6 +181,7 @@ struct TenantBody {
 
 async fn put_tenant(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -189,6 +191,10 @@ async fn put_tenant(
     } else {
         serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))?
     };
+    let action = Action::CreateTenant {
+        protected: body.protected,
+    };
+    principal.authorize(action, &project, &tenant)?;
     let (info, revision) = s
         .api()?
         .create_tenant(NewTenant {
@@ -210,16 +216,20 @@ async fn put_tenant(
 
 async fn get_tenant(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Read, &project, &tenant)?;
     let (info, revision) = s.api()?.tenant(&project, &tenant)?;
     Ok(Json(json!({"revision": revision, "tenant": tenant_json(&info)})).into_response())
 }
 
 async fn list_tenants(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path(project): Path<String>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Read, &project, "")?;
     let (tenants, revision) = s.api()?.list_tenants(&project);
     let tenants: Vec<Value> = tenants.iter().map(tenant_json).collect();
     Ok(Json(json!({"revision": revision, "tenants": tenants})).into_response())
@@ -227,20 +237,24 @@ async fn list_tenants(
 
 async fn delete_tenant(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant)): Path<(String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
     let force = flag(&params, "force")?;
+    principal.authorize(Action::DeleteTenant { force }, &project, &tenant)?;
     let (deleted_layers, revision) = s.api()?.delete_tenant(&project, &tenant, force).await?;
     Ok(Json(json!({"revision": revision, "deleted_layers": deleted_layers})).into_response())
 }
 
 async fn put_config(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, key)): Path<(String, String, String)>,
     Query(params): Params,
     body: Body,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::WriteConfig, &project, &tenant)?;
     let format = params
         .get("format")
         .map(|f| f.parse::<Format>())
@@ -274,9 +288,11 @@ async fn put_config(
 
 async fn get_config(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, key)): Path<(String, String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Read, &project, &tenant)?;
     if flag(&params, "history")? {
         let limit = params
             .get("limit")
@@ -347,9 +363,11 @@ async fn get_config(
 
 async fn delete_config(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, key)): Path<(String, String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::WriteConfig, &project, &tenant)?;
     let revision = s
         .api()?
         .delete_layer(&project, &tenant, &key, expected_revision(&params)?)
@@ -361,9 +379,11 @@ async fn delete_config(
 /// revision REV (the only POST on a config key, so the parameter is required).
 async fn rollback_config(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, key)): Path<(String, String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::WriteConfig, &project, &tenant)?;
     let to = params
         .get("rollback_to")
         .ok_or_else(|| invalid("POST on a config key needs ?rollback_to=<revision>"))?;
@@ -384,9 +404,11 @@ async fn rollback_config(
 
 async fn list_config(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant)): Path<(String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Read, &project, &tenant)?;
     let prefix = params.get("prefix").cloned().unwrap_or_default();
     let (values, revision) =
         s.api()?

@@ -20,7 +20,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -29,6 +29,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
+use crate::auth::{Action, Principal};
 use crate::api::{NewTenant, PutLayer};
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
@@ -266,9 +267,11 @@ fn resolution_json(r: &ServiceResolution) -> Value {
 
 async fn register(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, service)): Path<(String, String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Register, &project, &tenant)?;
     let (id, spec, lease) = json_body::<InstanceJson>(body).await?.into_spec()?;
     let (done, revision) = s
         .api()?
@@ -291,8 +294,10 @@ async fn register(
 
 async fn deregister(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, service, id)): Path<(String, String, String, String)>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Register, &project, &tenant)?;
     let revision = s
         .api()?
         .deregister(&project, &tenant, &service, &id)
@@ -302,9 +307,11 @@ async fn deregister(
 
 async fn drain(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, service, id)): Path<(String, String, String, String)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Register, &project, &tenant)?;
     let draining = !flag(&params, "undo")?;
     let revision = s
         .api()?
@@ -315,8 +322,10 @@ async fn drain(
 
 async fn heartbeat(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path(lease): Path<String>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Heartbeat, "", "")?;
     let lease: i64 = lease
         .parse()
         .map_err(|_| invalid(format!("lease {lease:?} is not a whole number")))?;
@@ -330,8 +339,10 @@ async fn heartbeat(
 
 async fn list_instances(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, service)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Read, &project, &tenant)?;
     let (list, revision) = s.api()?.instances(&project, &tenant, &service)?;
     let list: Vec<Value> = list.iter().map(instance_json).collect();
     Ok(Json(json!({"revision": revision, "instances": list})).into_response())
@@ -339,8 +350,10 @@ async fn list_instances(
 
 async fn resolve_service(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, service)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Read, &project, &tenant)?;
     let (r, revision) = s.api()?.resolve_service(&project, &tenant, &service)?;
     crate::tracing_otel::record_resolution(
         &project,
@@ -356,8 +369,10 @@ async fn resolve_service(
 
 async fn list_services(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Read, &project, &tenant)?;
     let (list, revision) = s.api()?.list_services(&project, &tenant)?;
     let list: Vec<Value> = list.iter().map(resolution_json).collect();
     Ok(Json(json!({"revision": revision, "services": list})).into_response())
@@ -393,9 +408,11 @@ struct BranchJson {
 /// `POST …/services/{s}:register` (the path segment carries the verb).
 async fn register_branch(
     State(s): State<HttpState>,
+    Extension(principal): Extension<Principal>,
     Path((project, tenant, service)): Path<(String, String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    principal.authorize(Action::Register, &project, &tenant)?;
     let service = service
         .strip_suffix(":register")
         .ok_or_else(|| {

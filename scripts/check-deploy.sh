@@ -10,7 +10,9 @@
 #   helm-python-sdk), `helm lint --strict`, every manifest validated against
 #   the Kubernetes schemas (PyPI kubernetes-validate, strict), the rendered
 #   copies in deploy/helm/rendered/ up to date (scripts/check_chart.py).
-# - The Grafana dashboard parses as JSON.
+# - The Dockerfile: multi-stage, slim non-root runtime with the three
+#   binaries (scripts/check_dockerfile.py; CI has no Docker daemon).
+# - The Grafana dashboard: every panel query parses (promtool).
 # - systemd: `systemd-analyze verify` of deploy/systemd/stratad.service.
 #
 # Installs what is missing: promtool is extracted from Debian's
@@ -40,9 +42,9 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 
 # Pinned: a new Helm engine or schema set changes the output on its own.
-PY_PACKAGES=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+PY_PACKAGES=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 dockerfile==3.4.0)
 venv="$cache/venv"
-if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, jsonschema' >/dev/null 2>&1 \
+if ! "$venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml, jsonschema, dockerfile' >/dev/null 2>&1 \
   || ! "$venv/bin/pip" freeze 2>/dev/null | grep -qx 'helm-python-sdk==0.2.2'; then
   echo "==> installing ${PY_PACKAGES[*]} into $venv"
   rm -rf "$venv"
@@ -65,6 +67,9 @@ promtool test rules deploy/prometheus/alerts_test.yaml
 
 echo "==> helm chart: render, lint, validate"
 "$venv/bin/python" scripts/check_chart.py $update
+
+echo "==> Dockerfile (parsed by Docker's parser; no daemon needed)"
+"$venv/bin/python" scripts/check_dockerfile.py
 
 echo "==> grafana dashboard: every query parses (promtool)"
 # The panel queries, with Grafana's variables filled in, as recording rules:

@@ -493,6 +493,26 @@ fn alert_rules_reference_only_documented_metrics() {
             "alerts.yaml: daemon-down rule on {name}"
         );
     }
+    // Every alert has a runbook entry in docs/operations.md, and its
+    // `runbook` annotation points at it.
+    let operations = std::fs::read_to_string(repo_root().join("docs/operations.md")).unwrap();
+    let alerts: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert!(alerts.len() >= 10, "only {} alerts", alerts.len());
+    for alert in alerts {
+        assert!(
+            operations.contains(&format!("\n### {alert}\n")),
+            "docs/operations.md has no runbook section `### {alert}`"
+        );
+        let link = format!("runbook: \"docs/operations.md#{}\"", alert.to_lowercase());
+        let rule = text
+            .split("- alert: ")
+            .find(|r| r.starts_with(alert))
+            .unwrap();
+        assert!(rule.contains(&link), "{alert}: annotation should be {link}");
+    }
     // The Helm chart ships the same rules (PrometheusRule): an identical copy.
     let chart =
         std::fs::read_to_string(repo_root().join("deploy/helm/strata/files/alerts.yaml")).unwrap();

@@ -123,7 +123,7 @@ impl Bytes {
 }
 
 fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err("value_hex has an odd number of digits".into());
     }
     (0..hex.len())
@@ -280,6 +280,9 @@ struct StoredVersion {
     record: VersionRecord,
 }
 
+/// The kept versions of each layer of one project: by (tenant, key), then seq.
+type ProjectVersions = BTreeMap<(String, String), BTreeMap<u64, StoredVersion>>;
+
 /// Everything an export writes, as of one revision.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -287,7 +290,7 @@ pub struct Snapshot {
     store: &'static str,
     projects: Vec<(String, ProjectView)>,
     /// By project, then (tenant, key), then seq.
-    versions: BTreeMap<String, BTreeMap<(String, String), BTreeMap<u64, StoredVersion>>>,
+    versions: BTreeMap<String, ProjectVersions>,
 }
 
 impl Snapshot {
@@ -335,8 +338,7 @@ pub async fn snapshot(api: &Api, selection: &Selection) -> Result<Snapshot, ApiE
                 .store
                 .range(KeyRange::Prefix(format!("h/{name}/").into_bytes()))
                 .await?;
-            let mut by_layer: BTreeMap<(String, String), BTreeMap<u64, StoredVersion>> =
-                BTreeMap::new();
+            let mut by_layer = ProjectVersions::new();
             for kv in &range.kvs {
                 let Some(keyspace::Parsed::Version {
                     tenant, key, seq, ..
@@ -803,6 +805,7 @@ pub fn parse(api: &Api, bytes: &[u8], rename_to: Option<&str>) -> Result<Backup,
     }
     for (name, p) in &projects {
         check_project(name, p)?;
+        check_counts(api, name, p)?;
     }
     Ok(Backup { header, projects })
 }
@@ -1068,6 +1071,52 @@ fn check_project(name: &str, p: &ProjectIn) -> Result<(), ApiError> {
             }
             last = v.source_revision;
         }
+    }
+    Ok(())
+}
+
+/// The count limits a write would enforce (tenants per project, config
+/// keys and instances per tenant), applied to the whole import at once.
+fn check_counts(api: &Api, name: &str, p: &ProjectIn) -> Result<(), ApiError> {
+    let counts = &api.limits.counts;
+    let over = |what: String, count: usize, limit: usize| -> Result<(), ApiError> {
+        if limit > 0 && count > limit {
+            return Err(ApiError::new(
+                ErrorReason::LimitExceeded,
+                format!(
+                    "project {name:?}: {what} has {count}; the limit is {limit}; nothing was imported"
+                ),
+            )
+            .with("limit", limit));
+        }
+        Ok(())
+    };
+    over(
+        "the project".to_owned(),
+        p.tenants.len(),
+        counts.max_tenants_per_project,
+    )?;
+    let mut layers: HashMap<&str, usize> = HashMap::new();
+    for (tenant, _) in p.layers.keys() {
+        *layers.entry(tenant).or_default() += 1;
+    }
+    for (tenant, count) in layers {
+        over(
+            format!("tenant {tenant:?} (config keys)"),
+            count,
+            counts.max_config_keys_per_tenant,
+        )?;
+    }
+    let mut instances: HashMap<&str, usize> = HashMap::new();
+    for (tenant, _, _) in p.instances.keys() {
+        *instances.entry(tenant).or_default() += 1;
+    }
+    for (tenant, count) in instances {
+        over(
+            format!("tenant {tenant:?} (instances)"),
+            count,
+            counts.max_instances_per_tenant,
+        )?;
     }
     Ok(())
 }
@@ -1374,28 +1423,27 @@ async fn stage(api: &Api, backup: &Backup) -> Result<(), ApiError> {
         i = end;
     }
 
-    let instances: Vec<(Vec<u8>, Vec<u8>, (&String, &String))> = backup
+    // (project, tenant, service, id, record)
+    let instances: Vec<_> = backup
         .projects
         .iter()
         .flat_map(|(project, data)| {
             data.instances
                 .iter()
-                .map(move |((tenant, service, id), r)| {
-                    (
-                        keyspace::instance_key(project, tenant, service, id),
-                        r.encode_to_vec(),
-                        (project, tenant),
-                    )
-                })
+                .map(move |((tenant, service, id), r)| (project, tenant, service, id, r))
         })
         .collect();
     for chunk in instances.chunks(MAX_PUTS_PER_TXN) {
-        let guarded: BTreeSet<(&String, &String)> = chunk.iter().map(|(_, _, t)| *t).collect();
+        let guarded: BTreeSet<(&String, &String)> =
+            chunk.iter().map(|(p, t, _, _, _)| (*p, *t)).collect();
         let txn = guarded.into_iter().fold(Txn::new(), |txn, (p, t)| {
             txn.when(Compare::missing(keyspace::tenant_key(p, t)))
         });
-        let txn = chunk.iter().fold(txn, |txn, (key, value, _)| {
-            txn.put(key.clone(), value.clone())
+        let txn = chunk.iter().fold(txn, |txn, (p, t, service, id, record)| {
+            txn.put(
+                keyspace::instance_key(p, t, service, id),
+                record.encode_to_vec(),
+            )
         });
         if !api.store.txn(txn).await?.succeeded {
             return Err(ApiError::new(

@@ -10,6 +10,7 @@
 
 mod output;
 mod service;
+mod tls;
 mod token;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -58,6 +59,8 @@ struct Cli {
     /// Per-call timeout, e.g. `5s`.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+    #[command(flatten)]
+    tls: tls::TlsArgs,
     #[command(flatten)]
     token: token::TokenArgs,
     #[command(subcommand)]
@@ -275,6 +278,8 @@ pub(crate) struct Ctx {
     pub(crate) timeout: Duration,
     pub(crate) project: String,
     pub(crate) out: Output,
+    /// TLS settings from `--tls-ca`/`--tls-cert`/`--tls-key`.
+    pub(crate) tls: Option<strata_client::TlsConfig>,
     /// Bearer token from `STRATA_TOKEN` or `--token-file`.
     pub(crate) token: Option<String>,
 }
@@ -282,9 +287,10 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// Connects to the first reachable daemon.
     pub(crate) async fn connect(&self) -> Result<Connection, Failure> {
-        let connection = Connection::connect(&self.endpoints, self.timeout)
-            .await
-            .map_err(|e| Failure::Server(e.to_string()))?;
+        let connection =
+            Connection::connect_with_tls(&self.endpoints, self.timeout, self.tls.as_ref())
+                .await
+                .map_err(|e| Failure::Server(e.to_string()))?;
         match &self.token {
             Some(token) => connection
                 .with_token(token)
@@ -316,6 +322,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         timeout: cli.timeout,
         project: cli.project,
         out: cli.output,
+        tls: cli.tls.config().map_err(Failure::Usage)?,
         token: cli.token.token().map_err(Failure::Usage)?,
     };
     // Service commands validate their arguments before connecting, so a usage

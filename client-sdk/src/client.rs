@@ -27,6 +27,7 @@ pub struct ClientBuilder {
     startup_timeout: Duration,
     backoff: Backoff,
     cache_dir: Option<PathBuf>,
+    tls: Option<crate::tls::TlsConfig>,
     tracing: crate::trace::TracingConfig,
 }
 
@@ -45,6 +46,7 @@ impl Default for ClientBuilder {
                 max: Duration::from_secs(5),
             },
             cache_dir: None,
+            tls: None,
             tracing: crate::trace::TracingConfig::off(),
         }
     }
@@ -133,6 +135,15 @@ impl ClientBuilder {
         self
     }
 
+    /// Talks to the daemons over TLS, verified and authenticated as `tls`
+    /// says: `host:port` endpoints then mean `https://host:port`
+    /// (`http://` ones stay plaintext). `https://` endpoints use TLS
+    /// without this too, trusting the system's roots.
+    pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Builds the client. Nothing is dialled yet: the first call or watch
     /// connects. Fails on an empty endpoint list, an invalid endpoint, a
     /// missing tenant or a token that cannot be sent as a header.
@@ -143,7 +154,12 @@ impl ClientBuilder {
         if self.project.is_empty() {
             return Err(Error::Config("the project must not be empty".into()));
         }
-        let pool = Pool::new(&self.endpoints, self.connect_timeout, self.backoff)?;
+        let pool = Pool::new(
+            &self.endpoints,
+            self.connect_timeout,
+            self.backoff,
+            self.tls.as_ref(),
+        )?;
         let token = self
             .token
             .map(|t| {

@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 use crate::Error;
 use crate::token::{AuthChannel, BearerToken};
 use crate::endpoints::parse_endpoint;
+use crate::tls::{TlsConfig, error_chain};
 
 /// A connection to one of several daemons, for tools that call the raw API.
 #[derive(Debug, Clone)]
@@ -26,11 +27,22 @@ pub struct Connection {
 impl Connection {
     /// Connects to the first reachable endpoint of `endpoints`, in order.
     ///
-    /// An endpoint is `host:port` or a URI (`http://host:port`).
+    /// An endpoint is `host:port` or a URI (`http://host:port`,
+    /// `https://host:port`).
     pub async fn connect<S: AsRef<str>>(endpoints: &[S], timeout: Duration) -> Result<Self, Error> {
+        Self::connect_with_tls(endpoints, timeout, None).await
+    }
+
+    /// Like [`connect`](Self::connect), over TLS as `tls` says when given
+    /// (see [`TlsConfig`] for which endpoints use TLS).
+    pub async fn connect_with_tls<S: AsRef<str>>(
+        endpoints: &[S],
+        timeout: Duration,
+        tls: Option<&TlsConfig>,
+    ) -> Result<Self, Error> {
         let mut last_error = String::from("no endpoints given");
         for endpoint in endpoints {
-            let (uri, configured) = parse_endpoint(endpoint.as_ref())?;
+            let (uri, configured) = parse_endpoint(endpoint.as_ref(), tls)?;
             match configured
                 .connect_timeout(timeout)
                 .timeout(timeout)
@@ -44,7 +56,9 @@ impl Connection {
                         token: BearerToken::none(),
                     });
                 }
-                Err(e) => last_error = format!("{uri}: {e}"),
+                // The cause (refused, certificate not trusted, …) is in
+                // the error's sources.
+                Err(e) => last_error = format!("{uri}: {}", error_chain(&e)),
             }
         }
         Err(Error::Unreachable {

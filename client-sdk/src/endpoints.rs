@@ -10,18 +10,40 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::Error;
+use crate::tls::TlsConfig;
 
 /// Parses `host:port` or a URI into its normalised URI and a tonic endpoint.
-pub(crate) fn parse_endpoint(endpoint: &str) -> Result<(String, Endpoint), Error> {
+/// `host:port` means `https://` when `tls` is given, else `http://`; an
+/// `https://` endpoint verifies the daemon with `tls` (the system's roots
+/// without it).
+pub(crate) fn parse_endpoint(
+    endpoint: &str,
+    tls: Option<&TlsConfig>,
+) -> Result<(String, Endpoint), Error> {
     let endpoint = endpoint.trim();
     let uri = if endpoint.contains("://") {
         endpoint.to_owned()
+    } else if tls.is_some() {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     };
     let parsed = Endpoint::from_shared(uri.clone()).map_err(|e| Error::InvalidEndpoint {
         endpoint: endpoint.to_owned(),
         message: e.to_string(),
+    })?;
+    if parsed.uri().scheme_str() != Some("https") {
+        return Ok((uri, parsed));
+    }
+    let config = tls.map_or_else(
+        || TlsConfig::new().client_config(),
+        TlsConfig::client_config,
+    );
+    let parsed = parsed.tls_config(config).map_err(|e| {
+        Error::Config(format!(
+            "TLS settings for {uri}: {}",
+            crate::tls::error_chain(&e)
+        ))
     })?;
     Ok((uri, parsed))
 }
@@ -110,6 +132,7 @@ impl Pool {
         endpoints: &[String],
         connect_timeout: Duration,
         backoff: Backoff,
+        tls: Option<&TlsConfig>,
     ) -> Result<Self, Error> {
         if endpoints.is_empty() {
             return Err(Error::Config("no daemon endpoints given".into()));
@@ -117,7 +140,7 @@ impl Pool {
         let targets = endpoints
             .iter()
             .map(|e| {
-                let (uri, endpoint) = parse_endpoint(e)?;
+                let (uri, endpoint) = parse_endpoint(e, tls)?;
                 // HTTP/2 keep-alive pings notice a daemon that vanished
                 // without closing the connection (power loss, partition), so
                 // a watch moves on instead of waiting forever.
@@ -256,6 +279,7 @@ mod tests {
                 initial: Duration::from_millis(1),
                 max: Duration::from_millis(1),
             },
+            None,
         )
         .unwrap();
         let first = pool.pick();
@@ -278,6 +302,7 @@ mod tests {
                 initial: Duration::from_millis(1),
                 max: Duration::from_millis(1),
             },
+            None,
         )
         .unwrap();
         let permits: Vec<WatchPermit> = (0..WATCHES_PER_CONNECTION * 2 + 1)

@@ -47,6 +47,16 @@ pub struct Flags {
     /// the embedded store, e.g. `http://10.0.0.1:2379,http://10.0.0.2:2379`.
     #[arg(long, value_name = "URLS")]
     pub etcd_endpoints: Option<String>,
+    /// Serve gRPC and HTTP over TLS with this PEM certificate chain (with
+    /// `--tls-key`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Require a bearer token on every call: `on` (default) or `off` (local
     /// experiments only; every caller may do everything).
     #[arg(long, value_name = "on|off")]
@@ -108,6 +118,8 @@ pub struct Config {
     /// The etcd cluster to store data in; `None`: the embedded store in
     /// `data_dir`.
     pub etcd: Option<crate::store::etcd::EtcdOptions>,
+    /// TLS for the listener, loaded; `None`: plaintext.
+    pub tls: Option<crate::tls::ServerTls>,
     /// OpenTelemetry trace export, from the standard `OTEL_*` variables
     /// (not the file or flags); off unless an endpoint is set.
     pub otel: crate::tracing_otel::OtelConfig,
@@ -166,6 +178,8 @@ struct Layer {
     #[serde(default)]
     etcd: EtcdLayer,
     #[serde(default)]
+    tls: TlsLayer,
+    #[serde(default)]
     auth: AuthLayer,
 }
 
@@ -175,6 +189,14 @@ struct AuthLayer {
     mode: Option<String>,
     admin_token_file: Option<PathBuf>,
     metrics: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsLayer {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -273,6 +295,9 @@ struct Merged {
     etcd_key_file: Sourced<Option<PathBuf>>,
     etcd_username: Sourced<Option<String>>,
     etcd_password_file: Sourced<Option<PathBuf>>,
+    tls_cert: Sourced<Option<PathBuf>>,
+    tls_key: Sourced<Option<PathBuf>>,
+    tls_client_ca: Sourced<Option<PathBuf>>,
     auth_mode: Sourced<String>,
     admin_token_file: Sourced<Option<PathBuf>>,
     metrics_auth: Sourced<String>,
@@ -335,6 +360,9 @@ impl Merged {
             etcd_key_file: none(),
             etcd_username: none(),
             etcd_password_file: none(),
+            tls_cert: none(),
+            tls_key: none(),
+            tls_client_ca: none(),
             auth_mode: d("on"),
             admin_token_file: none(),
             metrics_auth: d("open"),
@@ -399,6 +427,12 @@ impl Merged {
             etcd.password_file.map(Some),
             || name("etcd.password_file"),
         );
+        let tls = layer.tls;
+        set(&mut self.tls_cert, tls.cert.map(Some), || name("tls.cert"));
+        set(&mut self.tls_key, tls.key.map(Some), || name("tls.key"));
+        set(&mut self.tls_client_ca, tls.client_ca.map(Some), || {
+            name("tls.client_ca")
+        });
         let auth = layer.auth;
         set(&mut self.auth_mode, auth.mode, || name("auth.mode"));
         set(
@@ -432,6 +466,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("STRATA_ETCD_KEY_FILE", "etcd.key_file"),
     ("STRATA_ETCD_USERNAME", "etcd.username"),
     ("STRATA_ETCD_PASSWORD_FILE", "etcd.password_file"),
+    ("STRATA_TLS_CERT", "tls.cert"),
+    ("STRATA_TLS_KEY", "tls.key"),
+    ("STRATA_TLS_CLIENT_CA", "tls.client_ca"),
     ("STRATA_AUTH", "auth.mode"),
     ("STRATA_ADMIN_TOKEN_FILE", "auth.admin_token_file"),
     ("STRATA_METRICS_AUTH", "auth.metrics"),
@@ -487,6 +524,11 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
             key_file: get("STRATA_ETCD_KEY_FILE").map(PathBuf::from),
             username: get("STRATA_ETCD_USERNAME"),
             password_file: get("STRATA_ETCD_PASSWORD_FILE").map(PathBuf::from),
+        },
+        tls: TlsLayer {
+            cert: get("STRATA_TLS_CERT").map(PathBuf::from),
+            key: get("STRATA_TLS_KEY").map(PathBuf::from),
+            client_ca: get("STRATA_TLS_CLIENT_CA").map(PathBuf::from),
         },
         auth: AuthLayer {
             mode: get("STRATA_AUTH"),
@@ -581,6 +623,11 @@ impl Config {
                 etcd: EtcdLayer {
                     endpoints: flags.etcd_endpoints.clone().map(Endpoints::Joined),
                     ..EtcdLayer::default()
+                },
+                tls: TlsLayer {
+                    cert: flags.tls_cert.clone(),
+                    key: flags.tls_key.clone(),
+                    client_ca: flags.tls_client_ca.clone(),
                 },
                 auth: AuthLayer {
                     mode: flags.auth.clone(),
@@ -711,6 +758,7 @@ impl Merged {
             ));
         }
         let etcd = self.etcd()?;
+        let tls = self.tls()?;
         let auth = self.auth()?;
         Ok(Config {
             listen,
@@ -732,6 +780,7 @@ impl Merged {
             },
             etcd,
             otel: crate::tracing_otel::OtelConfig::default(),
+            tls,
             auth,
         })
     }
@@ -769,6 +818,56 @@ impl Merged {
             mode,
             admin_token_file: self.admin_token_file.value.clone(),
             metrics_need_token,
+        })
+    }
+
+    /// The TLS settings, checked together and loaded (so a bad certificate
+    /// or key stops `stratad` at startup): `None` without a certificate.
+    fn tls(&self) -> Result<Option<crate::tls::ServerTls>, ConfigError> {
+        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+            setting,
+            source_name: source.to_owned(),
+            message,
+        };
+        let (cert, key) = match (&self.tls_cert.value, &self.tls_key.value) {
+            (None, None) => {
+                if self.tls_client_ca.value.is_some() {
+                    return Err(invalid(
+                        "tls.client_ca",
+                        &self.tls_client_ca.source,
+                        "client certificates need TLS: set tls.cert and tls.key too".into(),
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key",
+                    &self.tls_key.source,
+                    "tls.cert needs its private key (--tls-key, STRATA_TLS_KEY)".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert",
+                    &self.tls_cert.source,
+                    "tls.key needs its certificate (--tls-cert, STRATA_TLS_CERT)".into(),
+                ));
+            }
+        };
+        let files = crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: self.tls_client_ca.value.clone(),
+        };
+        crate::tls::ServerTls::load(files).map(Some).map_err(|e| {
+            let source = match e.setting {
+                "tls.cert" => &self.tls_cert.source,
+                "tls.client_ca" => &self.tls_client_ca.source,
+                _ => &self.tls_key.source,
+            };
+            invalid(e.setting, source, e.message)
         })
     }
 

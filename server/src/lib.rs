@@ -29,6 +29,7 @@ pub mod server;
 pub mod service_watch;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 pub mod tracing_otel;
 pub mod view;

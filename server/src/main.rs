@@ -84,9 +84,18 @@ async fn serve(config: Config) -> Result<(), String> {
         listen = %config.listen,
         data_dir = %config.data_dir.display(),
         store = store.kind(),
+        tls = config.tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "stratad starting"
     );
+    if let Some(tls) = &config.tls {
+        tracing::info!(
+            cert = %tls.files().cert.display(),
+            client_certificates = if tls.requires_client_cert() { "required" } else { "not asked for" },
+            "serving gRPC and HTTP over TLS; SIGHUP reloads the certificate"
+        );
+        tokio::spawn(tls.clone().reload_on_sighup());
+    }
     if config.etcd.is_some() {
         log_etcd_value_limit(config.limits.max_value_bytes);
     }
@@ -95,6 +104,7 @@ async fn serve(config: Config) -> Result<(), String> {
         compaction: config.compaction.clone(),
         limits: config.limits,
         journal: config.journal,
+        tls: config.tls.clone(),
         auth: auth_options(&config),
     };
     server::run(listener, store, options, shutdown_signal())

@@ -130,6 +130,8 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// How much recent history the view keeps for resuming watches.
     pub journal: JournalLimits,
+    /// TLS for the listener (`None`: plaintext).
+    pub tls: Option<crate::tls::ServerTls>,
     /// Tokens (`admin_token_file` `None`: `./admin.token`).
     pub auth: crate::auth::AuthConfig,
 }
@@ -268,10 +270,22 @@ pub async fn run(
     };
 
     let stop_accepting = state.shutdown.clone();
+    let tls = options.tls.clone();
     let server = tokio::spawn(async move {
-        axum::serve(DaemonListener(listener), app)
-            .with_graceful_shutdown(async move { stop_accepting.cancelled().await })
-            .await
+        let stopped = async move { stop_accepting.cancelled().await };
+        match tls {
+            None => {
+                axum::serve(DaemonListener(listener), app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            Some(tls) => {
+                let listener = crate::tls::TlsListener::new(DaemonListener(listener), tls);
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        }
     });
 
     // Health answers while the view loads; readiness waits for it.

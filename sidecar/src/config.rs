@@ -31,6 +31,9 @@ pub struct Settings {
     pub tenant: String,
     /// Bearer token for stratad.
     pub token: Option<String>,
+    /// TLS to stratad (`tls_ca`, `tls_cert`, `tls_key`); `None`: plaintext
+    /// unless an endpoint is `https://`.
+    pub tls: Option<strata_client::TlsConfig>,
     /// Outbound HTTP/1.1 + h2c proxy address.
     pub outbound: SocketAddr,
     /// Admin server address.
@@ -73,6 +76,7 @@ impl Default for Settings {
             project: "default".into(),
             tenant: String::new(),
             token: None,
+            tls: None,
             outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             tcp: Vec::new(),
@@ -116,6 +120,15 @@ struct Cli {
     /// File holding the bearer token [env: STRATA_TOKEN holds the token itself]
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that stratad's certificate must chain to; endpoints without a scheme then use https:// [env: STRATA_TLS_CA]
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a stratad that requires one [env: STRATA_TLS_CLIENT_CERT]
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert [env: STRATA_TLS_CLIENT_KEY]
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
     /// Outbound proxy address [env: STRATA_SIDECAR_OUTBOUND] (default 127.0.0.1:15001)
     #[arg(long)]
     outbound: Option<SocketAddr>,
@@ -153,6 +166,9 @@ struct FileSettings {
     project: Option<String>,
     tenant: Option<String>,
     token_file: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     outbound: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     tcp: Option<Vec<String>>,
@@ -221,6 +237,8 @@ impl Settings {
         let mut s = Settings::default();
         let env_get = |k: &str| env.get(k).filter(|v| !v.is_empty());
 
+        let mut tls = TlsPaths::default();
+
         // File.
         let config_path = cli
             .config
@@ -241,6 +259,9 @@ impl Settings {
             if let Some(v) = file.tenant {
                 s.tenant = v;
             }
+            tls.set(file.tls_ca, file.tls_cert, file.tls_key, |k| {
+                format!("{src}: {k}")
+            });
             if let Some(p) = &file.token_file {
                 s.token = Some(read_token(p, &format!("{src}: token_file"))?);
             }
@@ -298,6 +319,16 @@ impl Settings {
         if let Some(v) = env_get("STRATA_TENANT") {
             s.tenant = v.clone();
         }
+        tls.set(
+            env_get("STRATA_TLS_CA").map(PathBuf::from),
+            env_get("STRATA_TLS_CLIENT_CERT").map(PathBuf::from),
+            env_get("STRATA_TLS_CLIENT_KEY").map(PathBuf::from),
+            |k| match k {
+                "tls_ca" => "STRATA_TLS_CA".into(),
+                "tls_cert" => "STRATA_TLS_CLIENT_CERT".into(),
+                _ => "STRATA_TLS_CLIENT_KEY".into(),
+            },
+        );
         if let Some(v) = env_get("STRATA_TOKEN") {
             s.token = Some(v.trim().to_owned());
         }
@@ -339,6 +370,10 @@ impl Settings {
         if let Some(p) = &cli.token_file {
             s.token = Some(read_token(p, "--token-file")?);
         }
+        tls.set(cli.tls_ca, cli.tls_cert, cli.tls_key, |k| {
+            format!("--{}", k.replace('_', "-"))
+        });
+        s.tls = tls.config()?;
         if let Some(v) = cli.outbound {
             s.outbound = v;
         }
@@ -402,6 +437,67 @@ impl Settings {
             .get(service)
             .copied()
             .unwrap_or(self.timeout)
+    }
+}
+
+/// The TLS files for the connection to stratad, each with where it was set.
+#[derive(Debug, Default)]
+struct TlsPaths {
+    ca: Option<(PathBuf, String)>,
+    cert: Option<(PathBuf, String)>,
+    key: Option<(PathBuf, String)>,
+}
+
+impl TlsPaths {
+    /// Applies one source's values; `name(setting)` says where they came from.
+    fn set(
+        &mut self,
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        name: impl Fn(&str) -> String,
+    ) {
+        for (slot, value, setting) in [
+            (&mut self.ca, ca, "tls_ca"),
+            (&mut self.cert, cert, "tls_cert"),
+            (&mut self.key, key, "tls_key"),
+        ] {
+            if let Some(path) = value {
+                *slot = Some((path, name(setting)));
+            }
+        }
+    }
+
+    /// The SDK's TLS settings (files read now); `None` when nothing is set.
+    fn config(self) -> Result<Option<strata_client::TlsConfig>, ConfigError> {
+        if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
+            return Ok(None);
+        }
+        let mut tls = strata_client::TlsConfig::new();
+        if let Some((path, source)) = &self.ca {
+            tls = tls
+                .ca_file(path)
+                .map_err(|e| ConfigError(format!("{source}: {e}")))?;
+        }
+        match (&self.cert, &self.key) {
+            (None, None) => {}
+            (Some((cert, source)), Some((key, _))) => {
+                tls = tls
+                    .identity_files(cert, key)
+                    .map_err(|e| ConfigError(format!("{source}: {e}")))?;
+            }
+            (Some((_, source)), None) => {
+                return Err(ConfigError(format!(
+                    "{source}: a client certificate needs its key (tls_key)"
+                )));
+            }
+            (None, Some((_, source))) => {
+                return Err(ConfigError(format!(
+                    "{source}: a client key needs its certificate (tls_cert)"
+                )));
+            }
+        }
+        Ok(Some(tls))
     }
 }
 

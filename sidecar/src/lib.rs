@@ -112,6 +112,9 @@ pub async fn run(
     if let Some(token) = &settings.token {
         builder = builder.token(token.clone());
     }
+    if let Some(tls) = &settings.tls {
+        builder = builder.tls(tls.clone());
+    }
     let client = builder.build()?;
     // Off (no endpoint): nothing is built, no thread is started.
     let exporter = settings.tracing.start("strata-sidecar")?;

@@ -56,12 +56,27 @@ pub struct Proxy {
 
 /// Serves the proxy on `listener` until `shutdown`, then lets in-flight
 /// requests finish for at most `grace`.
-pub async fn serve(
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Shutdown, grace: Duration) {
+    serve_connections(listener, shutdown, grace, "outbound proxy", move |req| {
+        handle(Arc::clone(&proxy), req)
+    })
+    .await;
+}
+
+/// Accepts HTTP/1.1 and h2c connections on `listener`, answering each
+/// request with `handler`, until `shutdown`; then lets in-flight requests
+/// finish for at most `grace`. Shared by the outbound proxy and the
+/// inbound listener.
+pub(crate) async fn serve_connections<F, Fut>(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
     mut shutdown: Shutdown,
     grace: Duration,
-) {
+    name: &'static str,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http2().max_concurrent_streams(1024);
@@ -78,8 +93,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let proxy = Arc::clone(&proxy);
-                let service = service_fn(move |req| handle(Arc::clone(&proxy), req));
+                let service = service_fn(handler.clone());
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
@@ -98,7 +112,7 @@ pub async fn serve(
         .await
         .is_err()
     {
-        tracing::warn!("outbound proxy: connections still open after {grace:?}; closing them");
+        tracing::warn!("{name}: connections still open after {grace:?}; closing them");
     }
 }
 
@@ -135,14 +149,15 @@ fn callee<B>(req: &Request<B>) -> Option<Cow<'_, str>> {
     service_name(authority)
 }
 
-fn is_grpc<B>(req: &Request<B>) -> bool {
+/// Whether a request is gRPC (its refusals then go in `grpc-status`).
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Why a request could not be routed, for the caller.
-struct Refusal {
+pub(crate) struct Refusal {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -152,7 +167,25 @@ struct Refusal {
 }
 
 impl Refusal {
-    fn into_response(self, grpc: bool) -> Response<ProxyBody> {
+    /// A request naming a tenant that is not a valid tenant name.
+    pub(crate) fn bad_tenant(tenant: &str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_argument",
+            message: format!("the request's tenant {tenant:?} is not a valid tenant name"),
+            service: None,
+            tenant: None,
+            chain: Vec::new(),
+        }
+    }
+
+    /// The HTTP status the caller gets.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The refusal as the caller's response (gRPC status for gRPC calls).
+    pub(crate) fn into_response(self, grpc: bool) -> Response<ProxyBody> {
         if grpc {
             // gRPC clients read the status from grpc-status, not HTTP.
             let grpc_code = match self.status {
@@ -396,7 +429,7 @@ fn upstream_failure(route: &Route, message: String, timeout: bool) -> Refusal {
 /// Sends the request to an instance of the route: a failed connect moves
 /// to another instance (the request was not sent, so this is safe for any
 /// method); a failure after sending is the caller's 502.
-async fn forward(
+pub(crate) async fn forward(
     proxy: &Proxy,
     route: &Route,
     mut req: Request<Incoming>,

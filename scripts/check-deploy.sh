@@ -13,7 +13,8 @@
 # - The Dockerfile: multi-stage, slim non-root runtime with the three
 #   binaries (scripts/check_dockerfile.py; CI has no Docker daemon).
 # - The Grafana dashboard: every panel query parses (promtool).
-# - systemd: `systemd-analyze verify` of deploy/systemd/stratad.service.
+# - systemd: `systemd-analyze verify` of deploy/systemd/stratad.service, and
+#   `systemd-analyze security` keeping its exposure score at most 2.0.
 #
 # Installs what is missing: promtool is extracted from Debian's
 # `prometheus` package (only the binary: installing the package would start
@@ -114,7 +115,13 @@ if command -v systemd-analyze >/dev/null 2>&1; then
   if echo "$out" | grep -i "stratad.service" | grep -v "^$"; then
     exit 1
   fi
-  echo "stratad.service: ok"
+  # systemd's exposure score (0 best, 10 worst) stays at most 2.0.
+  if ! systemd-analyze security --offline=yes --threshold=20 "$unit_dir/stratad.service" >/dev/null 2>&1; then
+    systemd-analyze security --offline=yes "$unit_dir/stratad.service" | tail -3
+    echo "stratad.service: exposure above 2.0"
+    exit 1
+  fi
+  echo "stratad.service: ok ($(systemd-analyze security --offline=yes "$unit_dir/stratad.service" 2>/dev/null | grep -o 'exposure level.*'))"
 else
   echo "==> systemd-analyze not found: skipping the unit check"
 fi

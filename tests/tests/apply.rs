@@ -5,36 +5,13 @@
 //! refusing or deleting.
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
-use strata_tests::{Daemon, strata_bin};
-use tokio::process::Command;
+use strata_tests::{Daemon, strata};
 
-/// Runs the CLI (stdin is not a terminal) with the daemon's admin token:
-/// (code, stdout, stderr).
+/// Runs the CLI in project `vega` (stdin is not a terminal; the harness
+/// sends the daemon's admin token): (code, stdout, stderr).
 async fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        Command::new(strata_bin())
-            .arg("--endpoints")
-            .arg(daemon.endpoint())
-            .args(["--project", "vega"])
-            .args(args)
-            .env_clear()
-            .env("STRATA_TOKEN_FILE", daemon.data_dir.join("admin.token"))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("strata should finish")
-    .expect("run strata");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    strata(daemon, &[&["--project", "vega"][..], args].concat()).await
 }
 
 async fn ok(daemon: &Daemon, args: &[&str]) -> (String, String) {

@@ -5,7 +5,6 @@
 //! nothing.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -14,8 +13,7 @@ use strata_client::proto::{
     ExplainRequest, GetLayerRequest, Instance, InstanceKind, ListHistoryRequest,
     ListInstancesRequest, ListTenantsRequest, RegisterRequest, ResolveRequest,
 };
-use strata_tests::{Daemon, strata_bin};
-use tokio::process::Command;
+use strata_tests::{Daemon, strata};
 
 /// Every key the scenario writes somewhere (history is listed per key).
 const KEYS: &[&str] = &[
@@ -26,29 +24,10 @@ const KEYS: &[&str] = &[
     "blob.bin",
 ];
 
-/// Runs the CLI against `daemon` with its admin token (read from the data
-/// directory, so it follows the daemon across restarts): (code, stdout, stderr).
+/// Runs the CLI against `daemon` with its admin token (the harness reads
+/// the daemon's token file at each call, so it follows restarts).
 async fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(30),
-        Command::new(strata_bin())
-            .arg("--endpoints")
-            .arg(daemon.endpoint())
-            .args(args)
-            .env_clear()
-            .env("STRATA_TOKEN_FILE", daemon.data_dir.join("admin.token"))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("strata should finish")
-    .expect("run strata");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    strata(daemon, args).await
 }
 
 /// [`cli`] that must succeed; returns stdout.
@@ -59,11 +38,10 @@ async fn ok(daemon: &Daemon, args: &[&str]) -> String {
 }
 
 async fn connect(daemon: &Daemon) -> Connection {
-    let token = std::fs::read_to_string(daemon.data_dir.join("admin.token")).expect("admin token");
     Connection::connect(&[daemon.endpoint()], Duration::from_secs(5))
         .await
         .expect("connect")
-        .with_token(token.lines().next().unwrap_or("").trim())
+        .with_token(&daemon.admin_token())
         .expect("token")
 }
 
@@ -751,4 +729,65 @@ async fn damaged_or_mismatched_files_are_refused_whole() {
     );
 
     drop(stop(d).await);
+}
+
+/// A backup of the embedded store restores into an etcd-backed daemon (the
+/// way from one daemon to replicas): same view, same history. On etcd every
+/// import transaction must stay within its 128-operation limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_backup_restores_into_an_etcd_backed_daemon() {
+    if !strata_tests::etcd::etcd_available("embedded_backup_restores_into_an_etcd_backed_daemon") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let source = Daemon::builder().start().await;
+    populate(&source, tmp.path()).await;
+    // Many keys in one tenant: many staging transactions, one flip.
+    let dir = tmp.path().join("many");
+    for i in 0..120 {
+        let path = dir.join(format!("k{i:03}.json"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(path, format!("{{\"i\": {i}}}")).expect("write");
+    }
+    ok(
+        &source,
+        &[
+            "--project",
+            "vega",
+            "config",
+            "apply",
+            "-f",
+            dir.to_str().unwrap(),
+            "--tenant",
+            "perf",
+            "--yes",
+        ],
+    )
+    .await;
+    let expected: Vec<String> = fingerprint(&connect(&source).await, "vega")
+        .await
+        .into_iter()
+        .filter(|l| !l.contains("lobby-eph"))
+        .collect();
+    let file = tmp.path().join("all.backup");
+    ok(&source, &["export", "--all", "-f", file.to_str().unwrap()]).await;
+    drop(stop(source).await);
+
+    let etcd = strata_tests::etcd::EtcdCluster::start(1).await;
+    let target = Daemon::builder()
+        .args(["--etcd-endpoints", &etcd.endpoints_arg()])
+        .env("STRATA_ETCD_PREFIX", "/backup-test/")
+        .start()
+        .await;
+    ok(&target, &["import", "-f", file.to_str().unwrap(), "--yes"]).await;
+    let conn = connect(&target).await;
+    assert_eq!(fingerprint(&conn, "vega").await, expected);
+    let listed = ok(
+        &target,
+        &["--project", "vega", "-o", "json", "config", "list", "perf"],
+    )
+    .await;
+    assert!(listed.contains("k119.json"), "{listed}");
+    drop(stop(target).await);
+    drop(etcd);
 }

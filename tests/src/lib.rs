@@ -236,8 +236,14 @@ impl DaemonBuilder {
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(&data_dir)
-            .arg("--admin-token-file")
-            .arg(&admin_token_file)
+            // stratad's default is <data-dir>/admin.token; only other
+            // places are passed, so the default stays covered.
+            .args(
+                (admin_token_file != data_dir.join("admin.token"))
+                    .then(|| ["--admin-token-file".as_ref(), admin_token_file.as_os_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&self.args)
             .env_clear()
             .env("RUST_BACKTRACE", "1")

@@ -240,6 +240,7 @@ async fn history_and_rollback_through_the_cli() {
         KEY,
         "--to",
         &to,
+        "--yes",
     ]))
     .await;
     assert_eq!(code, 0, "{err}");
@@ -256,6 +257,7 @@ async fn history_and_rollback_through_the_cli() {
         KEY,
         "--to",
         "0",
+        "--yes",
     ]))
     .await;
     assert_eq!(code, 1);

@@ -312,16 +312,23 @@ pub async fn trace_requests(request: Request, next: Next) -> Response {
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
     span.record("http.response.status_code", status.as_u16());
-    let failed = match response
+    // A failed unary call is answered trailers-only, so its status is a
+    // header; a success's comes in the trailers, after this span ends (as
+    // the request metrics count it, see `telemetry::track_requests`).
+    let grpc_status = response
         .headers()
         .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(code) => {
+        .and_then(|v| v.to_str().ok());
+    let failed = match (grpc, grpc_status) {
+        (_, Some(code)) => {
             span.record("rpc.grpc.status_code", code);
             code != "0"
         }
-        None => status.is_server_error(),
+        (true, None) => {
+            span.record("rpc.grpc.status_code", "0");
+            false
+        }
+        (false, None) => status.is_server_error(),
     };
     if failed {
         span.record("otel.status_code", "ERROR");

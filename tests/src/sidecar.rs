@@ -42,6 +42,19 @@ impl Sidecar {
         tcp: &[&str],
         extra: &[&str],
     ) -> Sidecar {
+        Self::start_with_env(endpoint, project, tenant, tcp, extra, &[]).await
+    }
+
+    /// [`Sidecar::start`] with environment variables for the child (its
+    /// environment is otherwise cleared), e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub async fn start_with_env(
+        endpoint: &str,
+        project: &str,
+        tenant: &str,
+        tcp: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Sidecar {
         let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let tcp_addrs: Vec<SocketAddr> = tcp
@@ -79,6 +92,7 @@ impl Sidecar {
                     .and_then(crate::token_for)
                     .map(|t| ("STRATA_TOKEN", t)),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -109,6 +123,11 @@ impl Sidecar {
     /// Everything it wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id().expect("running")).unwrap()
     }
 
     /// Sends a signal.

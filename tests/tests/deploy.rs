@@ -1026,3 +1026,207 @@ async fn sdk_metrics_are_the_documented_ones() {
         "SDK metrics documented but never emitted here (emit them, or list them in CONDITIONAL with why): {missing:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The shipped deployments start the real binaries.
+
+/// A container's `args` and `env` in a rendered manifest (the chart's own
+/// output, so a small indentation-aware reader is enough): env values from
+/// `valueFrom` are `None`.
+struct Container {
+    args: Vec<String>,
+    env: Vec<(String, Option<String>)>,
+}
+
+fn container(rendered: &str, kind: &str, name: &str) -> Container {
+    let docs: Vec<&str> = rendered.split("\n---\n").collect();
+    let doc = docs
+        .iter()
+        .find(|d| {
+            d.contains(&format!("\nkind: {kind}\n")) && d.contains(&format!("- name: {name}\n"))
+        })
+        .unwrap_or_else(|| panic!("no {kind} with a container {name}"));
+    let lines: Vec<&str> = doc.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == format!("- name: {name}"))
+        .unwrap();
+    let base = indent(lines[start]);
+    let block: Vec<&str> = lines[start + 1..]
+        .iter()
+        .take_while(|l| l.trim().is_empty() || indent(l) > base)
+        .copied()
+        .collect();
+    let unquote = |v: &str| v.trim().trim_matches('"').to_owned();
+    let section = |key: &str| -> Vec<&str> {
+        let Some(at) = block.iter().position(|l| l.trim() == format!("{key}:")) else {
+            return Vec::new();
+        };
+        let level = indent(block[at]);
+        block[at + 1..]
+            .iter()
+            .take_while(|l| indent(l) > level || (indent(l) == level && l.trim().starts_with("- ")))
+            .copied()
+            .collect()
+    };
+    let args = section("args")
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("- "))
+        .map(unquote)
+        .collect();
+    let mut env = Vec::new();
+    let lines = section("env");
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(key) = line.trim().strip_prefix("- name: ") {
+            let value = lines
+                .get(i + 1)
+                .and_then(|l| l.trim().strip_prefix("value: "))
+                .map(unquote);
+            env.push((key.to_owned(), value));
+        }
+    }
+    Container { args, env }
+}
+
+/// `--flag=value` pairs of `args` without the flags in `drop`.
+fn without(args: &[String], drop: &[&str]) -> Vec<String> {
+    args.iter()
+        .filter(|a| !drop.iter().any(|d| a.starts_with(&format!("{d}="))))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn the_shipped_deployments_start_the_real_binaries() {
+    let root = repo_root();
+    // The chart's stratad (embedded store): its flags and environment, with
+    // the listener and data dir the harness chooses.
+    let embedded =
+        std::fs::read_to_string(root.join("deploy/helm/rendered/embedded.yaml")).unwrap();
+    let stratad = container(&embedded, "StatefulSet", "stratad");
+    assert!(
+        stratad
+            .args
+            .iter()
+            .any(|a| a.starts_with("--shutdown-grace="))
+    );
+    let mut builder = Daemon::builder().args(without(&stratad.args, &["--listen", "--data-dir"]));
+    for (key, value) in &stratad.env {
+        builder = builder.env(key, value.as_deref().expect("plain env value"));
+    }
+    let daemon = builder.start().await;
+    let (status, _) = http_get(daemon.addr, "/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    put_tenant(daemon.addr, "integration", "{}").await;
+    drop(daemon);
+
+    // The systemd unit's command line (with the example config file).
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/stratad.service")).unwrap();
+    let exec: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(exec[0], "/usr/local/bin/stratad");
+    let mut args = Vec::new();
+    let mut rest = exec[1..].iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            // The harness picks the data dir.
+            "--data-dir" => {
+                rest.next();
+            }
+            "--config" => {
+                rest.next();
+                args.push("--config".to_owned());
+                args.push(root.join("deploy/stratad.toml").display().to_string());
+            }
+            _ => args.push(arg.clone()),
+        }
+    }
+    let daemon = Daemon::builder().args(args).start().await;
+    assert!(
+        daemon.stderr().trim_start().starts_with('{'),
+        "--log-format json: {}",
+        daemon.stderr()
+    );
+
+    // The example game server's sidecar, configured only by the chart's
+    // environment (addresses moved to free loopback ports, the tenant label
+    // and token Secret filled in).
+    let etcd = std::fs::read_to_string(root.join("deploy/helm/rendered/etcd.yaml")).unwrap();
+    let sidecar = container(&etcd, "Deployment", "strata-sidecar");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let mut command = tokio::process::Command::new(strata_tests::sidecar::sidecar_bin());
+    command
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let names: BTreeSet<&str> = sidecar.env.iter().map(|(k, _)| k.as_str()).collect();
+    for required in [
+        "STRATA_ENDPOINTS",
+        "STRATA_PROJECT",
+        "STRATA_TENANT",
+        "STRATA_TOKEN",
+        "STRATA_SIDECAR_ADMIN",
+        "STRATA_SIDECAR_TCP",
+    ] {
+        assert!(
+            names.contains(required),
+            "the example sidecar sets no {required}"
+        );
+    }
+    for (key, value) in &sidecar.env {
+        let value = match key.as_str() {
+            "STRATA_ENDPOINTS" => daemon.endpoint(),
+            "STRATA_PROJECT" => PROJECT.to_owned(),
+            "STRATA_TENANT" => "integration".to_owned(),
+            "STRATA_TOKEN" => daemon.admin_token(),
+            "STRATA_SIDECAR_OUTBOUND" => format!("127.0.0.1:{}", free_port()),
+            "STRATA_SIDECAR_ADMIN" => {
+                assert_eq!(value.as_deref(), Some("0.0.0.0:15000"));
+                admin.to_string()
+            }
+            "STRATA_SIDECAR_TCP" => {
+                let value = value.clone().unwrap();
+                assert!(value.starts_with("127.0.0.1:16001="), "{value}");
+                value.replacen("127.0.0.1:16001", &tcp, 1)
+            }
+            _ => value
+                .clone()
+                .unwrap_or_else(|| panic!("{key}: no test value for valueFrom")),
+        };
+        command.env(key, value);
+    }
+    put_tenant(daemon.addr, "integration", "{}").await;
+    let mut child = command.spawn().expect("spawn strata-sidecar");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((200, _)) = http_get(admin, "/readyz").await {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .await
+                .unwrap();
+            panic!("strata-sidecar with the chart's environment exited with {status}:\n{stderr}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strata-sidecar with the chart's environment never became ready"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().await.unwrap();
+}

@@ -878,12 +878,11 @@ fn add_record(api: &Api, project: &str, p: &mut ProjectIn, record: Record) -> Re
                 strict,
                 protected,
             })?;
-            // The recorded expiry, not one counted from now.
-            record.expires_at_unix_ms = if ttl_seconds > 0 {
-                expires_at_unix_ms
-            } else {
-                0
-            };
+            // The recorded expiry, not one counted from now (a file without
+            // one counts the TTL from the import).
+            if ttl_seconds > 0 && expires_at_unix_ms > 0 {
+                record.expires_at_unix_ms = expires_at_unix_ms;
+            }
             p.tenants.push((name, record));
         }
         Record::Layer {

@@ -10,7 +10,9 @@ const PROTOS: &[&str] = &[
     "strata/v1/tenant.proto",
     "strata/v1/config.proto",
     "strata/v1/registry.proto",
+    "strata/v1/backup.proto",
     "strata/v1/auth.proto",
+    "strata/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

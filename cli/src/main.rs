@@ -8,13 +8,16 @@
 
 #![allow(clippy::print_stdout)] // printing results is this binary's job
 
+mod apply;
+mod audit;
+mod backup;
 mod output;
+mod plan;
 mod service;
 mod tls;
 mod token;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,7 +29,7 @@ use strata_client::proto::{
     CreateTenantRequest, DeleteLayerRequest, DeleteTenantRequest, ExplainRequest, FallbackPolicy,
     GetLayerRequest, GetTenantRequest, ListHistoryRequest, ListInstancesRequest,
     ListServicesRequest, ListTenantsRequest, PutConfigRequest, ResolveRequest, ResolvedValue,
-    RollbackRequest, StatusRequest, Tenant, WatchConfigRequest, WatchConfigResponse,
+    StatusRequest, Tenant, WatchConfigRequest, WatchConfigResponse,
 };
 use strata_client::{Connection, Error, Status};
 use tonic::Streaming;
@@ -83,6 +86,15 @@ enum Command {
     /// Create, list and revoke bearer tokens (admin).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Write a consistent backup (one revision) of --project, or of every
+    /// project with --all, to a file (admin).
+    Export(backup::ExportArgs),
+    /// Restore a backup file into projects that do not exist yet (admin).
+    /// Shows what it creates and asks; without a terminal, --yes is required.
+    Import(backup::ImportArgs),
+    /// The audit log: who changed what, when, at which revision, and the
+    /// refused attempts (admin). Newest first.
+    Audit(audit::AuditArgs),
     /// Follow a tenant's resolved configuration: a snapshot, then every
     /// change. Reconnects and resumes from the last revision seen.
     Watch {
@@ -229,7 +241,13 @@ enum ConfigCommand {
         /// Only roll back if the layer is at this revision (-1: must not exist).
         #[arg(long, allow_hyphen_values = true)]
         expected_revision: Option<i64>,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
     },
+    /// Sync a directory of files into a tenant's layers (one file per key),
+    /// showing the plan first; without a terminal, --yes is required.
+    Apply(apply::ApplyArgs),
     /// Show which tenant supplied each field of a resolved value.
     Explain {
         /// Tenant.
@@ -330,17 +348,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Service(cmd) = cli.command {
         return service::run(&ctx, cmd).await;
     }
-    if let Command::Token(cmd) = cli.command {
-        return token::run(&ctx, cmd).await;
-    }
-    if let Command::Tenant(TenantCommand::Delete { yes: false, .. }) = &cli.command
-        && !std::io::stdin().is_terminal()
-    {
-        return Err(Failure::Usage(
-            "tenant delete asks for confirmation, but stdin is not a terminal; \
-             pass --yes to delete without asking"
-                .into(),
-        ));
+    // Commands that plan before they change things live in their own files.
+    match cli.command {
+        Command::Token(cmd) => return token::run(&ctx, cmd).await,
+        Command::Audit(args) => return audit::run(&ctx, args).await,
+        Command::Export(args) => return backup::export(&ctx, args).await,
+        Command::Import(args) => return backup::import(&ctx, args).await,
+        Command::Config(ConfigCommand::Apply(args)) => return apply::run(&ctx, args).await,
+        Command::Config(ConfigCommand::Rollback {
+            tenant,
+            key,
+            to,
+            expected_revision,
+            yes,
+        }) => {
+            let args = apply::RollbackArgs {
+                tenant,
+                key,
+                to,
+                expected_revision,
+                yes,
+            };
+            return apply::rollback(&ctx, args).await;
+        }
+        _ => {}
     }
     let client = ctx.connect().await?;
     let out = ctx.out;
@@ -381,7 +412,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             follow(&ctx, client, request, |m| out.watch_message(m)).await?;
         }
         // Handled above, before connecting.
-        Command::Service(_) | Command::Token(_) => {}
+        Command::Service(_)
+        | Command::Export(_)
+        | Command::Import(_)
+        | Command::Token(_)
+        | Command::Audit(_) => {}
     }
     Ok(())
 }
@@ -519,10 +554,10 @@ async fn tenant(
         }
         TenantCommand::Delete { name, force, yes } => {
             let doomed = removal_plan(client, project, &name, force).await?;
+            // The plan is shown even when it cannot be confirmed, so a
+            // script's log says what it would have removed.
             eprint!("{}", doomed.describe(&name, force));
-            if !yes {
-                confirm(&format!("Delete tenant {name}?"))?;
-            }
+            plan::confirm(&format!("delete tenant {name}"), yes)?;
             let r = tenants
                 .delete_tenant(DeleteTenantRequest {
                     project: project.to_owned(),
@@ -741,22 +776,6 @@ async fn own_instances(
     Ok(Some(by_service))
 }
 
-/// Asks `question` on the terminal; anything but yes is a refusal.
-fn confirm(question: &str) -> Result<(), Failure> {
-    eprint!("{question} [y/N] ");
-    // The prompt has no newline; without a flush it may not show before the read.
-    let _ = std::io::stderr().flush();
-    let mut answer = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut answer)
-        .map_err(|e| format!("cannot read the answer: {e}"))?;
-    match answer.trim().to_ascii_lowercase().as_str() {
-        "y" | "yes" => Ok(()),
-        _ => Err(Failure::Server("not confirmed; nothing was deleted".into())),
-    }
-}
-
 async fn resolve_all(
     client: &Connection,
     project: &str,
@@ -899,38 +918,8 @@ async fn config(
                 .into_inner();
             out.history(&r.versions);
         }
-        ConfigCommand::Rollback {
-            tenant,
-            key,
-            to,
-            expected_revision,
-        } => {
-            let r = config
-                .rollback(RollbackRequest {
-                    project: project.to_owned(),
-                    tenant,
-                    key: key.clone(),
-                    revision: to,
-                    expected_revision: expected_revision.unwrap_or(0),
-                })
-                .await
-                .map_err(err)?
-                .into_inner();
-            let restored = r.restored.unwrap_or_default();
-            out.record(&[
-                ("key", json!(key)),
-                ("restored_revision", json!(restored.revision)),
-                (
-                    "now",
-                    json!(if r.layer.is_some() {
-                        "restored"
-                    } else {
-                        "removed"
-                    }),
-                ),
-                ("revision", json!(r.header.map_or(0, |h| h.revision))),
-            ]);
-        }
+        // Handled in `run` (they plan and ask first).
+        ConfigCommand::Rollback { .. } | ConfigCommand::Apply(_) => {}
         ConfigCommand::Explain { tenant, key } => {
             let r = config
                 .explain(ExplainRequest {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use strata_proto::v1::admin_service_client::AdminServiceClient;
+use strata_proto::v1::backup_service_client::BackupServiceClient;
 use strata_proto::v1::config_service_client::ConfigServiceClient;
 use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
@@ -12,9 +13,9 @@ use strata_proto::v1::token_service_client::TokenServiceClient;
 use tonic::transport::Channel;
 
 use crate::Error;
-use crate::token::{AuthChannel, BearerToken};
 use crate::endpoints::parse_endpoint;
 use crate::tls::{TlsConfig, error_chain};
+use crate::token::{AuthChannel, BearerToken};
 
 /// A connection to one of several daemons, for tools that call the raw API.
 #[derive(Debug, Clone)]
@@ -103,8 +104,18 @@ impl Connection {
         RegistryServiceClient::new(self.authed())
     }
 
+    /// `BackupService` client (export and import; admin only).
+    pub fn backup(&self) -> BackupServiceClient<AuthChannel> {
+        BackupServiceClient::new(self.authed())
+    }
+
     /// `TokenService` client (create, list, revoke tokens; admin only).
     pub fn tokens(&self) -> TokenServiceClient<AuthChannel> {
         TokenServiceClient::new(self.authed())
+    }
+
+    /// `AuditService` client (the audit log; admin only).
+    pub fn audit(&self) -> strata_proto::v1::audit_service_client::AuditServiceClient<AuthChannel> {
+        strata_proto::v1::audit_service_client::AuditServiceClient::new(self.authed())
     }
 }

@@ -32,6 +32,10 @@ pub struct Limits {
     pub history_versions: u64,
     /// Sizes of a service registration.
     pub registration: crate::domain::registry::RegistrationLimits,
+    /// Counts per tenant and project, key and label sizes.
+    pub counts: crate::limits::CountLimits,
+    /// Requests per second per token.
+    pub rate: crate::limits::RateSettings,
 }
 
 /// Most pruned versions deleted by one write: keeps each transaction small
@@ -46,6 +50,8 @@ impl Default for Limits {
             max_labels: 64,
             history_versions: 50,
             registration: crate::domain::registry::RegistrationLimits::default(),
+            counts: crate::limits::CountLimits::default(),
+            rate: crate::limits::RateSettings::default(),
         }
     }
 }
@@ -232,7 +238,15 @@ impl Api {
                         ),
                     ));
                 }
-                Ok((plan_new_tenant(project, &req, &record, Txn::new())?, ()))
+                let txn = crate::limits::plan_tenants(
+                    &self.limits.counts,
+                    &req.project,
+                    project.map_or(0, |p| p.tenants.len()),
+                    1,
+                    state.revision,
+                    Txn::new(),
+                )?;
+                Ok((plan_new_tenant(project, &req, &record, txn)?, ()))
             })
             .await?;
         let info = self.tenant(&req.project, &req.name)?.0;
@@ -421,6 +435,17 @@ impl Api {
     pub(crate) fn layer_record(&self, req: &PutLayer) -> Result<LayerRecord, ApiError> {
         names::validate_project(&req.project).map_err(name_error)?;
         names::validate_tenant(&req.tenant).map_err(name_error)?;
+        if req.key.len() > self.limits.counts.max_key_bytes {
+            return Err(ApiError::new(
+                ErrorReason::LimitExceeded,
+                format!(
+                    "key is {} bytes; the limit is {} bytes",
+                    req.key.len(),
+                    self.limits.counts.max_key_bytes
+                ),
+            )
+            .with("limit_bytes", self.limits.counts.max_key_bytes));
+        }
         names::validate_key(&req.key).map_err(name_error)?;
         let format = req
             .format
@@ -489,6 +514,17 @@ impl Api {
                     check_expected(expected, current, key)?;
                 }
                 let txn = Txn::new().when(Compare::exists(tenant_key.clone()));
+                let adding = usize::from(record.is_some() && current == 0);
+                let keys = p.layers.get(tenant).map_or(0, |l| l.len());
+                let txn = crate::limits::plan_config_keys(
+                    &self.limits.counts,
+                    project,
+                    tenant,
+                    keys,
+                    adding,
+                    state.revision,
+                    txn,
+                )?;
                 let txn = plan_layer(
                     Some(p),
                     project,
@@ -724,10 +760,19 @@ impl Api {
             ));
         }
         for (k, v) in labels {
-            if k.is_empty() || k.len() > 63 || v.len() > 256 {
-                return Err(invalid(format!(
-                    "label {k:?}: keys must be 1-63 bytes and values at most 256 bytes"
-                )));
+            if k.is_empty() || k.len() > 63 {
+                return Err(invalid(format!("label {k:?}: keys must be 1-63 bytes")));
+            }
+            let max = self.limits.counts.max_label_value_bytes;
+            if v.len() > max {
+                return Err(ApiError::new(
+                    ErrorReason::LimitExceeded,
+                    format!(
+                        "label {k:?}: the value is {} bytes; the limit is {max} bytes",
+                        v.len()
+                    ),
+                )
+                .with("limit_bytes", max));
             }
         }
         Ok(())

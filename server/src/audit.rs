@@ -15,9 +15,9 @@
 //! knows about any of this: the target is read from the HTTP path, or for
 //! gRPC from the request message, located with the descriptor set.
 //!
-//! **Layout.** `a/{hour:010}/{unix_ms:013}-{nonce:016x}` →
+//! **Layout.** `audit/{hour:010}/{unix_ms:013}-{nonce:016x}` →
 //! [`AuditEntry`] (protobuf). Keys sort by time; the hour prefix lets a
-//! query read only the hours it needs, and `a/{hour}/{unix_ms / 100000}`
+//! query read only the hours it needs, and `audit/{hour}/{unix_ms / 100000}`
 //! (a 100-second window) is a prefix too, which is what pruning deletes.
 //!
 //! **Retention.** [`retention`] runs on the leader: it counts entries per
@@ -58,7 +58,7 @@ use crate::store::{
 };
 
 /// Prefix of every audit entry in the store.
-pub const PREFIX: &str = "a/";
+pub const PREFIX: &str = "audit/";
 
 const HOUR_MS: i64 = 3_600_000;
 /// A pruning window: the first 8 of the 13 digits of a Unix millisecond
@@ -125,16 +125,13 @@ impl AuditSettings {
         };
         for (layer, source) in layers {
             if let Some(n) = layer.max_entries {
-                out.max_entries = usize::try_from(n)
-                    .ok()
-                    .filter(|n| *n >= 1)
-                    .ok_or_else(|| {
-                        invalid(
-                            "audit.max_entries",
-                            source,
-                            format!("must be at least 1, got {n}"),
-                        )
-                    })?;
+                out.max_entries = usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    invalid(
+                        "audit.max_entries",
+                        source,
+                        format!("must be at least 1, got {n}"),
+                    )
+                })?;
             }
             let duration = |setting: &'static str, v: &str| {
                 humantime::parse_duration(v.trim())
@@ -374,8 +371,7 @@ fn is_mutation(method: &str) -> bool {
 /// set (so services added later are covered without a table to maintain).
 fn grpc_ops() -> HashMap<String, GrpcOp> {
     let mut out = HashMap::new();
-    let Ok(set) = prost_types::FileDescriptorSet::decode(strata_proto::FILE_DESCRIPTOR_SET)
-    else {
+    let Ok(set) = prost_types::FileDescriptorSet::decode(strata_proto::FILE_DESCRIPTOR_SET) else {
         tracing::error!("the descriptor set does not decode; gRPC audit entries lack targets");
         return out;
     };
@@ -403,8 +399,10 @@ fn grpc_ops() -> HashMap<String, GrpcOp> {
                             .iter()
                             .find(|f| {
                                 f.name() == name
-                                    && f.r#type() == prost_types::field_descriptor_proto::Type::String
-                                    && f.label() != prost_types::field_descriptor_proto::Label::Repeated
+                                    && f.r#type()
+                                        == prost_types::field_descriptor_proto::Type::String
+                                    && f.label()
+                                        != prost_types::field_descriptor_proto::Label::Repeated
                             })
                             .map(|f| f.number() as u32)
                     };
@@ -543,7 +541,8 @@ fn percent_decode(segment: &str) -> String {
 /// Target of a mutating HTTP request; `None` for reads and renewals.
 fn http_target(method: &http::Method, path: &str) -> Option<Target> {
     use http::Method;
-    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) || !path.starts_with("/v1/") {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) || !path.starts_with("/v1/")
+    {
         return None;
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -558,7 +557,11 @@ fn http_target(method: &http::Method, path: &str) -> Option<Target> {
                 (&Method::PATCH, []) => "UpdateTenant",
                 (&Method::DELETE, []) => "DeleteTenant",
                 (m, ["config", key @ ..]) if !key.is_empty() => {
-                    target.subject = key.iter().map(|s| percent_decode(s)).collect::<Vec<_>>().join("/");
+                    target.subject = key
+                        .iter()
+                        .map(|s| percent_decode(s))
+                        .collect::<Vec<_>>()
+                        .join("/");
                     match *m {
                         Method::PUT => "PutConfig",
                         Method::DELETE => "DeleteLayer",
@@ -586,7 +589,11 @@ fn http_target(method: &http::Method, path: &str) -> Option<Target> {
             }
         }
         ["v1", "tokens", rest @ ..] => {
-            target.subject = rest.iter().map(|s| percent_decode(s)).collect::<Vec<_>>().join("/");
+            target.subject = rest
+                .iter()
+                .map(|s| percent_decode(s))
+                .collect::<Vec<_>>()
+                .join("/");
             match *method {
                 Method::POST if rest.is_empty() => "CreateToken",
                 Method::DELETE => "RevokeToken",
@@ -644,9 +651,17 @@ impl Auditor {
     /// wrote nothing).
     async fn append(&self, entry: &AuditEntry) {
         let key = entry_key(entry.time_unix_ms);
-        match self.store.txn(Txn::new().put(key, entry.encode_to_vec())).await {
+        match self
+            .store
+            .txn(Txn::new().put(key, entry.encode_to_vec()))
+            .await
+        {
             Ok(_) => {
-                let result = if entry.result == "ok" { "ok" } else { "refused" };
+                let result = if entry.result == "ok" {
+                    "ok"
+                } else {
+                    "refused"
+                };
                 metrics::counter!("strata_audit_entries_total", "result" => result).increment(1);
             }
             Err(e) => {
@@ -668,11 +683,8 @@ async fn failure(grpc: bool, response: Response) -> (Response, Option<(String, S
             return (response, None);
         }
         let detail = headers
-            .get(format!("{}", strata_proto::ERROR_DETAIL_TRAILER))
-            .and_then(|v| {
-                use base64_engine::decode;
-                decode(v.as_bytes())
-            })
+            .get(strata_proto::ERROR_DETAIL_TRAILER)
+            .and_then(|v| base64_engine::decode(v.as_bytes()))
             .and_then(|b| ErrorDetail::decode(b.as_slice()).ok());
         let found = match detail {
             Some(d) => (
@@ -698,15 +710,21 @@ async fn failure(grpc: bool, response: Response) -> (Response, Option<(String, S
         return (response, None);
     }
     let (parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
     let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     let code = json["error"]["code"]
         .as_str()
         .map_or_else(|| format!("http_{}", parts.status.as_u16()), str::to_owned);
-    let message = json["error"]["message"]
-        .as_str()
-        .map_or_else(|| String::from_utf8_lossy(&bytes).into_owned(), str::to_owned);
-    (Response::from_parts(parts, Body::from(bytes)), Some((code, message)))
+    let message = json["error"]["message"].as_str().map_or_else(
+        || String::from_utf8_lossy(&bytes).into_owned(),
+        str::to_owned,
+    );
+    (
+        Response::from_parts(parts, Body::from(bytes)),
+        Some((code, message)),
+    )
 }
 
 /// Minimal standard base64 (with or without padding), for the binary
@@ -899,7 +917,8 @@ pub async fn query(
     } else {
         now + HOUR_MS
     };
-    let horizon = now - i64::try_from(settings.max_age.as_millis()).unwrap_or(i64::MAX / 2) - HOUR_MS;
+    let horizon =
+        now - i64::try_from(settings.max_age.as_millis()).unwrap_or(i64::MAX / 2) - HOUR_MS;
     let oldest = filter.since_unix_ms.max(horizon);
     let mut out = Vec::new();
     let mut revision = 0;
@@ -1084,7 +1103,8 @@ async fn prune(
     settings: &AuditSettings,
     counts: &BTreeMap<i64, usize>,
 ) -> Result<Option<Revision>, StoreError> {
-    let cutoff = unix_now_ms() - i64::try_from(settings.max_age.as_millis()).unwrap_or(i64::MAX / 2);
+    let cutoff =
+        unix_now_ms() - i64::try_from(settings.max_age.as_millis()).unwrap_or(i64::MAX / 2);
     let total: usize = counts.values().sum();
     let mut excess = total.saturating_sub(settings.max_entries);
     let mut whole = Vec::new();
@@ -1202,8 +1222,11 @@ mod tests {
 
     #[test]
     fn http_targets_come_from_the_path() {
-        let t = http_target(&http::Method::PUT, "/v1/projects/vega/tenants/feat-1/config/a/b%20c.yaml")
-            .unwrap();
+        let t = http_target(
+            &http::Method::PUT,
+            "/v1/projects/vega/tenants/feat-1/config/a/b%20c.yaml",
+        )
+        .unwrap();
         assert_eq!(t.operation, "PutConfig");
         assert_eq!((t.project.as_str(), t.tenant.as_str()), ("vega", "feat-1"));
         assert_eq!(t.subject, "a/b c.yaml");
@@ -1214,10 +1237,19 @@ mod tests {
             "/v1/projects/p/tenants/t/services/mm/instances/i-1/drain",
         )
         .unwrap();
-        assert_eq!((d.operation.as_str(), d.subject.as_str()), ("Drain", "mm/i-1"));
-        let b = http_target(&http::Method::POST, "/v1/projects/p/tenants/t/services/mm:register")
-            .unwrap();
-        assert_eq!((b.operation.as_str(), b.subject.as_str()), ("RegisterBranch", "mm"));
+        assert_eq!(
+            (d.operation.as_str(), d.subject.as_str()),
+            ("Drain", "mm/i-1")
+        );
+        let b = http_target(
+            &http::Method::POST,
+            "/v1/projects/p/tenants/t/services/mm:register",
+        )
+        .unwrap();
+        assert_eq!(
+            (b.operation.as_str(), b.subject.as_str()),
+            ("RegisterBranch", "mm")
+        );
         assert_eq!(percent_decode("%ff%2e%2e"), "\u{fffd}..");
     }
 

@@ -113,6 +113,8 @@ pub struct Config {
     pub compaction: CompactionConfig,
     /// Size and count limits on writes.
     pub limits: crate::api::Limits,
+    /// Retention of the audit log.
+    pub audit: crate::audit::AuditSettings,
     /// How much recent history the view keeps for resuming watches.
     pub journal: crate::view::JournalLimits,
     /// The etcd cluster to store data in; `None`: the embedded store in
@@ -120,11 +122,11 @@ pub struct Config {
     pub etcd: Option<crate::store::etcd::EtcdOptions>,
     /// TLS for the listener, loaded; `None`: plaintext.
     pub tls: Option<crate::tls::ServerTls>,
+    /// Tokens: enforcement, the admin token file, `/metrics`.
+    pub auth: crate::auth::AuthConfig,
     /// OpenTelemetry trace export, from the standard `OTEL_*` variables
     /// (not the file or flags); off unless an endpoint is set.
     pub otel: crate::tracing_otel::OtelConfig,
-    /// Tokens: enforcement, the admin token file, `/metrics`.
-    pub auth: crate::auth::AuthConfig,
 }
 
 /// A configuration problem, reported as one line; `stratad` exits with 64.
@@ -171,6 +173,8 @@ struct Layer {
     compaction: CompactionLayer,
     #[serde(default)]
     limits: LimitsLayer,
+    #[serde(default)]
+    audit: crate::audit::AuditFile,
     #[serde(default)]
     watch: WatchLayer,
     #[serde(default)]
@@ -248,11 +252,8 @@ struct WatchLayer {
     journal_revisions: Option<i64>,
 }
 
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LimitsLayer {
-    max_value_bytes: Option<i64>,
-}
+/// `[limits]`: every size, count and rate limit (`limits.rs`).
+type LimitsLayer = crate::limits::LimitsFile;
 
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -286,6 +287,10 @@ struct Merged {
     retain_revisions: Sourced<i64>,
     compaction_interval: Sourced<String>,
     max_value_bytes: Sourced<i64>,
+    /// Every `[limits]` and `[audit]` table seen, in order, with its source
+    /// (their settings are validated together in `limits.rs`/`audit.rs`).
+    limit_layers: Vec<(LimitsLayer, String)>,
+    audit_layers: Vec<(crate::audit::AuditFile, String)>,
     journal_revisions: Sourced<i64>,
     history_versions: Sourced<i64>,
     etcd_endpoints: Sourced<Vec<String>>,
@@ -342,6 +347,8 @@ impl Merged {
                 value: 1024 * 1024,
                 source: "default".into(),
             },
+            limit_layers: Vec::new(),
+            audit_layers: Vec::new(),
             journal_revisions: Sourced {
                 value: 100_000,
                 source: "default".into(),
@@ -395,6 +402,9 @@ impl Merged {
             layer.limits.max_value_bytes,
             || name("limits.max_value_bytes"),
         );
+        self.limit_layers
+            .push((layer.limits.clone(), name("limits")));
+        self.audit_layers.push((layer.audit.clone(), name("audit")));
         set(
             &mut self.journal_revisions,
             layer.watch.journal_revisions,
@@ -440,7 +450,9 @@ impl Merged {
             auth.admin_token_file.map(Some),
             || name("auth.admin_token_file"),
         );
-        set(&mut self.metrics_auth, auth.metrics, || name("auth.metrics"));
+        set(&mut self.metrics_auth, auth.metrics, || {
+            name("auth.metrics")
+        });
     }
 }
 
@@ -509,7 +521,11 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
             retain_revisions,
             interval: get("STRATA_COMPACTION_INTERVAL"),
         },
-        limits: LimitsLayer { max_value_bytes },
+        limits: LimitsLayer {
+            max_value_bytes,
+            ..LimitsLayer::default()
+        },
+        audit: crate::audit::AuditFile::default(),
         watch: WatchLayer {
             journal_revisions: number("STRATA_WATCH_JOURNAL_REVISIONS", "watch.journal_revisions")?,
         },
@@ -618,6 +634,7 @@ impl Config {
                 },
                 compaction: CompactionLayer::default(),
                 limits: LimitsLayer::default(),
+                audit: crate::audit::AuditFile::default(),
                 watch: WatchLayer::default(),
                 history: HistoryLayer::default(),
                 etcd: EtcdLayer {
@@ -758,6 +775,12 @@ impl Merged {
             ));
         }
         let etcd = self.etcd()?;
+        let mut limits = crate::api::Limits {
+            max_value_bytes,
+            history_versions,
+            ..crate::api::Limits::default()
+        };
+        crate::limits::apply_layers(&self.limit_layers, &mut limits)?;
         let tls = self.tls()?;
         let auth = self.auth()?;
         Ok(Config {
@@ -769,19 +792,16 @@ impl Merged {
                 retain_revisions: self.retain_revisions.value,
                 interval,
             },
-            limits: crate::api::Limits {
-                max_value_bytes,
-                history_versions,
-                ..crate::api::Limits::default()
-            },
+            limits,
+            audit: crate::audit::AuditSettings::from_layers(&self.audit_layers)?,
             journal: crate::view::JournalLimits {
                 max_revisions: journal_revisions,
                 ..crate::view::JournalLimits::default()
             },
             etcd,
-            otel: crate::tracing_otel::OtelConfig::default(),
             tls,
             auth,
+            otel: crate::tracing_otel::OtelConfig::default(),
         })
     }
 
@@ -1310,6 +1330,88 @@ mod tests {
         let endpoints = layer.etcd.endpoints.unwrap().urls();
         assert!(endpoints.len() >= 2, "{endpoints:?}");
         assert!(layer.etcd.prefix.is_some());
+    }
+
+    #[test]
+    fn tls_settings_layer_like_any_setting_and_are_checked_together() {
+        let err = |flags: &Flags, pairs: &[(&str, &str)]| {
+            Config::load(flags, env(pairs)).unwrap_err().to_string()
+        };
+        assert_eq!(Config::load(&Flags::default(), env(&[])).unwrap().tls, None);
+
+        let cert_only = Flags {
+            tls_cert: Some("/x/cert.pem".into()),
+            ..Flags::default()
+        };
+        let e = err(&cert_only, &[]);
+        assert!(e.contains("tls.key") && e.contains("--tls-key"), "{e}");
+        let e = err(&Flags::default(), &[("STRATA_TLS_KEY", "/x/key.pem")]);
+        assert!(e.contains("tls.cert") && e.contains("STRATA_TLS_KEY"), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("stratad.toml");
+        std::fs::write(
+            &file,
+            "[tls]\ncert = \"/file/cert.pem\"\nkey = \"/file/key.pem\"\n",
+        )
+        .unwrap();
+        let from_file = Flags {
+            config: Some(file.clone()),
+            ..Flags::default()
+        };
+        let e = err(&from_file, &[]);
+        assert!(
+            e.contains("tls.cert") && e.contains("/file/cert.pem") && e.contains("stratad.toml"),
+            "the file's unreadable certificate is named with its source: {e}"
+        );
+        let e = err(&from_file, &[("STRATA_TLS_CERT", "/env/cert.pem")]);
+        assert!(
+            e.contains("/env/cert.pem") && e.contains("STRATA_TLS_CERT"),
+            "env beats file: {e}"
+        );
+        let flags = Flags {
+            tls_cert: Some("/flag/cert.pem".into()),
+            ..from_file
+        };
+        let e = err(&flags, &[("STRATA_TLS_CERT", "/env/cert.pem")]);
+        assert!(
+            e.contains("/flag/cert.pem") && e.contains("--tls-cert"),
+            "flag beats env: {e}"
+        );
+
+        std::fs::write(&file, "[tls]\nclient_ca = \"/file/ca.pem\"\n").unwrap();
+        let e = err(
+            &Flags {
+                config: Some(file),
+                ..Flags::default()
+            },
+            &[],
+        );
+        assert!(
+            e.contains("tls.client_ca") && e.contains("need TLS"),
+            "client certificates without TLS: {e}"
+        );
+    }
+
+    #[test]
+    fn shipped_example_tls_section_parses_when_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stratad.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut in_tls = false;
+        let enabled: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("#[") || line.starts_with('[') {
+                    in_tls = line == "#[tls]";
+                }
+                let uncomment =
+                    in_tls && line.len() > 1 && line.starts_with('#') && !line.starts_with("# ");
+                format!("{}\n", if uncomment { &line[1..] } else { line })
+            })
+            .collect();
+        assert!(enabled.contains("\n[tls]\n"), "the example documents [tls]");
+        let tls = parse_layer(&path, &enabled).unwrap().tls;
+        assert!(tls.cert.is_some() && tls.key.is_some() && tls.client_ca.is_some());
     }
 
     #[test]

@@ -189,7 +189,7 @@ async fn put_tenant(
     let body: TenantBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         TenantBody::default()
     } else {
-        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))?
+        crate::limits::json_object(&bytes)?
     };
     let action = Action::CreateTenant {
         protected: body.protected,

@@ -219,7 +219,7 @@ fn check_spec(c: CheckJson) -> Result<CheckSpec, ApiError> {
 
 async fn json_body<T: for<'de> Deserialize<'de>>(body: Body) -> Result<T, ApiError> {
     let bytes = read_body(body, MAX_BODY_BYTES).await?;
-    serde_json::from_slice(&bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))
+    crate::limits::json_object(&bytes)
 }
 
 fn instance_json(i: &InstanceInfo) -> Value {

@@ -8,6 +8,8 @@
 //! | `h/{project}/{tenant}/{key}@{seq}` | [`VersionRecord`] |
 //! | `i/{project}/{tenant}/{service}/{id}` | [`InstanceRecord`] (ephemeral ones under a lease) |
 //! | `ih/{project}/{tenant}/{service}/{id}` | [`HealthRecord`] (probe verdict of a persistent instance) |
+//! | `q/{project}`, `q/{project}/{tenant}/{c,i}` | empty: count guards (`limits.rs`) |
+//! | `audit/{hour}/{unix_ms}-{nonce}` | audit entry (`audit.rs`; not a domain key) |
 //!
 //! Project and tenant names cannot contain `/` (they are DNS labels), so the
 //! first two segments after the type letter always parse unambiguously and
@@ -228,14 +230,20 @@ pub fn healths_prefix(project: &str, tenant: &str) -> Vec<u8> {
     format!("ih/{project}/{tenant}/").into_bytes()
 }
 
+/// Prefix of a tenant's count guards (see `limits.rs`).
+pub fn guards_prefix(project: &str, tenant: &str) -> Vec<u8> {
+    format!("q/{project}/{tenant}/").into_bytes()
+}
+
 /// Every prefix holding objects of a tenant (its own key aside): what
 /// deleting the tenant deletes.
-pub fn tenant_prefixes(project: &str, tenant: &str) -> [Vec<u8>; 4] {
+pub fn tenant_prefixes(project: &str, tenant: &str) -> [Vec<u8>; 5] {
     [
         layers_prefix(project, tenant),
         history_prefix(project, tenant),
         instances_prefix(project, tenant),
         healths_prefix(project, tenant),
+        guards_prefix(project, tenant),
     ]
 }
 

@@ -9,11 +9,14 @@
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod grpc_backup;
 pub mod grpc_registry;
 pub mod http;
 pub mod http_api;
@@ -22,6 +25,7 @@ pub mod hub;
 pub mod jobs;
 pub mod keyspace;
 pub mod leader;
+pub mod limits;
 pub mod probe;
 pub mod registry;
 pub mod registry_jobs;

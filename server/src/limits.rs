@@ -220,8 +220,12 @@ fn instances_guard(project: &str, tenant: &str) -> Vec<u8> {
 
 /// Pins `guard` to the state the plan saw (`seen`: the view's revision).
 fn guard(txn: Txn, guard: Vec<u8>, seen: Revision) -> Txn {
-    txn.when(Compare::mod_revision(guard.clone(), CompareOp::Less, seen + 1))
-        .put(guard, Vec::new())
+    txn.when(Compare::mod_revision(
+        guard.clone(),
+        CompareOp::Less,
+        seen + 1,
+    ))
+    .put(guard, Vec::new())
 }
 
 fn exceeded(what: String, limit: usize, setting: &str) -> ApiError {
@@ -378,9 +382,9 @@ fn unlimited_path(path: &str) -> bool {
 
 /// The rate-limit middleware: must run inside the authentication layer
 /// (it keys buckets by the principal's token id). A refused request gets
-/// `RATE_LIMITED` — HTTP 429 with `Retry-After` (whole seconds, at least
-/// 1) and a JSON body, gRPC `RESOURCE_EXHAUSTED` with `retry_after_ms` in
-/// the error detail.
+/// `RATE_LIMITED`: HTTP 429 with a JSON body and `Retry-After` in whole
+/// seconds (at least one), or gRPC `RESOURCE_EXHAUSTED` with
+/// `retry_after_ms` in the error detail.
 pub async fn rate_limit(
     State(limiter): State<Arc<RateLimiter>>,
     request: Request,
@@ -415,10 +419,9 @@ pub async fn rate_limit(
             } else {
                 let mut response = error.into_response();
                 let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                response.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(seconds.max(1)),
-                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
                 response
             }
         }
@@ -426,6 +429,20 @@ pub async fn rate_limit(
 }
 
 // ---------------------------------------------------------------- JSON errors
+
+/// Parses a JSON request body that must be an object. serde would also
+/// fill a struct from an array (`[]` would be an empty tenant body), and
+/// its own recursion limit keeps deep documents from the stack.
+pub(crate) fn json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let invalid = |m: String| ApiError::new(ErrorReason::InvalidArgument, m);
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(invalid(
+            "invalid JSON body: expected a JSON object `{…}`".into(),
+        ));
+    }
+    serde_json::from_slice(bytes).map_err(|e| invalid(format!("invalid JSON body: {e}")))
+}
 
 /// Largest non-JSON error body read to become the JSON error's message.
 const MAX_ERROR_TEXT: usize = 4 * 1024;
@@ -508,8 +525,16 @@ mod tests {
         assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO);
         // Another token has its own bucket.
         assert!(limiter.take(&"t2".into(), t0).is_ok());
-        assert!(limiter.take(&token, t0 + Duration::from_millis(100)).is_ok());
-        assert!(limiter.take(&token, t0 + Duration::from_millis(100)).is_err());
+        assert!(
+            limiter
+                .take(&token, t0 + Duration::from_millis(100))
+                .is_ok()
+        );
+        assert!(
+            limiter
+                .take(&token, t0 + Duration::from_millis(100))
+                .is_err()
+        );
         // A long pause refills only up to the burst.
         let later = t0 + Duration::from_secs(60);
         for _ in 0..3 {

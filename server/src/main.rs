@@ -106,6 +106,7 @@ async fn serve(config: Config) -> Result<(), String> {
         journal: config.journal,
         tls: config.tls.clone(),
         auth: auth_options(&config),
+        audit: config.audit,
     };
     server::run(listener, store, options, shutdown_signal())
         .await

@@ -163,6 +163,13 @@ fn info(p: &ProjectView, tenant: &str, service: &str, id: &str, e: &InstanceEntr
     }
 }
 
+/// Instances registered in `tenant` (every service).
+fn instance_count(p: &ProjectView, tenant: &str) -> usize {
+    p.instances
+        .get(tenant)
+        .map_or(0, |services| services.values().map(|ids| ids.len()).sum())
+}
+
 /// Resolves `service` for `tenant` in `p` (the tenant must exist).
 pub fn resolution(p: &ProjectView, chain: &[&str], service: &str) -> ServiceResolution {
     match p.resolve_service(chain, service) {
@@ -296,6 +303,16 @@ impl Api {
                     .filter(|p| p.tenants.contains_key(&req.tenant))
                     .ok_or_else(|| tenant_missing(&req.project, &req.tenant))?;
                 let txn = Txn::new().when(Compare::exists(tenant_key.clone()));
+                let adding = usize::from(p.instance(&req.tenant, &req.service, &id).is_none());
+                let txn = crate::limits::plan_instances(
+                    &self.limits.counts,
+                    &req.project,
+                    &req.tenant,
+                    instance_count(p, &req.tenant),
+                    adding,
+                    state.revision,
+                    txn,
+                )?;
                 let txn = plan_instance(
                     Some(p),
                     &req.project,
@@ -570,10 +587,48 @@ impl Api {
                             entry.mod_revision,
                         ));
                     }
-                    None => txn = plan_new_tenant(p, &req.tenant, &tenant_record, txn)?,
+                    None => {
+                        txn = crate::limits::plan_tenants(
+                            &self.limits.counts,
+                            &project,
+                            p.map_or(0, |p| p.tenants.len()),
+                            1,
+                            state.revision,
+                            txn,
+                        )?;
+                        txn = plan_new_tenant(p, &req.tenant, &tenant_record, txn)?;
+                    }
                 }
                 // A tenant being created has nothing yet: plan as if empty.
                 let planned = p.filter(|_| existing.is_some());
+                let new_instances = instances
+                    .iter()
+                    .filter(|(id, _)| {
+                        planned.is_none_or(|p| p.instance(&tenant, &req.service, id).is_none())
+                    })
+                    .count();
+                txn = crate::limits::plan_instances(
+                    &self.limits.counts,
+                    &project,
+                    &tenant,
+                    planned.map_or(0, |p| instance_count(p, &tenant)),
+                    new_instances,
+                    state.revision,
+                    txn,
+                )?;
+                let new_keys = layers
+                    .keys()
+                    .filter(|key| planned.is_none_or(|p| p.layer(&tenant, key).is_none()))
+                    .count();
+                txn = crate::limits::plan_config_keys(
+                    &self.limits.counts,
+                    &project,
+                    &tenant,
+                    planned.map_or(0, |p| p.layers.get(&tenant).map_or(0, |l| l.len())),
+                    new_keys,
+                    state.revision,
+                    txn,
+                )?;
                 for (id, record) in &instances {
                     let lease = if record.persistent { 0 } else { lease };
                     txn = plan_instance(

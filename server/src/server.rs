@@ -58,6 +58,8 @@ pub struct DaemonState {
     pub limits: Limits,
     /// Checks bearer tokens; its table follows the store.
     pub auth: Arc<crate::auth::Authenticator>,
+    /// The audit log.
+    pub audit: Arc<crate::audit::Auditor>,
     ready: AtomicBool,
     api: OnceLock<Api>,
     hub: OnceLock<Arc<Hub<ConfigLens>>>,
@@ -134,6 +136,8 @@ pub struct ServerOptions {
     pub tls: Option<crate::tls::ServerTls>,
     /// Tokens (`admin_token_file` `None`: `./admin.token`).
     pub auth: crate::auth::AuthConfig,
+    /// Retention of the audit log.
+    pub audit: crate::audit::AuditSettings,
 }
 
 /// Failures that stop the server.
@@ -170,6 +174,11 @@ pub async fn run(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    // Every transaction of an audited call carries its audit entry
+    // (audit.rs); the retention job and refusal entries use the raw store.
+    let raw_store = store;
+    let store: Arc<dyn Store> = Arc::new(crate::audit::AuditingStore::new(Arc::clone(&raw_store)));
+    let audit = crate::audit::Auditor::new(Arc::clone(&raw_store), &member, options.audit);
     let state = Arc::new(DaemonState {
         store: Arc::clone(&store),
         started: Instant::now(),
@@ -178,6 +187,7 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         limits: options.limits,
         auth: crate::auth::Authenticator::new(&options.auth),
+        audit,
         ready: AtomicBool::new(false),
         api: OnceLock::new(),
         hub: OnceLock::new(),
@@ -213,6 +223,16 @@ pub async fn run(
         .add_service(TenantServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(ConfigServiceServer::new(GrpcApi::new(Arc::clone(&state))))
         .add_service(RegistryServiceServer::new(GrpcApi::new(Arc::clone(&state))))
+        .add_service(
+            strata_proto::v1::backup_service_server::BackupServiceServer::new(
+                crate::grpc_backup::BackupApi::new(Arc::clone(&state)),
+            ),
+        )
+        .add_service(
+            strata_proto::v1::audit_service_server::AuditServiceServer::new(
+                crate::audit::AuditApi(Arc::clone(&state)),
+            ),
+        )
         .add_service(TokenServiceServer::new(crate::tokens::TokenApi(
             crate::tokens::Tokens::new(
                 Arc::clone(&store),
@@ -251,7 +271,19 @@ pub async fn run(
     let app = grpc
         .merge(crate::http::router(Arc::clone(&state)))
         .merge(crate::http_api::router(Arc::clone(&state)))
+        .merge(crate::audit::router(Arc::clone(&state)))
         .fallback(crate::http::fallback)
+        // Inside authentication (they need the principal), outermost first:
+        // the rate limit, the audit log, JSON bodies for every HTTP error.
+        .layer(axum::middleware::from_fn(crate::limits::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.audit),
+            crate::audit::record,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            crate::limits::RateLimiter::new(options.limits.rate),
+            crate::limits::rate_limit,
+        ))
         // Every route, the fallback included, passes authentication first;
         // requests refused there are still counted by `track_requests`.
         .layer(axum::middleware::from_fn_with_state(
@@ -324,6 +356,7 @@ pub async fn run(
     // Leader-only jobs run on the one replica that holds the leader lease
     // (with the embedded store, always this daemon).
     let compaction = options.compaction.clone();
+    let audit_settings = options.audit;
     let jobs = tokio::spawn(crate::leader::run(
         Arc::clone(&store),
         state.member.clone(),
@@ -334,8 +367,10 @@ pub async fn run(
             move |term: CancellationToken| {
                 let (store, api, compaction) =
                     (Arc::clone(&store), api.clone(), compaction.clone());
+                let raw_store = Arc::clone(&raw_store);
                 async move {
                     tokio::join!(
+                        crate::audit::retention(raw_store, audit_settings, term.clone()),
                         crate::jobs::compaction(store, compaction, term.clone()),
                         crate::registry_jobs::health_checks(api.clone(), term.clone()),
                         crate::registry_jobs::tenant_gc(

@@ -5,6 +5,7 @@
 //! refusing or deleting.
 
 use std::path::Path;
+use std::time::Duration;
 
 use strata_tests::{Daemon, strata};
 
@@ -389,4 +390,113 @@ async fn tenant_delete_and_rollback_show_the_plan_before_refusing_or_applying() 
 
     let (_, err) = ok(&d, &["tenant", "delete", "feat-1", "--force", "--yes"]).await;
     assert!(err.contains("tenant feat-2: 1 config key(s)"), "{err}");
+}
+
+/// With a terminal (a pseudo-terminal from util-linux `script`), apply asks;
+/// a layer changed by someone else between the plan and the answer makes the
+/// apply stop with a clear error instead of overwriting that change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_between_plan_and_confirmation_is_not_overwritten() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: util-linux `script` (for a pseudo-terminal) is not installed");
+        return;
+    }
+    let d = Daemon::builder().start().await;
+    ok(&d, &["tenant", "create", "integration"]).await;
+    ok(
+        &d,
+        &[
+            "config",
+            "put",
+            "integration",
+            "game.json",
+            "--value",
+            "{\"v\": 1}",
+        ],
+    )
+    .await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("integration");
+    write(&dir, "game.json", "{\"v\": 2}");
+    write(&dir, "new.json", "{}");
+
+    let command = format!(
+        "{} --endpoints {} --project vega config apply -f {} --tenant integration",
+        strata_tests::strata_bin().display(),
+        d.endpoint(),
+        dir.display()
+    );
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env_clear()
+        .env("STRATA_TOKEN", d.admin_token())
+        .env("TERM", "dumb")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn script");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let prompt = "Do you want to apply these changes to tenant integration? [y/N]";
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !String::from_utf8_lossy(&seen).contains(prompt) {
+            let mut buf = [0u8; 4096];
+            let n = stdout.read(&mut buf).await.expect("read");
+            assert!(
+                n > 0,
+                "ended before asking: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no prompt: {}", String::from_utf8_lossy(&seen)));
+    let shown = String::from_utf8_lossy(&seen).into_owned();
+    assert!(shown.contains("~ update    game.json"), "{shown}");
+    assert!(shown.contains("+ create    new.json"), "{shown}");
+
+    // Someone else changes the layer while the plan waits for an answer.
+    ok(
+        &d,
+        &[
+            "config",
+            "put",
+            "integration",
+            "game.json",
+            "--value",
+            "{\"v\": 3}",
+        ],
+    )
+    .await;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"y\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stdout.read_to_end(&mut rest))
+        .await
+        .expect("apply should finish")
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("script exits")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert_eq!(status.code(), Some(1), "{rest}");
+    assert!(rest.contains("game.json"), "{rest}");
+    assert!(rest.contains("changed since the plan"), "{rest}");
+    // The other writer's value stands; nothing after the failed step ran
+    // (game.json sorts before new.json).
+    let (value, _) = ok(&d, &["config", "get", "integration", "game.json"]).await;
+    assert_eq!(value.trim(), "{\"v\": 3}");
+    let (code, _, _) = cli(&d, &["config", "get", "integration", "new.json"]).await;
+    assert_ne!(code, 0, "new.json must not have been written");
 }

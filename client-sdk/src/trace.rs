@@ -152,10 +152,10 @@ impl TracingConfig {
                     "none" => disabled = true,
                     _ => return Err(invalid("only `otlp` and `none` are supported")),
                 },
-                "OTEL_EXPORTER_OTLP_PROTOCOL" | "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" => {
-                    if value != "grpc" {
-                        return Err(invalid("only `grpc` is supported (OTLP over gRPC)"));
-                    }
+                "OTEL_EXPORTER_OTLP_PROTOCOL" | "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+                    if value != "grpc" =>
+                {
+                    return Err(invalid("only `grpc` is supported (OTLP over gRPC)"));
                 }
                 _ => {}
             }
@@ -487,7 +487,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(traces.endpoint_uri(), Some("http://b:4317"));
-        for off in [("OTEL_SDK_DISABLED", "true"), ("OTEL_TRACES_EXPORTER", "none")] {
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
             let config = env(&[(ENDPOINT_VAR, "http://a:4317"), off]).unwrap();
             assert!(!config.is_enabled(), "{off:?}");
         }

@@ -134,13 +134,13 @@ impl OtelConfig {
                         ));
                     }
                 },
-                "OTEL_EXPORTER_OTLP_PROTOCOL" | "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" => {
-                    if value != "grpc" {
-                        return Err(invalid(
-                            "OTEL_EXPORTER_OTLP_PROTOCOL",
-                            "only `grpc` is supported (OTLP over gRPC)",
-                        ));
-                    }
+                "OTEL_EXPORTER_OTLP_PROTOCOL" | "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+                    if value != "grpc" =>
+                {
+                    return Err(invalid(
+                        "OTEL_EXPORTER_OTLP_PROTOCOL",
+                        "only `grpc` is supported (OTLP over gRPC)",
+                    ));
                 }
                 _ => {}
             }
@@ -381,7 +381,9 @@ mod tests {
     fn variables_turn_export_on_and_off() {
         assert_eq!(env(&[]).unwrap(), OtelConfig::default());
         assert_eq!(
-            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")]).unwrap().endpoint,
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "")])
+                .unwrap()
+                .endpoint,
             None
         );
         let on = env(&[
@@ -399,7 +401,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(traces.endpoint.as_deref(), Some("https://b:4317"));
-        for off in [("OTEL_SDK_DISABLED", "true"), ("OTEL_TRACES_EXPORTER", "none")] {
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
             let config = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"), off]).unwrap();
             assert_eq!(config.endpoint, None, "{off:?}");
         }

@@ -34,7 +34,10 @@ impl TokenArgs {
                 .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
             let token = text.lines().next().unwrap_or("").trim().to_owned();
             if token.is_empty() {
-                return Err(format!("--token-file {}: the file is empty", path.display()));
+                return Err(format!(
+                    "--token-file {}: the file is empty",
+                    path.display()
+                ));
             }
             return Ok(Some(token));
         }

@@ -444,16 +444,13 @@ impl Authenticator {
             .read()
             .ok()
             .and_then(|t| t.get(id).cloned())
-            .ok_or_else(|| {
-                unauthenticated(&format!("unknown or revoked token (id {id})"))
-            })?;
+            .ok_or_else(|| unauthenticated(&format!("unknown or revoked token (id {id})")))?;
         if !crate::tokens::secret_matches(id, secret, &entry.secret_hash) {
             return Err(unauthenticated(&format!(
                 "unknown or revoked token (id {id})"
             )));
         }
-        if entry.expires_at_unix_ms != 0
-            && entry.expires_at_unix_ms <= crate::store::unix_now_ms()
+        if entry.expires_at_unix_ms != 0 && entry.expires_at_unix_ms <= crate::store::unix_now_ms()
         {
             return Err(unauthenticated(&format!("token {id} has expired")));
         }
@@ -569,7 +566,9 @@ mod tests {
         assert!(!cd.allows(Action::Read, "other", "feat-a"));
         assert!(!cd.allows(Action::Admin, "vega", ""));
         assert!(cd.allows(Action::Heartbeat, "", ""));
-        let err = cd.authorize(Action::WriteConfig, "vega", "integration").unwrap_err();
+        let err = cd
+            .authorize(Action::WriteConfig, "vega", "integration")
+            .unwrap_err();
         assert_eq!(err.reason, ErrorReason::PermissionDenied);
         assert!(err.message.contains("vega/integration"), "{}", err.message);
     }

@@ -88,7 +88,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Splits `strata_<id>_<secret>` into id and secret; `None` when malformed.
@@ -167,7 +169,10 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Option<(String, TokenEntry)> {
         .ok()
         .and_then(|r| entry_of(id, &r));
     if entry.is_none() {
-        tracing::warn!(token_id = id, "skipping a token record this stratad cannot read");
+        tracing::warn!(
+            token_id = id,
+            "skipping a token record this stratad cannot read"
+        );
     }
     Some((id.to_owned(), entry?))
 }
@@ -443,7 +448,11 @@ impl Tokens {
             Ok(strata_proto::v1::Role::Register) => Role::Register,
             Ok(strata_proto::v1::Role::Write) => Role::Write,
             Ok(strata_proto::v1::Role::Admin) => Role::Admin,
-            _ => return Err(invalid("role must be read, register, write or admin".into())),
+            _ => {
+                return Err(invalid(
+                    "role must be read, register, write or admin".into(),
+                ));
+            }
         };
         if request.project.is_empty() {
             if role != Role::Admin {
@@ -472,7 +481,9 @@ impl Tokens {
             (_, true) => {}
         }
         if request.ttl_seconds < 0 {
-            return Err(invalid("ttl_seconds must be 0 (no expiry) or positive".into()));
+            return Err(invalid(
+                "ttl_seconds must be 0 (no expiry) or positive".into(),
+            ));
         }
         let now = unix_now_ms();
         let expires_at_unix_ms = if request.ttl_seconds == 0 {
@@ -530,7 +541,9 @@ impl Tokens {
             .kvs
             .iter()
             .filter_map(|kv| {
-                let id = std::str::from_utf8(&kv.key).ok()?.strip_prefix(TOKENS_PREFIX)?;
+                let id = std::str::from_utf8(&kv.key)
+                    .ok()?
+                    .strip_prefix(TOKENS_PREFIX)?;
                 let record = TokenRecord::decode(kv.value.as_slice()).ok()?;
                 Some(info(id, &record))
             })

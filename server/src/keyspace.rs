@@ -10,6 +10,8 @@
 //! | `ih/{project}/{tenant}/{service}/{id}` | [`HealthRecord`] (probe verdict of a persistent instance) |
 //! | `q/{project}`, `q/{project}/{tenant}/{c,i}` | empty: count guards (`limits.rs`) |
 //! | `audit/{hour}/{unix_ms}-{nonce}` | audit entry (`audit.rs`; not a domain key) |
+//! | `a/tokens/{id}` | token record: name, role, scope, secret hash (`tokens.rs`; not a domain key) |
+//! | `a/bootstrap` | id of the admin token of first start (created once per store) |
 //!
 //! Project and tenant names cannot contain `/` (they are DNS labels), so the
 //! first two segments after the type letter always parse unambiguously and

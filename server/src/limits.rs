@@ -544,6 +544,47 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_lists_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stratad.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = crate::config::parse_file(&path, &text).unwrap();
+        assert_eq!(config.limits, crate::api::Limits::default());
+        assert_eq!(config.audit, crate::audit::AuditSettings::default());
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting_and_the_file() {
+        let path = std::path::Path::new("s.toml");
+        for (text, setting) in [
+            ("[limits]\nmax_key_bytes = 9999\n", "limits.max_key_bytes"),
+            (
+                "[limits]\nmax_tenants_per_project = -1\n",
+                "limits.max_tenants_per_project",
+            ),
+            (
+                "[limits]\nrequests_per_second = -3.0\n",
+                "limits.requests_per_second",
+            ),
+            ("[limits]\nrequest_burst = 0.5\n", "limits.request_burst"),
+            ("[audit]\nmax_age = \"soon\"\n", "audit.max_age"),
+            ("[audit]\nmax_entries = 0\n", "audit.max_entries"),
+        ] {
+            let e = crate::config::parse_file(path, text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(setting) && e.contains("s.toml"), "{text}: {e}");
+        }
+        assert!(crate::config::parse_file(path, "[limits]\nmax_colour = 1\n").is_err());
+        let config = crate::config::parse_file(
+            path,
+            "[limits]\nmax_instances_per_tenant = 0\nrequests_per_second = 2.5\n",
+        )
+        .unwrap();
+        assert_eq!(config.limits.counts.max_instances_per_tenant, 0);
+        assert!((config.limits.rate.per_second - 2.5).abs() < f64::EPSILON);
+    }
+
+    #[test]
     fn counts_are_refused_at_the_limit_and_guarded_near_it() {
         let limits = CountLimits {
             max_tenants_per_project: 2,

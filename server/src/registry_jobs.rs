@@ -165,18 +165,23 @@ async fn record(
         project = %i.project, tenant = %i.tenant, service = %i.service, instance = %i.id,
         health = %change.health, detail = %change.detail, "instance health changed"
     );
-    if let Err(e) = api
-        .set_health(
-            &i.project,
-            &i.tenant,
-            &i.service,
-            &i.id,
-            check,
-            healthy,
-            &change.detail,
-        )
-        .await
-    {
+    // Recorded in the audit log as the daemon's own change.
+    let audited = crate::audit::Target {
+        operation: "SetHealth".into(),
+        project: i.project.clone(),
+        tenant: i.tenant.clone(),
+        subject: format!("{}/{}", i.service, i.id),
+    };
+    let verdict = api.set_health(
+        &i.project,
+        &i.tenant,
+        &i.service,
+        &i.id,
+        check,
+        healthy,
+        &change.detail,
+    );
+    if let Err(e) = crate::audit::as_daemon(audited, "health-check", verdict).await {
         tracing::warn!(error = %e, instance = %i.id, "could not record a health verdict");
     }
 }
@@ -241,7 +246,14 @@ pub async fn collect_expired(api: &Api, now_unix_ms: i64) -> usize {
     }
     let mut collected = 0;
     for (project, tenant) in roots {
-        match api.delete_tenant(&project, &tenant, true).await {
+        let audited = crate::audit::Target {
+            operation: "ExpireTenant".into(),
+            project: project.clone(),
+            tenant: tenant.clone(),
+            subject: String::new(),
+        };
+        let deleted = api.delete_tenant(&project, &tenant, true);
+        match crate::audit::as_daemon(audited, "tenant-ttl", deleted).await {
             Ok((layers, revision)) => {
                 collected += 1;
                 metrics::counter!("strata_tenants_collected_total", "project" => project.clone())

@@ -598,3 +598,45 @@ async fn retention_drops_entries_older_than_the_age() {
     assert!(aged, "{:#?}", all_entries(&daemon).await);
     assert!(!daemon.stderr().contains("panicked"));
 }
+
+#[tokio::test]
+async fn every_refusal_is_recorded_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path(), "[audit]\nrefusals = \"all\"\n");
+    let daemon = Daemon::builder().args(["--config", &config]).start().await;
+    ok(&daemon, "PUT", &format!("{P}/integration"), "{}").await;
+    let (status, _) = http_request(
+        daemon.addr,
+        "PUT",
+        &format!("{P}/integration/config/a//b"),
+        &[],
+        b"x",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400);
+    let (status, _) = http_request(daemon.addr, "PUT", &format!("{P}/integration"), &[], b"{}")
+        .await
+        .unwrap();
+    assert_eq!(status, 409);
+    let errors = query(
+        &daemon,
+        QueryAuditRequest {
+            result: "error".into(),
+            ..QueryAuditRequest::default()
+        },
+    )
+    .await;
+    let results: Vec<(&str, &str)> = errors
+        .iter()
+        .map(|e| (e.operation.as_str(), e.result.as_str()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("CreateTenant", "already_exists"),
+            ("PutConfig", "invalid_argument")
+        ]
+    );
+    assert_eq!(errors[1].subject, "a//b");
+}

@@ -4,8 +4,7 @@
 //! documents, wrong content types, and a seeded stream of random requests.
 //! Every answer must be a clear 4xx with a JSON error body; the daemon must
 //! stay up (healthz, no panic in its log); and the store must be unchanged —
-//! the same tenants and config, and no revision other than the audit log's
-//! records of the refused calls.
+//! the same tenants and config at the same revision.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step should fail loudly
 
@@ -465,10 +464,16 @@ async fn malformed_requests_get_clear_json_errors_and_change_nothing() {
     }
 
     // Still alive, never panicked, and nothing changed: the same tenants and
-    // values, and every revision since is an audit record of a refusal.
+    // values, the same revision (refusals other than permission denials
+    // leave no audit entry either).
     assert_eq!(http_get(daemon.addr, "/healthz").await.unwrap().0, 200);
     assert!(!daemon.stderr().contains("panicked"), "{}", daemon.stderr());
     assert_eq!(snapshot(&daemon).await, before);
+    assert_eq!(
+        revision(&daemon).await,
+        start_revision,
+        "after {sent} refused calls"
+    );
     let entries = AuditServiceClient::new(daemon.channel().await)
         .query(QueryAuditRequest {
             since_unix_ms: since,
@@ -479,21 +484,7 @@ async fn malformed_requests_get_clear_json_errors_and_change_nothing() {
         .unwrap()
         .into_inner()
         .entries;
-    assert!(
-        entries.iter().all(|e| e.result != "ok"),
-        "no call succeeded: {:?}",
-        entries.iter().find(|e| e.result == "ok")
-    );
-    assert_eq!(
-        revision(&daemon).await - start_revision,
-        entries.len() as i64,
-        "only the audit log moved"
-    );
-    assert!(
-        entries.len() <= sent,
-        "{} entries for {sent} calls",
-        entries.len()
-    );
+    assert!(entries.is_empty(), "{entries:#?}");
 }
 
 #[tokio::test]

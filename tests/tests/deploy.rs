@@ -806,9 +806,6 @@ async fn stratad_and_sidecar_metrics_are_the_documented_ones() {
     .await;
 
     // The sidecar watches services; feat-1 has no lobby, so calls fall back.
-    let token_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(token_file.path(), daemon.admin_token()).unwrap();
-    let token_path = token_file.path().to_str().unwrap();
     // An inbound listener in front of the "app" (the upstream), and a TCP
     // route that expects PROXY v2 headers.
     let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -818,7 +815,7 @@ async fn stratad_and_sidecar_metrics_are_the_documented_ones() {
         PROJECT,
         "feat-1",
         &["lobby;accept-proxy"],
-        &["--token-file", token_path, "--inbound", &inbound_arg],
+        &["--inbound", &inbound_arg],
     )
     .await;
     // A config watch (the other watch kind), as a game server holds one.

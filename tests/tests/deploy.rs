@@ -1186,6 +1186,8 @@ async fn the_shipped_deployments_start_the_real_binaries() {
             "STRATA_TENANT" => "integration".to_owned(),
             "STRATA_TOKEN" => daemon.admin_token(),
             "STRATA_SIDECAR_OUTBOUND" => format!("127.0.0.1:{}", free_port()),
+            // Traces go nowhere here (tests/tests/tracing.rs covers them).
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => format!("http://127.0.0.1:{}", free_port()),
             "STRATA_SIDECAR_ADMIN" => {
                 assert_eq!(value.as_deref(), Some("0.0.0.0:15000"));
                 admin.to_string()

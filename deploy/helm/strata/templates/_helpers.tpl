@@ -104,6 +104,10 @@ spec:
           value: /etc/strata/etcd-password/password
         {{- end }}
         {{- end }}
+        {{- if .Values.otlpEndpoint }}
+        - name: OTEL_EXPORTER_OTLP_ENDPOINT
+          value: {{ .Values.otlpEndpoint | quote }}
+        {{- end }}
         {{- range $name, $value := .Values.env }}
         - name: {{ $name }}
           value: {{ $value | quote }}

@@ -199,6 +199,16 @@ pub(crate) struct Inner {
     pub(crate) trace: Option<crate::trace::Exporter>,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last clone of the client is gone: export what is queued
+        // without blocking the thread that dropped it.
+        if let Some(exporter) = self.trace.take() {
+            exporter.shutdown_in_background();
+        }
+    }
+}
+
 /// A client of a set of `stratad` daemons, for one project and tenant.
 ///
 /// Cheap to clone (clones share connections, the disk cache and the

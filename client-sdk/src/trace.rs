@@ -326,6 +326,23 @@ impl Exporter {
         }
     }
 
+    /// [`Exporter::shutdown`] without waiting: on a blocking thread of the
+    /// current Tokio runtime (the export itself runs on the runtime, so a
+    /// runtime thread must not block on it), or right here without one.
+    /// Every clone shares the provider, so all of them stop exporting.
+    pub fn shutdown_in_background(self) {
+        let provider = self.provider;
+        let shutdown = move || {
+            if let Err(e) = provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT) {
+                tracing::debug!(error = %e, "exporting the last spans failed");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(shutdown)),
+            Err(_) => shutdown(),
+        }
+    }
+
     /// Starts a span of `kind` named `name`, a child of `parent`, and
     /// returns the context holding it (end it with [`end_span`]).
     pub fn start_span(

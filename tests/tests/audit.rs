@@ -640,3 +640,36 @@ async fn every_refusal_is_recorded_when_configured() {
     );
     assert_eq!(errors[1].subject, "a//b");
 }
+
+#[tokio::test]
+async fn the_daemons_own_changes_are_recorded_as_stratad() {
+    let daemon = Daemon::start().await;
+    let created = ok(
+        &daemon,
+        "PUT",
+        &format!("{P}/short"),
+        r#"{"ttl_seconds":1}"#,
+    )
+    .await;
+    assert!(created["revision"].as_i64().unwrap() > 0);
+    let expired = eventually(Duration::from_secs(10), async || {
+        all_entries(&daemon)
+            .await
+            .iter()
+            .any(|e| e.operation == "ExpireTenant")
+    })
+    .await;
+    assert!(expired, "{:#?}", all_entries(&daemon).await);
+    let entries = all_entries(&daemon).await;
+    let e = entries
+        .iter()
+        .find(|e| e.operation == "ExpireTenant")
+        .unwrap();
+    assert_eq!(
+        (e.actor_token_id.as_str(), e.actor_name.as_str()),
+        ("stratad", "tenant-ttl")
+    );
+    assert_eq!((e.project.as_str(), e.tenant.as_str()), ("vega", "short"));
+    assert_eq!(e.result, "ok");
+    assert!(e.revision > created["revision"].as_i64().unwrap());
+}

@@ -11,13 +11,30 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-/// A local TCP port routed to a service (`--tcp 127.0.0.1:16001=matchmaker`).
+/// A local TCP port routed to a service (`--tcp 127.0.0.1:16001=matchmaker`,
+/// optionally followed by `;accept-proxy` and/or `;send-proxy`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpRoute {
     /// Where the sidecar listens.
     pub listen: SocketAddr,
     /// The service a connection goes to.
     pub service: String,
+    /// The app starts each connection with a PROXY v2 header whose tenant
+    /// TLV picks the route (`accept-proxy`).
+    pub accept_proxy: bool,
+    /// The sidecar starts each upstream connection with a PROXY v2 header
+    /// carrying the tenant (`send-proxy`).
+    pub send_proxy: bool,
+}
+
+/// The optional inbound listener in front of the app
+/// (`--inbound 0.0.0.0:15006=127.0.0.1:8080`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundRoute {
+    /// Where the sidecar listens for calls to the app.
+    pub listen: SocketAddr,
+    /// The app's own address.
+    pub app: SocketAddr,
 }
 
 /// Everything the sidecar runs with.
@@ -40,6 +57,10 @@ pub struct Settings {
     pub admin: SocketAddr,
     /// Raw TCP routes.
     pub tcp: Vec<TcpRoute>,
+    /// Inbound listener in front of the app, if any.
+    pub inbound: Option<InboundRoute>,
+    /// How long an `accept-proxy` client may take to send its header.
+    pub proxy_header_timeout: Duration,
     /// Dialling one upstream instance may take this long before the next
     /// instance is tried.
     pub connect_timeout: Duration,
@@ -80,6 +101,8 @@ impl Default for Settings {
             outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
             admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
             tcp: Vec::new(),
+            inbound: None,
+            proxy_header_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             timeout: Duration::from_secs(15),
             route_timeouts: HashMap::new(),
@@ -138,6 +161,9 @@ struct Cli {
     /// LOCAL_ADDR=SERVICE raw TCP route, repeatable [env: STRATA_SIDECAR_TCP, comma separated]
     #[arg(long)]
     tcp: Vec<String>,
+    /// LISTEN_ADDR=APP_ADDR inbound HTTP listener in front of the app [env: STRATA_SIDECAR_INBOUND]
+    #[arg(long)]
+    inbound: Option<String>,
     /// Default route timeout to the response head, e.g. `15s`
     #[arg(long)]
     timeout: Option<String>,
@@ -172,6 +198,8 @@ struct FileSettings {
     outbound: Option<SocketAddr>,
     admin: Option<SocketAddr>,
     tcp: Option<Vec<String>>,
+    inbound: Option<String>,
+    proxy_header_timeout: Option<String>,
     timeout: Option<String>,
     connect_timeout: Option<String>,
     tenant_wait: Option<String>,
@@ -197,20 +225,52 @@ fn duration(value: &str, source: &str) -> Result<Duration, ConfigError> {
 }
 
 fn tcp_route(value: &str, source: &str) -> Result<TcpRoute, ConfigError> {
-    let (listen, service) = value
-        .split_once('=')
-        .ok_or_else(|| ConfigError(format!("{source}: {value:?} is not LOCAL_ADDR=SERVICE")))?;
+    let (listen, rest) = value.split_once('=').ok_or_else(|| {
+        ConfigError(format!(
+            "{source}: {value:?} is not LOCAL_ADDR=SERVICE[;accept-proxy][;send-proxy]"
+        ))
+    })?;
     let listen = listen
         .trim()
         .parse()
         .map_err(|e| ConfigError(format!("{source}: {listen:?} is not an address: {e}")))?;
-    let service = service.trim();
+    let mut parts = rest.split(';').map(str::trim);
+    let service = parts.next().unwrap_or_default();
     if service.is_empty() {
         return Err(ConfigError(format!("{source}: {value:?} names no service")));
     }
-    Ok(TcpRoute {
+    let mut route = TcpRoute {
         listen,
         service: service.to_owned(),
+        accept_proxy: false,
+        send_proxy: false,
+    };
+    for option in parts {
+        match option {
+            "accept-proxy" => route.accept_proxy = true,
+            "send-proxy" => route.send_proxy = true,
+            other => {
+                return Err(ConfigError(format!(
+                    "{source}: {other:?} in {value:?} is not a TCP route option (accept-proxy, send-proxy)"
+                )));
+            }
+        }
+    }
+    Ok(route)
+}
+
+fn inbound_route(value: &str, source: &str) -> Result<InboundRoute, ConfigError> {
+    let (listen, app) = value.split_once('=').ok_or_else(|| {
+        ConfigError(format!("{source}: {value:?} is not LISTEN_ADDR=APP_ADDR"))
+    })?;
+    let address = |a: &str| {
+        a.trim()
+            .parse()
+            .map_err(|e| ConfigError(format!("{source}: {a:?} is not an address: {e}")))
+    };
+    Ok(InboundRoute {
+        listen: address(listen)?,
+        app: address(app)?,
     })
 }
 
@@ -273,6 +333,12 @@ impl Settings {
             }
             for t in file.tcp.unwrap_or_default() {
                 s.tcp.push(tcp_route(&t, &format!("{src}: tcp"))?);
+            }
+            if let Some(v) = &file.inbound {
+                s.inbound = Some(inbound_route(v, &format!("{src}: inbound"))?);
+            }
+            if let Some(v) = &file.proxy_header_timeout {
+                s.proxy_header_timeout = duration(v, &format!("{src}: proxy_header_timeout"))?;
             }
             if let Some(v) = &file.timeout {
                 s.timeout = duration(v, &format!("{src}: timeout"))?;
@@ -353,6 +419,9 @@ impl Settings {
                 .map(|t| tcp_route(t, "STRATA_SIDECAR_TCP"))
                 .collect::<Result<_, _>>()?;
         }
+        if let Some(v) = env_get("STRATA_SIDECAR_INBOUND") {
+            s.inbound = Some(inbound_route(v, "STRATA_SIDECAR_INBOUND")?);
+        }
         if let Some(v) = env_get("STRATA_LOG") {
             s.log = v.clone();
         }
@@ -386,6 +455,9 @@ impl Settings {
                 .iter()
                 .map(|t| tcp_route(t, "--tcp"))
                 .collect::<Result<_, _>>()?;
+        }
+        if let Some(v) = &cli.inbound {
+            s.inbound = Some(inbound_route(v, "--inbound")?);
         }
         if let Some(v) = &cli.timeout {
             s.timeout = duration(v, "--timeout")?;
@@ -563,6 +635,25 @@ mod tests {
         assert_eq!(s.tenant, "from-flag");
         assert_eq!(s.tcp.len(), 1);
         assert_eq!(s.tcp[0].service, "echo");
+        assert!(!s.tcp[0].accept_proxy && !s.tcp[0].send_proxy);
+        let s = load(
+            &[
+                "--endpoints",
+                "x:1",
+                "--tenant",
+                "t",
+                "--tcp",
+                "127.0.0.1:1=mm;accept-proxy; send-proxy",
+                "--inbound",
+                "0.0.0.0:15006=127.0.0.1:8080",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert!(s.tcp[0].accept_proxy && s.tcp[0].send_proxy);
+        assert_eq!(s.tcp[0].service, "mm");
+        let inbound = s.inbound.unwrap();
+        assert_eq!(inbound.app, "127.0.0.1:8080".parse().unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -577,6 +668,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("--tcp"), "{err}");
+        let err = load(
+            &["--endpoints", "x:1", "--tenant", "t", "--tcp", "127.0.0.1:1=mm;bogus"],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bogus") && err.contains("accept-proxy"), "{err}");
+        let err = load(
+            &["--endpoints", "x:1", "--tenant", "t", "--inbound", "127.0.0.1:1"],
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--inbound"), "{err}");
         let err = load(&["--endpoints", "x:1"], &[("STRATA_SIDECAR_ADMIN", "bad")])
             .unwrap_err()
             .to_string();

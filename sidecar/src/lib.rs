@@ -10,7 +10,10 @@
 //!   and held in an `ArcSwap` snapshot.
 //! - [`upstream`] — pooled upstream connections, weighted balancing,
 //!   connect retries on another instance, passive ejection.
-//! - [`tcp_proxy`] — raw TCP ports per callee.
+//! - [`tcp_proxy`] — raw TCP ports per callee, optionally speaking
+//!   PROXY protocol v2 with the tenant in a TLV ([`proxy_protocol`]).
+//! - [`inbound`] — optional listener in front of the app that records the
+//!   tenant of incoming calls.
 //! - [`admin`] — `/routes`, `/metrics`, `/healthz`, `/readyz` (default
 //!   `127.0.0.1:15000`).
 //! - [`config`] — settings from flags, env and a TOML file.
@@ -21,7 +24,9 @@
 pub mod admin;
 pub mod config;
 pub mod http_proxy;
+pub mod inbound;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod table;
 pub mod tcp_proxy;
 pub mod tenant;
@@ -58,8 +63,10 @@ pub struct Listeners {
     pub outbound: TcpListener,
     /// Admin server.
     pub admin: TcpListener,
-    /// Raw TCP routes: listener and service.
-    pub tcp: Vec<(TcpListener, String)>,
+    /// Raw TCP routes: listener and route.
+    pub tcp: Vec<(TcpListener, config::TcpRoute)>,
+    /// Inbound listener in front of the app, if configured.
+    pub inbound: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -72,12 +79,17 @@ impl Listeners {
         };
         let mut tcp = Vec::new();
         for route in &settings.tcp {
-            tcp.push((bind(route.listen).await?, route.service.clone()));
+            tcp.push((bind(route.listen).await?, route.clone()));
         }
+        let inbound = match settings.inbound {
+            Some(route) => Some(bind(route.listen).await?),
+            None => None,
+        };
         Ok(Self {
             outbound: bind(settings.outbound).await?,
             admin: bind(settings.admin).await?,
             tcp,
+            inbound,
         })
     }
 }
@@ -139,22 +151,54 @@ pub async fn run(
             .clone()
             .map(|e| trace::ProxyTrace::new(e, settings.project.clone())),
     });
+    let inbound = match (listeners.inbound, settings.inbound) {
+        (Some(listener), Some(route)) => {
+            tracing::info!(
+                listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+                app = %route.app, "inbound listener"
+            );
+            let inbound = Arc::new(inbound::Inbound::new(
+                Arc::clone(&proxy),
+                route.app,
+                &settings.tenant,
+                settings.timeout,
+                upstream::Ejection {
+                    after: settings.eject_after.max(1),
+                    duration: settings.eject_for,
+                },
+                settings.max_tenants,
+            ));
+            let seen = Arc::clone(&inbound.seen);
+            serving.spawn(inbound::serve(
+                listener,
+                inbound,
+                Shutdown(stopped.clone()),
+                grace,
+            ));
+            Some(seen)
+        }
+        _ => None,
+    };
     serving.spawn(http_proxy::serve(
         listeners.outbound,
         proxy,
         Shutdown(stopped.clone()),
         grace,
     ));
-    for (listener, service) in listeners.tcp {
+    for (listener, route) in listeners.tcp {
         tracing::info!(
             listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-            service = %service, "TCP route"
+            service = %route.service, accept_proxy = route.accept_proxy,
+            send_proxy = route.send_proxy, "TCP route"
         );
         let proxy = Arc::new(tcp_proxy::TcpProxy {
             routing: Arc::clone(&routing),
-            service,
+            service: route.service,
             connect_timeout: settings.connect_timeout,
             project: settings.project.clone(),
+            accept_proxy: route.accept_proxy,
+            send_proxy: route.send_proxy,
+            header_timeout: settings.proxy_header_timeout,
         });
         serving.spawn(tcp_proxy::serve(
             listener,
@@ -167,6 +211,7 @@ pub async fn run(
         routing: Arc::clone(&routing),
         prometheus: prometheus.clone(),
         draining: Arc::clone(&draining),
+        inbound,
     });
     let admin_task = tokio::spawn(admin::serve(
         listeners.admin,

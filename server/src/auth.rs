@@ -152,6 +152,8 @@ pub enum Action {
         /// The new tenant would be protected.
         protected: bool,
     },
+    /// Change a tenant's labels or TTL.
+    UpdateTenant,
     /// Delete a tenant; `force` deletes protected tenants and subtrees.
     DeleteTenant {
         /// Delete even when protected, with every descendant.
@@ -174,6 +176,7 @@ impl Action {
             Self::Read => "read",
             Self::CreateTenant { protected: false } => "create tenants",
             Self::CreateTenant { protected: true } => "create protected tenants",
+            Self::UpdateTenant => "update tenants",
             Self::DeleteTenant { force: false } => "delete tenants",
             Self::DeleteTenant { force: true } => "force-delete tenants",
             Self::WriteConfig => "write config",
@@ -222,7 +225,7 @@ impl Principal {
     /// | role | may |
     /// | --- | --- |
     /// | `read` | `Read` |
-    /// | `register` | `Read`; in tenants matching its pattern: `CreateTenant` (not protected), `DeleteTenant` (not forced), `WriteConfig`, `Register`; `Heartbeat` |
+    /// | `register` | `Read`; in tenants matching its pattern: `CreateTenant` (not protected), `UpdateTenant`, `DeleteTenant` (not forced), `WriteConfig`, `Register`; `Heartbeat` |
     /// | `write` | `Read`; `WriteConfig` in any tenant |
     /// | `admin` | everything |
     ///
@@ -242,6 +245,7 @@ impl Principal {
             (
                 Role::Register,
                 Action::CreateTenant { protected: false }
+                | Action::UpdateTenant
                 | Action::DeleteTenant { force: false }
                 | Action::WriteConfig
                 | Action::Register,

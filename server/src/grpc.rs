@@ -186,7 +186,7 @@ impl TenantService for GrpcApi {
         request: Request<UpdateTenantRequest>,
     ) -> Result<Response<UpdateTenantResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::CreateTenant { protected: false }, &q.project, &q.name)?;
+        allow(&request, Action::UpdateTenant, &q.project, &q.name)?;
         let r = request.into_inner();
         let (info, revision) = self
             .api()?

@@ -487,3 +487,26 @@ async fn without_an_endpoint_no_exporter_runs() {
     assert!(!has_exporter_thread(daemon.pid().as_raw()), "stratad");
     assert!(!has_exporter_thread(sidecar.pid()), "strata-sidecar");
 }
+
+#[tokio::test]
+async fn a_bad_otel_variable_stops_stratad_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    for (key, value) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:4317"),
+    ] {
+        let (status, stderr) = strata_tests::run_stratad(&args, &[(key, value)]).await;
+        assert_eq!(status.code(), Some(64), "{key}={value}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(value),
+            "the error names the variable and its value: {stderr}"
+        );
+    }
+}

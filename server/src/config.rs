@@ -861,18 +861,20 @@ impl Merged {
                 return Ok(None);
             }
             (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            // Named after the setting that is set, so the source is one
+            // the operator wrote.
             (Some(_), None) => {
                 return Err(invalid(
-                    "tls.key",
-                    &self.tls_key.source,
-                    "tls.cert needs its private key (--tls-key, STRATA_TLS_KEY)".into(),
+                    "tls.cert",
+                    &self.tls_cert.source,
+                    "needs its private key in tls.key (--tls-key, STRATA_TLS_KEY)".into(),
                 ));
             }
             (None, Some(_)) => {
                 return Err(invalid(
-                    "tls.cert",
-                    &self.tls_cert.source,
-                    "tls.key needs its certificate (--tls-cert, STRATA_TLS_CERT)".into(),
+                    "tls.key",
+                    &self.tls_key.source,
+                    "needs its certificate in tls.cert (--tls-cert, STRATA_TLS_CERT)".into(),
                 ));
             }
         };
@@ -1346,7 +1348,10 @@ mod tests {
         let e = err(&cert_only, &[]);
         assert!(e.contains("tls.key") && e.contains("--tls-key"), "{e}");
         let e = err(&Flags::default(), &[("STRATA_TLS_KEY", "/x/key.pem")]);
-        assert!(e.contains("tls.cert") && e.contains("STRATA_TLS_KEY"), "{e}");
+        assert!(
+            e.contains("tls.cert") && e.contains("STRATA_TLS_KEY"),
+            "{e}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("stratad.toml");

@@ -248,6 +248,11 @@ pub struct TlsListener<L> {
 impl<L> TlsListener<L> {
     /// Wraps `inner`; every connection it accepts is served over `tls`.
     pub fn new(inner: L, tls: ServerTls) -> Self {
+        metrics::describe_counter!(
+            HANDSHAKE_FAILURES,
+            "TLS handshakes on the listener that failed (untrusted or missing client \
+             certificates, plaintext clients, timeouts)."
+        );
         Self { inner, tls }
     }
 }
@@ -261,7 +266,7 @@ where
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let (io, addr) = self.inner.accept().await;
-        (TlsIo::new(self.tls.acceptor().accept(io), addr), addr)
+        (TlsIo::new(io, self.tls.acceptor(), addr), addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -269,70 +274,236 @@ where
     }
 }
 
-/// A server-side TLS connection whose handshake runs on first use.
+const HANDSHAKE_FAILURES: &str = "strata_tls_handshake_failures_total";
+
+/// The first byte of every TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The message plaintext clients get.
+const PLAINTEXT_MESSAGE: &str = "This port serves HTTPS: use https:// and trust the CA that \
+                                 signed stratad's certificate (curl --cacert ca.pem https://...).";
+
+/// What a plaintext HTTP/1 client (`curl http://…`) gets from the TLS
+/// port instead of a silently closed connection.
+static HTTP1_REFUSAL: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{PLAINTEXT_MESSAGE}\n",
+        PLAINTEXT_MESSAGE.len() + 1
+    )
+    .into_bytes()
+});
+
+/// What a plaintext HTTP/2 client (gRPC over `http://`) gets: an empty
+/// SETTINGS frame (clients expect one first), then GOAWAY with
+/// INADEQUATE_SECURITY and the message as debug data, which clients
+/// include in their error.
+static H2_REFUSAL: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const INADEQUATE_SECURITY: u32 = 0xc;
+    let frame = |kind: u8, payload: &[u8]| -> Vec<u8> {
+        let len = u32::try_from(payload.len()).unwrap_or(0).to_be_bytes();
+        let mut frame = vec![len[1], len[2], len[3], kind, 0, 0, 0, 0, 0];
+        frame.extend_from_slice(payload);
+        frame
+    };
+    let mut goaway = Vec::new();
+    goaway.extend_from_slice(&0_u32.to_be_bytes()); // last stream id: none processed
+    goaway.extend_from_slice(&INADEQUATE_SECURITY.to_be_bytes());
+    goaway.extend_from_slice(PLAINTEXT_MESSAGE.as_bytes());
+    let mut out = frame(SETTINGS, &[]);
+    out.extend(frame(GOAWAY, &goaway));
+    out
+});
+
+/// A server-side connection on the TLS port. Its first byte tells a TLS
+/// client from a plaintext one; a TLS client's handshake then runs on
+/// first use, a plaintext client is answered [`PLAINTEXT_REFUSAL`] and
+/// closed. Both must finish within [`HANDSHAKE_TIMEOUT`].
 pub struct TlsIo<IO> {
     state: State<IO>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
     peer: SocketAddr,
 }
 
 enum State<IO> {
-    Handshaking {
-        accept: tokio_rustls::Accept<IO>,
-        deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Reading the first bytes: a TLS record, or plaintext (`PRI` starts
+    /// the HTTP/2 preface).
+    Sniffing {
+        io: IO,
+        acceptor: tokio_rustls::TlsAcceptor,
+        seen: [u8; 3],
+        len: usize,
     },
-    Ready(Box<tokio_rustls::server::TlsStream<IO>>),
+    /// Boxed: rustls' connection state is large, and idle connections
+    /// should stay small.
+    Handshaking(Box<tokio_rustls::Accept<Replay<IO>>>),
+    Ready(Box<tokio_rustls::server::TlsStream<Replay<IO>>>),
+    /// A plaintext client: sending it `refusal`, then closing.
+    Refusing {
+        io: IO,
+        refusal: &'static [u8],
+        written: usize,
+    },
     Failed,
+}
+
+/// What one turn of [`TlsIo::poll_handshake`] found.
+enum Step<IO> {
+    /// The first bytes tell what the client speaks.
+    Sniffed,
+    Done(Box<tokio_rustls::server::TlsStream<Replay<IO>>>),
+    Fail(io::Error),
 }
 
 impl<IO> TlsIo<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    fn new(accept: tokio_rustls::Accept<IO>, peer: SocketAddr) -> Self {
+    fn new(io: IO, acceptor: tokio_rustls::TlsAcceptor, peer: SocketAddr) -> Self {
         Self {
-            state: State::Handshaking {
-                accept,
-                deadline: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)),
+            state: State::Sniffing {
+                io,
+                acceptor,
+                seen: [0; 3],
+                len: 0,
             },
+            deadline: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)),
             peer,
         }
     }
 
-    /// Drives the handshake; `Ready(Ok)` once the stream can carry data.
+    /// Ends the connection with `error`, counted and logged.
+    fn fail(&mut self, error: io::Error) -> io::Error {
+        self.state = State::Failed;
+        // Scanners and misconfigured clients cause these; they are the
+        // client's problem, so not logged above debug.
+        tracing::debug!(peer = %self.peer, error = %error, "TLS handshake failed");
+        metrics::counter!(HANDSHAKE_FAILURES).increment(1);
+        error
+    }
+
+    /// Drives the connection to an established TLS stream; `Ready(Ok)`
+    /// once it can carry data.
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let outcome = match &mut self.state {
-            State::Ready(_) => return Poll::Ready(Ok(())),
-            State::Failed => {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "the TLS handshake failed",
-                )));
+        loop {
+            match self.state {
+                State::Ready(_) => return Poll::Ready(Ok(())),
+                State::Failed => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::NotConnected,
+                        "the TLS handshake failed",
+                    )));
+                }
+                _ => {}
             }
-            State::Handshaking { accept, deadline } => match Pin::new(accept).poll(cx) {
-                Poll::Ready(outcome) => outcome,
-                Poll::Pending => {
-                    if deadline.as_mut().poll(cx).is_pending() {
+            if self.deadline.as_mut().poll(cx).is_ready() {
+                let timeout = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                );
+                return Poll::Ready(Err(self.fail(timeout)));
+            }
+            let step = match &mut self.state {
+                State::Sniffing { io, seen, len, .. } => {
+                    let mut buf = ReadBuf::new(&mut seen[*len..]);
+                    match Pin::new(io).poll_read(cx, &mut buf) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(e)) => Step::Fail(e),
+                        Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                            Step::Fail(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "closed before the TLS handshake",
+                            ))
+                        }
+                        Poll::Ready(Ok(())) => {
+                            *len += buf.filled().len();
+                            // A TLS client is known by its first byte.
+                            if seen[0] == TLS_HANDSHAKE_RECORD || *len == seen.len() {
+                                Step::Sniffed
+                            } else {
+                                continue;
+                            }
+                        }
+                    }
+                }
+                State::Handshaking(accept) => match Pin::new(accept.as_mut()).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(stream)) => Step::Done(Box::new(stream)),
+                    Poll::Ready(Err(e)) => Step::Fail(e),
+                },
+                State::Refusing {
+                    io,
+                    refusal,
+                    written,
+                } => {
+                    while *written < refusal.len() {
+                        match Pin::new(&mut *io).poll_write(cx, &refusal[*written..]) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => break,
+                            Poll::Ready(Ok(n)) => *written += n,
+                        }
+                    }
+                    // Delivering the refusal is a courtesy: failures to
+                    // flush or close change nothing.
+                    if Pin::new(&mut *io).poll_flush(cx).is_pending()
+                        || Pin::new(&mut *io).poll_shutdown(cx).is_pending()
+                    {
                         return Poll::Pending;
                     }
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                    // Read the rest of the request until the client closes:
+                    // closing with unread bytes would reset the connection
+                    // and could discard the answer before the client reads
+                    // it (a lingering close, bounded by the deadline).
+                    let mut sink = [0_u8; 1024];
+                    loop {
+                        let mut buf = ReadBuf::new(&mut sink);
+                        match Pin::new(&mut *io).poll_read(cx, &mut buf) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                            Poll::Ready(_) => break,
+                        }
+                    }
+                    Step::Fail(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a plaintext client on the TLS port (answered 400)",
                     ))
                 }
-            },
-        };
-        match outcome {
-            Ok(stream) => {
-                self.state = State::Ready(Box::new(stream));
-                Poll::Ready(Ok(()))
-            }
-            Err(e) => {
-                self.state = State::Failed;
-                // Scanners and misconfigured clients cause these; they are
-                // the client's problem, so not logged above debug.
-                tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
-                metrics::counter!("strata_tls_handshake_failures_total").increment(1);
-                Poll::Ready(Err(e))
+                State::Ready(_) | State::Failed => continue,
+            };
+            match step {
+                Step::Sniffed => {
+                    if let State::Sniffing {
+                        io,
+                        acceptor,
+                        seen,
+                        len,
+                    } = std::mem::replace(&mut self.state, State::Failed)
+                    {
+                        self.state = if seen[0] == TLS_HANDSHAKE_RECORD {
+                            State::Handshaking(Box::new(acceptor.accept(Replay {
+                                first: seen,
+                                len,
+                                replayed: 0,
+                                io,
+                            })))
+                        } else {
+                            let refusal: &'static [u8] = if &seen == b"PRI" {
+                                &H2_REFUSAL
+                            } else {
+                                &HTTP1_REFUSAL
+                            };
+                            State::Refusing {
+                                io,
+                                refusal,
+                                written: 0,
+                            }
+                        };
+                    }
+                }
+                Step::Done(stream) => self.state = State::Ready(stream),
+                Step::Fail(e) => return Poll::Ready(Err(self.fail(e))),
             }
         }
     }
@@ -341,12 +512,12 @@ where
     fn poll_stream(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<io::Result<Pin<&mut tokio_rustls::server::TlsStream<IO>>>> {
+    ) -> Poll<io::Result<Pin<&mut tokio_rustls::server::TlsStream<Replay<IO>>>>> {
         std::task::ready!(self.poll_handshake(cx))?;
         Poll::Ready(match &mut self.state {
             State::Ready(stream) => Ok(Pin::new(stream.as_mut())),
             // poll_handshake only returns Ok once the state is Ready.
-            State::Handshaking { .. } | State::Failed => Err(io::Error::new(
+            _ => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "the TLS handshake has not completed",
             )),
@@ -398,11 +569,66 @@ where
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let me = self.get_mut();
-        match &mut me.state {
+        match &mut self.get_mut().state {
             State::Ready(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
             // Nothing was sent over TLS yet: there is nothing to close.
-            State::Handshaking { .. } | State::Failed => Poll::Ready(Ok(())),
+            _ => Poll::Ready(Ok(())),
         }
+    }
+}
+
+/// A connection whose first bytes, already read to tell TLS from
+/// plaintext, are read again first.
+pub struct Replay<IO> {
+    first: [u8; 3],
+    len: usize,
+    replayed: usize,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Replay<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = &mut *self;
+        if me.replayed < me.len && buf.remaining() > 0 {
+            let n = (me.len - me.replayed).min(buf.remaining());
+            buf.put_slice(&me.first[me.replayed..me.replayed + n]);
+            me.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Replay<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -117,13 +117,6 @@ impl Pki {
     }
 }
 
-/// The admin token the daemon wrote on first start, when auth is on.
-fn admin_token(daemon: &Daemon) -> Option<String> {
-    std::fs::read_to_string(daemon.data_dir.join("admin.token"))
-        .ok()
-        .map(|t| t.trim().to_owned())
-}
-
 /// A rustls client configuration: trusts the CA in `ca`, presents
 /// `identity` (certificate, key files) when given, offers HTTP/1.1 like
 /// `curl --http1.1`.
@@ -289,33 +282,28 @@ async fn cli(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, Strin
 }
 
 /// An SDK client for `tenant` over `tls`, quick to give up.
-fn sdk(endpoint: &str, tls: TlsConfig, token: Option<&str>) -> Client {
-    let mut builder = Client::builder()
+fn sdk(endpoint: &str, tls: TlsConfig, token: &str) -> Client {
+    Client::builder()
         .endpoints([endpoint])
         .project(PROJECT)
         .tenant("integration")
         .tls(tls)
         .connect_timeout(Duration::from_secs(2))
         .request_timeout(Duration::from_secs(3))
-        .startup_timeout(Duration::from_secs(2));
-    if let Some(token) = token {
-        builder = builder.token(token);
-    }
-    builder.build().unwrap()
+        .startup_timeout(Duration::from_secs(2))
+        .token(token)
+        .build()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refused() {
     let pki = Pki::new();
     let daemon = start_tls_daemon(&pki, &[]).await;
-    let token = admin_token(&daemon);
-    let token = token.as_deref();
+    let token = daemon.admin_token();
     let https_endpoint = format!("https://{}", daemon.addr);
     let ca = pki.s("ca.pem");
-    let mut env = vec![("STRATA_TLS_CA", ca.as_str())];
-    if let Some(token) = token {
-        env.push(("STRATA_TOKEN", token));
-    }
+    let env = vec![("STRATA_TLS_CA", ca.as_str()), ("STRATA_TOKEN", &token)];
 
     // The CLI with the CA (from STRATA_TLS_CA) over https://.
     let (code, out, err) = cli(&https_endpoint, &["tenant", "create", "integration"], &env).await;
@@ -373,7 +361,7 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
     let client = sdk(
         &https_endpoint,
         TlsConfig::new().ca_file(pki.path("ca.pem")).unwrap(),
-        token,
+        &token,
     );
     let settings = client
         .watch::<serde_json::Value>("game/settings.json")
@@ -387,7 +375,7 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
         &config,
         "PUT",
         &format!("/v1/projects/{PROJECT}/tenants/integration/config/game/settings.json"),
-        token,
+        Some(&token),
         r#"{"max_players":32}"#,
     )
     .await;
@@ -403,7 +391,7 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
     let untrusting = sdk(
         &https_endpoint,
         TlsConfig::new().ca_file(pki.path("other-ca.pem")).unwrap(),
-        token,
+        &token,
     );
     let refused = untrusting
         .watch::<serde_json::Value>("game/settings.json")
@@ -422,7 +410,7 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
         &config,
         "GET",
         &format!("/v1/projects/{PROJECT}/tenants/integration/config/game/settings.json"),
-        token,
+        Some(&token),
         "",
     )
     .await;
@@ -433,12 +421,28 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
         refused.as_ref().is_err_and(|e| e.contains("TLS handshake")),
         "{refused:?}"
     );
-    // A plaintext HTTP client gets no HTTP answer.
-    let plain = strata_tests::http_get(daemon.addr, "/healthz").await;
+    // A plaintext HTTP client is told how to connect, and served nothing.
+    let (status, body) = strata_tests::http_get(daemon.addr, "/healthz")
+        .await
+        .expect("plaintext clients get an answer");
+    assert_eq!(status, 400, "{body}");
     assert!(
-        !matches!(plain, Ok((200, _))),
-        "plaintext must not be served: {plain:?}"
+        body.contains("https://") && body.contains("--cacert"),
+        "{body}"
     );
+
+    // Every refused client was counted.
+    let metrics = https_ok(daemon.addr, &config, "GET", "/metrics", None, "").await;
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("strata_tls_handshake_failures_total "))
+        .unwrap_or_else(|| panic!("no handshake failure counter in:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap();
+    // The CLI without the CA, trusting another CA and in plaintext, the
+    // SDK trusting another CA, HTTPS trusting another CA, plain HTTP.
+    assert!(failures >= 6.0, "{failures} handshake failures counted");
 
     // gRPC health over TLS.
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(
@@ -465,14 +469,10 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
 async fn with_a_client_ca_only_clients_holding_its_certificates_get_through() {
     let pki = Pki::new();
     let daemon = start_tls_daemon(&pki, &["--tls-client-ca".to_owned(), pki.s("ca.pem")]).await;
-    let token = admin_token(&daemon);
-    let token = token.as_deref();
+    let token = daemon.admin_token();
     let https_endpoint = format!("https://{}", daemon.addr);
     let ca = pki.s("ca.pem");
-    let mut env = vec![("STRATA_TLS_CA", ca.as_str())];
-    if let Some(token) = token {
-        env.push(("STRATA_TOKEN", token));
-    }
+    let env = vec![("STRATA_TLS_CA", ca.as_str()), ("STRATA_TOKEN", &token)];
 
     // HTTP: no certificate, or one from another CA, fails the handshake.
     let anonymous = https_config(&pki.path("ca.pem"), None);
@@ -493,7 +493,7 @@ async fn with_a_client_ca_only_clients_holding_its_certificates_get_through() {
         &member,
         "PUT",
         &format!("/v1/projects/{PROJECT}/tenants/integration"),
-        token,
+        Some(&token),
         "{}",
     )
     .await;
@@ -537,14 +537,14 @@ async fn with_a_client_ca_only_clients_holding_its_certificates_get_through() {
 
     // The SDK: refused without an identity, served with one.
     let ca_only = TlsConfig::new().ca_file(pki.path("ca.pem")).unwrap();
-    let refused = sdk(&https_endpoint, ca_only.clone(), token)
+    let refused = sdk(&https_endpoint, ca_only.clone(), &token)
         .watch::<String>("motd.txt")
         .await;
     assert!(refused.is_err(), "SDK without a client certificate");
     let with_identity = ca_only
         .identity_files(pki.path("client.pem"), pki.path("client.key"))
         .unwrap();
-    let motd = sdk(&https_endpoint, with_identity, token)
+    let motd = sdk(&https_endpoint, with_identity, &token)
         .watch::<String>("motd.txt")
         .await
         .expect("SDK with a client certificate");
@@ -595,8 +595,7 @@ async fn the_sidecar_follows_a_tls_daemon_and_routes() {
     let pki = Pki::new();
     // Mutual TLS, so the sidecar's CA and client certificate both matter.
     let daemon = start_tls_daemon(&pki, &["--tls-client-ca".to_owned(), pki.s("ca.pem")]).await;
-    let token = admin_token(&daemon);
-    let token = token.as_deref();
+    let token = daemon.admin_token();
     let member = https_config(
         &pki.path("ca.pem"),
         Some((&pki.path("client.pem"), &pki.path("client.key"))),
@@ -607,7 +606,7 @@ async fn the_sidecar_follows_a_tls_daemon_and_routes() {
         &member,
         "PUT",
         &format!("/v1/projects/{PROJECT}/tenants/integration"),
-        token,
+        Some(&token),
         "{}",
     )
     .await;
@@ -616,7 +615,7 @@ async fn the_sidecar_follows_a_tls_daemon_and_routes() {
         &member,
         "POST",
         &format!("/v1/projects/{PROJECT}/tenants/integration/services/matchmaker/instances"),
-        token,
+        Some(&token),
         &format!(
             r#"{{"id":"mm-1","endpoints":{{"main":"{app}"}},"protocol":"http","kind":"persistent"}}"#
         ),
@@ -625,11 +624,8 @@ async fn the_sidecar_follows_a_tls_daemon_and_routes() {
 
     let (ca, cert, key) = (pki.s("ca.pem"), pki.s("client.pem"), pki.s("client.key"));
     let mut extra = vec!["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
-    let token_file = daemon.data_dir.join("admin.token");
-    let token_file = token_file.to_str().unwrap();
-    if token.is_some() {
-        extra.extend(["--token-file", token_file]);
-    }
+    let token_file = daemon.admin_token_file.to_str().unwrap();
+    extra.extend(["--token-file", token_file]);
     let sidecar = Sidecar::start(
         &format!("https://{}", daemon.addr),
         PROJECT,
@@ -671,7 +667,9 @@ async fn unusable_tls_files_stop_stratad_with_one_line_and_exit_64() {
     );
     let garbage = garbage.to_str().unwrap();
     let base = ["--listen", "127.0.0.1:0", "--data-dir", data];
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &[&str])> = vec![
+    // (flags, environment, what the one line must contain)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a [&'a str]);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec!["--tls-cert", "/nonexistent/server.pem", "--tls-key", &key],
             vec![],

@@ -342,6 +342,7 @@ async fn an_ephemeral_instance_of_a_killed_process_expires_with_its_lease() {
             "main=127.0.0.1:7777",
         ])
         .env_clear()
+        .env("STRATA_TOKEN", daemon.admin_token())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

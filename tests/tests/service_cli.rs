@@ -52,6 +52,7 @@ fn spawn(daemon: &Daemon, args: &[&str]) -> (Child, Lines<BufReader<ChildStdout>
         .args(["--endpoints", &daemon.endpoint(), "--project", "vega"])
         .args(args)
         .env_clear()
+        .env("STRATA_TOKEN", daemon.admin_token())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -4,6 +4,8 @@
 //! again, prunes on request; `tenant delete` shows what it removes before
 //! refusing or deleting.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step should fail loudly
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -4,6 +4,8 @@
 //! under a new project name; refusals (existing project, damaged file) write
 //! nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step should fail loudly
+
 use std::path::Path;
 use std::time::Duration;
 

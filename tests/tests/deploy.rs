@@ -1082,6 +1082,28 @@ fn container(rendered: &str, kind: &str, name: &str) -> Container {
     Container { args, env }
 }
 
+/// The `- |` literal block of a container's `command` (a shell script).
+fn container_script(rendered: &str, name: &str) -> String {
+    let lines: Vec<&str> = rendered.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == format!("- name: {name}"))
+        .unwrap_or_else(|| panic!("no container {name}"));
+    let at = start
+        + lines[start..]
+            .iter()
+            .position(|l| l.trim() == "- |")
+            .expect("a literal block in the command");
+    let body: Vec<&str> = lines[at + 1..]
+        .iter()
+        .take_while(|l| indent(l) > indent(lines[at]))
+        .copied()
+        .collect();
+    let margin = body.iter().map(|l| indent(l)).min().unwrap_or(0);
+    body.iter().map(|l| format!("{}\n", &l[margin..])).collect()
+}
+
 /// `--flag=value` pairs of `args` without the flags in `drop`.
 fn without(args: &[String], drop: &[&str]) -> Vec<String> {
     args.iter()
@@ -1147,10 +1169,65 @@ async fn the_shipped_deployments_start_the_real_binaries() {
         daemon.stderr()
     );
 
+    put_tenant(daemon.addr, "integration", "{}").await;
+
+    let etcd = std::fs::read_to_string(root.join("deploy/helm/rendered/etcd.yaml")).unwrap();
+    // The backup CronJob's script, run three times against the daemon with
+    // the chart's environment: each run writes a backup, the oldest beyond
+    // KEEP are removed.
+    let script = container_script(&etcd, "strata-backup");
+    let backup_job = container(&etcd, "CronJob", "strata-backup");
+    let dir = tempfile::tempdir().unwrap();
+    let bin_dir = strata_tests::strata_bin()
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    for run in 0..3 {
+        let mut command = tokio::process::Command::new("/bin/sh");
+        command
+            .arg("-ec")
+            .arg(script.replace("/backup/", &format!("{}/", dir.path().display())))
+            .env_clear()
+            .env("PATH", format!("{bin_dir}:/usr/bin:/bin"));
+        for (key, value) in &backup_job.env {
+            let value = match key.as_str() {
+                "STRATA_ENDPOINTS" => daemon.endpoint(),
+                "STRATA_TOKEN" => daemon.admin_token(),
+                "KEEP" => "2".to_owned(),
+                _ => value
+                    .clone()
+                    .unwrap_or_else(|| panic!("{key}: no test value")),
+            };
+            command.env(key, value);
+        }
+        let output = command.output().await.unwrap();
+        assert!(
+            output.status.success(),
+            "backup run {run}: {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // The file name has one-second resolution.
+        sleep(Duration::from_millis(1100)).await;
+    }
+    let backups: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(backups.len(), 2, "KEEP=2 backups kept: {backups:?}");
+    for backup in &backups {
+        let text = std::fs::read_to_string(backup).unwrap();
+        assert!(
+            text.contains("integration"),
+            "{} holds the tenant",
+            backup.display()
+        );
+    }
+
     // The example game server's sidecar, configured only by the chart's
     // environment (addresses moved to free loopback ports, the tenant label
     // and token Secret filled in).
-    let etcd = std::fs::read_to_string(root.join("deploy/helm/rendered/etcd.yaml")).unwrap();
     let sidecar = container(&etcd, "Deployment", "strata-sidecar");
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let tcp = format!("127.0.0.1:{}", free_port());
@@ -1199,7 +1276,6 @@ async fn the_shipped_deployments_start_the_real_binaries() {
         };
         command.env(key, value);
     }
-    put_tenant(daemon.addr, "integration", "{}").await;
     let mut child = command.spawn().expect("spawn strata-sidecar");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

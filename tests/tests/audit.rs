@@ -673,3 +673,58 @@ async fn the_daemons_own_changes_are_recorded_as_stratad() {
     assert_eq!(e.result, "ok");
     assert!(e.revision > created["revision"].as_i64().unwrap());
 }
+
+#[tokio::test]
+async fn replicas_over_etcd_share_one_log() {
+    if !strata_tests::etcd::etcd_available("replicas_over_etcd_share_one_log") {
+        return;
+    }
+    let etcd = strata_tests::etcd::EtcdCluster::start(1).await;
+    let start = || {
+        Daemon::builder()
+            .args(["--etcd-endpoints", &etcd.endpoints_arg()])
+            .env("STRATA_ETCD_PREFIX", "/audit-test/")
+            .start()
+    };
+    let a = start().await;
+    let b = start().await;
+    let created = ok(&a, "PUT", &format!("{P}/integration"), "{}").await;
+    let put = ok(&b, "PUT", &format!("{P}/integration/config/k.json"), "{}").await;
+    let on = |d: &Daemon| {
+        let d = d.addr;
+        async move {
+            let (status, body) = http_request(d, "GET", "/v1/audit?project=vega", &[], b"")
+                .await
+                .unwrap();
+            assert_eq!(status, 200, "{body}");
+            let json: Value = serde_json::from_str(&body).unwrap();
+            json["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["operation"].as_str().unwrap().to_owned(),
+                        e["revision"].as_i64().unwrap(),
+                        e["member"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let want = vec![
+        (
+            "PutConfig".to_owned(),
+            put["revision"].as_i64().unwrap(),
+            b.addr.to_string(),
+        ),
+        (
+            "CreateTenant".to_owned(),
+            created["revision"].as_i64().unwrap(),
+            a.addr.to_string(),
+        ),
+    ];
+    // Each replica answers from the shared store, whoever served the write.
+    assert_eq!(on(&a).await, want);
+    assert_eq!(on(&b).await, want);
+}

@@ -30,8 +30,8 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic::server::{Grpc, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Action, allow};
 use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
+use crate::auth::{Action, allow};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::hub::{ConfigLens, Encoded, Hub, MessageStream, Selection, Subscription};
@@ -208,7 +208,12 @@ impl TenantService for GrpcApi {
         request: Request<DeleteTenantRequest>,
     ) -> Result<Response<DeleteTenantResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::DeleteTenant { force: q.force }, &q.project, &q.name)?;
+        allow(
+            &request,
+            Action::DeleteTenant { force: q.force },
+            &q.project,
+            &q.name,
+        )?;
         let r = request.into_inner();
         let (deleted_layers, revision) = self
             .api()?

@@ -15,8 +15,8 @@ use strata_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Action, allow};
 use crate::api::{NewTenant, PutLayer};
+use crate::auth::{Action, allow};
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
 use crate::error::ApiError;

@@ -20,8 +20,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_proto::v1::ErrorReason;
 
-use crate::auth::{Action, Principal};
 use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
+use crate::auth::{Action, Principal};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::server::DaemonState;

@@ -29,8 +29,8 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
-use crate::auth::{Action, Principal};
 use crate::api::{NewTenant, PutLayer};
+use crate::auth::{Action, Principal};
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
 use crate::error::ApiError;

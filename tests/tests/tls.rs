@@ -34,6 +34,7 @@ use strata_client::{Client, TlsConfig};
 use strata_tests::sidecar::Sidecar;
 use strata_tests::{Daemon, run_stratad, strata_bin};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};
@@ -431,6 +432,22 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
         "{body}"
     );
 
+    // A plaintext HTTP/2 client (gRPC over http://) gets SETTINGS, then a
+    // GOAWAY (type 7) with INADEQUATE_SECURITY (12) and the same advice.
+    let mut tcp = TcpStream::connect(daemon.addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the refusal ends the connection")
+        .unwrap();
+    assert!(answer.len() > 26, "{answer:?}");
+    assert_eq!((answer[3], answer[9 + 3]), (0x4, 0x7), "{answer:?}");
+    assert_eq!(answer[9 + 9 + 4..9 + 9 + 8], [0, 0, 0, 12]);
+    assert!(String::from_utf8_lossy(&answer).contains("https://"));
+
     // Every refused client was counted.
     let metrics = https_ok(daemon.addr, &config, "GET", "/metrics", None, "").await;
     let failures: f64 = metrics
@@ -441,8 +458,9 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
         .parse()
         .unwrap();
     // The CLI without the CA, trusting another CA and in plaintext, the
-    // SDK trusting another CA, HTTPS trusting another CA, plain HTTP.
-    assert!(failures >= 6.0, "{failures} handshake failures counted");
+    // SDK trusting another CA, HTTPS trusting another CA, plain HTTP/1 and
+    // HTTP/2.
+    assert!(failures >= 7.0, "{failures} handshake failures counted");
 
     // gRPC health over TLS.
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(

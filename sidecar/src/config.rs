@@ -260,9 +260,9 @@ fn tcp_route(value: &str, source: &str) -> Result<TcpRoute, ConfigError> {
 }
 
 fn inbound_route(value: &str, source: &str) -> Result<InboundRoute, ConfigError> {
-    let (listen, app) = value.split_once('=').ok_or_else(|| {
-        ConfigError(format!("{source}: {value:?} is not LISTEN_ADDR=APP_ADDR"))
-    })?;
+    let (listen, app) = value
+        .split_once('=')
+        .ok_or_else(|| ConfigError(format!("{source}: {value:?} is not LISTEN_ADDR=APP_ADDR")))?;
     let address = |a: &str| {
         a.trim()
             .parse()
@@ -669,14 +669,31 @@ mod tests {
         .to_string();
         assert!(err.contains("--tcp"), "{err}");
         let err = load(
-            &["--endpoints", "x:1", "--tenant", "t", "--tcp", "127.0.0.1:1=mm;bogus"],
+            &[
+                "--endpoints",
+                "x:1",
+                "--tenant",
+                "t",
+                "--tcp",
+                "127.0.0.1:1=mm;bogus",
+            ],
             &[],
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("bogus") && err.contains("accept-proxy"), "{err}");
+        assert!(
+            err.contains("bogus") && err.contains("accept-proxy"),
+            "{err}"
+        );
         let err = load(
-            &["--endpoints", "x:1", "--tenant", "t", "--inbound", "127.0.0.1:1"],
+            &[
+                "--endpoints",
+                "x:1",
+                "--tenant",
+                "t",
+                "--inbound",
+                "127.0.0.1:1",
+            ],
             &[],
         )
         .unwrap_err()

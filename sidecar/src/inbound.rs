@@ -29,7 +29,7 @@ use metrics::{Counter, Histogram, counter, histogram};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::http_proxy::{self, ProxyBody, Proxy, Refusal};
+use crate::http_proxy::{self, Proxy, ProxyBody, Refusal};
 use crate::table::Route;
 use crate::tenant;
 use crate::upstream::{Balancer, Ejection, Upstream};
@@ -134,11 +134,19 @@ async fn handle(
         None => None,
     };
     let deadline = started + inbound.app.timeout;
-    let outcome = Box::pin(http_proxy::forward(&inbound.proxy, &inbound.app, req, deadline)).await;
+    let outcome = Box::pin(http_proxy::forward(
+        &inbound.proxy,
+        &inbound.app,
+        req,
+        deadline,
+    ))
+    .await;
     let response = match outcome {
         Ok(response) => {
             let status = response.status().as_u16();
-            inbound.seen.record(caller.as_deref(), Some(status), started);
+            inbound
+                .seen
+                .record(caller.as_deref(), Some(status), started);
             response.map(Either::Left)
         }
         Err(refusal) => {
@@ -212,7 +220,10 @@ impl InboundTenants {
             _ => 5,
         };
         let key = tenant.unwrap_or(NO_TENANT);
-        let mut by_tenant = self.by_tenant.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut by_tenant = self
+            .by_tenant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let key = if by_tenant.contains_key(key) || by_tenant.len() < self.max_tenants {
             key
         } else {
@@ -242,7 +253,10 @@ impl InboundTenants {
 
     /// What `/inbound` shows.
     pub fn view(&self) -> InboundView {
-        let by_tenant = self.by_tenant.lock().unwrap_or_else(PoisonError::into_inner);
+        let by_tenant = self
+            .by_tenant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut callers: Vec<CallerView> = by_tenant
             .iter()
             .map(|(tenant, seen)| CallerView {

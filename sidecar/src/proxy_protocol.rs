@@ -156,7 +156,9 @@ mod tests {
 
     #[test]
     fn a_local_header_without_tenant_names_nothing() {
-        let bytes = Builder::new(Version::Two | Command::Local, 0).build().unwrap();
+        let bytes = Builder::new(Version::Two | Command::Local, 0)
+            .build()
+            .unwrap();
         assert_eq!(parse(&bytes).unwrap(), Accepted::default());
     }
 
@@ -179,11 +181,15 @@ mod tests {
         sent.extend_from_slice(b"hello");
         let client = tokio::spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            tokio::io::AsyncWriteExt::write_all(&mut s, &sent).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut s, &sent)
+                .await
+                .unwrap();
             s
         });
         let (mut server, _) = listener.accept().await.unwrap();
-        let accepted = read_header(&mut server, Duration::from_secs(5)).await.unwrap();
+        let accepted = read_header(&mut server, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(accepted.tenant.as_deref(), Some("feat-2"));
         let mut rest = [0u8; 5];
         server.read_exact(&mut rest).await.unwrap();
@@ -199,7 +205,9 @@ mod tests {
             let mut s = TcpStream::connect(addr).await.unwrap();
             let mut fixed = ppp::v2::PROTOCOL_PREFIX.to_vec();
             fixed.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
-            tokio::io::AsyncWriteExt::write_all(&mut s, &fixed).await.unwrap();
+            tokio::io::AsyncWriteExt::write_all(&mut s, &fixed)
+                .await
+                .unwrap();
             let silent = TcpStream::connect(addr).await.unwrap();
             (s, silent)
         });

@@ -82,7 +82,9 @@ impl Error {
     }
 
     /// Whether the call may succeed against another endpoint or later: the
-    /// daemon could not be reached, was shutting down, or timed out.
+    /// daemon could not be reached, was shutting down, timed out, or rate
+    /// limited the caller. A size or count limit (`LIMIT_EXCEEDED`, also
+    /// `RESOURCE_EXHAUSTED`) fails the same way on every retry.
     pub(crate) fn is_transient(&self) -> bool {
         match self {
             Error::Server { code, reason, .. } => {
@@ -92,8 +94,9 @@ impl Error {
                         | tonic::Code::DeadlineExceeded
                         | tonic::Code::Cancelled
                         | tonic::Code::Unknown
-                        | tonic::Code::ResourceExhausted
-                ) || *reason == ErrorReason::Unavailable
+                ) || (*code == tonic::Code::ResourceExhausted
+                    && *reason != ErrorReason::LimitExceeded)
+                    || *reason == ErrorReason::Unavailable
             }
             Error::Unreachable { .. } => true,
             _ => false,
@@ -173,5 +176,28 @@ impl WatchError {
             WatchError::Disconnected { .. } => "disconnected",
             WatchError::TenantDeleted { .. } => "tenant_deleted",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: tonic::Code, reason: ErrorReason) -> Error {
+        Error::Server {
+            code,
+            reason,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn rate_limits_are_retried_and_size_limits_and_refusals_are_not() {
+        use tonic::Code;
+        assert!(server(Code::ResourceExhausted, ErrorReason::RateLimited).is_transient());
+        assert!(server(Code::Unavailable, ErrorReason::Unspecified).is_transient());
+        assert!(!server(Code::ResourceExhausted, ErrorReason::LimitExceeded).is_transient());
+        assert!(!server(Code::Unauthenticated, ErrorReason::Unauthenticated).is_transient());
+        assert!(!server(Code::PermissionDenied, ErrorReason::PermissionDenied).is_transient());
     }
 }

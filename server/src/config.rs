@@ -61,7 +61,7 @@ pub struct Flags {
     /// experiments only; every caller may do everything).
     #[arg(long, value_name = "on|off")]
     pub auth: Option<String>,
-    /// Where first start writes the admin token [default: <data-dir>/admin.token].
+    /// Where first start writes the admin token [default: admin.token in the data directory].
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Whether `/metrics` needs a token: `open` (default) or `token`.

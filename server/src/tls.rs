@@ -317,10 +317,10 @@ static H2_REFUSAL: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
     out
 });
 
-/// A server-side connection on the TLS port. Its first byte tells a TLS
+/// A server-side connection on the TLS port. Its first bytes tell a TLS
 /// client from a plaintext one; a TLS client's handshake then runs on
-/// first use, a plaintext client is answered [`PLAINTEXT_REFUSAL`] and
-/// closed. Both must finish within [`HANDSHAKE_TIMEOUT`].
+/// first use, a plaintext client is told to use `https://` (an HTTP/1 400
+/// or an HTTP/2 GOAWAY) and closed. Both must finish within [`HANDSHAKE_TIMEOUT`].
 pub struct TlsIo<IO> {
     state: State<IO>,
     deadline: Pin<Box<tokio::time::Sleep>>,

@@ -172,14 +172,24 @@ impl Shared {
     }
 
     async fn register(&self) -> Result<(), Error> {
-        let response = self
+        // Registrations and deregistrations are traced (renewals are not:
+        // one span per TTL/3 per instance would be noise).
+        let span = self
+            .client
+            .start_call_span("strata.v1.RegistryService/Register", &self.request.service);
+        let outcome = self
             .client
             .call(self.budget(), |channel, _| {
-                let request = self.client.request(self.request.clone());
+                let request = self
+                    .client
+                    .traced_request(self.request.clone(), span.as_ref());
                 async move { RegistryServiceClient::new(channel).register(request).await }
             })
-            .await?
-            .into_inner();
+            .await;
+        if let Some(cx) = &span {
+            crate::trace::end_span(cx, outcome.as_ref().err().map(ToString::to_string));
+        }
+        let response = outcome?.into_inner();
         self.lease.store(response.lease_id, Ordering::Release);
         self.ttl_seconds
             .store(response.ttl_seconds.max(1), Ordering::Release);
@@ -232,10 +242,14 @@ impl Shared {
             service: self.request.service.clone(),
             id: self.id.clone(),
         };
+        let span = self.client.start_call_span(
+            "strata.v1.RegistryService/Deregister",
+            &self.request.service,
+        );
         let outcome = self
             .client
             .call(self.budget(), |channel, _| {
-                let request = self.client.request(request.clone());
+                let request = self.client.traced_request(request.clone(), span.as_ref());
                 async move {
                     RegistryServiceClient::new(channel)
                         .deregister(request)
@@ -243,6 +257,9 @@ impl Shared {
                 }
             })
             .await;
+        if let Some(cx) = &span {
+            crate::trace::end_span(cx, outcome.as_ref().err().map(ToString::to_string));
+        }
         match outcome {
             Ok(_) => Ok(()),
             // Already gone (a retried deregister that had landed, or the

@@ -419,6 +419,37 @@ async fn one_trace_links_sdk_daemon_sidecar_and_callee() {
     server.assert_fallback_route("stratad span");
     assert_eq!(server.str_attr("rpc.grpc.status_code"), Some("0"));
 
+    // A game server registering itself: its Register call and the
+    // daemon's handling of it are one trace too.
+    let (register_trace, register_caller, register_cx) = caller_context();
+    let registration = client
+        .register(strata_client::InstanceSpec::new("lobby").endpoint("main", "127.0.0.1:7777"))
+        .with_context(register_cx)
+        .await
+        .unwrap();
+    client.flush_traces().await;
+    let sdk_register = wait_span(&spans, "the SDK's Register span", |e| {
+        e.service == "game-server" && e.trace_id() == register_trace
+    })
+    .await;
+    assert_eq!(sdk_register.span.name, "strata.v1.RegistryService/Register");
+    assert_eq!(sdk_register.parent_id(), register_caller);
+    assert_eq!(sdk_register.str_attr("strata.service"), Some("lobby"));
+    let server_register = wait_span(&spans, "stratad's Register span", |e| {
+        e.service == "stratad" && e.trace_id() == register_trace
+    })
+    .await;
+    assert_eq!(
+        server_register.span.name,
+        "strata.v1.RegistryService/Register"
+    );
+    assert_eq!(
+        server_register.parent_id(),
+        sdk_register.span_id(),
+        "the daemon's Register span is a child of the SDK's"
+    );
+    registration.deregister().await.unwrap();
+
     // caller → sidecar → callee, in the same trace.
     let traceparent = format!("00-{trace_id}-{caller_span}-01");
     let (status, body) = get(

@@ -55,7 +55,7 @@ pub enum HeaderError {
     /// The bytes are not a v2 header.
     #[error("not a PROXY v2 header: {0}")]
     Malformed(String),
-    /// The header's block is larger than [`MAX_BLOCK`].
+    /// The header's block is larger than the 4 KiB accepted.
     #[error("PROXY v2 header of {0} bytes is larger than the {MAX_BLOCK} accepted")]
     TooLarge(usize),
     /// The tenant TLV is not a tenant name.

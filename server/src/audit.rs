@@ -826,7 +826,11 @@ pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next:
         // Malformed, over-limit and conflicting calls change nothing and
         // are counted by `strata_rpc_requests_total{code}`; writing each
         // would let any caller turn garbage into store writes.
-        Some((code, _)) if code != "permission_denied" && !auditor.settings.record_all_refusals => {
+        // A call that already committed part of its work (an import that
+        // failed after its first transaction) always gets its failure
+        // recorded, or the log would show only its first commit as `ok`.
+        Some((code, _))
+            if !written && code != "permission_denied" && !auditor.settings.record_all_refusals => {
         }
         Some((code, message)) => {
             let mut entry = scope.entry(unix_now_ms(), &code, &message);

@@ -187,6 +187,31 @@ impl TenantService for GrpcApi {
     ) -> Result<Response<UpdateTenantResponse>, Status> {
         let q = request.get_ref();
         allow(&request, Action::UpdateTenant, &q.project, &q.name)?;
+        if q.update_ttl && q.ttl_seconds > 0 {
+            // An expiring tenant goes with its whole subtree, so a TTL is a
+            // deferred forced delete: the caller must be allowed to delete
+            // every descendant, or a `feat-*` token could expire a child it
+            // does not own.
+            let principal = crate::auth::principal_of(request.extensions())?;
+            let (tenants, _) = self.api()?.list_tenants(&q.project);
+            for descendant in tenants
+                .iter()
+                .filter(|t| t.name != q.name && t.chain.iter().any(|c| *c == q.name))
+            {
+                principal
+                    .authorize(
+                        Action::DeleteTenant { force: false },
+                        &q.project,
+                        &descendant.name,
+                    )
+                    .map_err(|e| {
+                        e.prefixed(&format!(
+                            "a TTL on {} would delete its descendant {} when it expires: ",
+                            q.name, descendant.name
+                        ))
+                    })?;
+            }
+        }
         let r = request.into_inner();
         let (info, revision) = self
             .api()?

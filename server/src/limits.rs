@@ -368,7 +368,12 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second))
+            // `try_`: a rate so small the wait overflows a Duration must not
+            // panic on the request path; a day is as good as forever here.
+            Err(
+                Duration::try_from_secs_f64((1.0 - bucket.tokens) / per_second)
+                    .unwrap_or(Duration::from_secs(86_400)),
+            )
         }
     }
 }

@@ -19,7 +19,7 @@ use strata_proto::v1::token_service_client::TokenServiceClient;
 use strata_proto::v1::{
     CreateTenantRequest, CreateTokenRequest, Endpoint, HeartbeatRequest, Instance, InstanceKind,
     ListTokensRequest, PutConfigRequest, RegisterRequest, ResolveRequest, RevokeTokenRequest, Role,
-    WatchConfigRequest,
+    UpdateTenantRequest, WatchConfigRequest,
 };
 use strata_tests::{Daemon, http_request_as, strata_bin};
 use tonic::Code;
@@ -952,4 +952,68 @@ async fn tokens_and_revocations_reach_every_replica() {
     let revoked = Instant::now();
     until(401).await;
     eprintln!("revocation reached replica B after {:?}", revoked.elapsed());
+}
+
+/// A TTL deletes the tenant's whole subtree when it expires, so a
+/// `register` token may set one only where it could delete every
+/// descendant itself.
+#[tokio::test]
+async fn a_register_token_cannot_expire_a_child_it_does_not_own() {
+    let daemon = Daemon::start().await;
+    let addr = daemon.addr;
+    let admin = daemon.admin_token();
+    for (name, parent) in [
+        ("integration", ""),
+        ("feat-t", "integration"),
+        ("qa-t", "feat-t"),
+        ("feat-u", "integration"),
+        ("feat-u-1", "feat-u"),
+    ] {
+        let body = json!({ "parent": parent }).to_string();
+        admin_ok(
+            addr,
+            &admin,
+            "PUT",
+            &format!("{}/{name}", tenants("vega")),
+            &body,
+        )
+        .await;
+    }
+    let token = create_token(&daemon, &admin, "ci-feat", Role::Register, "vega", "feat-*").await;
+    let mut client = TenantServiceClient::new(daemon.channel_as(Some(&token)).await);
+    let update = |name: &str, ttl: i64| UpdateTenantRequest {
+        project: "vega".into(),
+        name: name.into(),
+        ttl_seconds: ttl,
+        update_ttl: true,
+        ..Default::default()
+    };
+
+    let refused = client
+        .update_tenant(update("feat-t", 3600))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("qa-t"), "{}", refused.message());
+    let info = admin_ok(
+        addr,
+        &admin,
+        "GET",
+        &format!("{}/feat-t", tenants("vega")),
+        "",
+    )
+    .await;
+    assert!(
+        info.to_string().contains("\"ttl_seconds\":0"),
+        "unchanged: {info}"
+    );
+
+    // Removing a TTL, or one over a subtree it owns, is fine.
+    client.update_tenant(update("feat-t", 0)).await.unwrap();
+    let set = client
+        .update_tenant(update("feat-u", 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.tenant.unwrap().ttl_seconds, 3600);
 }

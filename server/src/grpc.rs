@@ -196,7 +196,7 @@ impl TenantService for GrpcApi {
             let (tenants, _) = self.api()?.list_tenants(&q.project);
             for descendant in tenants
                 .iter()
-                .filter(|t| t.name != q.name && t.chain.iter().any(|c| *c == q.name))
+                .filter(|t| t.name != q.name && t.chain.contains(&q.name))
             {
                 principal
                     .authorize(

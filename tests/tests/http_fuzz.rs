@@ -79,6 +79,22 @@ async fn revision(daemon: &Daemon) -> i64 {
         .unwrap()
 }
 
+/// The revision once the daemon's own start-up writes are done (its
+/// leader election commits right after it turns ready): unchanged over
+/// 300 ms, checked for at most 10 s.
+async fn settled_revision(daemon: &Daemon) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut last = revision(daemon).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = revision(daemon).await;
+        if now == last || tokio::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Sends `header` then streams a body at the daemon for at most `for_at_most`
 /// (or until the daemon stops reading); returns the status line and body of
 /// its answer.
@@ -158,7 +174,7 @@ async fn malformed_requests_get_clear_json_errors_and_change_nothing() {
     let before = snapshot(&daemon).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     let since = now_ms();
-    let start_revision = revision(&daemon).await;
+    let start_revision = settled_revision(&daemon).await;
     let mut sent = 0;
 
     // Malformed JSON bodies, wrong types, unknown fields, wrong content types.
@@ -490,7 +506,7 @@ async fn malformed_requests_get_clear_json_errors_and_change_nothing() {
 #[tokio::test]
 async fn non_utf8_request_lines_are_refused_without_harm() {
     let daemon = Daemon::start().await;
-    let start_revision = revision(&daemon).await;
+    let start_revision = settled_revision(&daemon).await;
     for raw in [
         &b"PUT /v1/projects/vega/tenants/\xff\xfe HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"[..],
         b"PUT /v1/projects/vega/tenants/a/config/\xc3\x28 HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",

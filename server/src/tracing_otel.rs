@@ -437,6 +437,13 @@ mod tests {
         };
         let tracing = Tracing::start(&on).unwrap().unwrap();
         assert!(enabled());
+        // The SDK spawns the thread, which names itself once it runs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !thread_names().iter().any(|n| n == BATCH_THREAD)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(thread_names().iter().any(|n| n == BATCH_THREAD));
         tracing.shutdown().await;
         assert!(!enabled());

@@ -97,9 +97,19 @@ async fn every_size_limit_is_refused_and_writes_nothing() {
     let (status, _) = call(&daemon, "PUT", &format!("{P}/integration"), "{}").await;
     assert_eq!(status, 201);
     let (_, tenants_before) = call(&daemon, "GET", P, "").await;
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // The daemon's own start-up write (its leader election, right after it
+    // turns ready) must not count as a write of this test: wait until the
+    // revision holds still.
+    let mut before = revision(&daemon).await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = revision(&daemon).await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     let since = now_ms();
-    let before = revision(&daemon).await;
 
     let big = "x".repeat(1025);
     let (s, j) = call(

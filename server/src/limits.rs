@@ -269,21 +269,20 @@ pub(crate) fn plan_config_keys(
     seen: Revision,
     txn: Txn,
 ) -> Result<Txn, ApiError> {
-    let max = limits.max_config_keys_per_tenant;
-    if max == 0 || adding == 0 {
-        return Ok(txn);
-    }
-    if current + adding > max {
-        return Err(exceeded(
-            format!("tenant {tenant:?} has {current} config keys; the limit is {max}"),
-            max,
-            "limits.max_config_keys_per_tenant",
-        ));
-    }
-    if current + adding + CONFIG_GUARD_MARGIN > max {
-        return Ok(guard(txn, config_guard(project, tenant), seen));
-    }
-    Ok(txn)
+    let count = TenantCount {
+        max: limits.max_config_keys_per_tenant,
+        margin: CONFIG_GUARD_MARGIN,
+        what: "config keys",
+        setting: "limits.max_config_keys_per_tenant",
+    };
+    count.plan(
+        tenant,
+        current,
+        adding,
+        || config_guard(project, tenant),
+        seen,
+        txn,
+    )
 }
 
 /// Checks that a tenant with `current` instances may get `adding` new ones,
@@ -297,21 +296,60 @@ pub(crate) fn plan_instances(
     seen: Revision,
     txn: Txn,
 ) -> Result<Txn, ApiError> {
-    let max = limits.max_instances_per_tenant;
-    if max == 0 || adding == 0 {
-        return Ok(txn);
+    let count = TenantCount {
+        max: limits.max_instances_per_tenant,
+        margin: INSTANCE_GUARD_MARGIN,
+        what: "instances",
+        setting: "limits.max_instances_per_tenant",
+    };
+    count.plan(
+        tenant,
+        current,
+        adding,
+        || instances_guard(project, tenant),
+        seen,
+        txn,
+    )
+}
+
+/// One per-tenant count limit (0: unlimited) and how close to it writes
+/// start guarding the count.
+struct TenantCount {
+    max: usize,
+    margin: usize,
+    what: &'static str,
+    setting: &'static str,
+}
+
+impl TenantCount {
+    fn plan(
+        &self,
+        tenant: &str,
+        current: usize,
+        adding: usize,
+        guard_key: impl FnOnce() -> Vec<u8>,
+        seen: Revision,
+        txn: Txn,
+    ) -> Result<Txn, ApiError> {
+        let max = self.max;
+        if max == 0 || adding == 0 {
+            return Ok(txn);
+        }
+        if current + adding > max {
+            return Err(exceeded(
+                format!(
+                    "tenant {tenant:?} has {current} {}; the limit is {max}",
+                    self.what
+                ),
+                max,
+                self.setting,
+            ));
+        }
+        if current + adding + self.margin > max {
+            return Ok(guard(txn, guard_key(), seen));
+        }
+        Ok(txn)
     }
-    if current + adding > max {
-        return Err(exceeded(
-            format!("tenant {tenant:?} has {current} instances; the limit is {max}"),
-            max,
-            "limits.max_instances_per_tenant",
-        ));
-    }
-    if current + adding + INSTANCE_GUARD_MARGIN > max {
-        return Ok(guard(txn, instances_guard(project, tenant), seen));
-    }
-    Ok(txn)
 }
 
 // ---------------------------------------------------------------- rate

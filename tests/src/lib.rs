@@ -77,16 +77,33 @@ pub fn strata_bin() -> PathBuf {
     stratad_bin().with_file_name("strata")
 }
 
-/// Runs the `strata` CLI against `daemon` with `args`: (exit code, stdout, stderr).
+/// Runs the `strata` CLI against `daemon` with `args`, sending the
+/// daemon's admin token: (exit code, stdout, stderr).
 pub async fn strata(daemon: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let token = token_for(daemon.addr);
+    let env: Vec<(&str, &str)> = token
+        .as_deref()
+        .map(|t| ("STRATA_TOKEN", t))
+        .into_iter()
+        .collect();
+    strata_at(&daemon.endpoint(), &env, args).await
+}
+
+/// Runs the `strata` CLI with `--endpoints endpoint` and `args`, with only
+/// `env` in its environment, for at most 30 s: (exit code, stdout, stderr).
+pub async fn strata_at(
+    endpoint: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (i32, String, String) {
     let output = tokio::time::timeout(
         Duration::from_secs(30),
         Command::new(strata_bin())
             .arg("--endpoints")
-            .arg(daemon.endpoint())
+            .arg(endpoint)
             .args(args)
             .env_clear()
-            .envs(token_for(daemon.addr).map(|t| ("STRATA_TOKEN", t)))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),

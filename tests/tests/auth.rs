@@ -21,7 +21,7 @@ use strata_proto::v1::{
     ListTokensRequest, PutConfigRequest, RegisterRequest, ResolveRequest, RevokeTokenRequest, Role,
     UpdateTenantRequest, WatchConfigRequest,
 };
-use strata_tests::{Daemon, http_request_as, strata_bin};
+use strata_tests::{Daemon, http_request_as};
 use tonic::Code;
 
 /// A tenant a matrix column acts on.
@@ -763,21 +763,7 @@ async fn metrics_can_require_a_token() {
 
 /// Runs the CLI with `env` (and nothing else from this process).
 async fn cli(daemon: &Daemon, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let output = tokio::process::Command::new(strata_bin())
-        .arg("--endpoints")
-        .arg(daemon.endpoint())
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    strata_tests::strata_at(&daemon.endpoint(), env, args).await
 }
 
 /// The operator's path: the admin token file with `--token-file`, a CD

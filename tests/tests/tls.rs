@@ -15,7 +15,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,11 +31,10 @@ use rcgen::{
 };
 use strata_client::{Client, TlsConfig};
 use strata_tests::sidecar::Sidecar;
-use strata_tests::{Daemon, run_stratad, strata_bin};
+use strata_tests::{Daemon, run_stratad};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::Command;
 use tokio::time::{Instant, sleep, timeout};
 use tonic::transport::{Certificate, ClientTlsConfig};
 use tonic_health::pb::HealthCheckRequest;
@@ -254,32 +252,9 @@ async fn start_tls_daemon(pki: &Pki, args: &[String]) -> Daemon {
 /// Runs the CLI with `args` after `--endpoints endpoint`, with only `env`
 /// in its environment: (exit code, stdout, stderr).
 async fn cli(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let output = timeout(
-        Duration::from_secs(30),
-        Command::new(strata_bin())
-            .args([
-                "--endpoints",
-                endpoint,
-                "--project",
-                PROJECT,
-                "--timeout",
-                "3s",
-            ])
-            .args(args)
-            .env_clear()
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("strata should finish")
-    .expect("run strata");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let mut all = vec!["--project", PROJECT, "--timeout", "3s"];
+    all.extend_from_slice(args);
+    strata_tests::strata_at(endpoint, env, &all).await
 }
 
 /// An SDK client for `tenant` over `tls`, quick to give up.

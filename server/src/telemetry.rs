@@ -89,7 +89,7 @@ fn describe() {
     describe_histogram!(
         "strata_store_write_duration_seconds",
         Unit::Seconds,
-        "Time to apply and durably commit one group-commit batch."
+        "Time to durably commit one group-commit batch (embedded: apply to fsync; etcd: one request)."
     );
     describe_histogram!(
         "strata_store_write_batch_size",

@@ -213,7 +213,8 @@ macro_rules! store_conformance_tests {
                 Shared lease_unknown_put_writes_nothing,
                 Shared lease_checked_only_when_compares_hold,
                 Shared lease_reput_without_lease_detaches,
-                Shared concurrent_writers_distinct_revisions_watch_sees_all,
+                Shared concurrent_writers_watch_sees_every_write_once,
+                Shared concurrent_transactions_keep_their_own_outcomes,
                 Shared concurrent_compare_and_swap_loses_no_update,
             }
         }
@@ -362,6 +363,19 @@ async fn assert_next_is_sentinel(f: &Fixture, stream: &mut WatchStream, what: &s
         },
         "{what}: something was written before the sentinel"
     );
+}
+
+/// Each batch's events by revision, sorted by key: the order of
+/// transactions committed together is the store's choice.
+fn by_revision(batches: Vec<WatchBatch>) -> BTreeMap<Revision, Vec<Event>> {
+    batches
+        .into_iter()
+        .map(|b| {
+            let mut events = b.events.to_vec();
+            events.sort_by(|a, b| a.kv.key.cmp(&b.kv.key));
+            (b.revision, events)
+        })
+        .collect()
 }
 
 fn keys_of(kvs: &[KeyValue]) -> Vec<String> {
@@ -1238,30 +1252,33 @@ pub async fn watch_lagging_far_behind(f: &Fixture) {
             acked
         }));
     }
-    let mut acked: BTreeMap<Revision, Vec<u8>> = BTreeMap::new();
+    // Puts made at the same time may share a revision (group commit).
+    let mut expected: BTreeMap<Revision, Vec<Event>> = BTreeMap::new();
     for task in tasks {
         for (r, key) in task.await.unwrap() {
-            assert!(
-                acked.insert(r, key).is_none(),
-                "revision {r} acknowledged twice"
-            );
+            expected
+                .entry(r)
+                .or_default()
+                .push(put_event(kv(&key, b"v", r, r, 1)));
         }
     }
-    let expected: Vec<WatchBatch> = acked
-        .iter()
-        .map(|(&r, key)| WatchBatch {
-            revision: r,
-            events: vec![put_event(kv(key, b"v", r, r, 1))].into(),
-        })
-        .collect();
-    let (&first, _) = acked.first_key_value().unwrap();
-    let (&last, _) = acked.last_key_value().unwrap();
+    for events in expected.values_mut() {
+        events.sort_by(|a, b| a.kv.key.cmp(&b.kv.key));
+    }
+    let first = *expected.keys().next().unwrap();
+    let last = *expected.keys().next_back().unwrap();
     let got = batches_through(&mut lagging, last, "lagging watcher").await;
     assert_eq!(got.len(), expected.len());
-    assert!(got == expected, "lagging watcher saw a different history");
+    assert!(
+        by_revision(got) == expected,
+        "lagging watcher saw a different history"
+    );
     let mut history = watch(f, f.all(), first).await;
     let got = batches_through(&mut history, last, "history watcher").await;
-    assert!(got == expected, "history watcher saw a different history");
+    assert!(
+        by_revision(got) == expected,
+        "history watcher saw a different history"
+    );
 }
 
 /// Start revision 0 means "only changes after the watch was created".
@@ -1685,11 +1702,12 @@ pub async fn lease_reput_without_lease_detaches(f: &Fixture) {
 // ---------------------------------------------------------------------------
 // Concurrency.
 
-/// N tasks × M writes (puts and two-key txns) at once: every acknowledged
-/// revision is distinct, and watches (live from before, and from history
-/// afterwards) see every acknowledged write exactly once, in revision
-/// order, at its acknowledged revision.
-pub async fn concurrent_writers_distinct_revisions_watch_sees_all(f: &Fixture) {
+/// N tasks × M writes (puts and two-key txns) at once: revisions of one
+/// writer strictly increase, and watches (live from before, and from history
+/// afterwards) see every acknowledged write exactly once, in revision order,
+/// at its acknowledged revision. Transactions committed together (the etcd
+/// backend's group commit) share a revision and arrive in one batch.
+pub async fn concurrent_writers_watch_sees_every_write_once(f: &Fixture) {
     const TASKS: usize = 8;
     const WRITES: usize = 40;
     let mut live = watch(f, f.all(), 0).await;
@@ -1698,7 +1716,7 @@ pub async fn concurrent_writers_distinct_revisions_watch_sees_all(f: &Fixture) {
         let store = Arc::clone(f.store());
         let prefix = f.key(format!("t{t}/"));
         tasks.push(tokio::spawn(async move {
-            let mut acked = Vec::new();
+            let mut acked: Vec<(Revision, Vec<Vec<u8>>, String)> = Vec::new();
             for i in 0..WRITES {
                 let key = |s: &str| {
                     let mut k = prefix.clone();
@@ -1713,42 +1731,133 @@ pub async fn concurrent_writers_distinct_revisions_watch_sees_all(f: &Fixture) {
                 }
                 let resp = store.txn(txn).await.unwrap();
                 assert!(resp.succeeded);
+                if let Some((prev, _, _)) = acked.last() {
+                    assert!(resp.revision > *prev, "one writer's revisions went back");
+                }
                 acked.push((resp.revision, keys, format!("{t}-{i}")));
             }
             acked
         }));
     }
-    let mut expected: BTreeMap<Revision, WatchBatch> = BTreeMap::new();
+    let mut expected: BTreeMap<Revision, Vec<Event>> = BTreeMap::new();
     for task in tasks {
         for (r, keys, value) in task.await.unwrap() {
-            let events = keys
-                .iter()
-                .map(|k| put_event(kv(k, value.as_bytes(), r, r, 1)))
-                .collect();
-            let dup = expected.insert(
-                r,
-                WatchBatch {
-                    revision: r,
-                    events,
-                },
-            );
-            assert!(dup.is_none(), "revision {r} acknowledged to two writers");
+            let events = expected.entry(r).or_default();
+            for k in keys {
+                events.push(put_event(kv(&k, value.as_bytes(), r, r, 1)));
+            }
         }
     }
-    assert_eq!(expected.len(), TASKS * WRITES);
-    let expected: Vec<WatchBatch> = expected.into_values().collect();
-    let first = expected[0].revision;
-    let last = expected[expected.len() - 1].revision;
-    assert_eq!(
-        batches_through(&mut live, last, "live watch").await,
-        expected
-    );
+    let writes: usize = expected.values().map(Vec::len).sum();
+    assert_eq!(writes, TASKS * (WRITES + WRITES / 4));
+    let first = *expected.keys().next().unwrap();
+    let last = *expected.keys().next_back().unwrap();
+    for events in expected.values_mut() {
+        events.sort_by(|a, b| a.kv.key.cmp(&b.kv.key));
+    }
+    let seen = batches_through(&mut live, last, "live watch").await;
+    assert_eq!(by_revision(seen), expected);
     let mut history = watch(f, f.all(), first).await;
-    assert_eq!(
-        batches_through(&mut history, last, "history watch").await,
-        expected
-    );
+    let seen = batches_through(&mut history, last, "history watch").await;
+    assert_eq!(by_revision(seen), expected);
     assert_quiet(&mut live, "after all writes").await;
+}
+
+/// Many transactions at once, each with its own compares: every one gets
+/// the outcome it would get alone (the compares that hold commit, those
+/// that do not write nothing, delete counts are its own), a put naming an
+/// unknown lease fails alone, and nothing else is written.
+pub async fn concurrent_transactions_keep_their_own_outcomes(f: &Fixture) {
+    const N: usize = 48;
+    let store = f.store();
+    for i in 0..N {
+        store.put(&f.key(format!("k{i:02}")), b"0").await.unwrap();
+        store.put(&f.key(format!("d{i:02}/a")), b"x").await.unwrap();
+        store.put(&f.key(format!("d{i:02}/b")), b"x").await.unwrap();
+    }
+    let bogus_lease: LeaseId = 0x7eed_5eed_0bad_1dea;
+    let mut live = watch(f, f.all(), 0).await;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let store = Arc::clone(store);
+        let key = f.key(format!("k{i:02}"));
+        let dir = f.key(format!("d{i:02}/"));
+        tasks.push(tokio::spawn(async move {
+            // Even i: the compare holds. Odd i: it does not. Every 7th
+            // names a lease that does not exist.
+            let expect = if i % 2 == 0 { b"0".as_slice() } else { b"1" };
+            let lease = if i % 7 == 3 { bogus_lease } else { 0 };
+            let txn = Txn::new()
+                .when(Compare::value_equals(key.clone(), expect))
+                .put_with_lease(key.clone(), format!("w{i}"), lease)
+                .delete(KeyRange::prefix(dir));
+            (i, lease, store.txn(txn).await)
+        }));
+    }
+    let mut committed = BTreeMap::new();
+    for task in tasks {
+        let (i, lease, result) = task.await.unwrap();
+        match result {
+            Ok(resp) if i % 2 == 0 && lease == 0 => {
+                assert!(resp.succeeded, "txn {i}");
+                assert_eq!(resp.deleted, 2, "txn {i} deletes its own two keys");
+                committed.insert(i, resp.revision);
+            }
+            Ok(resp) if i % 2 == 1 => {
+                assert!(!resp.succeeded, "txn {i}: its compare does not hold");
+                assert_eq!(resp.deleted, 0, "txn {i}");
+            }
+            Err(StoreError::LeaseNotFound(l)) if i % 2 == 0 && lease != 0 => {
+                assert_eq!(l, bogus_lease, "txn {i}");
+            }
+            other => panic!("txn {i} (lease {lease:x}): unexpected {other:?}"),
+        }
+    }
+    for i in 0..N {
+        let value = store
+            .get(&f.key(format!("k{i:02}")))
+            .await
+            .unwrap()
+            .unwrap();
+        let left = store
+            .range(KeyRange::prefix(f.key(format!("d{i:02}/"))))
+            .await
+            .unwrap()
+            .kvs
+            .len();
+        if let Some(&revision) = committed.get(&i) {
+            assert_eq!(value.value, format!("w{i}").into_bytes(), "k{i:02}");
+            assert_eq!(value.mod_revision, revision, "k{i:02}");
+            assert_eq!(left, 0, "d{i:02}/");
+        } else {
+            assert_eq!(value.value, b"0", "k{i:02} was written");
+            assert_eq!(left, 2, "d{i:02}/ was deleted");
+        }
+    }
+    // The watch shows exactly the committed transactions' events.
+    let last = *committed.values().max().unwrap();
+    let mut seen = BTreeMap::new();
+    for batch in batches_through(&mut live, last, "outcomes").await {
+        for event in batch.events.iter() {
+            assert!(
+                seen.insert(show(&event.kv.key), batch.revision).is_none(),
+                "{} changed twice",
+                show(&event.kv.key)
+            );
+        }
+    }
+    let mut expected = BTreeMap::new();
+    for (i, revision) in &committed {
+        for k in [
+            format!("k{i:02}"),
+            format!("d{i:02}/a"),
+            format!("d{i:02}/b"),
+        ] {
+            expected.insert(show(&f.key(k)), *revision);
+        }
+    }
+    assert_eq!(seen, expected);
+    assert_next_is_sentinel(f, &mut live, "after the outcomes").await;
 }
 
 /// Concurrent compare-and-swap increments (guarded by mod revision) never

@@ -27,6 +27,9 @@
 //!   `r` fails as compacted exactly when `r` is below the compaction point,
 //!   so [`Store::status`] finds the point by bisection from the last one seen
 //!   (which compaction never lowers): one read when nothing changed.
+//! - **Group commit** — transactions issued at the same time go to etcd as
+//!   the nested transactions of one request, without changing any result
+//!   (see [`batch`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -38,6 +41,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use etcd_client as etcd;
 use tonic::Code;
+
+mod batch;
 
 use super::{
     CompareOp, CompareTarget, Event, EventKind, KeyRange, KeyValue, Lease, LeaseId, LeaseInfo,
@@ -163,6 +168,7 @@ impl EtcdOptions {
 #[derive(Clone)]
 pub struct EtcdStore {
     inner: Arc<Inner>,
+    commits: Arc<batch::GroupCommit>,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -306,6 +312,17 @@ fn is_too_large(status: &tonic::Status) -> bool {
 
 fn is_lease_not_found(message: &str) -> bool {
     message.contains("lease not found")
+}
+
+/// Keys the deletes of a transaction removed.
+fn deleted_count(resp: &etcd::TxnResponse) -> i64 {
+    resp.op_responses()
+        .iter()
+        .map(|r| match r {
+            etcd::TxnOpResponse::Delete(d) => d.deleted(),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn header_revision(header: Option<&etcd::ResponseHeader>) -> Result<Revision, StoreError> {
@@ -663,6 +680,23 @@ impl Inner {
         ))
     }
 
+    /// Sends `txn` as one plain etcd transaction.
+    async fn txn_alone(&self, txn: &Txn) -> Result<TxnResponse, StoreError> {
+        let request = self.etcd_txn(txn);
+        let resp = self
+            .call("txn", Repeat::Unsafe, |client| {
+                let request = request.clone();
+                async move { client.kv_client().txn(request).await }
+            })
+            .await;
+        let resp = self.lift("txn", first_lease(txn), resp)?;
+        Ok(TxnResponse {
+            succeeded: resp.succeeded(),
+            revision: header_revision(resp.header())?,
+            deleted: deleted_count(&resp),
+        })
+    }
+
     fn etcd_txn(&self, txn: &Txn) -> etcd::Txn {
         let compares: Vec<etcd::Compare> = txn
             .compares
@@ -736,8 +770,10 @@ impl EtcdStore {
             attempt_timeout: options.attempt_timeout,
             compacted: AtomicI64::new(0),
         };
+        let inner = Arc::new(inner);
         let store = Self {
-            inner: Arc::new(inner),
+            commits: Arc::new(batch::GroupCommit::start(inner.clone())),
+            inner,
         };
         store.inner.current_revision().await.map_err(|e| match e {
             StoreError::Unavailable(m) => {
@@ -791,28 +827,7 @@ impl Store for EtcdStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         txn.validate()?;
-        let inner = &self.inner;
-        let request = inner.etcd_txn(&txn);
-        let resp = inner
-            .call("txn", Repeat::Unsafe, |client| {
-                let request = request.clone();
-                async move { client.kv_client().txn(request).await }
-            })
-            .await;
-        let resp = inner.lift("txn", first_lease(&txn), resp)?;
-        let deleted = resp
-            .op_responses()
-            .iter()
-            .map(|r| match r {
-                etcd::TxnOpResponse::Delete(d) => d.deleted(),
-                _ => 0,
-            })
-            .sum();
-        Ok(TxnResponse {
-            succeeded: resp.succeeded(),
-            revision: header_revision(resp.header())?,
-            deleted,
-        })
+        self.commits.txn(txn).await
     }
 
     async fn watch(

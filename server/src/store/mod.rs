@@ -39,8 +39,10 @@ pub fn unix_now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// A store revision. Every committed change gets the next revision; one
-/// sequence per store, starting above zero and never reused.
+/// A store revision. Every commit gets the next revision; one sequence per
+/// store, starting above zero and never reused. All writes of one
+/// transaction share its revision; transactions committed together (the
+/// etcd backend's group commit) share one revision too.
 pub type Revision = i64;
 
 /// Identifier of a lease. `0` means "no lease".

@@ -39,7 +39,7 @@ pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 /// Most attempts per request (first try plus moves to other instances or
 /// fresh connections after a failed connect).
-const MAX_ATTEMPTS: usize = 4;
+pub(crate) const MAX_ATTEMPTS: usize = 4;
 
 /// The proxy's shared state.
 #[derive(Debug)]
@@ -184,6 +184,21 @@ impl Refusal {
         self.status
     }
 
+    /// The JSON body of an HTTP refusal: code, message, service and tenant
+    /// chain. Shared with the HTTP/1.1 fast path, which writes it itself.
+    pub(crate) fn json(&self) -> String {
+        serde_json::json!({
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "service": self.service,
+                "tenant": self.tenant,
+                "chain": self.chain,
+            }
+        })
+        .to_string()
+    }
+
     /// The refusal as the caller's response (gRPC status for gRPC calls).
     pub(crate) fn into_response(self, grpc: bool) -> Response<ProxyBody> {
         if grpc {
@@ -202,16 +217,7 @@ impl Refusal {
             }
             return response;
         }
-        let body = serde_json::json!({
-            "error": {
-                "code": self.code,
-                "message": self.message,
-                "service": self.service,
-                "tenant": self.tenant,
-                "chain": self.chain,
-            }
-        });
-        let mut response = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from(self.json()))));
         *response.status_mut() = self.status;
         response
             .headers_mut()
@@ -233,13 +239,27 @@ fn grpc_message(message: &str) -> String {
     out
 }
 
-enum Found {
+/// Where a request goes, or the tenant the sidecar must learn first.
+pub(crate) enum Found {
+    /// The route, and where the request's tenant came from.
     Route(Arc<Route>, Origin),
+    /// The tenant is not followed yet.
     Unknown { service: String, tenant: String },
 }
 
 fn find(proxy: &Proxy, req: &Request<Incoming>) -> Result<Found, Refusal> {
-    let Some(service) = callee(req) else {
+    resolve(proxy, callee(req), tenant::tenant_of(req.headers()))
+}
+
+/// The route of a request to `service` (`None`: it names none) from the
+/// tenant it `named` (`None`: the sidecar's own). Shared by the hyper path
+/// and the HTTP/1.1 fast path, which reads both from raw header bytes.
+pub(crate) fn resolve(
+    proxy: &Proxy,
+    service: Option<Cow<'_, str>>,
+    named: Option<(&str, Origin)>,
+) -> Result<Found, Refusal> {
+    let Some(service) = service else {
         return Err(Refusal {
             status: StatusCode::BAD_REQUEST,
             code: "invalid_argument",
@@ -250,7 +270,7 @@ fn find(proxy: &Proxy, req: &Request<Incoming>) -> Result<Found, Refusal> {
         });
     };
     let own = proxy.routing.own_tenant();
-    let (tenant, origin) = tenant::tenant_of(req.headers()).unwrap_or((own, Origin::Own));
+    let (tenant, origin) = named.unwrap_or((own, Origin::Own));
     let table = proxy.routing.load();
     match table.lookup(tenant, &service) {
         Lookup::Route(route) => Ok(Found::Route(Arc::clone(route), origin)),
@@ -274,7 +294,12 @@ fn find(proxy: &Proxy, req: &Request<Incoming>) -> Result<Found, Refusal> {
     }
 }
 
-fn unroutable(service: &str, tenant: &str, chain: Vec<String>, deleted: bool) -> Refusal {
+pub(crate) fn unroutable(
+    service: &str,
+    tenant: &str,
+    chain: Vec<String>,
+    deleted: bool,
+) -> Refusal {
     let message = if deleted {
         format!("tenant {tenant} was deleted; no route to {service}")
     } else {
@@ -293,6 +318,22 @@ fn unroutable(service: &str, tenant: &str, chain: Vec<String>, deleted: bool) ->
     }
 }
 
+/// The refusal when a tenant's routes could not be learned.
+pub(crate) fn learn_failed(
+    service: String,
+    tenant: String,
+    e: &crate::table::LearnError,
+) -> Refusal {
+    Refusal {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "unavailable",
+        message: format!("cannot route {service} for tenant {tenant}: {e}"),
+        service: Some(service),
+        tenant: Some(tenant),
+        chain: Vec::new(),
+    }
+}
+
 async fn route_for(
     proxy: &Proxy,
     req: &Request<Incoming>,
@@ -302,14 +343,7 @@ async fn route_for(
         Found::Unknown { service, tenant } => (service, tenant),
     };
     if let Err(e) = proxy.routing.learn(&tenant).await {
-        return Err(Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "unavailable",
-            message: format!("cannot route {service} for tenant {tenant}: {e}"),
-            service: Some(service),
-            tenant: Some(tenant),
-            chain: Vec::new(),
-        });
+        return Err(learn_failed(service, tenant, &e));
     }
     match find(proxy, req)? {
         Found::Route(route, origin) => Ok((route, origin)),
@@ -317,7 +351,7 @@ async fn route_for(
     }
 }
 
-async fn handle(
+pub(crate) async fn handle(
     proxy: Arc<Proxy>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -407,7 +441,7 @@ fn prepare_h1(req: &mut Request<Incoming>) {
     }
 }
 
-fn upstream_failure(route: &Route, message: String, timeout: bool) -> Refusal {
+pub(crate) fn upstream_failure(route: &Route, message: String, timeout: bool) -> Refusal {
     Refusal {
         status: if timeout {
             StatusCode::GATEWAY_TIMEOUT
@@ -542,6 +576,12 @@ pub(crate) async fn forward(
             }
         }
     }
+    Err(unreachable(route, &last_error))
+}
+
+/// The refusal when no instance of a route could be reached (or it has
+/// none).
+pub(crate) fn unreachable(route: &Route, last_error: &str) -> Refusal {
     let message = if route.balancer.is_empty() {
         format!(
             "{} has no routable instance in {}",
@@ -553,24 +593,28 @@ pub(crate) async fn forward(
             route.service, route.tenant
         )
     };
-    Err(Refusal {
+    Refusal {
         status: StatusCode::SERVICE_UNAVAILABLE,
         code: "unavailable",
         message,
         service: Some(route.service.clone()),
         tenant: Some(route.tenant.clone()),
         chain: Vec::new(),
-    })
+    }
 }
 
-fn timeout_message(route: &Route) -> String {
+pub(crate) fn timeout_message(route: &Route) -> String {
     format!(
         "{} in {} did not answer within {:?}",
         route.service, route.tenant, route.timeout
     )
 }
 
-fn connect_failed(upstream: &crate::upstream::Upstream, e: &ConnectError, last: &mut String) {
+pub(crate) fn connect_failed(
+    upstream: &crate::upstream::Upstream,
+    e: &ConnectError,
+    last: &mut String,
+) {
     tracing::debug!(error = %e, "upstream connect failed; trying another instance");
     upstream.failed();
     *last = e.to_string();

@@ -4,6 +4,8 @@
 //! - [`http_proxy`] — HTTP/1.1 + h2c outbound proxy (default
 //!   `127.0.0.1:15001`); the callee is named by the `Host` header or an
 //!   absolute URI.
+//! - [`h1_fast`] — the outbound proxy's HTTP/1.1 fast path (raw bytes,
+//!   `httparse`), handing anything unusual to [`http_proxy`].
 //! - [`tenant`] — the tenant of a request (baggage `strata-tenant`,
 //!   `x-strata-tenant`, else the sidecar's own) and carrying it on.
 //! - [`table`] — the routing table, pushed from `stratad` through the SDK
@@ -23,6 +25,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod h1_fast;
 pub mod http_proxy;
 pub mod inbound;
 pub mod metrics;
@@ -179,12 +182,22 @@ pub async fn run(
         }
         _ => None,
     };
-    serving.spawn(http_proxy::serve(
-        listeners.outbound,
-        proxy,
-        Shutdown(stopped.clone()),
-        grace,
-    ));
+    if proxy.trace.is_some() {
+        // Spans are made from the hyper path's `http::Request`.
+        serving.spawn(http_proxy::serve(
+            listeners.outbound,
+            proxy,
+            Shutdown(stopped.clone()),
+            grace,
+        ));
+    } else {
+        serving.spawn(h1_fast::serve(
+            listeners.outbound,
+            proxy,
+            Shutdown(stopped.clone()),
+            grace,
+        ));
+    }
     for (listener, route) in listeners.tcp {
         tracing::info!(
             listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),

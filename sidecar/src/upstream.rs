@@ -52,6 +52,9 @@ pub struct Upstream {
     socket: Option<SocketAddr>,
     h1_idle: Mutex<Vec<http1::SendRequest<Incoming>>>,
     h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// Idle keep-alive connections of the HTTP/1.1 fast path
+    /// ([`crate::h1_fast`]): plain sockets, no hyper connection task.
+    raw_idle: Mutex<Vec<TcpStream>>,
     in_flight: AtomicUsize,
     failures: AtomicU32,
     ejected_until: AtomicU64,
@@ -92,6 +95,7 @@ impl Upstream {
             id,
             h1_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            raw_idle: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -199,6 +203,30 @@ impl Upstream {
         let mut idle = lock(&self.h1_idle);
         if idle.len() < MAX_IDLE {
             idle.push(sender);
+        }
+    }
+
+    /// An idle keep-alive socket of the fast path that still looks open,
+    /// if any. The check costs no syscall while the socket is quiet: tokio
+    /// answers `WouldBlock` from its cached readiness; a socket the
+    /// upstream closed (or that has stray bytes) is readable and dropped.
+    pub(crate) fn take_raw(&self) -> Option<TcpStream> {
+        loop {
+            let stream = lock(&self.raw_idle).pop()?;
+            let mut probe = [0u8; 1];
+            match stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(stream),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Gives a fast-path socket whose exchange ended cleanly back to the
+    /// pool.
+    pub(crate) fn put_raw(&self, stream: TcpStream) {
+        let mut idle = lock(&self.raw_idle);
+        if idle.len() < MAX_IDLE {
+            idle.push(stream);
         }
     }
 

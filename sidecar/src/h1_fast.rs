@@ -826,6 +826,7 @@ async fn exchange(
             started,
             deadline,
             head_method: request.head_method,
+            close: request.close,
             may_retry: reused && request.idempotent && !body_left,
         };
         let (relayed, body_sent) = if body_left {
@@ -987,6 +988,9 @@ struct Exchange<'a> {
     started: Instant,
     deadline: Instant,
     head_method: bool,
+    /// The caller asked to close after this exchange (its response says
+    /// so, as hyper's would).
+    close: bool,
     may_retry: bool,
 }
 
@@ -1295,7 +1299,7 @@ fn response_head(
             (None, None) => Framing::Close,
         }
     };
-    let close_down = framing == Framing::Close;
+    let close_down = framing == Framing::Close || x.close;
     let rewritten = hop || close_down;
     if rewritten {
         out.clear();
@@ -1311,7 +1315,8 @@ fn response_head(
             push_header(out, h.name.as_bytes(), h.value);
         }
         if close_down {
-            // The caller learns the body's end from the close.
+            // The caller learns that the connection ends (and, for a
+            // close-delimited body, where the body ends).
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");

@@ -677,3 +677,478 @@ async fn http_upgrades_become_a_tunnel() {
         assert_eq!(echo, message);
     }
 }
+
+/// A response as read off the wire by [`Wire`].
+#[derive(Debug)]
+struct WireResponse {
+    status: u16,
+    /// Lowercased names.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl WireResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A raw HTTP/1.1 client connection, so a test controls exactly what
+/// reaches the proxy (split heads, chunked bodies, pipelining) and checks
+/// the response framing byte by byte, as a strict client would.
+struct Wire(BufReader<TcpStream>);
+
+impl Wire {
+    async fn connect(addr: SocketAddr) -> Wire {
+        let stream = timeout(Duration::from_secs(5), TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Wire(BufReader::new(stream))
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.0.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    async fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = timeout(Duration::from_secs(10), self.0.read_line(&mut line))
+            .await
+            .expect("line within 10 s")
+            .unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        assert!(line.ends_with("\r\n"), "line without CRLF: {line:?}");
+        line.truncate(line.len() - 2);
+        line
+    }
+
+    async fn exact(&mut self, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; n];
+        timeout(Duration::from_secs(10), self.0.read_exact(&mut buf))
+            .await
+            .expect("body within 10 s")
+            .unwrap();
+        buf
+    }
+
+    /// The next final response head (1xx skipped): status and headers.
+    async fn head(&mut self) -> (u16, Vec<(String, String)>) {
+        loop {
+            let status_line = self.line().await;
+            let status: u16 = status_line
+                .strip_prefix("HTTP/1.1 ")
+                .and_then(|s| s.get(..3))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+            let mut headers = Vec::new();
+            loop {
+                let line = self.line().await;
+                if line.is_empty() {
+                    break;
+                }
+                let (n, v) = line.split_once(':').expect("header line");
+                headers.push((n.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+            if !(100..200).contains(&status) {
+                return (status, headers);
+            }
+        }
+    }
+
+    /// One chunk of a chunked body: its data (empty for the last one,
+    /// whose trailer section is consumed too).
+    async fn chunk(&mut self) -> Vec<u8> {
+        let size_line = self.line().await;
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
+        if size == 0 {
+            while !self.line().await.is_empty() {}
+            return Vec::new();
+        }
+        let data = self.exact(size).await;
+        assert_eq!(self.line().await, "", "CRLF after chunk data");
+        data
+    }
+
+    /// Reads a whole response to a request (`head_request`: a HEAD, whose
+    /// response has no body whatever its headers say).
+    async fn response(&mut self, head_request: bool) -> WireResponse {
+        use tokio::io::AsyncReadExt;
+        let (status, headers) = self.head().await;
+        let get = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let mut body = Vec::new();
+        if head_request || status == 204 || status == 304 {
+        } else if get("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            loop {
+                let data = self.chunk().await;
+                if data.is_empty() {
+                    break;
+                }
+                body.extend(data);
+            }
+        } else if let Some(n) = get("content-length") {
+            body = self.exact(n.parse().unwrap()).await;
+        } else {
+            timeout(Duration::from_secs(10), self.0.read_to_end(&mut body))
+                .await
+                .expect("close-delimited body within 10 s")
+                .unwrap();
+        }
+        WireResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Whether the peer closed the connection (within 5 s).
+    async fn closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        matches!(
+            timeout(Duration::from_secs(5), self.0.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+}
+
+/// An HTTP/1.1 upstream for the wire cases: `/echo` answers the request
+/// body with the framing it arrived with in `x-te` / `x-len` and its
+/// baggage in `x-baggage`; `/204`, `/304`; `/close` answers with
+/// `connection: close`; `/stream` sends a first chunk and the rest only
+/// once `go` is notified; `/slow` answers after 3 s; anything else answers
+/// `wire` (a GET body a HEAD must not get).
+async fn wire_app(go: std::sync::Arc<tokio::sync::Notify>) -> (SocketAddr, Task) {
+    use http_body_util::StreamBody;
+    use http_body_util::combinators::BoxBody;
+    type Body = BoxBody<Bytes, Infallible>;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let go = go.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let go = go.clone();
+                    async move {
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let (te, len, baggage) = (
+                            header("transfer-encoding"),
+                            header("content-length"),
+                            header("baggage"),
+                        );
+                        let full = |b: Bytes| -> Body { Full::new(b).boxed() };
+                        let mut response = match req.uri().path() {
+                            "/echo" => {
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                Response::new(full(body))
+                            }
+                            "/204" => Response::builder()
+                                .status(204)
+                                .body(full(Bytes::new()))
+                                .unwrap(),
+                            "/304" => Response::builder()
+                                .status(304)
+                                .header("etag", "\"v1\"")
+                                .body(full(Bytes::new()))
+                                .unwrap(),
+                            "/close" => Response::builder()
+                                .header("connection", "close")
+                                .body(full(Bytes::from_static(b"closing")))
+                                .unwrap(),
+                            "/stream" => {
+                                let frames = futures::stream::unfold(0u8, move |step| {
+                                    let go = go.clone();
+                                    async move {
+                                        let data: &'static [u8] = match step {
+                                            0 => b"first",
+                                            1 => {
+                                                go.notified().await;
+                                                b"second"
+                                            }
+                                            _ => return None,
+                                        };
+                                        Some((
+                                            Ok::<_, Infallible>(hyper::body::Frame::data(
+                                                Bytes::from_static(data),
+                                            )),
+                                            step + 1,
+                                        ))
+                                    }
+                                });
+                                Response::new(BodyExt::boxed(StreamBody::new(frames)))
+                            }
+                            "/slow" => {
+                                sleep(Duration::from_secs(3)).await;
+                                Response::new(full(Bytes::from_static(b"slow")))
+                            }
+                            _ => Response::new(full(Bytes::from_static(b"wire"))),
+                        };
+                        let h = response.headers_mut();
+                        h.insert("x-te", te.parse().unwrap());
+                        h.insert("x-len", len.parse().unwrap());
+                        h.insert("x-baggage", baggage.parse().unwrap());
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+/// A hand-written upstream: an Early Hints interim response, then a final
+/// one with neither length nor chunking — its body ends when the upstream
+/// closes.
+async fn close_delimited_app() -> (SocketAddr, Task) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if stream.read_line(&mut line).await? == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let stream = stream.get_mut();
+                stream
+                    .write_all(b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n")
+                    .await?;
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil ")
+                    .await?;
+                sleep(Duration::from_millis(50)).await;
+                stream.write_all(b"the close").await?;
+                stream.shutdown().await?;
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    (addr, Task(task))
+}
+
+/// The outbound proxy's HTTP/1.1 framing on the wire: bodies split across
+/// writes, chunked request bodies with trailers, large bodies streamed
+/// both ways, pipelined requests, HEAD / 204 / 304 without a body, an
+/// upstream closing its connection, a close-delimited response after an
+/// interim one, a response streamed before it ends, the route timeout,
+/// and a dead instance next to a live one (retries, ejection). Each case
+/// then checks the same connection still serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_framing_pipelining_timeouts_and_retries_on_the_wire() {
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (app, _app) = wire_app(go.clone()).await;
+    let (raw, _raw) = close_delimited_app().await;
+    register(api, "integration", "wire", "wire-1", app, "http").await;
+    register(api, "integration", "raw", "raw-1", raw, "http").await;
+    let sidecar = Sidecar::start(
+        &daemon.endpoint(),
+        PROJECT,
+        "integration",
+        &[],
+        &["--route-timeout", "wire=1s"],
+    )
+    .await;
+    let proxy = sidecar.outbound;
+    eventually(Duration::from_secs(10), "route", || async {
+        (get(proxy, "wire", "/", &[]).await.0 == 200).then_some(())
+    })
+    .await;
+
+    let mut c = Wire::connect(proxy).await;
+    // A head split mid-line and a body arriving later.
+    c.send(b"POST /echo HTTP/1.1\r\nho").await;
+    sleep(Duration::from_millis(50)).await;
+    c.send(b"st: wire\r\ncontent-length: 11\r\nbaggage: k=v\r\n\r\nhello")
+        .await;
+    sleep(Duration::from_millis(50)).await;
+    c.send(b" world").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    assert_eq!(r.header("x-len"), Some("11"));
+    assert_eq!(r.header("x-baggage"), Some("k=v,strata-tenant=integration"));
+
+    // A chunked body in pieces, with an extension and a trailer: it
+    // arrives whole and still chunked.
+    c.send(b"POST /echo HTTP/1.1\r\nhost: wire\r\ntransfer-encoding: chunked\r\n\r\n5;x=1\r\nhel")
+        .await;
+    sleep(Duration::from_millis(50)).await;
+    c.send(b"lo\r\n6\r\n world\r\n").await;
+    sleep(Duration::from_millis(50)).await;
+    c.send(b"0\r\nx-sum: 1\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+    assert_eq!(r.header("x-te"), Some("chunked"));
+
+    // 1 MiB each way, more than any buffer: streamed.
+    let big: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut request = format!(
+        "PUT /echo HTTP/1.1\r\nhost: wire\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&big);
+    // The echo app reads the whole body before answering, so one write
+    // cannot deadlock.
+    c.send(&request).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body == big,
+        "1 MiB echoed intact ({} bytes back)",
+        r.body.len()
+    );
+
+    // Pipelined: three requests in one write, answers in order.
+    c.send(
+        b"GET /a HTTP/1.1\r\nhost: wire\r\n\r\nHEAD /b HTTP/1.1\r\nhost: wire\r\n\r\nGET /204 HTTP/1.1\r\nhost: wire\r\n\r\n",
+    )
+    .await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "wire"));
+    let r = c.response(true).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length"),
+        Some("4"),
+        "HEAD keeps the length"
+    );
+    let r = c.response(false).await;
+    assert_eq!(r.status, 204);
+    c.send(b"GET /304 HTTP/1.1\r\nhost: wire\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("etag")), (304, Some("\"v1\"")));
+
+    // The upstream closes after its answer: the caller's connection is
+    // not affected and its next request gets a new upstream connection.
+    for _ in 0..2 {
+        c.send(b"GET /close HTTP/1.1\r\nhost: wire\r\n\r\n").await;
+        let r = c.response(false).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "closing"));
+        assert_eq!(
+            r.header("connection"),
+            None,
+            "connection-scoped: not passed on"
+        );
+    }
+
+    // A response streams before it ends.
+    c.send(b"GET /stream HTTP/1.1\r\nhost: wire\r\n\r\n").await;
+    let (status, headers) = c.head().await;
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v == "chunked"),
+        "{headers:?}"
+    );
+    assert_eq!(
+        c.chunk().await,
+        b"first",
+        "first chunk before the rest exists"
+    );
+    go.notify_one();
+    assert_eq!(c.chunk().await, b"second");
+    assert_eq!(c.chunk().await, b"", "last chunk");
+
+    // The route timeout (1 s for wire): 504 naming the service; the
+    // connection keeps serving.
+    let started = Instant::now();
+    c.send(b"GET /slow HTTP/1.1\r\nhost: wire\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_millis(2500));
+    let error: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(error["error"]["service"], "wire");
+    assert_eq!(error["error"]["code"], "deadline_exceeded");
+    c.send(b"GET / HTTP/1.1\r\nhost: wire\r\n\r\n").await;
+    assert_eq!(c.response(false).await.text(), "wire");
+
+    // Close-delimited after an interim response: the caller gets all of
+    // it (framed as the proxy sees fit: chunked, or up to its own close).
+    c.send(b"GET / HTTP/1.1\r\nhost: raw\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "until the close"));
+
+    // connection: close from the caller: answered, then closed.
+    let mut c = Wire::connect(proxy).await;
+    c.send(b"GET / HTTP/1.1\r\nhost: wire\r\nconnection: close\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(c.closed().await, "closed after the answer");
+
+    // A dead instance next to the live one: every request succeeds (a
+    // failed connect moves on), and the dead one gets ejected.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    register(api, "integration", "wire", "wire-dead", dead, "http").await;
+    eventually(Duration::from_secs(5), "two instances routed", || async {
+        let routes = sidecar.routes().await;
+        let n = routes["tenants"][0]["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["service"] == "wire"))
+            .and_then(|s| s["instances"].as_array())
+            .map_or(0, Vec::len);
+        (n == 2).then_some(())
+    })
+    .await;
+    let mut c = Wire::connect(proxy).await;
+    for _ in 0..40 {
+        c.send(b"GET / HTTP/1.1\r\nhost: wire\r\n\r\n").await;
+        let r = c.response(false).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "wire"));
+    }
+    let metrics = sidecar.metrics().await;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        value("strata_sidecar_upstream_retries_total") >= 1.0,
+        "{metrics}"
+    );
+    assert!(value("strata_sidecar_ejections_total") >= 1.0, "{metrics}");
+}

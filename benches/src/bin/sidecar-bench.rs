@@ -15,8 +15,15 @@
 //!   at a time), p50/p99 — a proxy's added latency is its p50/p99 minus
 //!   direct's;
 //! - **throughput**: `wrk -t1 -cN --latency`, requests/s and p50/p99;
-//! - **gRPC unary** (direct and sidecar only): `h2load -cN -m10` posting
-//!   a `grpc.health.v1.Health/Check`, requests/s.
+//! - **gRPC unary**: `h2load -cN -m10` posting a
+//!   `grpc.health.v1.Health/Check`, requests/s (nginx through
+//!   `grpc_pass`).
+//!
+//! Each run also reports CPU time per request (user + system, from
+//! `/proc/<pid>/stat` before and after) of the load generator, the
+//! upstream thread and the proxy, and how many cores the three kept busy:
+//! on a small machine they share the cores, so a proxy's throughput is
+//! bounded by its CPU per request relative to theirs.
 //!
 //! Needs `wrk`, `h2load` (Debian `nghttp2-client`) and `nginx` on PATH or
 //! given by flag. Run under the exclusive bench lock:
@@ -79,6 +86,13 @@ struct Args {
     /// h2load binary.
     #[arg(long, default_value = "h2load")]
     h2load: String,
+    /// Targets to run (comma separated: direct, nginx, sidecar), e.g. to
+    /// profile one of them.
+    #[arg(long, value_delimiter = ',', default_value = "direct,nginx,sidecar")]
+    targets: Vec<String>,
+    /// Modes to run (comma separated: latency, throughput, grpc).
+    #[arg(long, value_delimiter = ',', default_value = "latency,throughput,grpc")]
+    modes: Vec<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -249,8 +263,14 @@ fn start_nginx(
     dir: &Path,
     upstream: SocketAddr,
     workers: u32,
-) -> Result<(Proc, SocketAddr), BoxError> {
+) -> Result<(Proc, SocketAddr, SocketAddr), BoxError> {
     let listen: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    // gRPC: h2c prior knowledge in, `grpc_pass` out over kept-alive
+    // upstream connections (nginx uses one per stream, no multiplexing) —
+    // the reference for what a mature proxy costs. `keepalive_requests`
+    // is raised because h2load does not reconnect after nginx's GOAWAY
+    // (default: after 1000 requests per connection).
+    let listen_grpc: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let d = dir.display();
     let conf = format!(
         "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -259,7 +279,9 @@ fn start_nginx(
            fastcgi_temp_path {d}/ft;\n  uwsgi_temp_path {d}/ut;\n  scgi_temp_path {d}/st;\n\
            upstream echo {{ server {upstream}; keepalive 64; }}\n\
            server {{\n    listen {listen};\n    location / {{\n      proxy_pass http://echo;\n\
-               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n\
+           upstream grpcecho {{ server {upstream}; keepalive 512; }}\n\
+           server {{\n    listen {listen_grpc} http2;\n    keepalive_requests 100000000;\n    location / {{ grpc_pass grpc://grpcecho; }}\n  }}\n}}\n"
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf)?;
@@ -275,7 +297,7 @@ fn start_nginx(
     let proc = Proc(child, "nginx");
     for _ in 0..100 {
         if std::net::TcpStream::connect(listen).is_ok() {
-            return Ok((proc, listen));
+            return Ok((proc, listen, listen_grpc));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -294,6 +316,126 @@ struct Run {
     p50_us: f64,
     p99_us: f64,
     errors: u64,
+    /// CPU time (user + system) per request, µs: the load generator
+    /// (wrk/h2load), the upstream thread, the proxy (nginx master and
+    /// workers, or the sidecar; 0 for direct).
+    cpu_client_us: f64,
+    cpu_upstream_us: f64,
+    cpu_proxy_us: f64,
+    /// CPU seconds of those three per wall second (2.0 = both cores).
+    cores_busy: f64,
+}
+
+/// CPU clock ticks (user + system) from a `/proc/.../stat` line: the
+/// process's own (all its threads) and, with `children`, those of its
+/// waited-for children.
+fn stat_ticks(path: &Path, children: bool) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    // Fields after the `(comm)`: state is index 0, utime 11, stime 12,
+    // cutime 13, cstime 14.
+    let Some((_, rest)) = text.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    if children {
+        at(13) + at(14)
+    } else {
+        at(11) + at(12)
+    }
+}
+
+/// Pids whose parent is `parent` (nginx's workers).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|t| {
+                    let (_, rest) = t.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// Where each process's CPU time is read.
+struct CpuProbe {
+    upstream_thread: PathBuf,
+    sidecar: u32,
+    nginx: Vec<u32>,
+    tick_us: f64,
+}
+
+/// Ticks so far of (client, upstream, proxy) for a target.
+impl CpuProbe {
+    fn new(sidecar: u32, nginx: u32) -> Self {
+        let upstream_thread = std::fs::read_dir("/proc/self/task")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                    std::fs::read_to_string(p.join("comm")).is_ok_and(|c| c.trim() == "upstream")
+                })
+            })
+            .map(|p| p.join("stat"))
+            .unwrap_or_default();
+        let mut nginx_pids = vec![nginx];
+        nginx_pids.extend(children_of(nginx));
+        let tick_us = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map_or(10_000.0, |hz| 1e6 / hz);
+        Self {
+            upstream_thread,
+            sidecar,
+            nginx: nginx_pids,
+            tick_us,
+        }
+    }
+
+    fn sample(&self, target: &str) -> [u64; 3] {
+        let proxy = match target {
+            "sidecar" => stat_ticks(Path::new(&format!("/proc/{}/stat", self.sidecar)), false),
+            "nginx" => self
+                .nginx
+                .iter()
+                .map(|pid| stat_ticks(Path::new(&format!("/proc/{pid}/stat")), false))
+                .sum(),
+            _ => 0,
+        };
+        [
+            // wrk and h2load are this process's waited-for children.
+            stat_ticks(Path::new("/proc/self/stat"), true),
+            stat_ticks(&self.upstream_thread, false),
+            proxy,
+        ]
+    }
+
+    /// Fills `run`'s CPU fields from samples before and after it.
+    fn account(&self, run: &mut Run, before: [u64; 3], after: [u64; 3], seconds: u64) {
+        let requests = (run.rps * seconds as f64).max(1.0);
+        let us = |i: usize| after[i].saturating_sub(before[i]) as f64 * self.tick_us;
+        run.cpu_client_us = us(0) / requests;
+        run.cpu_upstream_us = us(1) / requests;
+        run.cpu_proxy_us = us(2) / requests;
+        run.cores_busy = (us(0) + us(1) + us(2)) / 1e6 / seconds as f64;
+    }
 }
 
 /// `12.34us`, `1.20ms`, `2.00s` → µs.
@@ -449,8 +591,10 @@ async fn main() -> Result<(), BoxError> {
     let upstream = start_upstream()?;
     let stratad = Stratad::start(&stratad_bin, dir.path(), "stratad").await?;
     register(&stratad, upstream).await?;
-    let (_sidecar, sidecar_addr) = start_sidecar(&sidecar_bin, &stratad, args.workers).await?;
-    let (_nginx, nginx_addr) = start_nginx(&args.nginx, dir.path(), upstream, args.workers)?;
+    let (sidecar, sidecar_addr) = start_sidecar(&sidecar_bin, &stratad, args.workers).await?;
+    let (nginx, nginx_addr, nginx_grpc) =
+        start_nginx(&args.nginx, dir.path(), upstream, args.workers)?;
+    let probe = CpuProbe::new(sidecar.0.id(), nginx.0.id());
     let grpc_body = dir.path().join("check.bin");
     std::fs::write(&grpc_body, [0u8, 0, 0, 0, 0])?;
 
@@ -475,6 +619,11 @@ async fn main() -> Result<(), BoxError> {
             upstream.to_string(),
         ),
         (
+            "nginx",
+            format!("http://{nginx_grpc}/{path}"),
+            "grpcecho".to_owned(),
+        ),
+        (
             "sidecar",
             format!("http://{sidecar_addr}/{path}"),
             "grpcecho".to_owned(),
@@ -487,17 +636,33 @@ async fn main() -> Result<(), BoxError> {
     let mut runs = Vec::new();
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
+        let wanted = |target: &str, mode: &str| {
+            args.targets.iter().any(|t| t == target) && args.modes.iter().any(|m| m == mode)
+        };
         for (name, url, host) in &targets {
-            let mut r = wrk(&args.wrk, url, host, 1, args.seconds)?;
-            r.target = (*name).into();
-            r.mode = "latency c=1".into();
-            runs.push(r);
+            if wanted(name, "latency") {
+                let before = probe.sample(name);
+                let mut r = wrk(&args.wrk, url, host, 1, args.seconds)?;
+                probe.account(&mut r, before, probe.sample(name), args.seconds);
+                r.target = (*name).into();
+                r.mode = "latency c=1".into();
+                runs.push(r);
+            }
+            if !wanted(name, "throughput") {
+                continue;
+            }
+            let before = probe.sample(name);
             let mut r = wrk(&args.wrk, url, host, args.connections, args.seconds)?;
+            probe.account(&mut r, before, probe.sample(name), args.seconds);
             r.target = (*name).into();
             r.mode = format!("throughput c={}", args.connections);
             runs.push(r);
         }
         for (name, url, authority) in &grpc_targets {
+            if !wanted(name, "grpc") {
+                continue;
+            }
+            let before = probe.sample(name);
             let mut r = h2load(
                 &args.h2load,
                 url,
@@ -506,6 +671,7 @@ async fn main() -> Result<(), BoxError> {
                 args.connections,
                 args.seconds,
             )?;
+            probe.account(&mut r, before, probe.sample(name), args.seconds);
             r.target = (*name).into();
             r.mode = format!("grpc unary c={} m=10", args.connections);
             runs.push(r);
@@ -532,6 +698,12 @@ async fn main() -> Result<(), BoxError> {
             p50_us: median(&mut same.iter().map(|r| r.p50_us).collect::<Vec<_>>()),
             p99_us: median(&mut same.iter().map(|r| r.p99_us).collect::<Vec<_>>()),
             errors: same.iter().map(|r| r.errors).sum(),
+            cpu_client_us: median(&mut same.iter().map(|r| r.cpu_client_us).collect::<Vec<_>>()),
+            cpu_upstream_us: median(
+                &mut same.iter().map(|r| r.cpu_upstream_us).collect::<Vec<_>>(),
+            ),
+            cpu_proxy_us: median(&mut same.iter().map(|r| r.cpu_proxy_us).collect::<Vec<_>>()),
+            cores_busy: median(&mut same.iter().map(|r| r.cores_busy).collect::<Vec<_>>()),
         });
     }
     let find = |t: &str, m: &str| {
@@ -551,6 +723,25 @@ async fn main() -> Result<(), BoxError> {
             r.target, r.mode, r.rps, r.p50_us, r.p99_us, r.errors
         );
     }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| target | mode | CPU µs/req load generator | upstream | proxy | proxy ÷ (generator + upstream) | cores busy |"
+    );
+    let _ = writeln!(out, "| --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    for r in &summary {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+            r.target,
+            r.mode,
+            r.cpu_client_us,
+            r.cpu_upstream_us,
+            r.cpu_proxy_us,
+            r.cpu_proxy_us / (r.cpu_client_us + r.cpu_upstream_us).max(f64::MIN_POSITIVE),
+            r.cores_busy
+        );
+    }
     let (dl, nl, sl) = (
         find("direct", "latency"),
         find("nginx", "latency"),
@@ -561,7 +752,11 @@ async fn main() -> Result<(), BoxError> {
         find("nginx", "throughput"),
         find("sidecar", "throughput"),
     );
-    let (dg, sg) = (find("direct", "grpc"), find("sidecar", "grpc"));
+    let (dg, ng, sg) = (
+        find("direct", "grpc"),
+        find("nginx", "grpc"),
+        find("sidecar", "grpc"),
+    );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -584,10 +779,12 @@ async fn main() -> Result<(), BoxError> {
     );
     let _ = writeln!(
         out,
-        "gRPC unary: sidecar {:.0} req/s = {:.2}x direct ({:.0}; target ≥ 0.8x)",
+        "gRPC unary: sidecar {:.0} req/s = {:.2}x direct ({:.0}; target ≥ 0.8x); nginx grpc_pass {:.0} req/s = {:.2}x direct",
         sg.rps,
         sg.rps / dg.rps.max(1.0),
-        dg.rps
+        dg.rps,
+        ng.rps,
+        ng.rps / dg.rps.max(1.0)
     );
     let _ = writeln!(
         out,

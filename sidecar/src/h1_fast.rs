@@ -240,6 +240,9 @@ async fn connection(
                 // follow yet waits here; then the head is parsed again.
                 if let Err(e) = proxy.routing.learn(&learn.tenant).await {
                     if learn.refused.has_body {
+                        // Hyper skips the unread body; it asks for the
+                        // tenant again (a refused tenant is remembered,
+                        // so that second answer is quick).
                         break;
                     }
                     count_unroutable(&proxy);
@@ -1300,7 +1303,10 @@ fn response_head(
         }
     };
     let close_down = framing == Framing::Close || x.close;
-    let rewritten = hop || close_down;
+    // Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3);
+    // a proxy must not pass both on.
+    let drop_length = transfer.is_some() && length.is_some();
+    let rewritten = hop || close_down || drop_length;
     if rewritten {
         out.clear();
         out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
@@ -1309,6 +1315,7 @@ fn response_head(
         for h in resp.headers.iter() {
             if h.name.eq_ignore_ascii_case("connection")
                 || h.name.eq_ignore_ascii_case("keep-alive")
+                || (drop_length && h.name.eq_ignore_ascii_case("content-length"))
             {
                 continue;
             }

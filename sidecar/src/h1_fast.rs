@@ -54,12 +54,14 @@ use crate::upstream::Upstream;
 /// (which answers 431) or fail as a bad upstream response.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// Headers parsed per head; a request with more goes to hyper (whose limit
-/// is 100), a response with more is a bad upstream response.
-const MAX_HEADERS: usize = 64;
+/// Headers parsed per head, hyper's default limit: a request with more
+/// goes to hyper (which refuses it), a response with more is a bad
+/// upstream response, as it is for hyper's client.
+const MAX_HEADERS: usize = 100;
 
-/// Bytes read per socket read.
-const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read per socket read (and what an idle connection keeps
+/// allocated for reading, like hyper's initial read buffer).
+const READ_CHUNK: usize = 8 * 1024;
 
 /// Serves the outbound proxy on `listener` until `shutdown`; then idle
 /// connections close and in-flight requests get at most `grace`.
@@ -166,7 +168,8 @@ async fn connection(
     };
     let mut scratch = Scratch {
         request: Vec::with_capacity(1024),
-        up: Vec::with_capacity(READ_CHUNK),
+        // Allocated by the first upstream read.
+        up: Vec::new(),
         response: Vec::new(),
     };
     // Whether the tenant of the pending request was just learned (a second
@@ -377,6 +380,12 @@ impl AsyncRead for Rewind {
             let n = rest.len().min(buf.remaining());
             buf.put_slice(&rest[..n]);
             this.pos += n;
+            if this.pos >= this.prefix.len() {
+                // Replayed: no need to keep the buffer for the
+                // connection's lifetime.
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

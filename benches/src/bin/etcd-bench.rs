@@ -176,9 +176,16 @@ enum Writer {
     RawPut,
     /// `etcd-client` transactions of `stratad`'s shape.
     RawTxn,
+    /// The same, with one watcher on the writers' prefix (as a `stratad`
+    /// replica's view watches everything it writes): what etcd's watch
+    /// notification adds to each write.
+    RawTxnWatched,
     /// `ConfigService.PutConfig` through `stratad` on etcd.
     Stratad,
 }
+
+/// Bytes of the audit entry a raw transaction of `stratad`'s shape carries.
+const AUDIT_ENTRY_BYTES: usize = 150;
 
 /// Result of one write measurement.
 #[derive(Debug, Serialize)]
@@ -196,6 +203,9 @@ struct WriteResult {
     latency: LatencySummary,
     /// `stratad`'s own mean time per PutConfig (from its metrics), ms.
     server_ms: Option<f64>,
+    /// `stratad`'s mean time per etcd transaction request, sent to
+    /// answered (one request carries a whole group-commit batch), ms.
+    store_ms: Option<f64>,
     /// Watchers etcd (member 0) counted as slow at the end of the window
     /// (`etcd_debugging_mvcc_slow_watcher_total`): a watcher whose stream
     /// fell behind is fed from the backend in batches instead of at once.
@@ -218,6 +228,7 @@ impl WriteResult {
         match self.writer {
             Writer::RawPut => "etcd put".into(),
             Writer::RawTxn => "etcd txn".into(),
+            Writer::RawTxnWatched => "etcd txn+w".into(),
             Writer::Stratad => format!("stratad x{}", self.replicas),
         }
     }
@@ -285,6 +296,9 @@ struct Verdict {
     /// Per client count: (clients, stratad ×1 requests/s ÷ raw put
     /// requests/s, same ÷ raw txn requests/s).
     write_ratios: Vec<(usize, f64, Option<f64>)>,
+    /// Peak requests/s over the client counts measured: (stratad ×1, raw
+    /// put, raw txn of stratad's shape).
+    peak: Option<(f64, f64, Option<f64>)>,
     /// p99 of stratad on etcd minus p99 of stratad embedded, ms.
     push_p99_excess_ms: Option<f64>,
     /// p99 of one raw etcd watcher, ms.
@@ -422,6 +436,7 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
             let mut kinds = vec![Writer::RawPut];
             if !args.no_raw_txn {
                 kinds.push(Writer::RawTxn);
+                kinds.push(Writer::RawTxnWatched);
             }
             for kind in kinds {
                 let r = measure_raw_writes(&cluster, kind, n, &args).await?;
@@ -591,10 +606,13 @@ async fn writer_task(
         seq += 1;
         let value = value_for(usize::try_from(seq)?, value_size);
         let began = Instant::now();
-        // Key changes of this request: puts plus the pruning delete.
+        // Key changes of this request: puts (layer, history version,
+        // audit entry) plus the pruning delete.
         let changes = match kind {
             Writer::RawPut => 1,
-            Writer::RawTxn | Writer::Stratad => 2 + u64::from(seq > HISTORY_KEEP),
+            Writer::RawTxn | Writer::RawTxnWatched | Writer::Stratad => {
+                3 + u64::from(seq > HISTORY_KEEP)
+            }
         };
         let outcome: Result<(), String> = match (&mut client, kind) {
             (WriteClient::Raw(kv), Writer::RawPut) => kv
@@ -605,9 +623,13 @@ async fn writer_task(
             (WriteClient::Raw(kv), _) => {
                 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
                 let version_key = format!("{prefix}version/k-{index:03}/{seq:020}");
+                // `stratad` puts an audit entry (~150 bytes) in every
+                // mutation's transaction.
+                let audit_key = format!("{prefix}audit/{index:03}-{seq:020}");
                 let mut ops = vec![
                     TxnOp::put(version_key.as_str(), value.clone(), None),
                     TxnOp::put(layer_key.as_str(), value, None),
+                    TxnOp::put(audit_key.as_str(), vec![b'a'; AUDIT_ENTRY_BYTES], None),
                 ];
                 if seq > HISTORY_KEEP {
                     let old = seq - HISTORY_KEEP;
@@ -670,6 +692,7 @@ struct Window {
     first_error: Option<String>,
     cpu: CpuSplit,
     server_ms: Option<f64>,
+    store_ms: Option<f64>,
     slow_watchers: f64,
     pending_events: f64,
     txns: f64,
@@ -717,20 +740,18 @@ async fn drive_writers(
     let cpu_start = CpuMarks::take(etcd_pids, &stratad_pids);
     let pending_start = cluster.metric(0, PENDING, "").await?;
     let txns_start = cluster.metric(0, HANDLED, TXN).await?;
-    let mut server_start = (0.0, 0.0);
+    let mut server_start = ServerTimes::default();
     for d in stratad {
-        let (s, c) = put_config_time(d).await?;
-        server_start = (server_start.0 + s, server_start.1 + c);
+        server_start.add(&ServerTimes::read(d).await?);
     }
     tokio::time::sleep_until(end.into()).await;
     let cpu = CpuMarks::take(etcd_pids, &stratad_pids).since(cpu_start);
     let slow_watchers = cluster.metric(0, SLOW, "").await?;
     let pending_events = cluster.metric(0, PENDING, "").await? - pending_start;
     let txns = cluster.metric(0, HANDLED, TXN).await? - txns_start;
-    let mut server_end = (0.0, 0.0);
+    let mut server_end = ServerTimes::default();
     for d in stratad {
-        let (s, c) = put_config_time(d).await?;
-        server_end = (server_end.0 + s, server_end.1 + c);
+        server_end.add(&ServerTimes::read(d).await?);
     }
     disturbed_by.extend(disturbing_processes());
     disturbed_by.sort();
@@ -746,9 +767,17 @@ async fn drive_writers(
             first_error = r.first_error;
         }
     }
-    let count = server_end.1 - server_start.1;
-    let server_ms = (!stratad.is_empty() && count > 0.0)
-        .then(|| (server_end.0 - server_start.0) / count * 1000.0);
+    let mean_ms = |sum: f64, count: f64| {
+        (!stratad.is_empty() && count > 0.0).then(|| sum / count * 1000.0)
+    };
+    let server_ms = mean_ms(
+        server_end.put_sum - server_start.put_sum,
+        server_end.put_count - server_start.put_count,
+    );
+    let store_ms = mean_ms(
+        server_end.store_sum - server_start.store_sum,
+        server_end.store_count - server_start.store_count,
+    );
     Ok(Window {
         latency,
         changes,
@@ -756,6 +785,7 @@ async fn drive_writers(
         first_error,
         cpu,
         server_ms,
+        store_ms,
         slow_watchers,
         pending_events,
         txns,
@@ -763,14 +793,39 @@ async fn drive_writers(
     })
 }
 
-/// Sum and count of `stratad`'s own PutConfig times so far.
-async fn put_config_time(d: &Daemon) -> Result<(f64, f64), BoxError> {
-    let text = d.metrics().await?;
-    Ok(histogram_totals(
-        &text,
-        "strata_rpc_duration_seconds",
-        r#"op="/strata.v1.ConfigService/PutConfig""#,
-    ))
+/// `stratad`'s own PutConfig times and etcd request times so far.
+#[derive(Default)]
+struct ServerTimes {
+    put_sum: f64,
+    put_count: f64,
+    store_sum: f64,
+    store_count: f64,
+}
+
+impl ServerTimes {
+    async fn read(d: &Daemon) -> Result<Self, BoxError> {
+        let text = d.metrics().await?;
+        let (put_sum, put_count) = histogram_totals(
+            &text,
+            "strata_rpc_duration_seconds",
+            r#"op="/strata.v1.ConfigService/PutConfig""#,
+        );
+        let (store_sum, store_count) =
+            histogram_totals(&text, "strata_store_write_duration_seconds", "");
+        Ok(Self {
+            put_sum,
+            put_count,
+            store_sum,
+            store_count,
+        })
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.put_sum += other.put_sum;
+        self.put_count += other.put_count;
+        self.store_sum += other.store_sum;
+        self.store_count += other.store_count;
+    }
 }
 
 async fn measure_raw_writes(
@@ -793,7 +848,32 @@ async fn measure_raw_writes(
     let clients = (0..n)
         .map(|i| WriteClient::Raw(Box::new(conns[i % connections].clone())))
         .collect();
+    // The watcher has a connection of its own, like a replica's view, and
+    // reads every event as it comes.
+    let watcher = if kind == Writer::RawTxnWatched {
+        let mut client = etcd_connect(&endpoint).await?;
+        let mut stream = client
+            .watch(
+                prefix.as_str(),
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await?;
+        let drain = tokio::spawn(async move {
+            let mut events = 0_u64;
+            while let Ok(Some(resp)) = stream.message().await {
+                events += resp.events().len() as u64;
+            }
+            events
+        });
+        Some((client, drain))
+    } else {
+        None
+    };
     let window = drive_writers(clients, kind, &prefix, cluster, &[], args).await?;
+    if let Some((_client, drain)) = watcher {
+        // Ends the stream, and with it the watch.
+        drain.abort();
+    }
     // Later measurements start from the same (small) database.
     setup
         .delete(
@@ -824,6 +904,7 @@ fn write_result(
         key_changes_per_sec: w.changes as f64 / seconds,
         latency: LatencySummary::from_micros(&w.latency),
         server_ms: w.server_ms,
+        store_ms: w.store_ms,
         slow_watchers: w.slow_watchers,
         pending_events: w.pending_events,
         txns_per_request: if w.latency.is_empty() {
@@ -1369,6 +1450,16 @@ fn verdict(writes: &[WriteResult], watch: &[WatchResult], subscribers: usize) ->
             v.write_ratios.push((n, s / put, txn));
         }
     }
+    let peak = |writer: Writer, replicas: usize| {
+        writes
+            .iter()
+            .filter(|w| w.writer == writer && w.replicas == replicas)
+            .map(|w| w.requests_per_sec)
+            .reduce(f64::max)
+    };
+    if let (Some(s), Some(put)) = (peak(Writer::Stratad, 1), peak(Writer::RawPut, 0)) {
+        v.peak = Some((s, put, peak(Writer::RawTxn, 0)));
+    }
     let p99 = |system: WatchSystem, n: usize| {
         watch
             .iter()
@@ -1416,14 +1507,14 @@ fn render(report: &Report) -> String {
             out,
             "Writes ({} s window after {} s warm-up; {} B values; ≤ {} clients per connection; \
              latency ms; CPU-seconds in the window)\n\
-             writer      clients conns |    req/s   keys/s | p50     p99   | srv ms | cpu etcd \
+             writer      clients conns |    req/s   keys/s | p50     p99   | srv ms  etcd | cpu etcd \
              stratad bench other | slow pending txn/req | err",
             a.duration_secs, a.warmup_secs, a.value_size, a.clients_per_connection
         );
         for w in &report.writes {
             let _ = writeln!(
                 out,
-                "{:<11} {:>7} {:>5} | {:>8.0} {:>8.0} | {:>6.2} {:>6.2} | {:>6} | {:>8.2} {:>7.2} \
+                "{:<11} {:>7} {:>5} | {:>8.0} {:>8.0} | {:>6.2} {:>6.2} | {:>6} {:>5} | {:>8.2} {:>7.2} \
                  {:>5.2} {:>5.2} | {:>4.0} {:>7.0} {:>7.2} | {:>3}{}",
                 w.name(),
                 w.clients,
@@ -1433,6 +1524,7 @@ fn render(report: &Report) -> String {
                 w.latency.p50_ms,
                 w.latency.p99_ms,
                 w.server_ms.map_or("-".into(), |s| format!("{s:.2}")),
+                w.store_ms.map_or("-".into(), |s| format!("{s:.2}")),
                 w.cpu.etcd,
                 w.cpu.stratad,
                 w.cpu.bench,
@@ -1494,6 +1586,20 @@ fn render(report: &Report) -> String {
             "  writes, {n} clients: stratad x1 / etcd put = {put:.2} (target ≥ 0.80: {}){}",
             if *put >= 0.8 { "met" } else { "NOT met" },
             txn.map(|t| format!("; / etcd txn of the same shape = {t:.2}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some((s, put, txn)) = v.peak
+        && put > 0.0
+    {
+        let _ = writeln!(
+            out,
+            "  peak writes/s over the client counts: stratad x1 {s:.0} / etcd put {put:.0} = {:.2} \
+             (target ≥ 0.80: {}){}",
+            s / put,
+            if s / put >= 0.8 { "met" } else { "NOT met" },
+            txn.filter(|t| *t > 0.0)
+                .map(|t| format!("; / etcd txn of the same shape {t:.0} = {:.2}", s / t))
                 .unwrap_or_default()
         );
     }

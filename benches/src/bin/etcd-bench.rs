@@ -767,9 +767,8 @@ async fn drive_writers(
             first_error = r.first_error;
         }
     }
-    let mean_ms = |sum: f64, count: f64| {
-        (!stratad.is_empty() && count > 0.0).then(|| sum / count * 1000.0)
-    };
+    let mean_ms =
+        |sum: f64, count: f64| (!stratad.is_empty() && count > 0.0).then(|| sum / count * 1000.0);
     let server_ms = mean_ms(
         server_end.put_sum - server_start.put_sum,
         server_end.put_count - server_start.put_count,

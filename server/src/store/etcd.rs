@@ -29,7 +29,7 @@
 //!   (which compaction never lowers): one read when nothing changed.
 //! - **Group commit** — transactions issued at the same time go to etcd as
 //!   the nested transactions of one request, without changing any result
-//!   (see [`batch`]).
+//!   (see `store/etcd/batch.rs`).
 
 use std::collections::VecDeque;
 use std::future::Future;

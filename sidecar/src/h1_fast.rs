@@ -45,7 +45,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Shutdown;
-use crate::http_proxy::{self, Found, MAX_ATTEMPTS, Proxy, Refusal};
+use crate::http_proxy::{self, Found, MAX_ATTEMPTS, Proxy, Refusal, accept};
 use crate::table::Route;
 use crate::tenant::{self, Origin};
 use crate::upstream::Upstream;
@@ -79,17 +79,7 @@ pub async fn serve(
     let (alive, mut all_done) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // EMFILE and friends: pause instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            stream = accept(&listener) => {
                 tokio::spawn(connection(
                     Arc::clone(&proxy),
                     Arc::clone(&builder),
@@ -273,30 +263,15 @@ async fn connection(
                 // The body bytes already read go out with the head.
                 let body_start = input.pos + request.head_len;
                 let pending = input.buf.get(body_start..).unwrap_or_default();
-                let (used, rest) = match request.body {
+                let mut rest = BodyLeft::new(match request.body {
                     // Requests are never close-delimited.
-                    Framing::None | Framing::Close => (0, Rest::Done),
-                    Framing::Length(n) => {
-                        let used = usize::try_from(n).unwrap_or(usize::MAX).min(pending.len());
-                        let left = n - used as u64;
-                        (
-                            used,
-                            if left == 0 {
-                                Rest::Done
-                            } else {
-                                Rest::Length(left)
-                            },
-                        )
-                    }
-                    Framing::Chunked => {
-                        let mut scan = Chunked::default();
-                        match scan.feed(pending) {
-                            // Malformed: nothing was sent, hyper answers 400.
-                            Err(()) => break,
-                            Ok(used) if scan.done() => (used, Rest::Done),
-                            Ok(used) => (used, Rest::Chunked(scan)),
-                        }
-                    }
+                    Framing::Close => Framing::None,
+                    framing => framing,
+                });
+                let Ok(used) = rest.take(pending) else {
+                    // Malformed chunked body: nothing was sent, hyper
+                    // answers 400.
+                    break;
                 };
                 scratch.request.extend_from_slice(&pending[..used]);
                 input.pos = body_start + used;
@@ -435,12 +410,50 @@ enum Framing {
     Close,
 }
 
-/// What is left of a request body after the buffered part.
+/// What is left of a message body; tells how much of the bytes read next
+/// belong to it.
 #[derive(Debug)]
-enum Rest {
+enum BodyLeft {
     Done,
     Length(u64),
     Chunked(Chunked),
+    UntilClose,
+}
+
+impl BodyLeft {
+    fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::None | Framing::Length(0) => Self::Done,
+            Framing::Length(n) => Self::Length(n),
+            Framing::Chunked => Self::Chunked(Chunked::default()),
+            Framing::Close => Self::UntilClose,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self, Self::Done)
+    }
+
+    /// How many leading bytes of `bytes` belong to the body; moves past
+    /// them. `Err` for a malformed chunked body.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+        let n = match self {
+            Self::Done => 0,
+            Self::Length(left) => {
+                let n = usize::try_from(*left)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len());
+                *left -= n as u64;
+                n
+            }
+            Self::Chunked(scan) => scan.feed(bytes)?,
+            Self::UntilClose => bytes.len(),
+        };
+        if matches!(self, Self::Length(0)) || matches!(self, Self::Chunked(scan) if scan.done()) {
+            *self = Self::Done;
+        }
+        Ok(n)
+    }
 }
 
 /// What to do with a request refused before forwarding.
@@ -774,7 +787,7 @@ enum Next {
 async fn exchange(
     proxy: &Proxy,
     request: &Ready,
-    mut rest: Rest,
+    mut rest: BodyLeft,
     started: Instant,
     down: &mut TcpStream,
     input: &mut Input,
@@ -782,7 +795,7 @@ async fn exchange(
 ) -> Next {
     let route = &*request.route;
     let deadline = started + route.timeout;
-    let body_left = !matches!(rest, Rest::Done);
+    let body_left = !rest.is_done();
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = String::new();
     for attempt in 0..MAX_ATTEMPTS {
@@ -945,52 +958,27 @@ async fn copy_body<R, W>(
     down: &mut R,
     input: &mut Input,
     up: &mut W,
-    rest: &mut Rest,
+    rest: &mut BodyLeft,
 ) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    loop {
-        match rest {
-            Rest::Done => return Ok(()),
-            Rest::Length(left) => {
-                if input.pending().is_empty() {
-                    match input.fill(down).await {
-                        Ok(0) | Err(_) => return Err(Side::Down),
-                        Ok(_) => {}
-                    }
-                }
-                let pending = input.pending();
-                let n = usize::try_from(*left)
-                    .unwrap_or(usize::MAX)
-                    .min(pending.len());
-                up.write_all(&pending[..n]).await.map_err(|_| Side::Up)?;
-                input.pos += n;
-                *left -= n as u64;
-                if *left == 0 {
-                    *rest = Rest::Done;
-                }
-            }
-            Rest::Chunked(scan) => {
-                if input.pending().is_empty() {
-                    match input.fill(down).await {
-                        Ok(0) | Err(_) => return Err(Side::Down),
-                        Ok(_) => {}
-                    }
-                }
-                let pending = input.pending();
-                // A malformed body cannot be resynchronised: the caller's
-                // connection ends.
-                let n = scan.feed(pending).map_err(|()| Side::Down)?;
-                up.write_all(&pending[..n]).await.map_err(|_| Side::Up)?;
-                input.pos += n;
-                if scan.done() {
-                    *rest = Rest::Done;
-                }
+    while !rest.is_done() {
+        if input.pending().is_empty() {
+            match input.fill(down).await {
+                Ok(0) | Err(_) => return Err(Side::Down),
+                Ok(_) => {}
             }
         }
+        let pending = input.pending();
+        // A malformed body cannot be resynchronised: the caller's
+        // connection ends.
+        let n = rest.take(pending).map_err(|()| Side::Down)?;
+        up.write_all(&pending[..n]).await.map_err(|_| Side::Up)?;
+        input.pos += n;
     }
+    Ok(())
 }
 
 /// One attempt's fixed facts.
@@ -1129,38 +1117,16 @@ where
     // Head (verbatim or rewritten) and the body bytes already read go out
     // in one write.
     let body = buf.get(head.len..).unwrap_or_default();
-    let (first, mut state) = match head.framing {
-        Framing::None => (0, BodyState::Done),
-        Framing::Length(n) => {
-            let take = usize::try_from(n).unwrap_or(usize::MAX).min(body.len());
-            let left = n - take as u64;
-            (
-                take,
-                if left == 0 {
-                    BodyState::Done
-                } else {
-                    BodyState::Length(left)
-                },
-            )
-        }
-        Framing::Chunked => {
-            let mut scan = Chunked::default();
-            match scan.feed(body) {
-                Ok(n) if scan.done() => (n, BodyState::Done),
-                Ok(n) => (n, BodyState::Chunked(scan)),
-                Err(()) => {
-                    return failed(
-                        format!(
-                            "{} ({}): malformed chunked body",
-                            x.route.service, x.upstream.address
-                        ),
-                        false,
-                        wrote_interim,
-                    );
-                }
-            }
-        }
-        Framing::Close => (body.len(), BodyState::UntilClose),
+    let mut state = BodyLeft::new(head.framing);
+    let Ok(first) = state.take(body) else {
+        return failed(
+            format!(
+                "{} ({}): malformed chunked body",
+                x.route.service, x.upstream.address
+            ),
+            false,
+            wrote_interim,
+        );
     };
     let written = if head.rewritten {
         out.extend_from_slice(&body[..first]);
@@ -1173,67 +1139,28 @@ where
     }
     // Bytes past the response's end: the socket is out of step.
     let mut clean = buf.len() == head.len + first;
-    loop {
-        match &mut state {
-            BodyState::Done => break,
-            BodyState::Length(left) => {
-                buf.clear();
-                match fill(up, buf).await {
-                    Ok(0) | Err(_) => return Relayed::Broken,
-                    Ok(_) => {}
-                }
-                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(buf.len());
-                if down.write_all(&buf[..n]).await.is_err() {
-                    return Relayed::Broken;
-                }
-                *left -= n as u64;
-                clean = n == buf.len();
-                if *left == 0 {
-                    state = BodyState::Done;
-                }
-            }
-            BodyState::Chunked(scan) => {
-                buf.clear();
-                match fill(up, buf).await {
-                    Ok(0) | Err(_) => return Relayed::Broken,
-                    Ok(_) => {}
-                }
-                let Ok(n) = scan.feed(buf) else {
-                    return Relayed::Broken;
-                };
-                if down.write_all(&buf[..n]).await.is_err() {
-                    return Relayed::Broken;
-                }
-                clean = n == buf.len();
-                if scan.done() {
-                    state = BodyState::Done;
-                }
-            }
-            BodyState::UntilClose => {
-                buf.clear();
-                match fill(up, buf).await {
-                    Ok(0) => break,
-                    Err(_) => return Relayed::Broken,
-                    Ok(_) => {}
-                }
-                if down.write_all(buf).await.is_err() {
-                    return Relayed::Broken;
-                }
-            }
+    while !state.is_done() {
+        buf.clear();
+        match fill(up, buf).await {
+            // The end of a close-delimited body.
+            Ok(0) if matches!(state, BodyLeft::UntilClose) => break,
+            Ok(0) | Err(_) => return Relayed::Broken,
+            Ok(_) => {}
         }
+        let Ok(n) = state.take(buf) else {
+            return Relayed::Broken;
+        };
+        if down.write_all(&buf[..n]).await.is_err() {
+            return Relayed::Broken;
+        }
+        // A close-delimited response never leaves the socket reusable, so
+        // this only matters for the other framings.
+        clean = n == buf.len();
     }
     Relayed::Done {
         up_reusable: clean && !head.up_close && head.framing != Framing::Close,
         down_close: head.framing == Framing::Close,
     }
-}
-
-#[derive(Debug)]
-enum BodyState {
-    Done,
-    Length(u64),
-    Chunked(Chunked),
-    UntilClose,
 }
 
 /// A parsed response head.

@@ -26,7 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 use crate::Shutdown;
@@ -63,6 +63,23 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Shutdown,
     .await;
 }
 
+/// The next accepted connection, with Nagle off. A failed accept (EMFILE
+/// and friends) is logged and retried after a pause instead of spinning.
+pub(crate) async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return stream;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Accepts HTTP/1.1 and h2c connections on `listener`, answering each
 /// request with `handler`, until `shutdown`; then lets in-flight requests
 /// finish for at most `grace`. Shared by the outbound proxy and the
@@ -82,17 +99,7 @@ pub(crate) async fn serve_connections<F, Fut>(
     builder.http2().max_concurrent_streams(1024);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // EMFILE and friends: pause instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
+            stream = accept(&listener) => {
                 let service = service_fn(handler.clone());
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use prost::Message;
 use strata_proto::v1::ErrorReason;
 
+use crate::auth::{Action, Principal};
 use crate::domain::document::{self, Format, Mode};
 use crate::domain::names;
 use crate::domain::resolve::{self, Explained, Resolved};
@@ -151,10 +152,67 @@ pub struct Api {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) view: Arc<View>,
     pub(crate) limits: Limits,
+    pub(crate) probes: Arc<crate::probe_policy::ProbePolicy>,
 }
 
 /// How many times a write is re-planned after losing a race.
 const MAX_ATTEMPTS: usize = 8;
+
+/// A layer copied out of the view (its value shared, not copied), so a key
+/// can be resolved after the view's lock is released.
+struct OwnedLayer {
+    tenant: String,
+    value: Arc<[u8]>,
+    format: Format,
+    mode: Mode,
+    revision: Revision,
+}
+
+impl OwnedLayer {
+    /// The layers of `key` along `chain`, nearest first.
+    fn along(p: &ProjectView, chain: &[&str], key: &str) -> Vec<Self> {
+        chain
+            .iter()
+            .filter_map(|tenant| {
+                p.layer(tenant, key).map(|l| Self {
+                    tenant: (*tenant).to_owned(),
+                    value: Arc::clone(&l.value),
+                    format: l.format,
+                    mode: l.mode,
+                    revision: l.mod_revision,
+                })
+            })
+            .collect()
+    }
+
+    fn borrowed(&self) -> resolve::Layer<'_> {
+        resolve::Layer {
+            tenant: &self.tenant,
+            value: &self.value,
+            format: self.format,
+            mode: self.mode,
+            revision: self.revision,
+        }
+    }
+}
+
+/// Values at least this large are parsed with [`off_runtime`].
+const HEAVY_PARSE_BYTES: usize = 64 << 10;
+
+/// Runs a parse of `len` bytes. A large one runs with the worker thread
+/// handed over to the runtime's other tasks (`block_in_place`), so that a
+/// client sending megabyte documents cannot stall every request sharing its
+/// worker; small ones, and runtimes without spare workers, run inline.
+pub(crate) fn off_runtime<T>(len: usize, parse: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread = Handle::try_current()
+        .is_ok_and(|h| matches!(h.runtime_flavor(), RuntimeFlavor::MultiThread));
+    if len >= HEAVY_PARSE_BYTES && multi_thread {
+        tokio::task::block_in_place(parse)
+    } else {
+        parse()
+    }
+}
 
 pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorReason::InvalidArgument, message)
@@ -200,7 +258,22 @@ impl Api {
             store,
             view,
             limits,
+            probes: Arc::new(crate::probe_policy::ProbePolicy::default()),
         }
+    }
+
+    /// Health checks of persistent instances may connect only where
+    /// `policy` allows; registrations of literal addresses it denies are
+    /// refused.
+    #[must_use]
+    pub fn with_probe_policy(mut self, policy: crate::probe_policy::ProbePolicy) -> Self {
+        self.probes = Arc::new(policy);
+        self
+    }
+
+    /// Where health checks may connect.
+    pub fn probe_policy(&self) -> &crate::probe_policy::ProbePolicy {
+        &self.probes
     }
 
     /// Plans against the view, commits, waits for the view; re-plans when the
@@ -299,6 +372,90 @@ impl Api {
             .and_then(|p| tenant_info(project, p, name))
             .map(|info| (info, state.revision))
             .ok_or_else(|| tenant_missing(project, name))
+    }
+
+    /// Whether `principal` may hang a new tenant `name` under `parent`.
+    ///
+    /// Naming the child is not enough: a tenant with children cannot be
+    /// deleted without force and its TTL would take them along, so a child
+    /// placed under someone else's branch takes that branch from its owner.
+    /// A caller may therefore place a tenant under a parent it may itself
+    /// create, or under a *shared* parent: a root or a protected tenant,
+    /// either without a TTL (the tenants every branch hangs under, such as
+    /// `integration`). Nothing is checked when `name` exists already (its
+    /// parent is not changed then).
+    pub fn authorize_placement(
+        &self,
+        principal: &Principal,
+        project: &str,
+        name: &str,
+        parent: &str,
+    ) -> Result<(), ApiError> {
+        if parent.is_empty()
+            || principal.allows(Action::CreateTenant { protected: false }, project, parent)
+        {
+            return Ok(());
+        }
+        let state = self.view.read();
+        let Some(p) = project_view(&state, project) else {
+            return Ok(());
+        };
+        if p.tenants.contains_key(name) {
+            return Ok(());
+        }
+        // A missing parent is refused later, with its own error.
+        let Some(entry) = p.tenants.get(parent) else {
+            return Ok(());
+        };
+        let record = &entry.record;
+        let shared = (record.parent.is_empty() || record.protected) && record.ttl_seconds == 0;
+        if shared {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorReason::PermissionDenied,
+            format!(
+                "token {:?} ({}) may not create tenants under {project}/{parent}: a child may \
+                 only be placed under a tenant the token may create itself, or under a root or \
+                 protected tenant without a TTL",
+                &*principal.name,
+                principal.scope()
+            ),
+        )
+        .with("token_id", &*principal.token_id)
+        .with("role", principal.role))
+    }
+
+    /// Whether `principal` may give `tenant` a TTL: when it expires the
+    /// whole subtree goes, so a TTL is a deferred forced delete, and the
+    /// caller must be allowed to delete every descendant.
+    pub fn authorize_ttl(
+        &self,
+        principal: &Principal,
+        project: &str,
+        tenant: &str,
+    ) -> Result<(), ApiError> {
+        let descendants: Vec<String> = {
+            let state = self.view.read();
+            project_view(&state, project).map_or_else(Vec::new, |p| {
+                p.subtree(tenant)
+                    .into_iter()
+                    .filter(|t| *t != tenant)
+                    .map(str::to_owned)
+                    .collect()
+            })
+        };
+        for descendant in descendants {
+            principal
+                .authorize(Action::DeleteTenant { force: false }, project, &descendant)
+                .map_err(|e| {
+                    e.prefixed(&format!(
+                        "a TTL on {tenant} would delete its descendant {descendant} when it \
+                         expires: "
+                    ))
+                })?;
+        }
+        Ok(())
     }
 
     /// Lists a project's tenants, parents before children (roots by name).
@@ -473,7 +630,7 @@ impl Api {
             )));
         }
         if req.mode != Mode::Delete {
-            document::validate(format, &value).map_err(|e| {
+            off_runtime(value.len(), || document::validate(format, &value)).map_err(|e| {
                 let hint = if format == Format::Text {
                     " (use format=binary for non-text bytes)"
                 } else {
@@ -712,20 +869,44 @@ impl Api {
         keys: &[String],
         prefixes: &[String],
     ) -> Result<(Vec<(String, Resolved)>, Revision), ApiError> {
-        let state = self.view.read();
-        let p = project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
-        let chain = p
-            .chain(tenant)
-            .ok_or_else(|| tenant_missing(project, tenant))?;
-        let mut out = Vec::new();
-        for key in p.selected_keys(&chain, keys, prefixes) {
-            match p.resolve(&chain, &key) {
-                Ok(Some(resolved)) => out.push((key, resolved)),
-                Ok(None) => {}
-                Err(e) => return Err(invalid(format!("key {key:?} cannot be resolved: {e}"))),
+        let (selected, revision) = {
+            let state = self.view.read();
+            let p =
+                project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
+            let chain = p
+                .chain(tenant)
+                .ok_or_else(|| tenant_missing(project, tenant))?;
+            let selected: Vec<(String, Vec<OwnedLayer>)> = p
+                .selected_keys(&chain, keys, prefixes)
+                .into_iter()
+                .map(|key| {
+                    let layers = OwnedLayer::along(p, &chain, &key);
+                    (key, layers)
+                })
+                .collect();
+            (selected, state.revision)
+        };
+        // Merging parses every merge layer; that happens after the view's
+        // lock is released, so a large document stalls neither other
+        // readers' writers-in-waiting nor the view's updater.
+        let bytes: usize = selected
+            .iter()
+            .flat_map(|(_, layers)| layers.iter().map(|l| l.value.len()))
+            .sum();
+        let out = off_runtime(bytes, || {
+            let mut out = Vec::new();
+            for (key, layers) in selected {
+                match resolve::resolve(layers.iter().map(OwnedLayer::borrowed)) {
+                    Ok(Some(resolved)) => out.push((key, resolved)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Err(invalid(format!("key {key:?} cannot be resolved: {e}")));
+                    }
+                }
             }
-        }
-        Ok((out, state.revision))
+            Ok(out)
+        })?;
+        Ok((out, revision))
     }
 
     /// Resolves one key and says which tenant supplied each field.
@@ -735,17 +916,22 @@ impl Api {
         tenant: &str,
         key: &str,
     ) -> Result<(Explained, Revision), ApiError> {
-        let state = self.view.read();
-        let p = project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
-        let chain = p
-            .chain(tenant)
-            .ok_or_else(|| tenant_missing(project, tenant))?;
-        let explained = resolve::explain(p.chain_layers(&chain, key))
-            .map_err(|e| invalid(format!("key {key:?} cannot be resolved: {e}")))?
-            .ok_or_else(|| {
-                not_found(format!("key {key:?} does not exist for tenant {tenant:?}"))
-            })?;
-        Ok((explained, state.revision))
+        let (layers, revision) = {
+            let state = self.view.read();
+            let p =
+                project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
+            let chain = p
+                .chain(tenant)
+                .ok_or_else(|| tenant_missing(project, tenant))?;
+            (OwnedLayer::along(p, &chain, key), state.revision)
+        };
+        let bytes = layers.iter().map(|l| l.value.len()).sum();
+        let explained = off_runtime(bytes, || {
+            resolve::explain(layers.iter().map(OwnedLayer::borrowed))
+        })
+        .map_err(|e| invalid(format!("key {key:?} cannot be resolved: {e}")))?
+        .ok_or_else(|| not_found(format!("key {key:?} does not exist for tenant {tenant:?}")))?;
+        Ok((explained, revision))
     }
 
     fn check_labels(&self, labels: &HashMap<String, String>) -> Result<(), ApiError> {

@@ -90,6 +90,9 @@ pub struct AuditSettings {
     /// Record every refused mutation, not only those refused for
     /// permission (`audit.refusals = "all"`).
     pub record_all_refusals: bool,
+    /// Most refusal entries one token writes per minute; the rest are
+    /// counted and summed up in its next recorded refusal (0: no limit).
+    pub max_refusals_per_minute: u32,
 }
 
 impl Default for AuditSettings {
@@ -99,6 +102,7 @@ impl Default for AuditSettings {
             max_age: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(10),
             record_all_refusals: false,
+            max_refusals_per_minute: 60,
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct AuditFile {
     /// Which refused mutations are recorded: `denied` (permission denied,
     /// the default) or `all`.
     pub refusals: Option<String>,
+    /// Most refusal entries one token writes per minute (0: no limit).
+    pub max_refusals_per_minute: Option<i64>,
 }
 
 impl AuditSettings {
@@ -158,6 +164,15 @@ impl AuditSettings {
             }
             if let Some(v) = &layer.prune_interval {
                 out.prune_interval = duration("audit.prune_interval", v)?;
+            }
+            if let Some(n) = layer.max_refusals_per_minute {
+                out.max_refusals_per_minute = u32::try_from(n).map_err(|_| {
+                    invalid(
+                        "audit.max_refusals_per_minute",
+                        source,
+                        format!("must be between 0 and {}, got {n}", u32::MAX),
+                    )
+                })?;
             }
             match layer.refusals.as_deref().map(str::trim) {
                 None => {}
@@ -634,6 +649,89 @@ pub struct Auditor {
     member: Arc<str>,
     grpc_ops: HashMap<String, GrpcOp>,
     settings: AuditSettings,
+    refusals: std::sync::Mutex<RefusalBudgets>,
+}
+
+/// How long one refusal budget lasts.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+/// Most tokens whose refusal budgets are tracked at once; beyond, budgets
+/// whose window has ended are dropped (only valid tokens reach the audit
+/// layer, so this is reached only by a very large fleet of tokens).
+const MAX_REFUSAL_BUDGETS: usize = 10_000;
+
+/// Refusal entries written per token in the current window. Refusals cost
+/// a caller nothing, and each one recorded is a store write that pushes the
+/// oldest entry out of a log bounded by `max_entries`: without a budget, a
+/// `read` token could erase the audit history with forbidden calls.
+#[derive(Debug, Default)]
+struct RefusalBudgets {
+    by_token: HashMap<Arc<str>, RefusalBudget>,
+}
+
+#[derive(Debug)]
+struct RefusalBudget {
+    window_start: std::time::Instant,
+    written: u32,
+    /// Refusals not recorded since this token's last recorded one.
+    suppressed: u64,
+    suppressed_since_ms: i64,
+}
+
+/// Whether a refusal is recorded, and what it says of those that were not.
+enum RefusalVerdict {
+    Record { suppressed: u64, since_ms: i64 },
+    Suppress,
+}
+
+impl RefusalBudgets {
+    fn admit(&mut self, token: &Arc<str>, per_window: u32, now_ms: i64) -> RefusalVerdict {
+        let now = std::time::Instant::now();
+        if self.by_token.len() >= MAX_REFUSAL_BUDGETS && !self.by_token.contains_key(token) {
+            self.by_token
+                .retain(|_, b| now.duration_since(b.window_start) < REFUSAL_WINDOW || b.suppressed > 0);
+            if self.by_token.len() >= MAX_REFUSAL_BUDGETS {
+                // Still full of live budgets: record without tracking.
+                return RefusalVerdict::Record {
+                    suppressed: 0,
+                    since_ms: 0,
+                };
+            }
+        }
+        let budget = self
+            .by_token
+            .entry(Arc::clone(token))
+            .or_insert(RefusalBudget {
+                window_start: now,
+                written: 0,
+                suppressed: 0,
+                suppressed_since_ms: 0,
+            });
+        if now.duration_since(budget.window_start) >= REFUSAL_WINDOW {
+            budget.window_start = now;
+            budget.written = 0;
+        }
+        if budget.written >= per_window {
+            if budget.suppressed == 0 {
+                budget.suppressed_since_ms = now_ms;
+                tracing::warn!(
+                    token_id = %token,
+                    limit = per_window,
+                    "a token's refused calls exceed audit.max_refusals_per_minute; the rest of \
+                     this minute's are counted, not recorded"
+                );
+            }
+            budget.suppressed += 1;
+            return RefusalVerdict::Suppress;
+        }
+        budget.written += 1;
+        let verdict = RefusalVerdict::Record {
+            suppressed: budget.suppressed,
+            since_ms: budget.suppressed_since_ms,
+        };
+        budget.suppressed = 0;
+        verdict
+    }
 }
 
 impl std::fmt::Debug for Auditor {
@@ -653,6 +751,7 @@ impl Auditor {
             member: member.into(),
             grpc_ops: grpc_ops(),
             settings,
+            refusals: std::sync::Mutex::new(RefusalBudgets::default()),
         })
     }
 
@@ -833,13 +932,44 @@ pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next:
             if !written && code != "permission_denied" && !auditor.settings.record_all_refusals => {
         }
         Some((code, message)) => {
-            let mut entry = scope.entry(unix_now_ms(), &code, &message);
+            let now_ms = unix_now_ms();
+            let mut message = message;
             if written {
                 // A multi-transaction call (import) that failed part way:
                 // its first commit is recorded as ok, the failure here.
+                let mut entry = scope.entry(now_ms, &code, &message);
                 entry.revision = scope.revision.load(Ordering::Acquire);
+                auditor.append(&entry).await;
+                return response;
             }
-            auditor.append(&entry).await;
+            let per_minute = auditor.settings.max_refusals_per_minute;
+            if per_minute > 0 {
+                let verdict = auditor
+                    .refusals
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .admit(&scope.actor_id, per_minute, now_ms);
+                match verdict {
+                    RefusalVerdict::Suppress => {
+                        metrics::counter!("strata_audit_refusals_suppressed_total").increment(1);
+                        return response;
+                    }
+                    RefusalVerdict::Record {
+                        suppressed,
+                        since_ms,
+                    } if suppressed > 0 => {
+                        message.push_str(&format!(
+                            " [and {suppressed} more refused calls of this token since \
+                             {since_ms} (Unix ms) not recorded: audit.max_refusals_per_minute \
+                             is {per_minute}]"
+                        ));
+                    }
+                    RefusalVerdict::Record { .. } => {}
+                }
+            }
+            auditor
+                .append(&scope.entry(now_ms, &code, &message))
+                .await;
         }
     }
     response

@@ -115,6 +115,9 @@ pub struct Config {
     pub limits: crate::api::Limits,
     /// Retention of the audit log.
     pub audit: crate::audit::AuditSettings,
+    /// Where health probes may connect (the etcd endpoints are denied
+    /// already; the listener is added when it is bound).
+    pub probes: crate::probe_policy::ProbePolicy,
     /// How much recent history the view keeps for resuming watches.
     pub journal: crate::view::JournalLimits,
     /// The etcd cluster to store data in; `None`: the embedded store in
@@ -175,6 +178,8 @@ struct Layer {
     limits: LimitsLayer,
     #[serde(default)]
     audit: crate::audit::AuditFile,
+    #[serde(default)]
+    probes: crate::probe_policy::ProbesFile,
     #[serde(default)]
     watch: WatchLayer,
     #[serde(default)]
@@ -291,6 +296,7 @@ struct Merged {
     /// (their settings are validated together in `limits.rs`/`audit.rs`).
     limit_layers: Vec<(LimitsLayer, String)>,
     audit_layers: Vec<(crate::audit::AuditFile, String)>,
+    probe_layers: Vec<(crate::probe_policy::ProbesFile, String)>,
     journal_revisions: Sourced<i64>,
     history_versions: Sourced<i64>,
     etcd_endpoints: Sourced<Vec<String>>,
@@ -349,6 +355,7 @@ impl Merged {
             },
             limit_layers: Vec::new(),
             audit_layers: Vec::new(),
+            probe_layers: Vec::new(),
             journal_revisions: Sourced {
                 value: 100_000,
                 source: "default".into(),
@@ -405,6 +412,8 @@ impl Merged {
         self.limit_layers
             .push((layer.limits.clone(), name("limits")));
         self.audit_layers.push((layer.audit.clone(), name("audit")));
+        self.probe_layers
+            .push((layer.probes.clone(), name("probes")));
         set(
             &mut self.journal_revisions,
             layer.watch.journal_revisions,
@@ -484,6 +493,9 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("STRATA_AUTH", "auth.mode"),
     ("STRATA_ADMIN_TOKEN_FILE", "auth.admin_token_file"),
     ("STRATA_METRICS_AUTH", "auth.metrics"),
+    ("STRATA_PROBES_ALLOW", "probes.allow"),
+    ("STRATA_PROBES_DENY", "probes.deny"),
+    ("STRATA_PROBES_DENY_PRIVATE", "probes.deny_private"),
 ];
 
 fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
@@ -509,6 +521,26 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
         "compaction.retain_revisions",
     )?;
     let max_value_bytes = number("STRATA_LIMITS_MAX_VALUE_BYTES", "limits.max_value_bytes")?;
+    let list = |name: &str| {
+        get(name).map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+    };
+    let deny_private = get("STRATA_PROBES_DENY_PRIVATE")
+        .map(|v| match v.trim() {
+            "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
+            other => Err(ConfigError::Invalid {
+                setting: "probes.deny_private",
+                source_name: "STRATA_PROBES_DENY_PRIVATE".into(),
+                message: format!("{other:?}: expected true or false"),
+            }),
+        })
+        .transpose()?;
     Ok(Layer {
         listen: get("STRATA_LISTEN"),
         data_dir: get("STRATA_DATA_DIR").map(PathBuf::from),
@@ -526,6 +558,11 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
             ..LimitsLayer::default()
         },
         audit: crate::audit::AuditFile::default(),
+        probes: crate::probe_policy::ProbesFile {
+            allow: list("STRATA_PROBES_ALLOW"),
+            deny: list("STRATA_PROBES_DENY"),
+            deny_private,
+        },
         watch: WatchLayer {
             journal_revisions: number("STRATA_WATCH_JOURNAL_REVISIONS", "watch.journal_revisions")?,
         },
@@ -635,6 +672,7 @@ impl Config {
                 compaction: CompactionLayer::default(),
                 limits: LimitsLayer::default(),
                 audit: crate::audit::AuditFile::default(),
+                probes: crate::probe_policy::ProbesFile::default(),
                 watch: WatchLayer::default(),
                 history: HistoryLayer::default(),
                 etcd: EtcdLayer {
@@ -783,6 +821,7 @@ impl Merged {
         crate::limits::apply_layers(&self.limit_layers, &mut limits)?;
         let tls = self.tls()?;
         let auth = self.auth()?;
+        let probes = self.probe_policy()?;
         Ok(Config {
             listen,
             data_dir: self.data_dir.value,
@@ -794,6 +833,7 @@ impl Merged {
             },
             limits,
             audit: crate::audit::AuditSettings::from_layers(&self.audit_layers)?,
+            probes,
             journal: crate::view::JournalLimits {
                 max_revisions: journal_revisions,
                 ..crate::view::JournalLimits::default()
@@ -843,6 +883,25 @@ impl Merged {
 
     /// The TLS settings, checked together and loaded (so a bad certificate
     /// or key stops `stratad` at startup): `None` without a certificate.
+    /// The probe policy of the `[probes]` tables, denying the etcd
+    /// endpoints too (names are resolved once, here).
+    fn probe_policy(&self) -> Result<crate::probe_policy::ProbePolicy, ConfigError> {
+        use std::net::ToSocketAddrs as _;
+        let mut policy = crate::probe_policy::ProbePolicy::from_layers(&self.probe_layers)?;
+        for url in &self.etcd_endpoints.value {
+            let authority = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+            let authority = authority.split('/').next().unwrap_or(authority);
+            // An endpoint that does not resolve now is reported when the
+            // store connects; there is nothing here to deny yet.
+            if let Ok(addrs) = authority.to_socket_addrs() {
+                for addr in addrs {
+                    policy.deny_own(addr);
+                }
+            }
+        }
+        Ok(policy)
+    }
+
     fn tls(&self) -> Result<Option<crate::tls::ServerTls>, ConfigError> {
         let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
             setting,

@@ -135,6 +135,9 @@ impl TenantService for GrpcApi {
             protected: q.protected,
         };
         allow(&request, action, &q.project, &q.name)?;
+        let principal = crate::auth::principal_of(request.extensions())?;
+        self.api()?
+            .authorize_placement(principal, &q.project, &q.name, &q.parent)?;
         let r = request.into_inner();
         let (info, revision) = self
             .api()?
@@ -188,29 +191,8 @@ impl TenantService for GrpcApi {
         let q = request.get_ref();
         allow(&request, Action::UpdateTenant, &q.project, &q.name)?;
         if q.update_ttl && q.ttl_seconds > 0 {
-            // An expiring tenant goes with its whole subtree, so a TTL is a
-            // deferred forced delete: the caller must be allowed to delete
-            // every descendant, or a `feat-*` token could expire a child it
-            // does not own.
             let principal = crate::auth::principal_of(request.extensions())?;
-            let (tenants, _) = self.api()?.list_tenants(&q.project);
-            for descendant in tenants
-                .iter()
-                .filter(|t| t.name != q.name && t.chain.contains(&q.name))
-            {
-                principal
-                    .authorize(
-                        Action::DeleteTenant { force: false },
-                        &q.project,
-                        &descendant.name,
-                    )
-                    .map_err(|e| {
-                        e.prefixed(&format!(
-                            "a TTL on {} would delete its descendant {} when it expires: ",
-                            q.name, descendant.name
-                        ))
-                    })?;
-            }
+            self.api()?.authorize_ttl(principal, &q.project, &q.name)?;
         }
         let r = request.into_inner();
         let (info, revision) = self

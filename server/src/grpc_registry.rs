@@ -3,6 +3,8 @@
 //! table in [`crate::error`]. Also the conversions of registry objects to
 //! and from the wire, which the services watch shares.
 
+use std::sync::Arc;
+
 use futures::StreamExt;
 use strata_proto::v1::registry_service_server::RegistryService;
 use strata_proto::v1::{
@@ -181,6 +183,38 @@ pub fn instance_to_proto(info: InstanceInfo) -> Instance {
     }
 }
 
+/// What one KeepAlive stream renews with.
+struct Renewer {
+    api: crate::api::Api,
+    member: String,
+    /// The caller's one project (`None`: every project).
+    scope: Option<Arc<str>>,
+    token: Arc<str>,
+    rate: Arc<crate::limits::RateLimiter>,
+}
+
+impl Renewer {
+    /// Renews one lease. Each message counts against the token's request
+    /// rate like a unary `Heartbeat`: opening one stream must not buy an
+    /// unmetered stream of store writes.
+    async fn renew(&self, lease: i64) -> Result<HeartbeatResponse, ApiError> {
+        if &*self.token != "anonymous" {
+            self.rate
+                .take(&self.token, std::time::Instant::now())
+                .map_err(|wait| self.rate.refusal(&self.token, wait))?;
+        }
+        let ttl = self.api.heartbeat(lease, self.scope.as_deref()).await?;
+        Ok(HeartbeatResponse {
+            header: Some(ResponseHeader {
+                revision: self.api.revision(),
+                member: self.member.clone(),
+            }),
+            lease_id: lease,
+            ttl_seconds: ttl,
+        })
+    }
+}
+
 /// A service resolution for the wire.
 pub fn resolution_to_proto(r: ServiceResolution) -> ResolvedService {
     ResolvedService {
@@ -306,9 +340,10 @@ impl RegistryService for GrpcApi {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         allow(&request, Action::Heartbeat, "", "")?;
+        let scope = crate::auth::principal_of(request.extensions())?.project.clone();
         let lease = request.into_inner().lease_id;
         let api = self.api()?;
-        let ttl = api.heartbeat(lease).await?;
+        let ttl = api.heartbeat(lease, scope.as_deref()).await?;
         Ok(Response::new(HeartbeatResponse {
             header: self.header(api.revision()),
             lease_id: lease,
@@ -320,15 +355,22 @@ impl RegistryService for GrpcApi {
         &self,
         request: Request<Streaming<HeartbeatRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
-        // Authorized once, when the stream opens (like every stream).
+        // Authorized once, when the stream opens (like every stream); the
+        // authentication layer ends it when its token is revoked.
         allow(&request, Action::Heartbeat, "", "")?;
-        let api = self.api()?.clone();
-        let member = self.state.member.clone();
+        let principal = crate::auth::principal_of(request.extensions())?;
+        let renewer = Renewer {
+            api: self.api()?.clone(),
+            member: self.state.member.clone(),
+            scope: principal.project.clone(),
+            token: Arc::clone(&principal.token_id),
+            rate: Arc::clone(&self.state.rate),
+        };
         let shutdown = self.state.shutdown.clone();
         let inbound = request.into_inner();
         let stream = futures::stream::unfold(
-            (inbound, api, member, shutdown, false),
-            |(mut inbound, api, member, shutdown, done)| async move {
+            (inbound, renewer, shutdown, false),
+            |(mut inbound, renewer, shutdown, done)| async move {
                 if done {
                     return None;
                 }
@@ -337,29 +379,19 @@ impl RegistryService for GrpcApi {
                         let status = Status::unavailable(
                             "stratad is shutting down; keep the lease alive through another replica",
                         );
-                        return Some((Err(status), (inbound, api, member, shutdown, true)));
+                        return Some((Err(status), (inbound, renewer, shutdown, true)));
                     }
                     next = inbound.next() => next,
                 };
                 let request = match next? {
                     Ok(request) => request,
                     Err(status) => {
-                        return Some((Err(status), (inbound, api, member, shutdown, true)));
+                        return Some((Err(status), (inbound, renewer, shutdown, true)));
                     }
                 };
-                let answer = match api.heartbeat(request.lease_id).await {
-                    Ok(ttl) => Ok(HeartbeatResponse {
-                        header: Some(ResponseHeader {
-                            revision: api.revision(),
-                            member: member.clone(),
-                        }),
-                        lease_id: request.lease_id,
-                        ttl_seconds: ttl,
-                    }),
-                    Err(e) => Err(Status::from(e)),
-                };
+                let answer = renewer.renew(request.lease_id).await.map_err(Status::from);
                 let failed = answer.is_err();
-                Some((answer, (inbound, api, member, shutdown, failed)))
+                Some((answer, (inbound, renewer, shutdown, failed)))
             },
         );
         Ok(Response::new(Box::pin(stream)))
@@ -371,6 +403,9 @@ impl RegistryService for GrpcApi {
     ) -> Result<Response<RegisterBranchResponse>, Status> {
         let q = request.get_ref();
         allow(&request, Action::Register, &q.project, &q.tenant)?;
+        let principal = crate::auth::principal_of(request.extensions())?;
+        self.api()?
+            .authorize_placement(principal, &q.project, &q.tenant, &q.parent)?;
         let req = branch_from_wire(request.into_inner())?;
         let (done, revision) = self.api()?.register_branch(req).await?;
         Ok(Response::new(RegisterBranchResponse {
@@ -387,8 +422,12 @@ impl RegistryService for GrpcApi {
     ) -> Result<Response<ListInstancesResponse>, Status> {
         let q = request.get_ref();
         allow(&request, Action::Read, &q.project, &q.tenant)?;
+        let principal = crate::auth::principal_of(request.extensions())?.clone();
         let r = request.into_inner();
-        let (list, revision) = self.api()?.instances(&r.project, &r.tenant, &r.service)?;
+        let (mut list, revision) = self.api()?.instances(&r.project, &r.tenant, &r.service)?;
+        for instance in &mut list {
+            instance.redact_for(&principal, &r.project);
+        }
         Ok(Response::new(ListInstancesResponse {
             header: self.header(revision),
             instances: list.into_iter().map(instance_to_proto).collect(),
@@ -401,10 +440,12 @@ impl RegistryService for GrpcApi {
     ) -> Result<Response<ResolveServiceResponse>, Status> {
         let q = request.get_ref();
         allow(&request, Action::Read, &q.project, &q.tenant)?;
+        let principal = crate::auth::principal_of(request.extensions())?.clone();
         let r = request.into_inner();
-        let (resolved, revision) = self
+        let (mut resolved, revision) = self
             .api()?
             .resolve_service(&r.project, &r.tenant, &r.service)?;
+        resolved.redact_for(&principal, &r.project);
         crate::tracing_otel::record_resolution(
             &r.project,
             &r.tenant,
@@ -424,8 +465,12 @@ impl RegistryService for GrpcApi {
     ) -> Result<Response<ListServicesResponse>, Status> {
         let q = request.get_ref();
         allow(&request, Action::Read, &q.project, &q.tenant)?;
+        let principal = crate::auth::principal_of(request.extensions())?.clone();
         let r = request.into_inner();
-        let (list, revision) = self.api()?.list_services(&r.project, &r.tenant)?;
+        let (mut list, revision) = self.api()?.list_services(&r.project, &r.tenant)?;
+        for resolution in &mut list {
+            resolution.redact_for(&principal, &r.project);
+        }
         Ok(Response::new(ListServicesResponse {
             header: self.header(revision),
             services: list.into_iter().map(resolution_to_proto).collect(),

@@ -195,6 +195,8 @@ async fn put_tenant(
         protected: body.protected,
     };
     principal.authorize(action, &project, &tenant)?;
+    s.api()?
+        .authorize_placement(&principal, &project, &tenant, &body.parent)?;
     let (info, revision) = s
         .api()?
         .create_tenant(NewTenant {

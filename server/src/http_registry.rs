@@ -330,7 +330,7 @@ async fn heartbeat(
         .parse()
         .map_err(|_| invalid(format!("lease {lease:?} is not a whole number")))?;
     let api = s.api()?;
-    let ttl = api.heartbeat(lease).await?;
+    let ttl = api.heartbeat(lease, principal.project.as_deref()).await?;
     Ok(
         Json(json!({"lease_id": lease, "ttl_seconds": ttl, "revision": api.revision()}))
             .into_response(),
@@ -343,7 +343,10 @@ async fn list_instances(
     Path((project, tenant, service)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     principal.authorize(Action::Read, &project, &tenant)?;
-    let (list, revision) = s.api()?.instances(&project, &tenant, &service)?;
+    let (mut list, revision) = s.api()?.instances(&project, &tenant, &service)?;
+    for instance in &mut list {
+        instance.redact_for(&principal, &project);
+    }
     let list: Vec<Value> = list.iter().map(instance_json).collect();
     Ok(Json(json!({"revision": revision, "instances": list})).into_response())
 }
@@ -354,7 +357,8 @@ async fn resolve_service(
     Path((project, tenant, service)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
     principal.authorize(Action::Read, &project, &tenant)?;
-    let (r, revision) = s.api()?.resolve_service(&project, &tenant, &service)?;
+    let (mut r, revision) = s.api()?.resolve_service(&project, &tenant, &service)?;
+    r.redact_for(&principal, &project);
     crate::tracing_otel::record_resolution(
         &project,
         &tenant,
@@ -373,7 +377,10 @@ async fn list_services(
     Path((project, tenant)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     principal.authorize(Action::Read, &project, &tenant)?;
-    let (list, revision) = s.api()?.list_services(&project, &tenant)?;
+    let (mut list, revision) = s.api()?.list_services(&project, &tenant)?;
+    for resolution in &mut list {
+        resolution.redact_for(&principal, &project);
+    }
     let list: Vec<Value> = list.iter().map(resolution_json).collect();
     Ok(Json(json!({"revision": revision, "services": list})).into_response())
 }
@@ -457,6 +464,8 @@ async fn register_branch(
             expected_revision: None,
         });
     }
+    s.api()?
+        .authorize_placement(&principal, &project, &tenant, &branch.parent)?;
     let (done, revision) = s
         .api()?
         .register_branch(BranchRegistration {

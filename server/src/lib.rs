@@ -27,6 +27,7 @@ pub mod keyspace;
 pub mod leader;
 pub mod limits;
 pub mod probe;
+pub mod probe_policy;
 pub mod registry;
 pub mod registry_jobs;
 pub mod server;

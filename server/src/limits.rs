@@ -416,6 +416,24 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// The error for a request of `token` refused for `wait` (counted in
+    /// `strata_rate_limited_total`).
+    pub fn refusal(&self, token: &str, wait: Duration) -> ApiError {
+        metrics::counter!("strata_rate_limited_total").increment(1);
+        ApiError::new(
+            ErrorReason::RateLimited,
+            format!(
+                "token {token:?} sent more than {} requests per second (burst {}); retry in {} ms",
+                self.settings.per_second,
+                self.settings.burst,
+                wait.as_millis().max(1)
+            ),
+        )
+        .with("retry_after_ms", wait.as_millis().max(1))
+    }
+}
+
 /// Paths never rate limited: probes and scrapes (they carry no token).
 fn unlimited_path(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
@@ -450,17 +468,7 @@ pub async fn rate_limit(
     match limiter.take(&token, Instant::now()) {
         Ok(()) => next.run(request).await,
         Err(wait) => {
-            metrics::counter!("strata_rate_limited_total").increment(1);
-            let error = ApiError::new(
-                ErrorReason::RateLimited,
-                format!(
-                    "token {token:?} sent more than {} requests per second (burst {}); retry in {} ms",
-                    limiter.settings.per_second,
-                    limiter.settings.burst,
-                    wait.as_millis().max(1)
-                ),
-            )
-            .with("retry_after_ms", wait.as_millis().max(1));
+            let error = limiter.refusal(&token, wait);
             if crate::telemetry::is_grpc(request.headers()) {
                 tonic::Status::from(error).into_http()
             } else {

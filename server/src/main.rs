@@ -107,6 +107,7 @@ async fn serve(config: Config) -> Result<(), String> {
         tls: config.tls.clone(),
         auth: auth_options(&config),
         audit: config.audit,
+        probes: config.probes.clone(),
     };
     server::run(listener, store, options, shutdown_signal())
         .await

@@ -42,6 +42,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+use crate::probe_policy::{Denied, ProbePolicy};
+
 /// The shortest probe interval [`ProbeSpec::validate`] accepts.
 ///
 /// Only `validate` enforces it, so tests can probe faster; the prober itself
@@ -299,6 +301,7 @@ pub struct Prober<Id = String> {
     _stop_all: DropGuard,
     jitter: RandomState,
     targets: Mutex<HashMap<Id, Running>>,
+    policy: Arc<ProbePolicy>,
 }
 
 /// The prober's handle on one target's task.
@@ -327,7 +330,17 @@ where
             root,
             jitter: RandomState::new(),
             targets: Mutex::new(HashMap::new()),
+            policy: Arc::new(ProbePolicy::default()),
         }
+    }
+
+    /// Probes connect only where `policy` allows (the default policy
+    /// denies link-local and metadata addresses); set before adding
+    /// targets.
+    #[must_use]
+    pub fn with_policy(mut self, policy: ProbePolicy) -> Self {
+        self.policy = Arc::new(policy);
+        self
     }
 
     /// Makes the probed set exactly `targets`: starts new targets, stops
@@ -426,6 +439,7 @@ where
             health: Arc::clone(&health),
             changes: self.changes.clone(),
             cancel: cancel.clone(),
+            policy: Arc::clone(&self.policy),
         };
         tokio::spawn(task.run());
         running.insert(
@@ -531,6 +545,7 @@ struct Task<Id> {
     health: Arc<AtomicU8>,
     changes: mpsc::Sender<HealthChange<Id>>,
     cancel: CancellationToken,
+    policy: Arc<ProbePolicy>,
 }
 
 impl<Id: Clone + fmt::Debug> Task<Id> {
@@ -571,7 +586,7 @@ impl<Id: Clone + fmt::Debug> Task<Id> {
                     Wake::Retarget => Probed::Retarget,
                     _ => Probed::Stop,
                 },
-                outcome = probe(&target, timeout) => Probed::Done(outcome),
+                outcome = probe(&target, timeout, &self.policy) => Probed::Done(outcome),
             };
             let outcome = match probed {
                 Probed::Stop => return,
@@ -689,16 +704,16 @@ fn retarget_or_stop(changed: Result<(), watch::error::RecvError>) -> Wake {
 }
 
 /// Runs one probe, never longer than `timeout`.
-async fn probe(target: &ProbeTarget, timeout: Duration) -> Outcome {
+async fn probe(target: &ProbeTarget, timeout: Duration, policy: &ProbePolicy) -> Outcome {
     let address = target.address.as_str();
     let attempt = async {
         match &target.spec.kind {
-            ProbeKind::Tcp => probe_tcp(address).await,
+            ProbeKind::Tcp => probe_tcp(address, policy).await,
             ProbeKind::Http {
                 path,
                 expected_status,
-            } => probe_http(address, path, *expected_status).await,
-            ProbeKind::Grpc { service } => probe_grpc(address, service, timeout).await,
+            } => probe_http(address, path, *expected_status, policy).await,
+            ProbeKind::Grpc { service } => probe_grpc(address, service, timeout, policy).await,
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -735,36 +750,72 @@ enum ProbeFailure {
         service: String,
         message: String,
     },
+    #[error("probe of {address} refused: {denied}")]
+    Denied { address: String, denied: Denied },
 }
 
-async fn connect(address: &str) -> Result<TcpStream, ProbeFailure> {
-    let stream = TcpStream::connect(address)
-        .await
-        .map_err(|source| ProbeFailure::Connect {
-            address: address.to_owned(),
-            source,
-        })?;
+/// Connects to the first address `address` resolves to that `policy`
+/// allows. Resolving here, not in the connector, is what makes the policy
+/// hold for names: the address checked is the address connected to.
+async fn connect(address: &str, policy: &ProbePolicy) -> Result<TcpStream, ProbeFailure> {
+    let connect_error = |source| ProbeFailure::Connect {
+        address: address.to_owned(),
+        source,
+    };
+    let mut denied = None;
+    let mut failed = None;
+    let mut stream = None;
+    for addr in tokio::net::lookup_host(address).await.map_err(connect_error)? {
+        if let Err(why) = policy.check(addr) {
+            denied.get_or_insert(why);
+            continue;
+        }
+        match TcpStream::connect(addr).await {
+            Ok(connected) => {
+                stream = Some(connected);
+                break;
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    let stream = match (stream, failed, denied) {
+        (Some(stream), _, _) => stream,
+        (None, Some(e), _) => return Err(connect_error(e)),
+        (None, None, Some(denied)) => {
+            return Err(ProbeFailure::Denied {
+                address: address.to_owned(),
+                denied,
+            });
+        }
+        (None, None, None) => {
+            return Err(connect_error(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the name resolves to no address",
+            )));
+        }
+    };
     // The request head goes out in one write; never let Nagle hold it.
     // Failing to set the option only costs latency, so it is not an error.
     let _ = stream.set_nodelay(true);
     Ok(stream)
 }
 
-async fn probe_tcp(address: &str) -> Result<(), ProbeFailure> {
-    connect(address).await.map(drop)
+async fn probe_tcp(address: &str, policy: &ProbePolicy) -> Result<(), ProbeFailure> {
+    connect(address, policy).await.map(drop)
 }
 
 async fn probe_http(
     address: &str,
     path: &str,
     expected_status: Option<u16>,
+    policy: &ProbePolicy,
 ) -> Result<(), ProbeFailure> {
     let fail = |message: String| ProbeFailure::Http {
         address: address.to_owned(),
         path: path.to_owned(),
         message,
     };
-    let stream = connect(address).await?;
+    let stream = connect(address, policy).await?;
     let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(MAX_HTTP_HEAD_BYTES)
         .handshake(TokioIo::new(stream))
@@ -820,16 +871,40 @@ async fn probe_http(
     })
 }
 
-async fn probe_grpc(address: &str, service: &str, timeout: Duration) -> Result<(), ProbeFailure> {
+async fn probe_grpc(
+    address: &str,
+    service: &str,
+    timeout: Duration,
+    policy: &ProbePolicy,
+) -> Result<(), ProbeFailure> {
     let fail = |message: String| ProbeFailure::Grpc {
         address: address.to_owned(),
         service: service.to_owned(),
         message,
     };
+    // The connection is made (and checked against the policy) here and
+    // handed to the channel, which would otherwise resolve and connect on
+    // its own.
+    let stream = connect(address, policy).await?;
+    let handed = Mutex::new(Some(stream));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let stream = handed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        async move {
+            stream.map(TokioIo::new).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "a probe connects once; its connection is gone",
+                )
+            })
+        }
+    });
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| fail(error_chain(&e)))?
         .connect_timeout(timeout)
-        .connect()
+        .connect_with_connector(connector)
         .await
         .map_err(|e| fail(error_chain(&e)))?;
     let request = HealthCheckRequest {

@@ -44,6 +44,33 @@ pub struct InstanceInfo {
     pub health_detail: String,
 }
 
+impl InstanceInfo {
+    /// Keeps what only the instance's operators should see — the probe's
+    /// failure text (it names addresses, ports and what answered there)
+    /// and the lease id — from callers that may not register in its
+    /// tenant.
+    pub fn redact_for(&mut self, principal: &crate::auth::Principal, project: &str) {
+        if !principal.allows(crate::auth::Action::Register, project, &self.tenant) {
+            self.redact();
+        }
+    }
+
+    /// Drops the probe's failure text and the lease id.
+    pub fn redact(&mut self) {
+        self.health_detail.clear();
+        self.entry.lease = 0;
+    }
+}
+
+impl ServiceResolution {
+    /// [`InstanceInfo::redact_for`] of every instance.
+    pub fn redact_for(&mut self, principal: &crate::auth::Principal, project: &str) {
+        for instance in &mut self.instances {
+            instance.redact_for(principal, project);
+        }
+    }
+}
+
 /// Where a service resolves for a tenant.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceResolution {
@@ -270,6 +297,7 @@ impl Api {
             }
             (0, 0, false)
         } else if let Some(lease) = req.lease.filter(|l| *l != 0) {
+            self.lease_of_project(lease, &req.project)?;
             let Some(ttl) = self.live_lease_ttl(lease).await? else {
                 return Err(not_found(format!(
                     "lease {lease} does not exist or has expired; register without it to get a new one"
@@ -419,14 +447,34 @@ impl Api {
         Ok(revision)
     }
 
-    /// Renews a lease; answers its remaining TTL in seconds.
-    pub async fn heartbeat(&self, lease: LeaseId) -> Result<i64, ApiError> {
+    /// Renews a lease; answers its remaining TTL in seconds. `project`:
+    /// the one project the caller may act in (`None`: every project); a
+    /// lease no instance of that project holds is answered as if it did not
+    /// exist, so a token of one project can neither keep another project's
+    /// instances alive nor learn which lease ids exist.
+    pub async fn heartbeat(&self, lease: LeaseId, project: Option<&str>) -> Result<i64, ApiError> {
+        if let Some(project) = project {
+            self.lease_of_project(lease, project)?;
+        }
         match self.store.lease_keep_alive(lease).await {
             Ok(ttl) => Ok(ttl),
             Err(crate::store::StoreError::LeaseNotFound(_)) => Err(not_found(format!(
                 "lease {lease} does not exist or has expired; register again"
             ))),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Refuses `lease` unless an instance of `project` holds it.
+    fn lease_of_project(&self, lease: LeaseId, project: &str) -> Result<(), ApiError> {
+        let held = project_view(&self.view.read(), project).is_some_and(|p| p.holds_lease(lease));
+        if held {
+            Ok(())
+        } else {
+            Err(not_found(format!(
+                "lease {lease} does not exist or has expired, or holds no instance of project \
+                 {project:?}; register again"
+            )))
         }
     }
 

@@ -104,7 +104,7 @@ fn probe_set(api: &Api) -> HashMap<InstanceRef, (ProbeTarget, CheckRecord)> {
 /// Runs the health checks until `shutdown`.
 pub async fn health_checks(api: Api, shutdown: CancellationToken) {
     let (tx, mut changes) = mpsc::channel::<HealthChange<InstanceRef>>(1024);
-    let prober = Prober::new(tx, shutdown.clone());
+    let prober = Prober::new(tx, shutdown.clone()).with_policy(api.probe_policy().clone());
     let mut revisions = api.view.subscribe();
     let mut checks: HashMap<InstanceRef, (ProbeTarget, CheckRecord)> = HashMap::new();
     let mut stale = true;

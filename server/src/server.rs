@@ -60,6 +60,9 @@ pub struct DaemonState {
     pub auth: Arc<crate::auth::Authenticator>,
     /// The audit log.
     pub audit: Arc<crate::audit::Auditor>,
+    /// Request rate per token (the middleware's, and each KeepAlive
+    /// message's).
+    pub rate: Arc<crate::limits::RateLimiter>,
     ready: AtomicBool,
     api: OnceLock<Api>,
     hub: OnceLock<Arc<Hub<ConfigLens>>>,
@@ -138,6 +141,9 @@ pub struct ServerOptions {
     pub auth: crate::auth::AuthConfig,
     /// Retention of the audit log.
     pub audit: crate::audit::AuditSettings,
+    /// Where health probes may connect (the listener's own address is
+    /// added by [`run`]).
+    pub probes: crate::probe_policy::ProbePolicy,
 }
 
 /// Failures that stop the server.
@@ -170,9 +176,10 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let prometheus = crate::telemetry::prometheus().map_err(ServerError::Metrics)?;
     let upkeep = tokio::spawn(crate::telemetry::upkeep(prometheus.clone()));
-    let member = listener
-        .local_addr()
-        .map(|a| a.to_string())
+    let listener_addr = listener.local_addr();
+    let member = listener_addr
+        .as_ref()
+        .map(ToString::to_string)
         .unwrap_or_default();
     // Every transaction of an audited call carries its audit entry
     // (audit.rs); the retention job and refusal entries use the raw store.
@@ -188,6 +195,7 @@ pub async fn run(
         limits: options.limits,
         auth: crate::auth::Authenticator::new(&options.auth),
         audit,
+        rate: crate::limits::RateLimiter::new(options.limits.rate),
         ready: AtomicBool::new(false),
         api: OnceLock::new(),
         hub: OnceLock::new(),
@@ -281,7 +289,7 @@ pub async fn run(
             crate::audit::record,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            crate::limits::RateLimiter::new(options.limits.rate),
+            Arc::clone(&state.rate),
             crate::limits::rate_limit,
         ))
         // Every route, the fallback included, passes authentication first;
@@ -351,7 +359,12 @@ pub async fn run(
     let follower =
         tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), state.shutdown.clone()));
     // Only this function sets it, once.
-    let api = Api::new(Arc::clone(&store), view, options.limits);
+    // Probes never connect to this daemon's own listener.
+    let mut probes = options.probes.clone();
+    if let Ok(own) = listener_addr {
+        probes.deny_own(own);
+    }
+    let api = Api::new(Arc::clone(&store), view, options.limits).with_probe_policy(probes);
     let _ = state.api.set(api.clone());
     // Leader-only jobs run on the one replica that holds the leader lease
     // (with the embedded store, always this daemon).

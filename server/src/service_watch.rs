@@ -67,7 +67,13 @@ impl Lens for ServicesLens {
     }
 
     fn resolve_one(p: &ProjectView, chain: &[&str], service: &str) -> Option<ResolvedService> {
-        let resolved = resolution(p, chain, service);
+        let mut resolved = resolution(p, chain, service);
+        // One encoding goes to every subscriber, whatever its token:
+        // probe failure texts and lease ids stay out of it (list or
+        // resolve the service to see them with a register token).
+        for instance in &mut resolved.instances {
+            instance.redact();
+        }
         resolved
             .tenant
             .is_some()

@@ -5,7 +5,7 @@
 //! and only bounded labels (`op`, `code`; later `project`, `tenant`,
 //! `service`) — never an instance id or a key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -193,8 +193,8 @@ impl OpMetrics {
 
 /// Metric handles by route: the gRPC method path, or the HTTP route
 /// template with its methods. Bounded like the labels themselves: only
-/// routes that exist get an entry (an unknown gRPC method is counted as
-/// `unmatched` and never cached).
+/// routes that exist get an entry (a gRPC path the daemon does not serve is
+/// counted as `unmatched` and never cached, whatever it was answered).
 type OpCache = RwLock<HashMap<Box<str>, Vec<(http::Method, Arc<OpMetrics>)>>>;
 
 fn op_cache() -> &'static OpCache {
@@ -206,12 +206,53 @@ fn op_cache() -> &'static OpCache {
 /// matched HTTP route template, or `None` for an HTTP request no route took.
 fn route_of(request: &Request) -> Option<&str> {
     if is_grpc(request.headers()) {
-        return Some(request.uri().path());
+        let path = request.uri().path();
+        // Only methods the daemon serves may become a label: the path of
+        // any other request is client input, and every distinct one would
+        // keep a series (and a cache entry) for the daemon's life.
+        return grpc_methods().contains(path).then_some(path);
     }
     request
         .extensions()
         .get::<MatchedPath>()
         .map(MatchedPath::as_str)
+}
+
+/// The paths (`/package.Service/Method`) of every gRPC method the daemon
+/// serves: ours from the descriptor set, plus health and reflection.
+fn grpc_methods() -> &'static HashSet<String> {
+    static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
+    METHODS.get_or_init(|| {
+        let mut out = HashSet::new();
+        for set in [
+            strata_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(set) else {
+                tracing::error!("a descriptor set does not decode; its methods count as unmatched");
+                continue;
+            };
+            for file in &set.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        out.insert(format!(
+                            "/{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        for reflection in [
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            out.insert(reflection.to_owned());
+        }
+        out
+    })
 }
 
 fn cached_op(route: &str, method: &http::Method) -> Option<Arc<OpMetrics>> {
@@ -243,9 +284,9 @@ fn unmatched() -> &'static OpMetrics {
 /// Middleware recording `strata_rpc_requests_total{op,code}` and
 /// `strata_rpc_duration_seconds{op}` for every gRPC and HTTP request.
 ///
-/// `op` is a bounded label value: the gRPC method path for gRPC,
-/// `METHOD /route/{param}` for HTTP, `unmatched` for anything that hit no
-/// route. The metric handles of each op are made once and cached, since
+/// `op` is a bounded label value: the gRPC method path for a method the
+/// daemon serves, `METHOD /route/{param}` for HTTP, `unmatched` for
+/// anything else (an unknown gRPC path, an HTTP request no route took). The metric handles of each op are made once and cached, since
 /// building the labels and finding the series took measurable time per
 /// request at registry write rates.
 pub async fn track_requests(request: Request, next: Next) -> Response {
@@ -267,11 +308,7 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
         None if grpc => "OK",
         None => status.as_str(),
     };
-    // An unknown gRPC method must not mint a label value per method name.
-    let handles = if code == "UNIMPLEMENTED" {
-        None
-    } else {
-        cached.or_else(|| {
+    let handles = cached.or_else(|| {
             let route = route?;
             let label = if grpc {
                 route.clone()
@@ -279,8 +316,7 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
                 format!("{method} {route}")
             };
             Some(insert_op(&route, &method, &label))
-        })
-    };
+        });
     let op: &OpMetrics = match &handles {
         Some(op) => op,
         None => unmatched(),

@@ -4,7 +4,7 @@
 //! is answered only after the view has applied its revision
 //! ([`View::wait_for`]), so a client reads its own writes on this replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
@@ -110,6 +110,10 @@ pub struct ProjectView {
     /// Probe verdicts by tenant (only persistent instances with a check
     /// have one).
     pub health: BTreeMap<String, ByService<HealthEntry>>,
+    /// How many of this project's instances hold each lease: a lease
+    /// belongs to the projects whose instances it keeps alive, and only
+    /// callers of those projects may renew it.
+    pub leases: HashMap<LeaseId, usize>,
 }
 
 impl ProjectView {
@@ -246,6 +250,11 @@ impl ProjectView {
             .filter_map(|t| self.instances.get(*t))
             .flat_map(|services| services.keys().cloned())
             .collect()
+    }
+
+    /// Whether an instance of this project holds `lease`.
+    pub fn holds_lease(&self, lease: LeaseId) -> bool {
+        self.leases.contains_key(&lease)
     }
 
     /// The layer of `key` in `tenant`, if any.
@@ -519,6 +528,22 @@ impl ProjectView {
                     Some(Image::Instance(e)) => Some(e.clone()),
                     _ => None,
                 };
+                let old = self.instance(tenant, service, id).map_or(0, |e| e.lease);
+                let new = entry.as_ref().map_or(0, |e| e.lease);
+                if old != new {
+                    if old != 0
+                        && let std::collections::hash_map::Entry::Occupied(mut held) =
+                            self.leases.entry(old)
+                    {
+                        *held.get_mut() -= 1;
+                        if *held.get() == 0 {
+                            held.remove();
+                        }
+                    }
+                    if new != 0 {
+                        *self.leases.entry(new).or_default() += 1;
+                    }
+                }
                 set_nested(&mut self.instances, tenant, service, id, entry);
             }
             (Object::Health { service, id }, image) => {

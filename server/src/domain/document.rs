@@ -7,6 +7,7 @@
 //! ordered list of key/value pairs; merging overlays keys. `text` (UTF-8) and
 //! `binary` are opaque and can only be replaced or deleted.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -230,7 +231,7 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Document, DocumentError> {
             if text.trim().is_empty() {
                 return Ok(Document::Tree(Value::Null));
             }
-            serde_norway::from_str::<Value>(text)
+            bounded_yaml(text)
                 .map(Document::Tree)
                 .map_err(|e| {
                     let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
@@ -260,15 +261,17 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Document, DocumentError> {
                 })
         }
         Format::Properties => {
-            let mut pairs: Vec<(String, String)> = Vec::new();
+            let mut read: Vec<(String, String)> = Vec::new();
             java_properties::PropertiesIter::new_with_encoding(text.as_bytes(), encoding_rs::UTF_8)
-                .read_into(|k, v| overlay_one(&mut pairs, k, v))
+                .read_into(|k, v| read.push((k, v)))
                 .map_err(|e| DocumentError::Syntax {
                     format,
                     line: e.line_number().unwrap_or(1),
                     column: 1,
                     message: e.to_string(),
                 })?;
+            let mut pairs = Vec::with_capacity(read.len());
+            overlay(&mut pairs, read);
             Ok(Document::Properties(pairs))
         }
         Format::Text | Format::Binary => Err(DocumentError::Shape {
@@ -286,10 +289,165 @@ fn strip_position(message: &str) -> String {
     }
 }
 
-fn overlay_one(pairs: &mut Vec<(String, String)>, key: String, value: String) {
-    match pairs.iter_mut().find(|(k, _)| *k == key) {
-        Some(slot) => slot.1 = value,
-        None => pairs.push((key, value)),
+/// Overlays `patch` onto `pairs` key by key, keeping the first position of
+/// each key. Linear in both: a key's slot is found through an index, not by
+/// scanning (a scan made a large properties merge quadratic).
+fn overlay(
+    pairs: &mut Vec<(String, String)>,
+    patch: impl IntoIterator<Item = (String, String)>,
+) {
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(pairs.len());
+    for (i, (k, _)) in pairs.iter().enumerate() {
+        index.entry(k.clone()).or_insert(i);
+    }
+    for (key, value) in patch {
+        match index.get(&key) {
+            Some(&i) => pairs[i].1 = value,
+            None => {
+                index.insert(key.clone(), pairs.len());
+                pairs.push((key, value));
+            }
+        }
+    }
+}
+
+/// What one node of a parsed YAML document costs against the expansion
+/// budget, on top of the bytes of its scalars and keys: about what the node
+/// itself takes in memory, so the budget bounds memory and time alike.
+const YAML_NODE_COST: usize = 8;
+
+/// A YAML document may expand (through aliases) to this much, plus
+/// [`YAML_EXPANSION_PER_BYTE`] per byte of its text. Without aliases a
+/// document costs at most a few times its own size, far below this.
+pub const YAML_EXPANSION_BASE: usize = 4 << 20;
+
+/// See [`YAML_EXPANSION_BASE`].
+pub const YAML_EXPANSION_PER_BYTE: usize = 8;
+
+/// Parses YAML into the tree model, refusing a document whose aliases expand
+/// it beyond its budget: `a: &a [1, …]` / `b: [*a, *a, …]` turns 100 KB of
+/// text into 10⁸ values, and serde_norway's own alias limit only bounds how
+/// often aliases are used, not what they expand to. The budget is charged
+/// as values are built, so a bomb stops at the budget, not after expanding.
+fn bounded_yaml(text: &str) -> Result<Value, serde_norway::Error> {
+    use serde::de::DeserializeSeed as _;
+    let budget = Budget {
+        left: std::cell::Cell::new(
+            YAML_EXPANSION_BASE.saturating_add(text.len().saturating_mul(YAML_EXPANSION_PER_BYTE)),
+        ),
+    };
+    BoundedValue(&budget).deserialize(serde_norway::Deserializer::from_str(text))
+}
+
+/// What is left of a document's expansion budget.
+struct Budget {
+    left: std::cell::Cell<usize>,
+}
+
+impl Budget {
+    fn charge<E: serde::de::Error>(&self, bytes: usize) -> Result<(), E> {
+        let cost = bytes.saturating_add(YAML_NODE_COST);
+        match self.left.get().checked_sub(cost) {
+            Some(left) => {
+                self.left.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(format_args!(
+                "the document expands (through aliases) beyond {} MiB plus {} bytes per byte of \
+                 its text; write the repeated parts out or use fewer aliases",
+                YAML_EXPANSION_BASE >> 20,
+                YAML_EXPANSION_PER_BYTE
+            ))),
+        }
+    }
+}
+
+/// Builds a `serde_json::Value`, charging every node to the budget.
+#[derive(Clone, Copy)]
+struct BoundedValue<'b>(&'b Budget);
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedValue<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedValue<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.0.charge(0)?;
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.0.charge(0)?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.0.charge(0)?;
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.0.charge(0)?;
+        // Like serde_json's own Value: NaN and infinities become null.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.0.charge(v.len())?;
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.0.charge(v.len())?;
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.0.charge(0)?;
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.visit_unit()
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.0.charge(0)?;
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(self)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.0.charge(0)?;
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key_seed(self)? {
+            // Like serde_json's Value: keys are strings; a non-string YAML
+            // key (a number, a bool) takes its JSON text.
+            let key = match key {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            let value = map.next_value_seed(self)?;
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
     }
 }
 
@@ -312,9 +470,7 @@ pub fn merge(
             Ok(Document::Tree(b))
         }
         (Some((_, Document::Properties(mut b))), Document::Properties(p)) => {
-            for (k, v) in p {
-                overlay_one(&mut b, k, v);
-            }
+            overlay(&mut b, p);
             Ok(Document::Properties(b))
         }
         (Some((base, _)), _) => Err(DocumentError::Incompatible {
@@ -503,5 +659,60 @@ mod tests {
         assert_eq!("MERGE".parse::<Mode>().unwrap(), Mode::Merge);
         assert_eq!(Format::from_extension("a/server.yml"), Some(Format::Yaml));
         assert_eq!(Format::from_extension("noext"), None);
+    }
+
+    /// Finding 2 of the security review: aliases expanding a small document
+    /// into millions of values are refused while they expand.
+    #[test]
+    fn yaml_alias_bomb_is_refused_finding_2() {
+        let mut text = String::from("a: &a [");
+        text.push_str(&vec!["1"; 1000].join(","));
+        text.push_str("]\nb: [");
+        text.push_str(&vec!["*a"; 10_000].join(","));
+        text.push_str("]\n");
+        let started = std::time::Instant::now();
+        let err = parse(Format::Yaml, text.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("expands"), "{err}");
+        // Refused at the budget (about half a million values), long before
+        // the ten million the document asks for.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Aliases within the budget still work, and keep YAML's meaning.
+        let ok = parse(
+            Format::Yaml,
+            b"defaults: &d {port: 7000, host: mm}\na: *d\nb: [*d, *d]\n1: one\ntrue: yes\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            Document::Tree(json!({
+                "defaults": {"port": 7000, "host": "mm"},
+                "a": {"port": 7000, "host": "mm"},
+                "b": [{"port": 7000, "host": "mm"}, {"port": 7000, "host": "mm"}],
+                "1": "one",
+                "true": "yes"
+            }))
+        );
+    }
+
+    /// Finding 2: a large properties document and a large properties merge
+    /// cost linear time (they were quadratic: one scan per pair).
+    #[test]
+    fn large_properties_merge_is_linear_finding_2() {
+        let n = 60_000;
+        let base: String = (0..n).map(|i| format!("k{i}=base\n")).collect();
+        let patch: String = (0..n).rev().map(|i| format!("k{i}=patch\n")).collect();
+        let started = std::time::Instant::now();
+        let base = parse(Format::Properties, base.as_bytes()).unwrap();
+        let patch = parse(Format::Properties, patch.as_bytes()).unwrap();
+        let Document::Properties(merged) =
+            merge(Some((Format::Properties, base)), Format::Properties, patch).unwrap()
+        else {
+            panic!("properties merge into properties");
+        };
+        // Quadratic took minutes here; linear takes milliseconds.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(merged.len(), n);
+        assert_eq!(merged[0], ("k0".into(), "patch".into()), "first position kept");
+        assert_eq!(merged[n - 1].0, format!("k{}", n - 1));
     }
 }

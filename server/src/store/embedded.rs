@@ -13,7 +13,7 @@
 //! - `kv`: key → `KvRecord` (value, create/mod revision, version, lease);
 //! - `log`: revision → the events of that revision (the watch history, cut by
 //!   compaction);
-//! - `meta`: current revision, compaction point, next lease id;
+//! - `meta`: current revision, compaction point;
 //! - `leases`: lease id → (TTL, deadline in Unix milliseconds). Deadlines are
 //!   persisted, so a lease keeps its expiry across a restart and one that
 //!   lapsed while the daemon was down expires right after start.
@@ -60,7 +60,6 @@ const LEASES: TableDefinition<'_, i64, (i64, i64)> = TableDefinition::new("lease
 
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
-const META_NEXT_LEASE: &str = "next_lease";
 
 /// How many revisions a catching-up watcher reads from the log at once.
 const LOG_READ_CHUNK: usize = 512;
@@ -935,7 +934,6 @@ struct Writer {
     max_batch: usize,
     revision: Revision,
     compacted: Revision,
-    next_lease: LeaseId,
     leases: HashMap<LeaseId, LeaseState>,
     /// (deadline, lease) for finding the next expiry without a scan.
     deadlines: BTreeSet<(i64, LeaseId)>,
@@ -957,6 +955,23 @@ struct Tables<'t> {
 }
 
 impl Writer {
+    /// A random positive lease id no live lease has. Lease ids are
+    /// capabilities of a kind (a heartbeat names only the id), so they are
+    /// not sequential: one cannot be guessed from another.
+    fn fresh_lease_id(&self) -> Result<LeaseId, StoreError> {
+        use ring::rand::SecureRandom as _;
+        let rng = ring::rand::SystemRandom::new();
+        loop {
+            let mut bytes = [0_u8; 8];
+            rng.fill(&mut bytes)
+                .map_err(|_| StoreError::Backend("the system random source failed".into()))?;
+            let id = i64::from_le_bytes(bytes) & i64::MAX;
+            if id != 0 && !self.leases.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+    }
+
     fn load(
         shared: Arc<Shared>,
         watch_buffer: usize,
@@ -968,7 +983,6 @@ impl Writer {
             max_batch,
             revision: 0,
             compacted: 0,
-            next_lease: 1,
             leases: HashMap::new(),
             deadlines: BTreeSet::new(),
             lease_changes: Vec::new(),
@@ -993,7 +1007,6 @@ impl Writer {
             };
             self.revision = meta_get(META_REVISION)?;
             self.compacted = meta_get(META_COMPACTED)?;
-            self.next_lease = meta_get(META_NEXT_LEASE)?.max(1);
             self.leases.clear();
             self.deadlines.clear();
             for entry in t.leases.iter().map_err(backend)? {
@@ -1219,14 +1232,10 @@ impl Writer {
                 (defer(reply, result), wrote)
             }
             Request::Grant(ttl_seconds, reply) => {
-                let id = self.next_lease;
-                self.next_lease += 1;
+                let id = self.fresh_lease_id()?;
                 let deadline_ms = now.saturating_add(ttl_seconds.saturating_mul(1000));
                 t.leases
                     .insert(id, (ttl_seconds, deadline_ms))
-                    .map_err(backend)?;
-                t.meta
-                    .insert(META_NEXT_LEASE, self.next_lease)
                     .map_err(backend)?;
                 self.leases.insert(
                     id,

@@ -20,6 +20,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use std::future::Future as _;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -387,6 +389,9 @@ pub struct Authenticator {
     metrics_need_token: bool,
     tokens: RwLock<HashMap<String, TokenEntry>>,
     loaded: AtomicBool,
+    /// Bumped on every change of the table: open streams re-check their
+    /// token on it.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Authenticator {
@@ -398,6 +403,7 @@ impl Authenticator {
             metrics_need_token: config.metrics_need_token,
             tokens: RwLock::new(HashMap::new()),
             loaded: AtomicBool::new(false),
+            changed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -412,6 +418,7 @@ impl Authenticator {
             *tokens = entries;
         }
         self.loaded.store(true, Ordering::Release);
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Adds or replaces one token.
@@ -419,6 +426,7 @@ impl Authenticator {
         if let Ok(mut tokens) = self.tokens.write() {
             tokens.insert(id, entry);
         }
+        self.changed.send_modify(|n| *n += 1);
     }
 
     /// Forgets one token (revoked).
@@ -426,6 +434,17 @@ impl Authenticator {
         if let Ok(mut tokens) = self.tokens.write() {
             tokens.remove(id);
         }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// When the token `id` stops being valid: `Err` with why once it is
+    /// revoked, else its expiry (Unix ms; 0: none).
+    fn validity(&self, id: &str) -> Result<i64, &'static str> {
+        self.tokens
+            .read()
+            .ok()
+            .and_then(|t| t.get(id).map(|e| e.expires_at_unix_ms))
+            .ok_or("was revoked")
     }
 
     /// The principal of a bearer token, or why not. The message never
@@ -511,8 +530,23 @@ pub async fn authenticate(
     }
     match auth.authenticate_headers(request.headers()) {
         Ok(principal) => {
+            let streaming = crate::telemetry::is_grpc(request.headers())
+                && crate::telemetry::grpc_methods()
+                    .get(request.uri().path())
+                    .copied()
+                    .unwrap_or(false);
+            let token = Arc::clone(&principal.token_id);
             request.extensions_mut().insert(principal);
-            next.run(request).await
+            let response = next.run(request).await;
+            if streaming {
+                // A stream outlives the check made when it opened: it ends
+                // when its token is revoked or expires.
+                response.map(|body| {
+                    axum::body::Body::new(RevocableBody::new(body, Arc::clone(&auth), token))
+                })
+            } else {
+                response
+            }
         }
         Err(error) => {
             if crate::telemetry::is_grpc(request.headers()) {
@@ -528,6 +562,92 @@ pub async fn authenticate(
                 response
             }
         }
+    }
+}
+
+/// A streaming response that ends, with `UNAUTHENTICATED` in its trailers,
+/// once its token is revoked or expires (checked whenever the token table
+/// changes, and at the expiry).
+struct RevocableBody {
+    inner: axum::body::Body,
+    auth: Arc<Authenticator>,
+    token: Arc<str>,
+    changes: tokio_stream::wrappers::WatchStream<u64>,
+    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Set once the closing trailers went out.
+    ended: bool,
+}
+
+impl RevocableBody {
+    fn new(inner: axum::body::Body, auth: Arc<Authenticator>, token: Arc<str>) -> Self {
+        let changes = tokio_stream::wrappers::WatchStream::from_changes(auth.changed.subscribe());
+        let mut body = Self {
+            inner,
+            auth,
+            token,
+            changes,
+            expiry: None,
+            ended: false,
+        };
+        if let Ok(expires) = body.auth.validity(&body.token) {
+            body.set_expiry(expires);
+        }
+        body
+    }
+
+    fn set_expiry(&mut self, expires_at_unix_ms: i64) {
+        self.expiry = (expires_at_unix_ms != 0).then(|| {
+            let left = expires_at_unix_ms.saturating_sub(crate::store::unix_now_ms());
+            let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
+            Box::pin(tokio::time::sleep(left))
+        });
+    }
+
+    /// The trailers that end the stream.
+    fn closing(&mut self, why: &str) -> http_body::Frame<axum::body::Bytes> {
+        self.ended = true;
+        let status = tonic::Status::unauthenticated(format!(
+            "token {} {why}; this stream is closed",
+            self.token
+        ));
+        let mut trailers = http::HeaderMap::new();
+        // Only fails for a message that cannot be a header value, which
+        // ours (hex id, fixed words) never is.
+        let _ = status.add_header(&mut trailers);
+        http_body::Frame::trailers(trailers)
+    }
+}
+
+impl http_body::Body for RevocableBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use futures::Stream as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        while let Poll::Ready(Some(_)) = std::pin::Pin::new(&mut this.changes).poll_next(cx) {
+            match this.auth.validity(&this.token) {
+                Ok(expires) => this.set_expiry(expires),
+                Err(why) => return Poll::Ready(Some(Ok(this.closing(why)))),
+            }
+        }
+        if let Some(expiry) = &mut this.expiry
+            && expiry.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Some(Ok(this.closing("has expired"))));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
     }
 }
 

@@ -5,7 +5,7 @@
 //! and only bounded labels (`op`, `code`; later `project`, `tenant`,
 //! `service`) — never an instance id or a key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -210,7 +210,7 @@ fn route_of(request: &Request) -> Option<&str> {
         // Only methods the daemon serves may become a label: the path of
         // any other request is client input, and every distinct one would
         // keep a series (and a cache entry) for the daemon's life.
-        return grpc_methods().contains(path).then_some(path);
+        return grpc_methods().contains_key(path).then_some(path);
     }
     request
         .extensions()
@@ -219,11 +219,12 @@ fn route_of(request: &Request) -> Option<&str> {
 }
 
 /// The paths (`/package.Service/Method`) of every gRPC method the daemon
-/// serves: ours from the descriptor set, plus health and reflection.
-fn grpc_methods() -> &'static HashSet<String> {
-    static METHODS: OnceLock<HashSet<String>> = OnceLock::new();
+/// serves — ours from the descriptor set, plus health and reflection — each
+/// with whether it streams (either way).
+pub(crate) fn grpc_methods() -> &'static HashMap<String, bool> {
+    static METHODS: OnceLock<HashMap<String, bool>> = OnceLock::new();
     METHODS.get_or_init(|| {
-        let mut out = HashSet::new();
+        let mut out = HashMap::new();
         for set in [
             strata_proto::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -235,12 +236,10 @@ fn grpc_methods() -> &'static HashSet<String> {
             for file in &set.file {
                 for service in &file.service {
                     for method in &service.method {
-                        out.insert(format!(
-                            "/{}.{}/{}",
-                            file.package(),
-                            service.name(),
-                            method.name()
-                        ));
+                        out.insert(
+                            format!("/{}.{}/{}", file.package(), service.name(), method.name()),
+                            method.server_streaming() || method.client_streaming(),
+                        );
                     }
                 }
             }
@@ -249,7 +248,7 @@ fn grpc_methods() -> &'static HashSet<String> {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ] {
-            out.insert(reflection.to_owned());
+            out.insert(reflection.to_owned(), true);
         }
         out
     })

@@ -682,6 +682,16 @@ impl Api {
                     state.revision,
                     txn,
                 )?;
+                let old_bytes = p.layer(tenant, key).map_or(0, |l| l.value.len());
+                let new_bytes = record.as_ref().map_or(0, |r| r.value.len());
+                let txn = crate::limits::plan_config_bytes(
+                    &self.limits.counts,
+                    project,
+                    p.config_bytes,
+                    new_bytes.saturating_sub(old_bytes),
+                    state.revision,
+                    txn,
+                )?;
                 let txn = plan_layer(
                     Some(p),
                     project,

@@ -242,7 +242,11 @@ impl GrpcApi {
     ) -> Result<Subscription<ConfigLens>, Status> {
         let q = request.get_ref();
         allow(&request, Action::Read, &q.project, &q.tenant)?;
+        let owner = watch_owner(&request)?;
         let r = request.into_inner();
+        if r.keys.len() + r.prefixes.len() > MAX_SELECTION_ITEMS {
+            return Err(selection_too_large(r.keys.len() + r.prefixes.len()).into());
+        }
         let hub: &Arc<Hub<ConfigLens>> = self.state.hub()?;
         Ok(hub
             .subscribe(
@@ -251,6 +255,7 @@ impl GrpcApi {
                 Selection::new(r.keys, r.prefixes),
                 r.start_revision,
                 self.state.shutdown.clone(),
+                owner,
             )
             .await?)
     }
@@ -263,7 +268,11 @@ impl GrpcApi {
     ) -> Result<Subscription<ServicesLens>, Status> {
         let q = request.get_ref();
         allow(&request, Action::Read, &q.project, &q.tenant)?;
+        let owner = watch_owner(&request)?;
         let r = request.into_inner();
+        if r.services.len() > MAX_SELECTION_ITEMS {
+            return Err(selection_too_large(r.services.len()).into());
+        }
         for service in &r.services {
             crate::domain::names::validate_service(service).map_err(bad)?;
         }
@@ -275,9 +284,31 @@ impl GrpcApi {
                 ServiceSelection::new(r.services),
                 r.start_revision,
                 self.state.shutdown.clone(),
+                owner,
             )
             .await?)
     }
+}
+
+/// Most keys plus prefixes (or services) one watch selects: the selection
+/// is kept for the stream's life and compared on every change.
+pub const MAX_SELECTION_ITEMS: usize = 1_024;
+
+fn selection_too_large(items: usize) -> ApiError {
+    ApiError::new(
+        strata_proto::v1::ErrorReason::LimitExceeded,
+        format!(
+            "a watch selects {items} keys, prefixes or services; the limit is \
+             {MAX_SELECTION_ITEMS}: select a common prefix instead"
+        ),
+    )
+    .with("limit", MAX_SELECTION_ITEMS)
+}
+
+/// The token a watch is counted against (`None` with auth off).
+fn watch_owner<T>(request: &Request<T>) -> Result<Option<Arc<str>>, ApiError> {
+    let principal = crate::auth::principal_of(request.extensions())?;
+    Ok((&*principal.token_id != "anonymous").then(|| Arc::clone(&principal.token_id)))
 }
 
 /// Route of `ConfigService.Watch`.

@@ -367,7 +367,18 @@ pub struct Hub<L: Lens> {
     groups: Mutex<HashMap<GroupKey<L::Selection>, Group<L>>>,
     member: String,
     metrics: HubMetrics,
+    /// The distinct selections each token watches, with how many of its
+    /// subscriptions watch each: every distinct selection keeps its own
+    /// resolved copy of the values it selects, so a token may hold only
+    /// `max_selections_per_token` of them at once (0: no limit).
+    owners: Mutex<HashMap<Arc<str>, HashMap<GroupKey<L::Selection>, usize>>>,
+    max_selections_per_token: usize,
 }
+
+/// Longest a subscription waits for this replica to reach the revision it
+/// resumes from (a replica a little behind the one the client came from
+/// catches up in milliseconds; a revision that does not exist never comes).
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl<L: Lens> std::fmt::Debug for Hub<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -379,13 +390,17 @@ impl<L: Lens> std::fmt::Debug for Hub<L> {
 }
 
 impl<L: Lens> Hub<L> {
-    /// A hub fed by `view` (it adds itself to the view's listeners).
-    pub fn new(view: Arc<View>, member: String) -> Arc<Self> {
+    /// A hub fed by `view` (it adds itself to the view's listeners). A
+    /// token may watch at most `max_selections_per_token` distinct
+    /// selections at once (0: no limit).
+    pub fn new(view: Arc<View>, member: String, max_selections_per_token: usize) -> Arc<Self> {
         let hub = Arc::new(Self {
             view: Arc::clone(&view),
             groups: Mutex::new(HashMap::new()),
             member,
             metrics: HubMetrics::new(L::NAME),
+            owners: Mutex::new(HashMap::new()),
+            max_selections_per_token,
         });
         let weak: Weak<Self> = Arc::downgrade(&hub);
         view.add_listener(Box::new(move |state, entry| {
@@ -493,7 +508,8 @@ impl<L: Lens> Hub<L> {
         self.metrics.fanout.record(started.elapsed().as_secs_f64());
     }
 
-    /// Starts a subscription (see [`Subscription`]).
+    /// Starts a subscription (see [`Subscription`]) for `owner`, the
+    /// subscribing token's id (`None`: not counted, as with auth off).
     pub async fn subscribe(
         self: &Arc<Self>,
         project: String,
@@ -501,6 +517,7 @@ impl<L: Lens> Hub<L> {
         selection: L::Selection,
         start_revision: Revision,
         shutdown: CancellationToken,
+        owner: Option<Arc<str>>,
     ) -> Result<Subscription<L>, ApiError> {
         if start_revision < 0 {
             return Err(ApiError::new(
@@ -509,19 +526,48 @@ impl<L: Lens> Hub<L> {
             ));
         }
         // A subscriber moving from a replica that is ahead waits until this
-        // one has caught up with what it already saw.
+        // one has caught up with what it already saw, but not forever: a
+        // revision no replica has reached would park the stream for good.
         if start_revision > 0 {
-            self.view.wait_for(start_revision - 1).await?;
+            let reached =
+                tokio::time::timeout(CATCH_UP_WAIT, self.view.wait_for(start_revision - 1)).await;
+            match reached {
+                Ok(result) => result?,
+                Err(_) => {
+                    return Err(ApiError::new(
+                        ErrorReason::Unavailable,
+                        format!(
+                            "start_revision {start_revision} is ahead of this replica (at \
+                             revision {}) and it did not catch up within {CATCH_UP_WAIT:?}; \
+                             resume from a revision this cluster has reached",
+                            self.view.revision()
+                        ),
+                    ));
+                }
+            }
         }
         let key = GroupKey {
             project,
             tenant,
             selection,
         };
-        let (rx, initial, after) = self.join(&key, start_revision)?;
+        let owner = match owner {
+            Some(owner) => Some(self.reserve(owner, &key)?),
+            None => None,
+        };
+        let (rx, initial, after) = match self.join(&key, start_revision) {
+            Ok(joined) => joined,
+            Err(e) => {
+                if let Some(owner) = &owner {
+                    self.release(owner, &key);
+                }
+                return Err(e);
+            }
+        };
         self.metrics.subscribers.increment(1.0);
         Ok(Subscription {
             hub: Arc::clone(self),
+            owner,
             key,
             rx: BroadcastStream::new(rx),
             pending: initial.into_iter().map(Item::Own).collect(),
@@ -531,6 +577,57 @@ impl<L: Lens> Hub<L> {
             shutdown,
             registered: None,
         })
+    }
+
+    /// Counts one more subscription of `owner` to `key`, refusing a new
+    /// distinct selection beyond the limit.
+    fn reserve(
+        &self,
+        owner: Arc<str>,
+        key: &GroupKey<L::Selection>,
+    ) -> Result<Arc<str>, ApiError> {
+        let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        let watched = owners.entry(Arc::clone(&owner)).or_default();
+        if let Some(count) = watched.get_mut(key) {
+            *count += 1;
+            return Ok(owner);
+        }
+        let max = self.max_selections_per_token;
+        if max != 0 && watched.len() >= max {
+            let held = watched.len();
+            if held == 0 {
+                owners.remove(&owner);
+            }
+            return Err(ApiError::new(
+                ErrorReason::LimitExceeded,
+                format!(
+                    "token {owner} already watches {held} distinct {} selections; the limit is \
+                     {max} (limits.max_watch_selections_per_token): close some, or watch one \
+                     wider selection",
+                    L::NAME
+                ),
+            )
+            .with("limit", max)
+            .with("setting", "limits.max_watch_selections_per_token"));
+        }
+        watched.insert(key.clone(), 1);
+        Ok(owner)
+    }
+
+    /// Undoes one [`Self::reserve`].
+    fn release(&self, owner: &Arc<str>, key: &GroupKey<L::Selection>) {
+        let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(watched) = owners.get_mut(owner) {
+            if let Some(count) = watched.get_mut(key) {
+                *count -= 1;
+                if *count == 0 {
+                    watched.remove(key);
+                }
+            }
+            if watched.is_empty() {
+                owners.remove(owner);
+            }
+        }
     }
 
     /// Joins (or creates) the group under the view's read lock, so the
@@ -648,6 +745,8 @@ impl<L: Lens> Hub<L> {
 /// signal is registered once per task rather than on every poll.
 pub struct Subscription<L: Lens> {
     hub: Arc<Hub<L>>,
+    /// The token this subscription is counted against.
+    owner: Option<Arc<str>>,
     key: GroupKey<L::Selection>,
     rx: BroadcastStream<Arc<Push<L::Message>>>,
     pending: VecDeque<Item<L::Message>>,
@@ -670,6 +769,9 @@ impl<L: Lens> Unpin for Subscription<L> {}
 impl<L: Lens> Drop for Subscription<L> {
     fn drop(&mut self) {
         self.hub.metrics.subscribers.decrement(1.0);
+        if let Some(owner) = &self.owner {
+            self.hub.release(owner, &self.key);
+        }
     }
 }
 
@@ -826,7 +928,7 @@ mod tests {
             let view = View::load(store.as_ref(), JournalLimits::default())
                 .await
                 .unwrap();
-            let hub = Hub::<ConfigLens>::new(Arc::clone(&view), "m1".into());
+            let hub = Hub::<ConfigLens>::new(Arc::clone(&view), "m1".into(), 2);
             let shutdown = CancellationToken::new();
             tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), shutdown.clone()));
             let api = Api::new(store, view, Limits::default());
@@ -874,6 +976,7 @@ mod tests {
                     Selection::new(vec![key.into()], vec![]),
                     0,
                     self.shutdown.clone(),
+                    None,
                 )
                 .await
                 .unwrap()

@@ -50,6 +50,14 @@ pub struct CountLimits {
     pub max_key_bytes: usize,
     /// Longest label value, bytes.
     pub max_label_value_bytes: usize,
+    /// Most bytes of config values (the current layers of every tenant)
+    /// in one project.
+    pub max_config_bytes_per_project: usize,
+    /// Most streams (watches, keep-alives) one token holds open at once.
+    pub max_streams_per_token: usize,
+    /// Most distinct selections (project, tenant, keys) one token watches
+    /// at once, per kind of watch.
+    pub max_watch_selections_per_token: usize,
 }
 
 impl Default for CountLimits {
@@ -60,6 +68,9 @@ impl Default for CountLimits {
             max_instances_per_tenant: 50_000,
             max_key_bytes: crate::domain::names::MAX_KEY_LEN,
             max_label_value_bytes: 256,
+            max_config_bytes_per_project: 1 << 30,
+            max_streams_per_token: 20_000,
+            max_watch_selections_per_token: 1_000,
         }
     }
 }
@@ -108,6 +119,12 @@ pub struct LimitsFile {
     pub max_config_keys_per_tenant: Option<i64>,
     /// Most instances per tenant (0: unlimited).
     pub max_instances_per_tenant: Option<i64>,
+    /// Most config bytes per project (0: unlimited).
+    pub max_config_bytes_per_project: Option<i64>,
+    /// Most open streams per token (0: unlimited).
+    pub max_streams_per_token: Option<i64>,
+    /// Most distinct watched selections per token (0: unlimited).
+    pub max_watch_selections_per_token: Option<i64>,
     /// Requests per second per token (0: unlimited).
     pub requests_per_second: Option<f64>,
     /// Burst of requests per token.
@@ -179,6 +196,18 @@ pub(crate) fn apply_layers(
             limits.counts.max_instances_per_tenant =
                 count("limits.max_instances_per_tenant", s, v, 0, i64::MAX)?;
         }
+        if let Some(v) = l.max_config_bytes_per_project {
+            limits.counts.max_config_bytes_per_project =
+                count("limits.max_config_bytes_per_project", s, v, 0, i64::MAX)?;
+        }
+        if let Some(v) = l.max_streams_per_token {
+            limits.counts.max_streams_per_token =
+                count("limits.max_streams_per_token", s, v, 0, i64::MAX)?;
+        }
+        if let Some(v) = l.max_watch_selections_per_token {
+            limits.counts.max_watch_selections_per_token =
+                count("limits.max_watch_selections_per_token", s, v, 0, i64::MAX)?;
+        }
         if let Some(v) = l.requests_per_second {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid(
@@ -212,6 +241,49 @@ pub fn tenants_guard(project: &str) -> Vec<u8> {
 
 fn config_guard(project: &str, tenant: &str) -> Vec<u8> {
     format!("q/{project}/{tenant}/c").into_bytes()
+}
+
+fn config_bytes_guard(project: &str) -> Vec<u8> {
+    format!("q/{project}/bytes").into_bytes()
+}
+
+/// Writes that grow a project's config bytes pin its guard once they are
+/// this close to the limit.
+pub const CONFIG_BYTES_GUARD_MARGIN: usize = 64 << 20;
+
+/// Checks that a project holding `current` bytes of config values may grow
+/// by `growth`, and guards the total near the limit (a write that shrinks
+/// or keeps the total is never refused).
+pub(crate) fn plan_config_bytes(
+    limits: &CountLimits,
+    project: &str,
+    current: usize,
+    growth: usize,
+    seen: Revision,
+    txn: Txn,
+) -> Result<Txn, ApiError> {
+    let max = limits.max_config_bytes_per_project;
+    if max == 0 || growth == 0 {
+        return Ok(txn);
+    }
+    if current.saturating_add(growth) > max {
+        return Err(exceeded(
+            format!(
+                "project {project:?} holds {current} bytes of config values and this write adds \
+                 {growth}; the limit is {max} bytes"
+            ),
+            max,
+            "limits.max_config_bytes_per_project",
+        ));
+    }
+    if current
+        .saturating_add(growth)
+        .saturating_add(CONFIG_BYTES_GUARD_MARGIN)
+        > max
+    {
+        return Ok(guard(txn, config_bytes_guard(project), seen));
+    }
+    Ok(txn)
 }
 
 fn instances_guard(project: &str, tenant: &str) -> Vec<u8> {
@@ -431,6 +503,134 @@ impl RateLimiter {
             ),
         )
         .with("retry_after_ms", wait.as_millis().max(1))
+    }
+}
+
+// ---------------------------------------------------------------- streams
+
+/// Open streams per token. A stream costs the daemon for as long as it is
+/// open (a subscription, buffers, an HTTP/2 stream), and one request opens
+/// it, so the request rate alone does not bound how many a token holds.
+#[derive(Debug)]
+pub struct StreamCounter {
+    max: usize,
+    open: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+/// One open stream, counted until dropped.
+#[derive(Debug)]
+pub struct StreamPermit {
+    counter: Arc<StreamCounter>,
+    token: Arc<str>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = self
+            .counter
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.token) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.token);
+            }
+        }
+    }
+}
+
+impl StreamCounter {
+    /// A counter allowing `max` open streams per token (0: no limit).
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts one more open stream of `token`, or refuses it at the limit.
+    pub fn acquire(self: &Arc<Self>, token: &Arc<str>) -> Result<StreamPermit, ApiError> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(Arc::clone(token)).or_default();
+        if self.max != 0 && *n >= self.max {
+            let held = *n;
+            return Err(exceeded(
+                format!(
+                    "token {token:?} has {held} streams open; the limit is {}: close some, or \
+                     share one watch among more subscribers",
+                    self.max
+                ),
+                self.max,
+                "limits.max_streams_per_token",
+            ));
+        }
+        *n += 1;
+        Ok(StreamPermit {
+            counter: Arc::clone(self),
+            token: Arc::clone(token),
+        })
+    }
+}
+
+/// A response body holding a [`StreamPermit`] for as long as it lives.
+struct PermitBody {
+    inner: axum::body::Body,
+    _permit: StreamPermit,
+}
+
+impl http_body::Body for PermitBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Middleware counting the open gRPC streams of each token against
+/// `limits.max_streams_per_token` (inside authentication: it needs the
+/// principal). With auth off there is no token to count against.
+pub async fn stream_cap(
+    State(counter): State<Arc<StreamCounter>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let streaming = crate::telemetry::is_grpc(request.headers())
+        && crate::telemetry::grpc_methods()
+            .get(request.uri().path())
+            .copied()
+            .unwrap_or(false);
+    let token = request
+        .extensions()
+        .get::<crate::auth::Principal>()
+        .filter(|p| streaming && &*p.token_id != "anonymous")
+        .map(|p| Arc::clone(&p.token_id));
+    let Some(token) = token else {
+        return next.run(request).await;
+    };
+    match counter.acquire(&token) {
+        Ok(permit) => next.run(request).await.map(|inner| {
+            axum::body::Body::new(PermitBody {
+                inner,
+                _permit: permit,
+            })
+        }),
+        Err(error) => tonic::Status::from(error).into_http(),
     }
 }
 

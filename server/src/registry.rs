@@ -677,6 +677,23 @@ impl Api {
                     state.revision,
                     txn,
                 )?;
+                let growth: usize = layers
+                    .iter()
+                    .map(|(key, record)| {
+                        let old = planned
+                            .and_then(|p| p.layer(&tenant, key))
+                            .map_or(0, |l| l.value.len());
+                        record.value.len().saturating_sub(old)
+                    })
+                    .sum();
+                txn = crate::limits::plan_config_bytes(
+                    &self.limits.counts,
+                    &project,
+                    p.map_or(0, |p| p.config_bytes),
+                    growth,
+                    state.revision,
+                    txn,
+                )?;
                 for (id, record) in &instances {
                     let lease = if record.persistent { 0 } else { lease };
                     txn = plan_instance(

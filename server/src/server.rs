@@ -63,6 +63,8 @@ pub struct DaemonState {
     /// Request rate per token (the middleware's, and each KeepAlive
     /// message's).
     pub rate: Arc<crate::limits::RateLimiter>,
+    /// Open streams per token.
+    pub streams: Arc<crate::limits::StreamCounter>,
     ready: AtomicBool,
     api: OnceLock<Api>,
     hub: OnceLock<Arc<Hub<ConfigLens>>>,
@@ -196,6 +198,7 @@ pub async fn run(
         auth: crate::auth::Authenticator::new(&options.auth),
         audit,
         rate: crate::limits::RateLimiter::new(options.limits.rate),
+        streams: crate::limits::StreamCounter::new(options.limits.counts.max_streams_per_token),
         ready: AtomicBool::new(false),
         api: OnceLock::new(),
         hub: OnceLock::new(),
@@ -289,6 +292,10 @@ pub async fn run(
             crate::audit::record,
         ))
         .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.streams),
+            crate::limits::stream_cap,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.rate),
             crate::limits::rate_limit,
         ))
@@ -336,10 +343,18 @@ pub async fn run(
     // The hub must listen before the view follows, so no revision escapes it.
     let _ = state
         .hub
-        .set(Hub::new(Arc::clone(&view), state.member.clone()));
+        .set(Hub::new(
+            Arc::clone(&view),
+            state.member.clone(),
+            options.limits.counts.max_watch_selections_per_token,
+        ));
     let _ = state
         .services_hub
-        .set(Hub::new(Arc::clone(&view), state.member.clone()));
+        .set(Hub::new(
+            Arc::clone(&view),
+            state.member.clone(),
+            options.limits.counts.max_watch_selections_per_token,
+        ));
     // Tokens load (and on a new store, the admin token is created) before
     // readiness, so a ready daemon authenticates every valid token.
     let token_file = options

@@ -114,6 +114,8 @@ pub struct ProjectView {
     /// belongs to the projects whose instances it keeps alive, and only
     /// callers of those projects may renew it.
     pub leases: HashMap<LeaseId, usize>,
+    /// Bytes of the values of every current layer of the project.
+    pub config_bytes: usize,
 }
 
 impl ProjectView {
@@ -510,14 +512,21 @@ impl ProjectView {
                 self.tenants.remove(tenant);
             }
             (Object::Layer(key), Some(Image::Layer(entry))) => {
-                self.layers
+                self.config_bytes += entry.value.len();
+                let old = self
+                    .layers
                     .entry(tenant.to_owned())
                     .or_default()
                     .insert(key.clone(), entry.clone());
+                if let Some(old) = old {
+                    self.config_bytes = self.config_bytes.saturating_sub(old.value.len());
+                }
             }
             (Object::Layer(key), _) => {
                 if let Some(layers) = self.layers.get_mut(tenant) {
-                    layers.remove(key);
+                    if let Some(old) = layers.remove(key) {
+                        self.config_bytes = self.config_bytes.saturating_sub(old.value.len());
+                    }
                     if layers.is_empty() {
                         self.layers.remove(tenant);
                     }

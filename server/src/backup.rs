@@ -1027,6 +1027,8 @@ fn add_record(api: &Api, project: &str, p: &mut ProjectIn, record: Record) -> Re
                 draining,
                 registered_at_unix_ms,
             };
+            crate::registry::validate_imported(&record, limits, api.probe_policy())
+                .map_err(|e| e.prefixed(&format!("instance {id:?}: ")))?;
             if p.instances
                 .insert((tenant, service, id.clone()), record)
                 .is_some()

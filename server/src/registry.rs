@@ -143,6 +143,7 @@ pub struct BranchRegistered {
 fn instance_record(
     spec: &InstanceSpec,
     limits: &registry::RegistrationLimits,
+    probes: &crate::probe_policy::ProbePolicy,
     now: i64,
 ) -> Result<InstanceRecord, ApiError> {
     let record = registry::build_record(spec, limits, now).map_err(instance_error)?;
@@ -153,8 +154,69 @@ fn instance_record(
             .spec
             .validate()
             .map_err(|e| invalid(format!("check: {e}")))?;
+        // A literal address is checked now, so the caller learns at once
+        // that it cannot be probed; names are checked at every probe.
+        if let Ok(addr) = target.address.parse::<std::net::SocketAddr>() {
+            probes
+                .check(addr)
+                .map_err(|e| ApiError::new(ErrorReason::PermissionDenied, format!("check: {e}")))?;
+        }
     }
     Ok(record)
+}
+
+/// Validates an instance read from a backup with the rules of a
+/// registration (limits, check, probe policy): an import must not store
+/// what registering could not.
+pub(crate) fn validate_imported(
+    record: &InstanceRecord,
+    limits: &registry::RegistrationLimits,
+    probes: &crate::probe_policy::ProbePolicy,
+) -> Result<(), ApiError> {
+    let mut endpoints = Vec::with_capacity(record.endpoints.len());
+    for (name, e) in &record.endpoints {
+        let protocol = e
+            .protocol
+            .parse::<registry::Protocol>()
+            .map_err(|e| invalid(e.0))?;
+        endpoints.push((name.clone(), e.address.clone(), Some(protocol)));
+    }
+    let check = match &record.check {
+        None => None,
+        Some(c) => Some(registry::CheckSpec {
+            kind: match c.kind.as_str() {
+                "tcp" => registry::CheckKind::Tcp,
+                "http" => registry::CheckKind::Http {
+                    path: c.http_path.clone(),
+                    status: u16::try_from(c.http_status).ok().filter(|s| *s != 0),
+                },
+                "grpc" => registry::CheckKind::Grpc {
+                    service: c.grpc_service.clone(),
+                },
+                other => {
+                    return Err(invalid(format!(
+                        "check kind {other:?} is not tcp, http or grpc"
+                    )));
+                }
+            },
+            endpoint: Some(c.endpoint.clone()),
+            interval_ms: c.interval_ms,
+            timeout_ms: c.timeout_ms,
+            failure_threshold: c.failure_threshold,
+            success_threshold: c.success_threshold,
+        }),
+    };
+    let spec = InstanceSpec {
+        endpoints,
+        protocol: None,
+        metadata: record.metadata.clone(),
+        weight: record.weight,
+        version: record.version.clone(),
+        persistent: record.persistent,
+        ttl_seconds: 0,
+        check,
+    };
+    instance_record(&spec, limits, probes, record.registered_at_unix_ms).map(drop)
 }
 
 fn instance_error(e: InvalidInstance) -> ApiError {
@@ -284,7 +346,12 @@ impl Api {
         if let Some(id) = &req.id {
             names::validate_id("instance id", id).map_err(name_error)?;
         }
-        let record = instance_record(&req.spec, &self.limits.registration, unix_now_ms())?;
+        let record = instance_record(
+            &req.spec,
+            &self.limits.registration,
+            &self.probes,
+            unix_now_ms(),
+        )?;
         let id = req.id.clone().unwrap_or_else(|| generate_id(&req.service));
         // The lease's granted TTL is learnt here, from the look-up or the
         // grant, so the answer needs no further store call: each one waits
@@ -579,7 +646,7 @@ impl Api {
             if let Some(id) = id {
                 names::validate_id("instance id", id).map_err(name_error)?;
             }
-            let record = instance_record(spec, &self.limits.registration, now)
+            let record = instance_record(spec, &self.limits.registration, &self.probes, now)
                 .map_err(|e| e.prefixed(&format!("instance {i}: ")))?;
             let id = id.clone().unwrap_or_else(|| generate_id(&req.service));
             if !ids.insert(id.clone()) {

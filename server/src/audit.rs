@@ -1407,4 +1407,48 @@ mod tests {
         assert_eq!(base64_engine::decode(b"aGVsbG8").unwrap(), b"hello");
         assert!(base64_engine::decode(b"a*").is_none());
     }
+
+    /// Finding 3 of the security review: refusals of one token are recorded
+    /// up to the budget per minute; the rest are counted and summed up in
+    /// the token's next recorded refusal, and other tokens are unaffected.
+    #[test]
+    fn refusals_beyond_the_budget_are_counted_not_recorded_finding_3() {
+        let mut budgets = RefusalBudgets::default();
+        let reader: Arc<str> = "reader".into();
+        let other: Arc<str> = "other".into();
+        for _ in 0..3 {
+            assert!(matches!(
+                budgets.admit(&reader, 3, 1_000),
+                RefusalVerdict::Record { suppressed: 0, .. }
+            ));
+        }
+        for _ in 0..1_000 {
+            assert!(matches!(
+                budgets.admit(&reader, 3, 2_000),
+                RefusalVerdict::Suppress
+            ));
+        }
+        assert!(matches!(
+            budgets.admit(&other, 3, 2_000),
+            RefusalVerdict::Record { suppressed: 0, .. }
+        ));
+        // A new window: the first refusal carries the count of the
+        // suppressed ones and when they began.
+        budgets
+            .by_token
+            .get_mut(&reader)
+            .unwrap()
+            .window_start -= REFUSAL_WINDOW;
+        assert!(matches!(
+            budgets.admit(&reader, 3, 70_000),
+            RefusalVerdict::Record {
+                suppressed: 1_000,
+                since_ms: 2_000
+            }
+        ));
+        assert!(matches!(
+            budgets.admit(&reader, 3, 70_001),
+            RefusalVerdict::Record { suppressed: 0, .. }
+        ));
+    }
 }

@@ -1192,4 +1192,77 @@ mod tests {
         // Both subscribers were handed the very same buffer.
         assert_eq!(seen[0].as_ptr(), seen[1].as_ptr());
     }
+
+    /// Finding 6 of the security review: a token holds a bounded number of
+    /// distinct selections (each keeps its own resolved copy); the same
+    /// selection again is free, and closing one frees its slot.
+    #[tokio::test]
+    async fn a_token_watches_a_bounded_number_of_selections_finding_6() {
+        let rig = Rig::new().await;
+        rig.tenant("base", "").await;
+        let owner: Arc<str> = "t1".into();
+        let watch = |key: &str| {
+            rig.hub.subscribe(
+                "p".into(),
+                "base".into(),
+                Selection::new(vec![key.into()], vec![]),
+                0,
+                rig.shutdown.clone(),
+                Some(Arc::clone(&owner)),
+            )
+        };
+        let a = watch("a").await.unwrap();
+        let _b = watch("b").await.unwrap();
+        let _a_again = watch("a").await.unwrap();
+        let Err(refused) = watch("c").await else {
+            panic!("a third distinct selection must be refused");
+        };
+        assert_eq!(refused.reason, ErrorReason::LimitExceeded);
+        assert!(
+            refused.to_string().contains("limits.max_watch_selections_per_token"),
+            "{refused}"
+        );
+        // Another token is not charged for this one's selections.
+        rig.hub
+            .subscribe(
+                "p".into(),
+                "base".into(),
+                Selection::new(vec!["c".into()], vec![]),
+                0,
+                rig.shutdown.clone(),
+                Some("t2".into()),
+            )
+            .await
+            .unwrap();
+        drop(a);
+        assert!(watch("c").await.is_err(), "'a' is still watched once");
+        drop(_a_again);
+        watch("c").await.unwrap();
+    }
+
+    /// Finding 6: a start revision this replica never reaches is refused
+    /// after a bounded wait instead of parking the stream forever.
+    #[tokio::test]
+    async fn a_start_revision_from_the_future_is_refused_finding_6() {
+        let rig = Rig::new().await;
+        rig.tenant("base", "").await;
+        let started = std::time::Instant::now();
+        let Err(refused) = rig
+            .hub
+            .subscribe(
+                "p".into(),
+                "base".into(),
+                Selection::new(vec!["a".into()], vec![]),
+                i64::MAX / 2,
+                rig.shutdown.clone(),
+                None,
+            )
+            .await
+        else {
+            panic!("a revision from the future must be refused");
+        };
+        assert_eq!(refused.reason, ErrorReason::Unavailable);
+        assert!(refused.to_string().contains("ahead of this replica"), "{refused}");
+        assert!(started.elapsed() < CATCH_UP_WAIT + std::time::Duration::from_secs(5));
+    }
 }

@@ -301,7 +301,7 @@ fn guard(txn: Txn, guard: Vec<u8>, seen: Revision) -> Txn {
 }
 
 fn exceeded(what: String, limit: usize, setting: &str) -> ApiError {
-    ApiError::new(ErrorReason::LimitExceeded, what)
+    ApiError::new(ErrorReason::LimitExceeded, format!("{what} ({setting})"))
         .with("limit", limit)
         .with("setting", setting)
 }

@@ -363,4 +363,17 @@ mod tests {
         assert_eq!(grpc_code_name("3"), "INVALID_ARGUMENT");
         assert_eq!(grpc_code_name("16"), "UNAUTHENTICATED");
     }
+
+    /// Finding 1 of the security review: only methods the daemon serves can
+    /// become a label, and the set knows which of them stream.
+    #[test]
+    fn only_served_grpc_methods_are_labels_finding_1() {
+        let methods = grpc_methods();
+        assert_eq!(methods.get("/strata.v1.ConfigService/Watch"), Some(&true));
+        assert_eq!(methods.get("/strata.v1.RegistryService/KeepAlive"), Some(&true));
+        assert_eq!(methods.get("/strata.v1.TenantService/ListTenants"), Some(&false));
+        assert_eq!(methods.get("/grpc.health.v1.Health/Check"), Some(&false));
+        assert_eq!(methods.get("/strata.v1.ConfigService/Nope"), None);
+        assert_eq!(methods.get(&format!("/{}", "x".repeat(60_000))), None);
+    }
 }

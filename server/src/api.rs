@@ -37,6 +37,8 @@ pub struct Limits {
     pub counts: crate::limits::CountLimits,
     /// Requests per second per token.
     pub rate: crate::limits::RateSettings,
+    /// Open connections and how fast clients must send their requests.
+    pub connections: crate::listener::ConnectionLimits,
 }
 
 /// Most pruned versions deleted by one write: keeps each transaction small
@@ -53,6 +55,7 @@ impl Default for Limits {
             registration: crate::domain::registry::RegistrationLimits::default(),
             counts: crate::limits::CountLimits::default(),
             rate: crate::limits::RateSettings::default(),
+            connections: crate::listener::ConnectionLimits::default(),
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod keyspace;
 pub mod leader;
 pub mod limits;
+pub mod listener;
 pub mod probe;
 pub mod probe_policy;
 pub mod registry;

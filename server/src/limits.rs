@@ -125,6 +125,10 @@ pub struct LimitsFile {
     pub max_streams_per_token: Option<i64>,
     /// Most distinct watched selections per token (0: unlimited).
     pub max_watch_selections_per_token: Option<i64>,
+    /// Most open connections (0: unlimited).
+    pub max_connections: Option<i64>,
+    /// Longest a client may take to send a request head (`10s`).
+    pub header_read_timeout: Option<String>,
     /// Requests per second per token (0: unlimited).
     pub requests_per_second: Option<f64>,
     /// Burst of requests per token.
@@ -207,6 +211,22 @@ pub(crate) fn apply_layers(
         if let Some(v) = l.max_watch_selections_per_token {
             limits.counts.max_watch_selections_per_token =
                 count("limits.max_watch_selections_per_token", s, v, 0, i64::MAX)?;
+        }
+        if let Some(v) = l.max_connections {
+            limits.connections.max_connections =
+                count("limits.max_connections", s, v, 0, i64::MAX)?;
+        }
+        if let Some(v) = &l.header_read_timeout {
+            let timeout = humantime::parse_duration(v.trim())
+                .map_err(|e| invalid("limits.header_read_timeout", s, format!("{v:?}: {e}")))?;
+            if timeout.is_zero() {
+                return Err(invalid(
+                    "limits.header_read_timeout",
+                    s,
+                    "must not be zero".into(),
+                ));
+            }
+            limits.connections.header_read_timeout = timeout;
         }
         if let Some(v) = l.requests_per_second {
             if !(v.is_finite() && v >= 0.0) {

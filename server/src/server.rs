@@ -318,19 +318,14 @@ pub async fn run(
 
     let stop_accepting = state.shutdown.clone();
     let tls = options.tls.clone();
+    let connections = options.limits.connections;
     let server = tokio::spawn(async move {
         let stopped = async move { stop_accepting.cancelled().await };
         match tls {
-            None => {
-                axum::serve(DaemonListener(listener), app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }
+            None => crate::listener::serve(DaemonListener(listener), app, connections, stopped).await,
             Some(tls) => {
                 let listener = crate::tls::TlsListener::new(DaemonListener(listener), tls);
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
+                crate::listener::serve(listener, app, connections, stopped).await
             }
         }
     });

@@ -122,6 +122,15 @@ fn describe() {
         "Service resolutions answered, by project and whether they fell back to an ancestor \
          tenant."
     );
+    describe_counter!(
+        "strata_connections_refused_total",
+        "Connections closed at accept because limits.max_connections were open."
+    );
+    describe_counter!(
+        "strata_audit_refusals_suppressed_total",
+        "Refused calls not written to the audit log because their token exceeded \
+         audit.max_refusals_per_minute (each token's next recorded refusal counts them)."
+    );
     describe_gauge!("strata_store_revision", "Latest committed store revision.");
     describe_gauge!(
         "strata_store_compacted_revision",

@@ -669,3 +669,84 @@ async fn gap_imported_instances_are_validated_like_registrations() {
     assert!(err.contains("metadata entries"), "{err}");
     assert!(err.contains("nothing was imported"), "{err}");
 }
+
+/// Reads from `stream` until the peer closes it; how long that took, or
+/// `None` when it stayed open for `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt as _;
+    let started = Instant::now();
+    let mut buf = [0_u8; 1024];
+    let read_to_end = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read_to_end)
+        .await
+        .ok()
+        .map(|()| started.elapsed())
+}
+
+/// Finding 10 (the daemon's listener): a client that sends nothing, or
+/// dribbles its request head (slowloris), loses its connection after
+/// `limits.header_read_timeout`; connections beyond
+/// `limits.max_connections` are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_10_slow_and_surplus_connections_are_closed() {
+    use tokio::io::AsyncWriteExt as _;
+    let (daemon, _dir) =
+        start_with("[limits]\nheader_read_timeout = \"1s\"\nmax_connections = 6\n").await;
+
+    // Silent.
+    let mut silent = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let after = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(after.is_some(), "a silent connection stayed open");
+
+    // Slowloris: one byte of a never-ending head every 100 ms.
+    let slow = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let (mut read, mut write) = slow.into_split();
+    let dribble = tokio::spawn(async move {
+        let head = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {}", "a".repeat(200));
+        for byte in head.bytes() {
+            if write.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let started = Instant::now();
+    let mut buf = [0_u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        use tokio::io::AsyncReadExt as _;
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    dribble.abort();
+    assert!(closed.is_ok(), "a slowloris head was still being read after 5 s");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+
+    // The cap: six idle connections fill it, the seventh is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(tokio::net::TcpStream::connect(daemon.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut surplus = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let after = closed_within(&mut surplus, Duration::from_millis(700)).await;
+    assert!(after.is_some(), "a connection over the cap was kept");
+    // Once the idle ones time out, the daemon serves again.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = http_get(daemon.addr, "/healthz").await.unwrap();
+    assert_eq!(status, 200);
+    let (_, metrics) = http_get(daemon.addr, "/metrics").await.unwrap();
+    assert!(metrics.contains("strata_connections_refused_total"), "counted");
+}

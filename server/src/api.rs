@@ -884,8 +884,7 @@ impl Api {
     ) -> Result<(Vec<(String, Resolved)>, Revision), ApiError> {
         let (selected, revision) = {
             let state = self.view.read();
-            let p =
-                project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
+            let p = project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
             let chain = p
                 .chain(tenant)
                 .ok_or_else(|| tenant_missing(project, tenant))?;
@@ -931,8 +930,7 @@ impl Api {
     ) -> Result<(Explained, Revision), ApiError> {
         let (layers, revision) = {
             let state = self.view.read();
-            let p =
-                project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
+            let p = project_view(&state, project).ok_or_else(|| tenant_missing(project, tenant))?;
             let chain = p
                 .chain(tenant)
                 .ok_or_else(|| tenant_missing(project, tenant))?;

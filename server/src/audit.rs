@@ -688,8 +688,9 @@ impl RefusalBudgets {
     fn admit(&mut self, token: &Arc<str>, per_window: u32, now_ms: i64) -> RefusalVerdict {
         let now = std::time::Instant::now();
         if self.by_token.len() >= MAX_REFUSAL_BUDGETS && !self.by_token.contains_key(token) {
-            self.by_token
-                .retain(|_, b| now.duration_since(b.window_start) < REFUSAL_WINDOW || b.suppressed > 0);
+            self.by_token.retain(|_, b| {
+                now.duration_since(b.window_start) < REFUSAL_WINDOW || b.suppressed > 0
+            });
             if self.by_token.len() >= MAX_REFUSAL_BUDGETS {
                 // Still full of live budgets: record without tracking.
                 return RefusalVerdict::Record {
@@ -967,9 +968,7 @@ pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next:
                     RefusalVerdict::Record { .. } => {}
                 }
             }
-            auditor
-                .append(&scope.entry(now_ms, &code, &message))
-                .await;
+            auditor.append(&scope.entry(now_ms, &code, &message)).await;
         }
     }
     response
@@ -1434,11 +1433,7 @@ mod tests {
         ));
         // A new window: the first refusal carries the count of the
         // suppressed ones and when they began.
-        budgets
-            .by_token
-            .get_mut(&reader)
-            .unwrap()
-            .window_start -= REFUSAL_WINDOW;
+        budgets.by_token.get_mut(&reader).unwrap().window_start -= REFUSAL_WINDOW;
         assert!(matches!(
             budgets.admit(&reader, 3, 70_000),
             RefusalVerdict::Record {

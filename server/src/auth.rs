@@ -18,10 +18,10 @@
 //! do everything.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use std::future::Future as _;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;

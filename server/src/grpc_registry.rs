@@ -340,7 +340,9 @@ impl RegistryService for GrpcApi {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         allow(&request, Action::Heartbeat, "", "")?;
-        let scope = crate::auth::principal_of(request.extensions())?.project.clone();
+        let scope = crate::auth::principal_of(request.extensions())?
+            .project
+            .clone();
         let lease = request.into_inner().lease_id;
         let api = self.api()?;
         let ttl = api.heartbeat(lease, scope.as_deref()).await?;

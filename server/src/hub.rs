@@ -371,9 +371,13 @@ pub struct Hub<L: Lens> {
     /// subscriptions watch each: every distinct selection keeps its own
     /// resolved copy of the values it selects, so a token may hold only
     /// `max_selections_per_token` of them at once (0: no limit).
-    owners: Mutex<HashMap<Arc<str>, HashMap<GroupKey<L::Selection>, usize>>>,
+    owners: Mutex<HashMap<Arc<str>, Watched<L::Selection>>>,
     max_selections_per_token: usize,
 }
+
+/// The distinct selections one token watches, each with its number of
+/// subscriptions.
+type Watched<S> = HashMap<GroupKey<S>, usize>;
 
 /// Longest a subscription waits for this replica to reach the revision it
 /// resumes from (a replica a little behind the one the client came from
@@ -581,11 +585,7 @@ impl<L: Lens> Hub<L> {
 
     /// Counts one more subscription of `owner` to `key`, refusing a new
     /// distinct selection beyond the limit.
-    fn reserve(
-        &self,
-        owner: Arc<str>,
-        key: &GroupKey<L::Selection>,
-    ) -> Result<Arc<str>, ApiError> {
+    fn reserve(&self, owner: Arc<str>, key: &GroupKey<L::Selection>) -> Result<Arc<str>, ApiError> {
         let mut owners = self.owners.lock().unwrap_or_else(PoisonError::into_inner);
         let watched = owners.entry(Arc::clone(&owner)).or_default();
         if let Some(count) = watched.get_mut(key) {
@@ -1219,7 +1219,9 @@ mod tests {
         };
         assert_eq!(refused.reason, ErrorReason::LimitExceeded);
         assert!(
-            refused.to_string().contains("limits.max_watch_selections_per_token"),
+            refused
+                .to_string()
+                .contains("limits.max_watch_selections_per_token"),
             "{refused}"
         );
         // Another token is not charged for this one's selections.
@@ -1262,7 +1264,10 @@ mod tests {
             panic!("a revision from the future must be refused");
         };
         assert_eq!(refused.reason, ErrorReason::Unavailable);
-        assert!(refused.to_string().contains("ahead of this replica"), "{refused}");
+        assert!(
+            refused.to_string().contains("ahead of this replica"),
+            "{refused}"
+        );
         assert!(started.elapsed() < CATCH_UP_WAIT + std::time::Duration::from_secs(5));
     }
 }

@@ -80,8 +80,8 @@ where
     L: axum::serve::Listener,
     L::Io: Send + 'static,
 {
-    let permits = (limits.max_connections != 0)
-        .then(|| Arc::new(Semaphore::new(limits.max_connections)));
+    let permits =
+        (limits.max_connections != 0).then(|| Arc::new(Semaphore::new(limits.max_connections)));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()

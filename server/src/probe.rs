@@ -765,7 +765,10 @@ async fn connect(address: &str, policy: &ProbePolicy) -> Result<TcpStream, Probe
     let mut denied = None;
     let mut failed = None;
     let mut stream = None;
-    for addr in tokio::net::lookup_host(address).await.map_err(connect_error)? {
+    for addr in tokio::net::lookup_host(address)
+        .await
+        .map_err(connect_error)?
+    {
         if let Err(why) = policy.check(addr) {
             denied.get_or_insert(why);
             continue;
@@ -888,10 +891,7 @@ async fn probe_grpc(
     let stream = connect(address, policy).await?;
     let handed = Mutex::new(Some(stream));
     let connector = tower::service_fn(move |_: http::Uri| {
-        let stream = handed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let stream = handed.lock().unwrap_or_else(PoisonError::into_inner).take();
         async move {
             stream.map(TokioIo::new).ok_or_else(|| {
                 std::io::Error::new(

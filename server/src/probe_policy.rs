@@ -59,7 +59,9 @@ impl Network {
         let ip = canonical(ip);
         match (self.base, ip) {
             (IpAddr::V4(base), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(base) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(base), IpAddr::V6(ip)) => {
@@ -106,9 +108,7 @@ impl fmt::Display for Network {
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -171,7 +171,9 @@ pub struct ProbePolicy {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
     /// The address is the daemon's own listener or an etcd endpoint.
-    #[error("{0} is stratad's own listener or one of its etcd endpoints; probes never connect there")]
+    #[error(
+        "{0} is stratad's own listener or one of its etcd endpoints; probes never connect there"
+    )]
     Own(SocketAddr),
     /// The address is in a denied network.
     #[error(
@@ -235,7 +237,8 @@ impl ProbePolicy {
         if addr.ip().is_unspecified() {
             self.own_ports.push(addr.port());
         } else {
-            self.own.push(SocketAddr::new(canonical(addr.ip()), addr.port()));
+            self.own
+                .push(SocketAddr::new(canonical(addr.ip()), addr.port()));
         }
     }
 

@@ -322,7 +322,9 @@ pub async fn run(
     let server = tokio::spawn(async move {
         let stopped = async move { stop_accepting.cancelled().await };
         match tls {
-            None => crate::listener::serve(DaemonListener(listener), app, connections, stopped).await,
+            None => {
+                crate::listener::serve(DaemonListener(listener), app, connections, stopped).await
+            }
             Some(tls) => {
                 let listener = crate::tls::TlsListener::new(DaemonListener(listener), tls);
                 crate::listener::serve(listener, app, connections, stopped).await
@@ -336,20 +338,16 @@ pub async fn run(
     metrics::gauge!("strata_store_revision").set(loaded.revision as f64);
     metrics::gauge!("strata_store_compacted_revision").set(loaded.compacted_revision as f64);
     // The hub must listen before the view follows, so no revision escapes it.
-    let _ = state
-        .hub
-        .set(Hub::new(
-            Arc::clone(&view),
-            state.member.clone(),
-            options.limits.counts.max_watch_selections_per_token,
-        ));
-    let _ = state
-        .services_hub
-        .set(Hub::new(
-            Arc::clone(&view),
-            state.member.clone(),
-            options.limits.counts.max_watch_selections_per_token,
-        ));
+    let _ = state.hub.set(Hub::new(
+        Arc::clone(&view),
+        state.member.clone(),
+        options.limits.counts.max_watch_selections_per_token,
+    ));
+    let _ = state.services_hub.set(Hub::new(
+        Arc::clone(&view),
+        state.member.clone(),
+        options.limits.counts.max_watch_selections_per_token,
+    ));
     // Tokens load (and on a new store, the admin token is created) before
     // readiness, so a ready daemon authenticates every valid token.
     let token_file = options

@@ -317,14 +317,14 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
         None => status.as_str(),
     };
     let handles = cached.or_else(|| {
-            let route = route?;
-            let label = if grpc {
-                route.clone()
-            } else {
-                format!("{method} {route}")
-            };
-            Some(insert_op(&route, &method, &label))
-        });
+        let route = route?;
+        let label = if grpc {
+            route.clone()
+        } else {
+            format!("{method} {route}")
+        };
+        Some(insert_op(&route, &method, &label))
+    });
     let op: &OpMetrics = match &handles {
         Some(op) => op,
         None => unmatched(),
@@ -379,8 +379,14 @@ mod tests {
     fn only_served_grpc_methods_are_labels_finding_1() {
         let methods = grpc_methods();
         assert_eq!(methods.get("/strata.v1.ConfigService/Watch"), Some(&true));
-        assert_eq!(methods.get("/strata.v1.RegistryService/KeepAlive"), Some(&true));
-        assert_eq!(methods.get("/strata.v1.TenantService/ListTenants"), Some(&false));
+        assert_eq!(
+            methods.get("/strata.v1.RegistryService/KeepAlive"),
+            Some(&true)
+        );
+        assert_eq!(
+            methods.get("/strata.v1.TenantService/ListTenants"),
+            Some(&false)
+        );
         assert_eq!(methods.get("/grpc.health.v1.Health/Check"), Some(&false));
         assert_eq!(methods.get("/strata.v1.ConfigService/Nope"), None);
         assert_eq!(methods.get(&format!("/{}", "x".repeat(60_000))), None);

@@ -127,7 +127,10 @@ async fn finding_1_unknown_grpc_paths_do_not_grow_metrics() {
         before.len(),
         after.len()
     );
-    assert!(after.contains("op=\"unmatched\""), "unknown paths count as unmatched");
+    assert!(
+        after.contains("op=\"unmatched\""),
+        "unknown paths count as unmatched"
+    );
     assert!(
         after.contains("op=\"/strata.v1.TenantService/ListTenants\",code=\"UNAUTHENTICATED\""),
         "known methods keep their label"
@@ -150,7 +153,12 @@ fn yaml_bomb() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finding_2_yaml_alias_bomb_is_refused() {
     let daemon = Daemon::start().await;
-    assert_eq!(call(&daemon, "PUT", &format!("{P}/integration"), "").await.0, 201);
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
     let started = Instant::now();
     let (status, json) = call(
         &daemon,
@@ -161,12 +169,25 @@ async fn finding_2_yaml_alias_bomb_is_refused() {
     .await;
     assert_eq!(status, 400, "{json}");
     assert!(
-        json["error"]["message"].as_str().unwrap().contains("expands"),
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("expands"),
         "{json}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     // Nothing was written, and the daemon still serves.
-    let (status, _) = call(&daemon, "GET", &format!("{P}/integration/config/bomb.yaml"), "").await;
+    let (status, _) = call(
+        &daemon,
+        "GET",
+        &format!("{P}/integration/config/bomb.yaml"),
+        "",
+    )
+    .await;
     assert_eq!(status, 404);
     assert_eq!(http_get(daemon.addr, "/readyz").await.unwrap().0, 200);
 }
@@ -178,7 +199,12 @@ async fn finding_2_yaml_alias_bomb_is_refused() {
 async fn finding_3_refused_calls_cannot_erase_the_audit_log() {
     let (daemon, _dir) =
         start_with("[audit]\nmax_entries = 200\nprune_interval = \"200ms\"\n").await;
-    assert_eq!(call(&daemon, "PUT", &format!("{P}/integration"), "").await.0, 201);
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
     let reader = token(&daemon, Role::Read, "").await;
     for i in 0..400 {
         let (status, _) = call_as(
@@ -207,7 +233,10 @@ async fn finding_3_refused_calls_cannot_erase_the_audit_log() {
         .iter()
         .filter(|e| e["result"] == "permission_denied")
         .count();
-    assert_eq!(denied, 60, "the default budget is 60 refusals per token and minute");
+    assert_eq!(
+        denied, 60,
+        "the default budget is 60 refusals per token and minute"
+    );
     let (_, metrics) = http_get(daemon.addr, "/metrics").await.unwrap();
     assert!(
         metrics.contains("strata_audit_refusals_suppressed_total 340"),
@@ -242,8 +271,17 @@ fn json_text(v: &Value) -> String {
 async fn finding_4_probes_cannot_scan_from_the_daemon() {
     let daemon = Daemon::start().await;
     let instances = format!("{P}/integration/services/api/instances");
-    assert_eq!(call(&daemon, "PUT", &format!("{P}/integration"), "").await.0, 201);
-    for target in ["169.254.169.254:80", &daemon.addr.to_string(), "[fe80::1]:80"] {
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
+    for target in [
+        "169.254.169.254:80",
+        &daemon.addr.to_string(),
+        "[fe80::1]:80",
+    ] {
         let (status, json) = call(&daemon, "POST", &instances, &probed("x", target)).await;
         assert_eq!(status, 403, "{target}: {json}");
         assert!(
@@ -287,7 +325,12 @@ async fn finding_4_probes_cannot_scan_from_the_daemon() {
     // With probes.deny_private, a name resolving to loopback is accepted
     // at registration but never connected to.
     let (locked, _dir) = start_with("[probes]\ndeny_private = true\n").await;
-    assert_eq!(call(&locked, "PUT", &format!("{P}/integration"), "").await.0, 201);
+    assert_eq!(
+        call(&locked, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (status, json) = call(
@@ -299,7 +342,10 @@ async fn finding_4_probes_cannot_scan_from_the_daemon() {
     .await;
     assert_eq!(status, 403, "{json}");
     assert!(
-        json["error"]["message"].as_str().unwrap().contains("probes.deny_private"),
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("probes.deny_private"),
         "{json}"
     );
     let (status, json) = call(
@@ -313,15 +359,16 @@ async fn finding_4_probes_cannot_scan_from_the_daemon() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, json) = call(&locked, "GET", &instances, "").await;
-        let detail = json["instances"][0]["health_detail"].as_str().unwrap_or_default();
+        let detail = json["instances"][0]["health_detail"]
+            .as_str()
+            .unwrap_or_default();
         if detail.contains("deny_private") {
             break;
         }
         assert!(Instant::now() < deadline, "not refused: {json}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let accepted =
-        tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
+    let accepted = tokio::time::timeout(Duration::from_millis(300), listener.accept()).await;
     assert!(accepted.is_err(), "the probe connected to a denied address");
 }
 
@@ -334,7 +381,12 @@ async fn finding_6_watches_and_data_are_bounded() {
         "[limits]\nmax_streams_per_token = 3\nmax_watch_selections_per_token = 2\nmax_config_bytes_per_project = 4096\n",
     )
     .await;
-    assert_eq!(call(&daemon, "PUT", &format!("{P}/integration"), "").await.0, 201);
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
     let reader = token(&daemon, Role::Read, "").await;
     let channel = daemon.channel_as(Some(&reader)).await;
     let watch = |keys: Vec<String>| {
@@ -370,7 +422,10 @@ async fn finding_6_watches_and_data_are_bounded() {
         Err(e) => e,
     };
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("max_streams_per_token"), "{refused:?}");
+    assert!(
+        refused.message().contains("max_streams_per_token"),
+        "{refused:?}"
+    );
     drop((a, b, a2));
 
     // One selection with too many keys.
@@ -385,9 +440,25 @@ async fn finding_6_watches_and_data_are_bounded() {
 
     // Config bytes per project: 3 KiB fits, 2 more KiB do not (in another
     // tenant too), and replacing a value with a smaller one always does.
-    assert_eq!(call(&daemon, "PUT", &format!("{P}/feat-1"), r#"{"parent":"integration"}"#).await.0, 201);
+    assert_eq!(
+        call(
+            &daemon,
+            "PUT",
+            &format!("{P}/feat-1"),
+            r#"{"parent":"integration"}"#
+        )
+        .await
+        .0,
+        201
+    );
     let big = "x".repeat(3 * 1024);
-    let (status, json) = call(&daemon, "PUT", &format!("{P}/integration/config/a.txt"), &big).await;
+    let (status, json) = call(
+        &daemon,
+        "PUT",
+        &format!("{P}/integration/config/a.txt"),
+        &big,
+    )
+    .await;
     assert_eq!(status, 200, "{json}");
     let (status, json) = call(
         &daemon,
@@ -401,10 +472,17 @@ async fn finding_6_watches_and_data_are_bounded() {
         json["error"]["message"].as_str().unwrap().contains("4096"),
         "{json}"
     );
-    assert_eq!(json["error"]["metadata"]["setting"],
-        "limits.max_config_bytes_per_project", "{json}");
-    let (status, json) =
-        call(&daemon, "PUT", &format!("{P}/integration/config/a.txt"), "small").await;
+    assert_eq!(
+        json["error"]["metadata"]["setting"], "limits.max_config_bytes_per_project",
+        "{json}"
+    );
+    let (status, json) = call(
+        &daemon,
+        "PUT",
+        &format!("{P}/integration/config/a.txt"),
+        "small",
+    )
+    .await;
     assert_eq!(status, 200, "{json}");
 }
 
@@ -432,7 +510,10 @@ async fn finding_7_tokens_stay_inside_their_scope() {
             call_as(&daemon, &hotfix, "PUT", &format!("{P}/hotfix-1"), &body).await;
         assert_eq!(status, 403, "under {parent}: {json}");
         assert!(
-            json["error"]["message"].as_str().unwrap().contains("under vega/"),
+            json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("under vega/"),
             "{json}"
         );
         let branch = format!(
@@ -490,7 +571,12 @@ async fn finding_7_tokens_stay_inside_their_scope() {
 
     // Leases: orion's instance cannot be kept alive by a vega token.
     let orion = "/v1/projects/orion/tenants";
-    assert_eq!(call(&daemon, "PUT", &format!("{orion}/integration"), "").await.0, 201);
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{orion}/integration"), "")
+            .await
+            .0,
+        201
+    );
     let ephemeral = r#"{"endpoints":{"main":"10.0.0.2:1"},"kind":"ephemeral","ttl_seconds":30}"#;
     let (status, theirs) = call(
         &daemon,
@@ -521,7 +607,10 @@ async fn finding_7_tokens_stay_inside_their_scope() {
     let (status, json) = call_as(&daemon, &feat, "POST", &beat(our_lease), "").await;
     assert_eq!(status, 200, "{json}");
     let (status, json) = call(&daemon, "POST", &beat(their_lease), "").await;
-    assert_eq!(status, 200, "an admin of every project renews any lease: {json}");
+    assert_eq!(
+        status, 200,
+        "an admin of every project renews any lease: {json}"
+    );
 }
 
 /// Known gap: a revoked token's open streams (Watch, WatchServices,
@@ -529,7 +618,12 @@ async fn finding_7_tokens_stay_inside_their_scope() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_revocation_ends_open_streams() {
     let daemon = Daemon::start().await;
-    assert_eq!(call(&daemon, "PUT", &format!("{P}/integration"), "").await.0, 201);
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
     let created = TokenServiceClient::new(daemon.channel().await)
         .create_token(CreateTokenRequest {
             name: "sdk".into(),
@@ -596,9 +690,13 @@ async fn gap_revocation_ends_open_streams() {
 /// rate, like a unary Heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_keep_alive_messages_are_rate_limited() {
-    let (daemon, _dir) =
-        start_with("[limits]\nrequests_per_second = 5\nrequest_burst = 5\n").await;
-    assert_eq!(call(&daemon, "PUT", &format!("{P}/integration"), "").await.0, 201);
+    let (daemon, _dir) = start_with("[limits]\nrequests_per_second = 5\nrequest_burst = 5\n").await;
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
     let sdk = token(&daemon, Role::Register, "integration").await;
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let (status, json) = call_as(
@@ -630,7 +728,10 @@ async fn gap_keep_alive_messages_are_rate_limited() {
     };
     assert!(renewed <= 5, "{renewed} renewals within a burst of 5");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
-    assert!(refused.message().contains("requests per second"), "{refused:?}");
+    assert!(
+        refused.message().contains("requests per second"),
+        "{refused:?}"
+    );
 }
 
 /// Known gap: an import applies the registration rules to the instances it
@@ -639,7 +740,10 @@ async fn gap_keep_alive_messages_are_rate_limited() {
 async fn gap_imported_instances_are_validated_like_registrations() {
     let dir = tempfile::tempdir().unwrap();
     let (roomy, _d1) = start_with("[limits]\nmax_metadata_entries = 100\n").await;
-    assert_eq!(call(&roomy, "PUT", &format!("{P}/integration"), "").await.0, 201);
+    assert_eq!(
+        call(&roomy, "PUT", &format!("{P}/integration"), "").await.0,
+        201
+    );
     let metadata: serde_json::Map<String, Value> = (0..10)
         .map(|i| (format!("m{i}"), Value::String("v".into())))
         .collect();
@@ -709,7 +813,10 @@ async fn finding_10_slow_and_surplus_connections_are_closed() {
     let slow = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
     let (mut read, mut write) = slow.into_split();
     let dribble = tokio::spawn(async move {
-        let head = format!("GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {}", "a".repeat(200));
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {}",
+            "a".repeat(200)
+        );
         for byte in head.bytes() {
             if write.write_all(&[byte]).await.is_err() {
                 return;
@@ -730,8 +837,15 @@ async fn finding_10_slow_and_surplus_connections_are_closed() {
     })
     .await;
     dribble.abort();
-    assert!(closed.is_ok(), "a slowloris head was still being read after 5 s");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        closed.is_ok(),
+        "a slowloris head was still being read after 5 s"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The cap: six idle connections fill it, the seventh is closed at once.
     let mut held = Vec::new();
@@ -748,5 +862,8 @@ async fn finding_10_slow_and_surplus_connections_are_closed() {
     let (status, _) = http_get(daemon.addr, "/healthz").await.unwrap();
     assert_eq!(status, 200);
     let (_, metrics) = http_get(daemon.addr, "/metrics").await.unwrap();
-    assert!(metrics.contains("strata_connections_refused_total"), "counted");
+    assert!(
+        metrics.contains("strata_connections_refused_total"),
+        "counted"
+    );
 }

@@ -231,17 +231,15 @@ pub fn parse(format: Format, bytes: &[u8]) -> Result<Document, DocumentError> {
             if text.trim().is_empty() {
                 return Ok(Document::Tree(Value::Null));
             }
-            bounded_yaml(text)
-                .map(Document::Tree)
-                .map_err(|e| {
-                    let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-                    DocumentError::Syntax {
-                        format,
-                        line,
-                        column,
-                        message: strip_position(&e.to_string()),
-                    }
-                })
+            bounded_yaml(text).map(Document::Tree).map_err(|e| {
+                let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+                DocumentError::Syntax {
+                    format,
+                    line,
+                    column,
+                    message: strip_position(&e.to_string()),
+                }
+            })
         }
         Format::Toml => {
             let table = text.parse::<toml::Table>().map_err(|e| {
@@ -292,10 +290,7 @@ fn strip_position(message: &str) -> String {
 /// Overlays `patch` onto `pairs` key by key, keeping the first position of
 /// each key. Linear in both: a key's slot is found through an index, not by
 /// scanning (a scan made a large properties merge quadratic).
-fn overlay(
-    pairs: &mut Vec<(String, String)>,
-    patch: impl IntoIterator<Item = (String, String)>,
-) {
+fn overlay(pairs: &mut Vec<(String, String)>, patch: impl IntoIterator<Item = (String, String)>) {
     let mut index: HashMap<String, usize> = HashMap::with_capacity(pairs.len());
     for (i, (k, _)) in pairs.iter().enumerate() {
         index.entry(k.clone()).or_insert(i);
@@ -712,7 +707,11 @@ mod tests {
         // Quadratic took minutes here; linear takes milliseconds.
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         assert_eq!(merged.len(), n);
-        assert_eq!(merged[0], ("k0".into(), "patch".into()), "first position kept");
+        assert_eq!(
+            merged[0],
+            ("k0".into(), "patch".into()),
+            "first position kept"
+        );
         assert_eq!(merged[n - 1].0, format!("k{}", n - 1));
     }
 }

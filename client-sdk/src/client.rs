@@ -120,6 +120,12 @@ impl ClientBuilder {
     /// client watches (not `watch_tenant_services`, whose users need live
     /// data) in `<dir>/<project>/<tenant>.json`, so a game server started
     /// while every daemon is down starts from it. Off unless set.
+    ///
+    /// The directory may be shared: directories the cache creates are 0700,
+    /// its files 0600, written through a randomly named temporary file that
+    /// is never a symlink's target. With a cache, [`build`](Self::build)
+    /// refuses a project or tenant that is not a DNS label (the daemon's
+    /// rule), so neither can lead outside `dir`.
     pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cache_dir = Some(dir.into());
         self
@@ -169,8 +175,8 @@ impl ClientBuilder {
             .transpose()?;
         let cache = self
             .cache_dir
-            .map(|dir| DiskCache::open(&dir, &self.project, &self.tenant))
-            .map(Arc::new);
+            .map(|dir| DiskCache::open(&dir, &self.project, &self.tenant).map(Arc::new))
+            .transpose()?;
         let trace = self.tracing.start("strata-client")?;
         Ok(Client {
             inner: Arc::new(Inner {

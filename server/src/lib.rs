@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod keyspace;
 pub mod leader;
 pub mod limits;
+pub mod private_fs;
 pub mod probe;
 pub mod registry;
 pub mod registry_jobs;

@@ -299,12 +299,7 @@ async fn listen_address_in_use_exits_nonzero_with_one_clear_line() {
     // tempdir's 0755 would add a warning line about its mode.
     let data = dir.path().join("data");
     let (status, stderr) = run_stratad(
-        &[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--listen",
-            &addr,
-        ],
+        &["--data-dir", data.to_str().unwrap(), "--listen", &addr],
         &[],
     )
     .await;

@@ -330,7 +330,14 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
     let (code, out, err) = cli(&https_endpoint, &["status"], &flag_env).await;
     assert_eq!(code, 1, "trusting another CA: {out}{err}");
     assert!(err.contains("UnknownIssuer"), "{err}");
-    let (code, out, err) = cli(&format!("http://{}", daemon.addr), &["status"], &env).await;
+    let plain_endpoint = format!("http://{}", daemon.addr);
+    // With a CA configured, an http:// endpoint is refused before dialling
+    // (issue 16, finding 10): it would carry the token in clear.
+    let (code, out, err) = cli(&plain_endpoint, &["status"], &env).await;
+    assert_eq!(code, 2, "http:// next to --tls-ca: {out}{err}");
+    assert!(err.contains("--allow-plaintext"), "{err}");
+    let plain_env = [("STRATA_TOKEN", token.as_str())];
+    let (code, out, err) = cli(&plain_endpoint, &["status"], &plain_env).await;
     assert_eq!(code, 1, "plaintext to a TLS port: {out}{err}");
 
     // The SDK reads and follows a key over TLS.

@@ -6,15 +6,16 @@
 #
 # - Prometheus rules: `promtool check rules` and the unit tests
 #   (`promtool test rules deploy/prometheus/alerts_test.yaml`).
-# - Helm chart: rendered for both modes with Helm's engine (PyPI
+# - Helm chart: rendered for both modes, and with TLS, with Helm's engine (PyPI
 #   helm-python-sdk), `helm lint --strict`, every manifest validated against
 #   the Kubernetes schemas (PyPI kubernetes-validate, strict), the rendered
 #   copies in deploy/helm/rendered/ up to date (scripts/check_chart.py).
 # - The Dockerfile: multi-stage, slim non-root runtime with the three
 #   binaries (scripts/check_dockerfile.py; CI has no Docker daemon).
 # - The Grafana dashboard: every panel query parses (promtool).
-# - systemd: `systemd-analyze verify` of deploy/systemd/stratad.service, and
-#   `systemd-analyze security` keeping its exposure score at most 2.0.
+# - systemd: `systemd-analyze verify` of deploy/systemd/stratad.service (also
+#   with its commented TLS lines enabled), and `systemd-analyze security`
+#   keeping its exposure score at most 2.0.
 #
 # Installs what is missing: promtool is extracted from Debian's
 # `prometheus` package (only the binary: installing the package would start
@@ -113,6 +114,16 @@ if command -v systemd-analyze >/dev/null 2>&1; then
   out=$(systemd-analyze verify "$unit_dir/stratad.service" 2>&1) || { echo "$out"; exit 1; }
   # verify exits 0 on some warnings (unknown keys); treat any line about our unit as a failure.
   if echo "$out" | grep -i "stratad.service" | grep -v "^$"; then
+    exit 1
+  fi
+  # The commented-out TLS lines must stay valid once uncommented.
+  mkdir -p "$unit_dir/tls"
+  sed -e 's/^#LoadCredential=/LoadCredential=/' -e 's/^#Environment=/Environment=/' \
+    "$unit_dir/stratad.service" >"$unit_dir/tls/stratad.service"
+  grep -q '^LoadCredential=tls.key:' "$unit_dir/tls/stratad.service" || { echo "stratad.service: no TLS example lines"; exit 1; }
+  out=$(systemd-analyze verify "$unit_dir/tls/stratad.service" 2>&1) || { echo "$out"; exit 1; }
+  if echo "$out" | grep -i "stratad.service" | grep -v "^$"; then
+    echo "stratad.service with its TLS lines uncommented: see above"
     exit 1
   fi
   # systemd's exposure score (0 best, 10 worst) stays at most 2.0.

@@ -7,7 +7,7 @@ schemas (kubernetes-validate, strict: unknown fields are errors).
     check_chart.py            # check: render, lint, validate, compare with the checked-in copies
     check_chart.py --update   # rewrite deploy/helm/rendered/*.yaml from the chart
 
-The rendered copies (deploy/helm/rendered/{embedded,etcd}.yaml) are for
+The rendered copies (deploy/helm/rendered/{embedded,etcd,tls}.yaml) are for
 readers and for `kubectl apply` without helm; the check fails when they are
 not what the chart renders now. Called by scripts/check-deploy.sh.
 """
@@ -32,6 +32,22 @@ K8S_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
 # minimal schemas hold them to the fields the operator requires.
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "$defs": {
+            "secretKeySelector": {
+                "type": "object",
+                "required": ["name", "key"],
+                "additionalProperties": False,
+                "properties": {"name": {"type": "string"}, "key": {"type": "string"}},
+            },
+            "secretOrConfigMap": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "secret": {"$ref": "#/$defs/secretKeySelector"},
+                    "configMap": {"$ref": "#/$defs/secretKeySelector"},
+                },
+            },
+        },
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
         "properties": {
@@ -51,6 +67,17 @@ CRD_SCHEMAS = {
                                 "port": {"type": "string"},
                                 "path": {"type": "string"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "scheme": {"enum": ["http", "https"]},
+                                "tlsConfig": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "serverName": {"type": "string"},
+                                        "ca": {"$ref": "#/$defs/secretOrConfigMap"},
+                                        "cert": {"$ref": "#/$defs/secretOrConfigMap"},
+                                        "keySecret": {"$ref": "#/$defs/secretKeySelector"},
+                                    },
+                                },
                             },
                         },
                     },
@@ -172,7 +199,7 @@ def main() -> int:
         if message.get("severity", 0) > 1:
             errors.append(f"helm lint: {message}")
     errors.extend(f"helm lint: {e}" for e in lint.get("errors", []))
-    for mode in ("embedded", "etcd"):
+    for mode in ("embedded", "etcd", "tls"):
         text = render(mode)
         errors.extend(validate(mode, text))
         target = RENDERED / f"{mode}.yaml"

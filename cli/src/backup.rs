@@ -20,9 +20,9 @@ pub(crate) struct ExportArgs {
     /// Export every project instead of `--project`.
     #[arg(long)]
     all: bool,
-    /// File to write (`-` for stdout). Written to `FILE.partial` first and
-    /// renamed when complete, so a failed export never leaves a file that
-    /// looks whole.
+    /// File to write (`-` for stdout), mode 0600. Written to `FILE.partial`
+    /// first and renamed when complete, so a failed export never leaves a
+    /// file that looks whole; an existing `FILE.partial` is an error.
     #[arg(long, short = 'f')]
     file: PathBuf,
 }
@@ -65,10 +65,7 @@ pub(crate) async fn export(ctx: &Ctx, args: ExportArgs) -> Result<(), Failure> {
     let mut sink: Box<dyn Write> = if to_stdout {
         Box::new(std::io::stdout().lock())
     } else {
-        Box::new(std::io::BufWriter::new(
-            std::fs::File::create(&partial)
-                .map_err(|e| format!("cannot create {}: {e}", partial.display()))?,
-        ))
+        Box::new(std::io::BufWriter::new(create_partial(&partial)?))
     };
     let mut bytes = 0usize;
     let mut header: Option<serde_json::Value> = None;
@@ -125,6 +122,27 @@ pub(crate) async fn export(ctx: &Ctx, args: ExportArgs) -> Result<(), Failure> {
         ctx.out.record(&fields);
     }
     Ok(())
+}
+
+/// Creates the `.partial` file: new (never an existing file, nor a
+/// symlink's target: another user who can write the directory could plant
+/// one) and 0600 (a backup holds every config value of the project).
+fn create_partial(partial: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(partial)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "cannot create {}: it already exists (left by an interrupted export, or \
+                 not yours); remove it and export again",
+                partial.display()
+            ),
+            _ => format!("cannot create {}: {e}", partial.display()),
+        })
 }
 
 fn partial_path(file: &Path) -> PathBuf {
@@ -234,4 +252,35 @@ pub(crate) async fn import(ctx: &Ctx, args: ImportArgs) -> Result<(), Failure> {
         ("revision", json!(done.header.map_or(0, |h| h.revision))),
     ]);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Finding 8 (issue 16), the unit half of
+    /// `cli_export_partial_file_is_private_and_not_a_symlink_target_finding_8`
+    /// in tests/tests/backup.rs.
+    #[test]
+    fn cli_partial_file_is_new_private_and_never_a_symlink_target_finding_8() {
+        let dir = tempfile::tempdir().unwrap();
+        let partial = partial_path(&dir.path().join("a.backup"));
+        drop(create_partial(&partial).unwrap());
+        let mode = std::fs::metadata(&partial).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let err = create_partial(&partial).unwrap_err();
+        assert!(
+            err.contains("already exists") && err.contains("a.backup.partial"),
+            "{err}"
+        );
+
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let planted = partial_path(&dir.path().join("b.backup"));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let err = create_partial(&planted).unwrap_err();
+        assert!(err.contains("already exists"), "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    }
 }

@@ -64,6 +64,17 @@ struct Cli {
     timeout: Duration,
     #[command(flatten)]
     tls: tls::TlsArgs,
+    /// Accept an endpoint list that mixes TLS and plaintext (https:// or
+    /// --tls-ca next to http://). Refused by default: when the TLS
+    /// endpoints fail, the token would go to an http:// one in clear.
+    #[arg(
+        long,
+        env = "STRATA_ALLOW_PLAINTEXT",
+        global = true,
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    allow_plaintext: bool,
     #[command(flatten)]
     token: token::TokenArgs,
     #[command(subcommand)]
@@ -300,15 +311,25 @@ pub(crate) struct Ctx {
     pub(crate) tls: Option<strata_client::TlsConfig>,
     /// Bearer token from `STRATA_TOKEN` or `--token-file`.
     pub(crate) token: Option<String>,
+    /// `--allow-plaintext` / `STRATA_ALLOW_PLAINTEXT`.
+    pub(crate) allow_plaintext: bool,
 }
 
 impl Ctx {
     /// Connects to the first reachable daemon.
     pub(crate) async fn connect(&self) -> Result<Connection, Failure> {
-        let connection =
-            Connection::connect_with_tls(&self.endpoints, self.timeout, self.tls.as_ref())
+        let tls = self.tls.as_ref();
+        let connected = if self.allow_plaintext {
+            Connection::connect_allowing_plaintext_fallback(&self.endpoints, self.timeout, tls)
                 .await
-                .map_err(|e| Failure::Server(e.to_string()))?;
+        } else {
+            Connection::connect_with_tls(&self.endpoints, self.timeout, tls).await
+        };
+        let connection = connected.map_err(|e| match e {
+            // The command line cannot work as given, whatever the daemons do.
+            Error::PlaintextFallback { .. } => Failure::Usage(format!("--endpoints: {e}")),
+            _ => Failure::Server(e.to_string()),
+        })?;
         match &self.token {
             Some(token) => connection
                 .with_token(token)
@@ -342,6 +363,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         out: cli.output,
         tls: cli.tls.config().map_err(Failure::Usage)?,
         token: cli.token.token().map_err(Failure::Usage)?,
+        allow_plaintext: cli.allow_plaintext,
     };
     // Service commands validate their arguments before connecting, so a usage
     // error is reported as one even when no daemon is up.

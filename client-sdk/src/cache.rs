@@ -9,9 +9,17 @@
 //! the cache dirty and one background task writes the newest state, so a
 //! burst of changes (or a thousand watches seeing one change) costs one
 //! write.
+//!
+//! The directory may be shared with other users (`/tmp/strata`, a volume
+//! several game servers mount), so nothing in it is trusted by name: the
+//! temporary file has a random name and is created exclusively without
+//! following symlinks, files are 0600 and directories the cache creates
+//! 0700, and `project`/`tenant` must be DNS labels (the daemon's rule) so
+//! they can never climb out of it (`..`, `/`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use strata_proto::v1::{Protocol, ResolvedValue};
 use tokio::sync::Notify;
 
+use crate::Error;
 use crate::discovery::{Endpoint, ResolvedService, ServiceInstance};
 
 /// Pause between a change and its write, gathering further changes into
@@ -229,10 +238,14 @@ pub(crate) struct DiskCache {
 impl DiskCache {
     /// Opens the cache for `project`/`tenant` under `dir`, loading what an
     /// earlier run left. A missing or unreadable file is an empty cache (and
-    /// a warning): a cache must never stop a game server from starting.
-    pub(crate) fn open(dir: &Path, project: &str, tenant: &str) -> Self {
+    /// a warning): a cache must never stop a game server from starting. A
+    /// project or tenant that is not a DNS label is refused: it would not
+    /// name a file inside `dir` (`..`, `/`), and the daemon refuses it too.
+    pub(crate) fn open(dir: &Path, project: &str, tenant: &str) -> Result<Self, Error> {
+        check_component("project", project)?;
+        check_component("tenant", tenant)?;
         let path = dir.join(project).join(format!("{tenant}.json"));
-        let file = match std::fs::read(&path) {
+        let file = match read_no_follow(&path) {
             Ok(bytes) => match serde_json::from_slice::<CacheFile>(&bytes) {
                 Ok(file) if file.project == project && file.tenant == tenant => file,
                 Ok(_) => {
@@ -256,7 +269,7 @@ impl DiskCache {
             tenant: tenant.to_owned(),
             ..file
         };
-        Self {
+        Ok(Self {
             path,
             state: Arc::new(Mutex::new(State {
                 file,
@@ -265,7 +278,7 @@ impl DiskCache {
             dirty: Arc::new(Notify::new()),
             writer: Mutex::new(None),
             written: Arc::new(AtomicU64::new(0)),
-        }
+        })
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -441,30 +454,88 @@ fn selected(key: &str, keys: &[String], prefixes: &[String]) -> bool {
     keys.iter().any(|k| k == key) || prefixes.iter().any(|p| key.starts_with(p.as_str()))
 }
 
+/// Longest project or tenant name (a DNS label).
+const MAX_NAME_LEN: usize = 63;
+
+/// Checks that a project or tenant name is a DNS label (1–63 of `a-z`,
+/// `0-9`, `-`, not starting or ending with `-`) — the daemon's rule,
+/// repeated here because the SDK does not depend on the server. Such a name
+/// is one plain path component: never `.`, `..`, empty, or with a `/`.
+fn check_component(what: &str, name: &str) -> Result<(), Error> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "cache_dir: {what} {name:?} cannot name a disk cache file: use 1 to \
+             {MAX_NAME_LEN} of a-z, 0-9 and '-', starting and ending with a letter or digit"
+        )))
+    }
+}
+
+/// Reads a cache file, refusing a symlink in its place (someone else who
+/// can write a shared cache directory could point it at another file).
+fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Creates `dir` and its missing parents as 0700. Directories that already
+/// exist keep their mode: the application chose them (and may share them
+/// on purpose); what the cache writes into them is 0600 anyway.
+fn create_private_dirs(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Creates `path` as a new 0600 file. `create_new` (`O_EXCL`) fails on
+/// anything already there, a planted symlink included; `O_NOFOLLOW` says
+/// the same again for systems where `O_EXCL` is not enough.
+fn create_private_new(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
 /// Temp file in the same directory (so the rename stays on one file
 /// system), fsync, rename, fsync of the directory (so the rename itself is
 /// durable).
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("cache path has no directory"))?;
-    std::fs::create_dir_all(dir)?;
+    create_private_dirs(dir)?;
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("cache.json");
-    // Unique per process and write: several game servers on one host may
-    // share a cache directory.
-    let tmp = dir.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    // Random rather than pid and counter: several game servers on one host
+    // may share the directory, and a name others can predict is a name they
+    // can occupy first.
+    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+    // Not ours if this fails (it already existed): leave it alone.
+    let mut file = create_private_new(&tmp)?;
     let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
+        // rename replaces a symlink at `path` itself, never its target.
         std::fs::rename(&tmp, path)?;
         std::fs::File::open(dir)?.sync_all()
     })();
@@ -492,13 +563,13 @@ mod tests {
     async fn values_survive_a_reopen_including_binary_ones() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let cache = DiskCache::open(dir.path(), "vega", "feat-1");
+            let cache = DiskCache::open(dir.path(), "vega", "feat-1").unwrap();
             let mut view = BTreeMap::new();
             view.insert("a.json".to_string(), value("a.json", b"{\"x\":1}"));
             view.insert("bin/b".to_string(), value("bin/b", &[0, 159, 255]));
             cache.store(&["a.json".into()], &["bin/".into()], &view, 9);
         } // dropped: flushed
-        let cache = DiskCache::open(dir.path(), "vega", "feat-1");
+        let cache = DiskCache::open(dir.path(), "vega", "feat-1").unwrap();
         let (values, revision) = cache.lookup(&["a.json".into()], &[]).unwrap();
         assert_eq!(revision, 9);
         assert_eq!(values["a.json"].value, b"{\"x\":1}");
@@ -506,14 +577,14 @@ mod tests {
         assert_eq!(values["bin/b"].value, vec![0, 159, 255]);
         assert!(cache.lookup(&["missing".into()], &[]).is_none());
         // Another tenant's cache is another file.
-        let other = DiskCache::open(dir.path(), "vega", "feat-2");
+        let other = DiskCache::open(dir.path(), "vega", "feat-2").unwrap();
         assert!(other.lookup(&["a.json".into()], &[]).is_none());
     }
 
     #[tokio::test]
     async fn a_snapshot_drops_keys_of_the_selection_it_no_longer_has() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), "p", "t");
+        let cache = DiskCache::open(dir.path(), "p", "t").unwrap();
         let mut view = BTreeMap::new();
         view.insert("m/a".to_string(), value("m/a", b"1"));
         view.insert("m/b".to_string(), value("m/b", b"2"));
@@ -550,7 +621,7 @@ mod tests {
             revision: 12,
         };
         {
-            let cache = DiskCache::open(dir.path(), "vega", "feat-1");
+            let cache = DiskCache::open(dir.path(), "vega", "feat-1").unwrap();
             let mut view = BTreeMap::new();
             view.insert("a.json".to_string(), value("a.json", b"{}"));
             cache.store(&["a.json".into()], &[], &view, 9);
@@ -558,7 +629,7 @@ mod tests {
         }
         let text = std::fs::read_to_string(dir.path().join("vega/feat-1.json")).unwrap();
         assert!(text.contains("PROTOCOL_GRPC"), "{text}");
-        let cache = DiskCache::open(dir.path(), "vega", "feat-1");
+        let cache = DiskCache::open(dir.path(), "vega", "feat-1").unwrap();
         assert_eq!(cache.lookup_service("matchmaker"), Some(resolved));
         assert!(cache.lookup_service("other").is_none());
         // The config value is still there: one file holds both.
@@ -577,7 +648,7 @@ mod tests {
                 "values":{"k":{"format":"text","value":"v"}}}"#,
         )
         .unwrap();
-        let cache = DiskCache::open(dir.path(), "p", "t");
+        let cache = DiskCache::open(dir.path(), "p", "t").unwrap();
         assert!(cache.lookup(&["k".into()], &[]).is_some());
         assert!(cache.lookup_service("matchmaker").is_none());
     }
@@ -587,7 +658,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("p")).unwrap();
         std::fs::write(dir.path().join("p/t.json"), b"{\"version\":1,").unwrap();
-        let cache = DiskCache::open(dir.path(), "p", "t");
+        let cache = DiskCache::open(dir.path(), "p", "t").unwrap();
         assert!(cache.lookup(&["k".into()], &[]).is_none());
     }
 
@@ -603,5 +674,140 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["c.json"]);
+    }
+
+    /// Finding 8 (issue 16): `project`/`tenant` were joined into the cache
+    /// path as given, so `../` put the file outside the cache directory.
+    #[test]
+    fn sdk_cache_refuses_path_traversal_finding_8() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        for (project, tenant) in [
+            ("p", "../../escaped"),
+            ("..", "t"),
+            ("../x", "t"),
+            ("p", "a/b"),
+            ("/abs", "t"),
+            ("p", "."),
+        ] {
+            let built = crate::Client::builder()
+                .endpoints(["127.0.0.1:1"])
+                .project(project)
+                .tenant(tenant)
+                .cache_dir(&dir)
+                .build();
+            match built {
+                Ok(client) => panic!(
+                    "project {project:?} tenant {tenant:?} was accepted; cache file {:?}",
+                    client.cache_path()
+                ),
+                Err(e) => {
+                    let text = e.to_string();
+                    assert!(matches!(e, crate::Error::Config(_)), "{text}");
+                    assert!(text.contains("cache"), "names the setting: {text}");
+                }
+            }
+        }
+        // Nothing was created outside (nor inside) the cache directory.
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+        // Valid names still work.
+        let client = crate::Client::builder()
+            .endpoints(["127.0.0.1:1"])
+            .project("vega")
+            .tenant("feat-1")
+            .cache_dir(&dir)
+            .build()
+            .unwrap();
+        assert_eq!(
+            client.cache_path(),
+            Some(dir.join("vega/feat-1.json").as_path())
+        );
+    }
+
+    /// Finding 8: the temporary file had a predictable name
+    /// (`.<name>.<pid>.<counter>.tmp`) and was opened with `File::create`,
+    /// which follows a symlink planted there by whoever else can write the
+    /// (possibly shared) cache directory.
+    #[test]
+    fn sdk_cache_temp_file_does_not_follow_a_planted_symlink_finding_8() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("shared");
+        std::fs::create_dir(&cache).unwrap();
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, b"precious").unwrap();
+        // Every name the old scheme could pick in this process for a while.
+        let pid = std::process::id();
+        for n in 0..256 {
+            std::os::unix::fs::symlink(&victim, cache.join(format!(".c.json.{pid}.{n}.tmp")))
+                .unwrap();
+        }
+        let path = cache.join("c.json");
+        write_atomically(&path, b"cache").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&path).unwrap(), b"cache");
+        assert!(
+            !std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "the cache file is a regular file, not a planted link"
+        );
+    }
+
+    /// Finding 8: cache files and the directories created for them got the
+    /// process umask (0644/0755 with umask 022), so other local users could
+    /// read cached config.
+    #[tokio::test]
+    async fn sdk_cache_files_are_0600_and_new_dirs_0700_finding_8() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        {
+            let client = crate::Client::builder()
+                .endpoints(["127.0.0.1:1"])
+                .project("vega")
+                .tenant("feat-1")
+                .cache_dir(&dir)
+                .build()
+                .unwrap();
+            let cache = client.inner.cache.as_ref().unwrap();
+            let mut view = BTreeMap::new();
+            view.insert("a".to_string(), value("a", b"1"));
+            cache.store(&["a".into()], &[], &view, 1);
+        } // dropped: flushed
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700, "cache dir");
+        assert_eq!(mode(&dir.join("vega")), 0o700, "project dir");
+        assert_eq!(mode(&dir.join("vega/feat-1.json")), 0o600, "cache file");
+    }
+
+    /// Finding 8, the name-collision half: even at the exact temporary name,
+    /// a planted symlink is refused, not followed.
+    #[test]
+    fn sdk_cache_temp_create_refuses_a_symlink_at_its_name_finding_8() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = dir.path().join(".c.json.0123456789abcdef.tmp");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let err = create_private_new(&link).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A cache file replaced by a symlink is not read through it either.
+        let cache = dir.path().join("p");
+        std::fs::create_dir(&cache).unwrap();
+        std::fs::write(
+            &victim,
+            br#"{"version":1,"project":"p","tenant":"t","revision":4,"written_at_unix_ms":0,
+                "values":{"k":{"format":"text","value":"planted"}}}"#,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&victim, cache.join("t.json")).unwrap();
+        let opened = DiskCache::open(dir.path(), "p", "t").unwrap();
+        assert!(opened.lookup(&["k".into()], &[]).is_none());
     }
 }

@@ -28,6 +28,7 @@ pub struct ClientBuilder {
     backoff: Backoff,
     cache_dir: Option<PathBuf>,
     tls: Option<crate::tls::TlsConfig>,
+    allow_plaintext_fallback: bool,
     tracing: crate::trace::TracingConfig,
 }
 
@@ -47,6 +48,7 @@ impl Default for ClientBuilder {
             },
             cache_dir: None,
             tls: None,
+            allow_plaintext_fallback: false,
             tracing: crate::trace::TracingConfig::off(),
         }
     }
@@ -120,6 +122,12 @@ impl ClientBuilder {
     /// client watches (not `watch_tenant_services`, whose users need live
     /// data) in `<dir>/<project>/<tenant>.json`, so a game server started
     /// while every daemon is down starts from it. Off unless set.
+    ///
+    /// The directory may be shared: directories the cache creates are 0700,
+    /// its files 0600, written through a randomly named temporary file that
+    /// is never a symlink's target. With a cache, [`build`](Self::build)
+    /// refuses a project or tenant that is not a DNS label (the daemon's
+    /// rule), so neither can lead outside `dir`.
     pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cache_dir = Some(dir.into());
         self
@@ -136,16 +144,30 @@ impl ClientBuilder {
     }
 
     /// Talks to the daemons over TLS, verified and authenticated as `tls`
-    /// says: `host:port` endpoints then mean `https://host:port`
-    /// (`http://` ones stay plaintext). `https://` endpoints use TLS
-    /// without this too, trusting the system's roots.
+    /// says: `host:port` endpoints then mean `https://host:port`.
+    /// `https://` endpoints use TLS without this too, trusting the system's
+    /// roots. An explicit `http://` endpoint next to TLS is refused unless
+    /// [`allow_plaintext_fallback`](Self::allow_plaintext_fallback) is set.
     pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
         self.tls = Some(tls);
         self
     }
 
+    /// Allows an endpoint list that mixes TLS and plaintext (default
+    /// `false`): TLS configured or an `https://` endpoint, next to an
+    /// `http://` one. Without it [`build`](Self::build) refuses such a list
+    /// with [`Error::PlaintextFallback`], because failing over to the
+    /// plaintext endpoint sends the token and config in clear. Only for
+    /// migrations, on networks where that is acceptable.
+    pub fn allow_plaintext_fallback(mut self, allow: bool) -> Self {
+        self.allow_plaintext_fallback = allow;
+        self
+    }
+
     /// Builds the client. Nothing is dialled yet: the first call or watch
     /// connects. Fails on an empty endpoint list, an invalid endpoint, a
+    /// list mixing TLS and plaintext (see
+    /// [`allow_plaintext_fallback`](Self::allow_plaintext_fallback)), a
     /// missing tenant or a token that cannot be sent as a header.
     pub fn build(self) -> Result<Client, Error> {
         if self.tenant.is_empty() {
@@ -160,6 +182,11 @@ impl ClientBuilder {
             self.backoff,
             self.tls.as_ref(),
         )?;
+        crate::endpoints::check_plaintext_fallback(
+            &pool.uris(),
+            self.tls.is_some(),
+            self.allow_plaintext_fallback,
+        )?;
         let token = self
             .token
             .map(|t| {
@@ -169,8 +196,8 @@ impl ClientBuilder {
             .transpose()?;
         let cache = self
             .cache_dir
-            .map(|dir| DiskCache::open(&dir, &self.project, &self.tenant))
-            .map(Arc::new);
+            .map(|dir| DiskCache::open(&dir, &self.project, &self.tenant).map(Arc::new))
+            .transpose()?;
         let trace = self.tracing.start("strata-client")?;
         Ok(Client {
             inner: Arc::new(Inner {
@@ -444,5 +471,88 @@ mod tests {
             .await;
         assert_eq!(outcome.unwrap_err().code(), Some(tonic::Code::NotFound));
         assert_eq!(attempts, 1);
+    }
+
+    /// Finding 10 (issue 16): an endpoint list mixing `https://` and
+    /// `http://` (or TLS settings with an explicit `http://` endpoint) was
+    /// accepted, and failing over to the plaintext endpoint sent the bearer
+    /// token in clear.
+    #[test]
+    fn sdk_refuses_a_mixed_https_and_http_endpoint_list_finding_10() {
+        let tls = crate::TlsConfig::new;
+        let refused: Vec<(Vec<&str>, Option<crate::TlsConfig>)> = vec![
+            (vec!["https://127.0.0.1:1", "http://127.0.0.1:2"], None),
+            (vec!["http://127.0.0.1:1", "https://127.0.0.1:2"], None),
+            (vec!["http://127.0.0.1:1"], Some(tls())),
+            (vec!["127.0.0.1:1", "http://127.0.0.1:2"], Some(tls())),
+            (vec!["https://127.0.0.1:1", "127.0.0.1:2"], None),
+        ];
+        for (endpoints, tls) in refused {
+            let mut builder = Client::builder()
+                .endpoints(endpoints.clone())
+                .tenant("t")
+                .token("s3cret");
+            if let Some(tls) = tls {
+                builder = builder.tls(tls);
+            }
+            match builder.build() {
+                Ok(client) => panic!("{endpoints:?} accepted as {:?}", client.endpoints()),
+                Err(e) => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("allow_plaintext_fallback") && text.contains("http://"),
+                        "names the setting and the endpoint: {text}"
+                    );
+                }
+            }
+        }
+        // The override lets a mixed list through.
+        let client = Client::builder()
+            .endpoints(["https://127.0.0.1:1", "http://127.0.0.1:2"])
+            .tenant("t")
+            .allow_plaintext_fallback(true)
+            .build()
+            .unwrap();
+        assert_eq!(client.endpoints().len(), 2);
+        // Lists that do not mix are fine.
+        let accepted: Vec<(Vec<&str>, Option<crate::TlsConfig>)> = vec![
+            (vec!["https://127.0.0.1:1", "https://127.0.0.1:2"], None),
+            (vec!["https://127.0.0.1:1", "127.0.0.1:2"], Some(tls())),
+            (vec!["127.0.0.1:1", "http://127.0.0.1:2"], None),
+        ];
+        for (endpoints, tls) in accepted {
+            let mut builder = Client::builder().endpoints(endpoints.clone()).tenant("t");
+            if let Some(tls) = tls {
+                builder = builder.tls(tls);
+            }
+            assert!(builder.build().is_ok(), "{endpoints:?}");
+        }
+    }
+
+    /// Finding 10: the raw [`crate::Connection`] (the CLI's) refuses a mixed
+    /// list before dialling anything.
+    #[tokio::test]
+    async fn connection_refuses_a_mixed_https_and_http_endpoint_list_finding_10() {
+        let err = crate::Connection::connect_with_tls(
+            &["https://127.0.0.1:1", "http://127.0.0.1:2"],
+            Duration::from_millis(200),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::PlaintextFallback { .. })
+                && err.to_string().contains("allow_plaintext_fallback"),
+            "refused, not dialled: {err}"
+        );
+        // Allowed explicitly, it dials (and finds nothing there).
+        let err = crate::Connection::connect_allowing_plaintext_fallback(
+            &["https://127.0.0.1:1", "http://127.0.0.1:2"],
+            Duration::from_millis(200),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Unreachable { .. }), "{err}");
     }
 }

@@ -13,7 +13,7 @@ use strata_proto::v1::token_service_client::TokenServiceClient;
 use tonic::transport::Channel;
 
 use crate::Error;
-use crate::endpoints::parse_endpoint;
+use crate::endpoints::{check_plaintext_fallback, parse_endpoint};
 use crate::tls::{TlsConfig, error_chain};
 use crate::token::{AuthChannel, BearerToken};
 
@@ -35,15 +35,45 @@ impl Connection {
     }
 
     /// Like [`connect`](Self::connect), over TLS as `tls` says when given
-    /// (see [`TlsConfig`] for which endpoints use TLS).
+    /// (see [`TlsConfig`] for which endpoints use TLS). A list mixing TLS
+    /// and plaintext is refused with [`Error::PlaintextFallback`] before
+    /// anything is dialled.
     pub async fn connect_with_tls<S: AsRef<str>>(
         endpoints: &[S],
         timeout: Duration,
         tls: Option<&TlsConfig>,
     ) -> Result<Self, Error> {
+        Self::connect_checked(endpoints, timeout, tls, false).await
+    }
+
+    /// Like [`connect_with_tls`](Self::connect_with_tls), but accepts a list
+    /// mixing TLS and plaintext endpoints: when the TLS ones cannot be
+    /// reached, the token goes to an `http://` one in clear. For the CLI's
+    /// `--allow-plaintext`; say so only where that is acceptable.
+    pub async fn connect_allowing_plaintext_fallback<S: AsRef<str>>(
+        endpoints: &[S],
+        timeout: Duration,
+        tls: Option<&TlsConfig>,
+    ) -> Result<Self, Error> {
+        Self::connect_checked(endpoints, timeout, tls, true).await
+    }
+
+    async fn connect_checked<S: AsRef<str>>(
+        endpoints: &[S],
+        timeout: Duration,
+        tls: Option<&TlsConfig>,
+        allow_plaintext_fallback: bool,
+    ) -> Result<Self, Error> {
+        // Every endpoint is parsed before any is dialled: whether the list
+        // mixes TLS and plaintext depends on all of them.
+        let parsed = endpoints
+            .iter()
+            .map(|e| parse_endpoint(e.as_ref(), tls))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let uris: Vec<String> = parsed.iter().map(|(uri, _)| uri.clone()).collect();
+        check_plaintext_fallback(&uris, tls.is_some(), allow_plaintext_fallback)?;
         let mut last_error = String::from("no endpoints given");
-        for endpoint in endpoints {
-            let (uri, configured) = parse_endpoint(endpoint.as_ref(), tls)?;
+        for (uri, configured) in parsed {
             match configured
                 .connect_timeout(timeout)
                 .timeout(timeout)

@@ -48,6 +48,34 @@ pub(crate) fn parse_endpoint(
     Ok((uri, parsed))
 }
 
+/// Refuses a list of parsed endpoint URIs that mixes TLS and plaintext
+/// (TLS configured, or an `https://` endpoint, next to an `http://` one)
+/// unless `allow` says the plaintext fallback is wanted: failing over would
+/// quietly send the token in clear. When allowed, says so in the log.
+pub(crate) fn check_plaintext_fallback(
+    uris: &[String],
+    tls_configured: bool,
+    allow: bool,
+) -> Result<(), Error> {
+    let secure = tls_configured || uris.iter().any(|u| u.starts_with("https://"));
+    let plaintext: Vec<String> = uris
+        .iter()
+        .filter(|u| u.starts_with("http://"))
+        .cloned()
+        .collect();
+    if !secure || plaintext.is_empty() {
+        return Ok(());
+    }
+    if allow {
+        tracing::warn!(
+            plaintext = ?plaintext,
+            "plaintext fallback allowed: calls that fail over to these endpoints send the token in clear"
+        );
+        return Ok(());
+    }
+    Err(Error::PlaintextFallback { plaintext })
+}
+
 /// Most watch streams on one connection. stratad (hyper) allows 200
 /// concurrent streams per HTTP/2 connection; a stream over the limit waits
 /// for a free one, so a client with many watches would hang. Keeping watches
@@ -249,6 +277,22 @@ impl std::fmt::Debug for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_list_mixing_tls_and_plaintext_is_refused() {
+        let uris = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let mixed = uris(&["https://a:1", "http://b:1", "http://c:1"]);
+        match check_plaintext_fallback(&mixed, false, false) {
+            Err(Error::PlaintextFallback { plaintext }) => {
+                assert_eq!(plaintext, ["http://b:1", "http://c:1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(check_plaintext_fallback(&mixed, false, true).is_ok());
+        assert!(check_plaintext_fallback(&uris(&["http://b:1"]), true, false).is_err());
+        assert!(check_plaintext_fallback(&uris(&["http://b:1"]), false, false).is_ok());
+        assert!(check_plaintext_fallback(&uris(&["https://a:1"]), true, false).is_ok());
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_with_jitter_in_the_upper_half() {

@@ -34,6 +34,23 @@ pub enum Error {
         /// Why.
         message: String,
     },
+    /// The endpoint list would fail over between TLS and plaintext: TLS is
+    /// configured or an endpoint is `https://`, yet others are `http://`.
+    /// Failing over to those would send the bearer token and every config
+    /// value in clear, so it is refused unless explicitly allowed
+    /// ([`ClientBuilder::allow_plaintext_fallback`](crate::ClientBuilder::allow_plaintext_fallback),
+    /// [`Connection::connect_allowing_plaintext_fallback`](crate::Connection::connect_allowing_plaintext_fallback)).
+    #[error(
+        "the endpoint list mixes TLS and plaintext: {} would be used in clear \
+         (sending the token) when a TLS endpoint fails; make every endpoint https://, \
+         or allow the fallback explicitly (SDK: ClientBuilder::allow_plaintext_fallback(true); \
+         CLI: --allow-plaintext or STRATA_ALLOW_PLAINTEXT=1)",
+        .plaintext.join(", ")
+    )]
+    PlaintextFallback {
+        /// The `http://` endpoints.
+        plaintext: Vec<String>,
+    },
     /// The client was configured wrongly (no endpoints, bad token, …).
     #[error("invalid client configuration: {0}")]
     Config(String),

@@ -9,6 +9,13 @@
 //!   trusted roots.
 //! - `host:port` — TLS when a `TlsConfig` is given, plaintext otherwise.
 //! - `http://host:port` — plaintext, always.
+//!
+//! A list that mixes the two — TLS configured or an `https://` endpoint,
+//! next to an `http://` one — is refused
+//! ([`Error::PlaintextFallback`](crate::Error::PlaintextFallback)): failing
+//! over to the plaintext endpoint would send the token in clear. Allow it
+//! explicitly with
+//! [`ClientBuilder::allow_plaintext_fallback`](crate::ClientBuilder::allow_plaintext_fallback).
 
 use std::path::Path;
 

@@ -27,6 +27,7 @@ pub mod keyspace;
 pub mod leader;
 pub mod limits;
 pub mod listener;
+pub mod private_fs;
 pub mod probe;
 pub mod probe_policy;
 pub mod registry;

@@ -298,7 +298,7 @@ async fn bootstrap(store: &dyn Store, token_file: &Path) -> Result<(), String> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    std::fs::create_dir_all(&dir)
+    crate::private_fs::create_dir_all(&dir)
         .map_err(|e| format!("cannot create {} for the admin token: {e}", dir.display()))?;
     let tmp = dir.join(format!(".admin.token.{id}.tmp"));
     write_private(&tmp, &token).map_err(|e| {
@@ -353,15 +353,10 @@ async fn bootstrap(store: &dyn Store, token_file: &Path) -> Result<(), String> {
     }
 }
 
-/// Writes `text` to a new file readable only by its owner.
+/// Writes `text` to a new file readable only by its owner (never through
+/// a symlink or into a file someone else made first).
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut file = crate::private_fs::create_new_file(path)?;
     file.write_all(text.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()

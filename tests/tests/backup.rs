@@ -793,3 +793,82 @@ async fn embedded_backup_restores_into_an_etcd_backed_daemon() {
     drop(stop(target).await);
     drop(etcd);
 }
+
+/// Finding 8 (issue 16): `strata export` wrote `FILE.partial` with
+/// `File::create`, which follows a symlink planted there (the target was
+/// overwritten with the backup), and with the umask's mode (0644: the
+/// whole store readable by every local user).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_export_partial_file_is_private_and_not_a_symlink_target_finding_8() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::builder().start().await;
+    ok(
+        &d,
+        &["--project", "vega", "tenant", "create", "integration"],
+    )
+    .await;
+    ok(
+        &d,
+        &[
+            "--project",
+            "vega",
+            "config",
+            "put",
+            "integration",
+            "game.json",
+            "--value",
+            "{\"secret\":1}",
+        ],
+    )
+    .await;
+
+    // A fresh export is 0600 (the test process's umask, 022, as it is).
+    let file = tmp.path().join("vega.backup");
+    ok(
+        &d,
+        &["--project", "vega", "export", "-f", file.to_str().unwrap()],
+    )
+    .await;
+    let mode = std::fs::metadata(&file)
+        .expect("backup")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "backup file mode {mode:o}");
+
+    // A symlink planted at FILE.partial is not followed.
+    let victim = tmp.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").expect("victim");
+    let target = tmp.path().join("other.backup");
+    let partial = tmp.path().join("other.backup.partial");
+    std::os::unix::fs::symlink(&victim, &partial).expect("symlink");
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "--project",
+            "vega",
+            "export",
+            "-f",
+            target.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious");
+    assert_ne!(
+        code, 0,
+        "export through a planted link succeeded: {out}{err}"
+    );
+    assert!(
+        err.contains("other.backup.partial") && err.contains("already exists"),
+        "{err}"
+    );
+    assert!(!target.exists(), "no backup without its partial file");
+    assert!(
+        std::fs::symlink_metadata(&partial)
+            .expect("left alone")
+            .file_type()
+            .is_symlink(),
+        "someone else's file is left where it was"
+    );
+}

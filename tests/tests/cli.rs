@@ -230,3 +230,36 @@ async fn strata_watch_prints_snapshot_and_changes_until_the_tenant_is_deleted() 
         .unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// Finding 10 (issue 16): `--endpoints https://a,http://b` fell back to
+/// plaintext (sending the token in clear) when the https endpoint failed.
+/// Now it is a usage error naming the override; with `--allow-plaintext` or
+/// `STRATA_ALLOW_PLAINTEXT=1` the fallback works as before.
+#[tokio::test]
+async fn cli_refuses_a_mixed_https_and_http_endpoint_list_finding_10() {
+    let daemon = Daemon::start().await;
+    let token = daemon.admin_token();
+    let dead = strata_tests::free_port();
+    let mixed = format!("https://127.0.0.1:{dead},{}", daemon.endpoint());
+    let env = [("STRATA_TOKEN", token.as_str())];
+    let (code, out, err) = strata_tests::strata_at(&mixed, &env, &["status"]).await;
+    assert_eq!(code, 2, "refused as a usage error: {out}{err}");
+    assert!(
+        err.contains("--allow-plaintext") && err.contains("STRATA_ALLOW_PLAINTEXT"),
+        "names the override: {err}"
+    );
+    assert!(
+        err.contains(&daemon.endpoint()),
+        "names the endpoint: {err}"
+    );
+
+    let (code, out, err) =
+        strata_tests::strata_at(&mixed, &env, &["--allow-plaintext", "status"]).await;
+    assert_eq!(code, 0, "--allow-plaintext: {out}{err}");
+    let env = [
+        ("STRATA_TOKEN", token.as_str()),
+        ("STRATA_ALLOW_PLAINTEXT", "1"),
+    ];
+    let (code, out, err) = strata_tests::strata_at(&mixed, &env, &["status"]).await;
+    assert_eq!(code, 0, "STRATA_ALLOW_PLAINTEXT=1: {out}{err}");
+}

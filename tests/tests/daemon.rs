@@ -295,13 +295,11 @@ async fn listen_address_in_use_exits_nonzero_with_one_clear_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
+    // A data dir stratad creates (0700): an existing one as open as
+    // tempdir's 0755 would add a warning line about its mode.
+    let data = dir.path().join("data");
     let (status, stderr) = run_stratad(
-        &[
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--listen",
-            &addr,
-        ],
+        &["--data-dir", data.to_str().unwrap(), "--listen", &addr],
         &[],
     )
     .await;
@@ -345,4 +343,72 @@ async fn configuration_file_and_env_are_honoured_by_the_process() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(json.get("level").is_some(), "{json}");
     }
+}
+
+/// Permission bits of `path` (without the file type).
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Finding 8 (issue 16): the data dir was created with the process umask
+/// (0755 under umask 022, the usual one outside the systemd unit), and so
+/// was the store file (0644), so every local user could read the whole
+/// store. The test process's umask is used as is (022 here): the daemon
+/// must not depend on it.
+#[tokio::test]
+async fn daemon_data_dir_store_and_admin_token_are_private_finding_8() {
+    let daemon = Daemon::start().await;
+    assert_eq!(mode(&daemon.data_dir), 0o700, "data dir");
+    assert_eq!(
+        mode(&daemon.data_dir.join("strata.redb")),
+        0o600,
+        "store file"
+    );
+    assert_eq!(mode(&daemon.admin_token_file), 0o600, "admin token");
+    drop(daemon);
+
+    // An admin token file in a directory that does not exist yet.
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("secrets/nested/admin.token");
+    let daemon = Daemon::builder()
+        .admin_token_file(&token_file)
+        .start()
+        .await;
+    assert_eq!(mode(&tmp.path().join("secrets")), 0o700);
+    assert_eq!(mode(&tmp.path().join("secrets/nested")), 0o700);
+    assert_eq!(mode(&token_file), 0o600);
+    drop(daemon);
+}
+
+/// Finding 8: a data dir that already exists with looser permissions (an
+/// older stratad, or one made by hand) is kept as it is — the operator may
+/// have chosen it — but the daemon says so clearly, naming the fix.
+#[tokio::test]
+async fn daemon_warns_about_a_data_dir_others_can_read_finding_8() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = Daemon::builder().data_dir(&data).start().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.stderr().contains("chmod 700") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stderr = daemon.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("chmod 700"))
+        .unwrap_or_else(|| panic!("no warning about the data dir's mode:\n{stderr}"));
+    assert!(line.contains(data.to_str().unwrap()), "{line}");
+    assert!(line.contains("WARN") || line.contains("warn"), "{line}");
+    // Left as the operator made it.
+    assert_eq!(mode(&data), 0o755);
+    // What the daemon created inside is private all the same.
+    assert_eq!(mode(&data.join("strata.redb")), 0o600);
 }

@@ -330,7 +330,14 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
     let (code, out, err) = cli(&https_endpoint, &["status"], &flag_env).await;
     assert_eq!(code, 1, "trusting another CA: {out}{err}");
     assert!(err.contains("UnknownIssuer"), "{err}");
-    let (code, out, err) = cli(&format!("http://{}", daemon.addr), &["status"], &env).await;
+    let plain_endpoint = format!("http://{}", daemon.addr);
+    // With a CA configured, an http:// endpoint is refused before dialling
+    // (issue 16, finding 10): it would carry the token in clear.
+    let (code, out, err) = cli(&plain_endpoint, &["status"], &env).await;
+    assert_eq!(code, 2, "http:// next to --tls-ca: {out}{err}");
+    assert!(err.contains("--allow-plaintext"), "{err}");
+    let plain_env = [("STRATA_TOKEN", token.as_str())];
+    let (code, out, err) = cli(&plain_endpoint, &["status"], &plain_env).await;
     assert_eq!(code, 1, "plaintext to a TLS port: {out}{err}");
 
     // The SDK reads and follows a key over TLS.
@@ -775,4 +782,138 @@ async fn sighup_reloads_a_renewed_certificate_for_new_connections() {
     );
     daemon.signal(Signal::SIGTERM);
     assert!(daemon.wait_exit(Duration::from_secs(15)).await.success());
+}
+
+/// The `- name: X` / `value: Y` environment pairs and the `mountPath`s of
+/// the first manifest of `kind` in a rendered chart.
+fn rendered_env_and_mounts(rendered: &str, kind: &str) -> (Vec<(String, String)>, Vec<String>) {
+    let doc = rendered
+        .split("\n---\n")
+        .find(|d| d.contains(&format!("\nkind: {kind}\n")))
+        .unwrap_or_else(|| panic!("no {kind} in the render"));
+    let lines: Vec<&str> = doc.lines().map(str::trim).collect();
+    let mut env = Vec::new();
+    let mut mounts = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(name) = line.strip_prefix("- name: ")
+            && let Some(value) = lines.get(i + 1).and_then(|l| l.strip_prefix("value: "))
+        {
+            env.push((name.to_owned(), value.trim_matches('"').to_owned()));
+        }
+        if let Some(path) = line.strip_prefix("mountPath: ") {
+            mounts.push(path.to_owned());
+        }
+    }
+    (env, mounts)
+}
+
+/// Issue 16, finding 10's deploy gap: the chart's TLS values
+/// (`deploy/helm/rendered/tls.yaml`: TLS with mutual TLS) give `stratad` and
+/// the chart's clients settings the real binaries accept. The Secrets'
+/// files are laid out under a temporary root as Kubernetes mounts them;
+/// `stratad` starts with the StatefulSet's environment, and the CLI with the
+/// backup CronJob's reaches it over mutual TLS (and is refused without the
+/// client certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_tls_render_serves_mutual_tls_to_its_clients_finding_10() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rendered = std::fs::read_to_string(root.join("deploy/helm/rendered/tls.yaml")).unwrap();
+    let pki = Pki::new();
+    let fs = tempfile::tempdir().unwrap();
+    // Each Secret's keys as files in its mount directory.
+    let secrets = [
+        ("/etc/strata/tls/tls.crt", "server.pem"),
+        ("/etc/strata/tls/tls.key", "server.key"),
+        ("/etc/strata/tls-client-ca/ca.crt", "ca.pem"),
+        ("/etc/strata/tls-ca/ca.crt", "ca.pem"),
+        ("/etc/strata/tls-client/tls.crt", "client.pem"),
+        ("/etc/strata/tls-client/tls.key", "client.key"),
+    ];
+    let local = |path: &str| fs.path().join(path.trim_start_matches('/'));
+    for (mounted, source) in secrets {
+        std::fs::create_dir_all(local(mounted).parent().unwrap()).unwrap();
+        std::fs::copy(pki.path(source), local(mounted)).unwrap();
+    }
+    // Every TLS path a container is given is under one of its mounts.
+    let check_paths = |kind: &str, env: &[(String, String)], mounts: &[String]| {
+        let tls: Vec<_> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("STRATA_TLS_"))
+            .collect();
+        assert!(!tls.is_empty(), "{kind}: no STRATA_TLS_* settings");
+        for (key, value) in tls {
+            let dir = Path::new(value).parent().unwrap().to_str().unwrap();
+            assert!(
+                mounts.iter().any(|m| m == dir),
+                "{kind}: {key}={value} is not under a mount ({mounts:?})"
+            );
+            assert!(
+                local(value).exists(),
+                "{kind}: {key}={value}: no such Secret key"
+            );
+        }
+    };
+
+    let (stratad_env, stratad_mounts) = rendered_env_and_mounts(&rendered, "StatefulSet");
+    check_paths("StatefulSet", &stratad_env, &stratad_mounts);
+    let mut builder = Daemon::builder();
+    for (key, value) in &stratad_env {
+        let value = if key.starts_with("STRATA_TLS_") {
+            local(value).to_str().unwrap().to_owned()
+        } else {
+            value.clone()
+        };
+        builder = builder.env(key, &value);
+    }
+    let daemon = builder.spawn();
+    let config = https_config(
+        &pki.path("ca.pem"),
+        Some((&pki.path("client.pem"), &pki.path("client.key"))),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(
+        https(daemon.addr, &config, "GET", "/readyz", None, "").await,
+        Ok((200, _))
+    ) {
+        assert!(
+            Instant::now() < deadline,
+            "stratad with the chart's TLS environment not ready over mutual TLS; stderr:\n{}",
+            daemon.stderr()
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+
+    let (backup_env, backup_mounts) = rendered_env_and_mounts(&rendered, "CronJob");
+    check_paths("CronJob", &backup_env, &backup_mounts);
+    let endpoint = backup_env
+        .iter()
+        .find(|(k, _)| k == "STRATA_ENDPOINTS")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let here = format!("https://localhost:{}", daemon.addr.port());
+    let token = daemon.admin_token();
+    let mut env: Vec<(String, String)> = backup_env
+        .iter()
+        .filter(|(k, _)| k.starts_with("STRATA_TLS_"))
+        .map(|(k, v)| (k.clone(), local(v).to_str().unwrap().to_owned()))
+        .collect();
+    env.push(("STRATA_TOKEN".into(), token));
+    let run = |env: Vec<(String, String)>| {
+        let here = here.clone();
+        async move {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            strata_tests::strata_at(&here, &env, &["status"]).await
+        }
+    };
+    let (code, out, err) = run(env.clone()).await;
+    assert_eq!(code, 0, "the backup job's TLS settings: {out}{err}");
+    let without_client_cert: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("STRATA_TLS_CLIENT_"))
+        .cloned()
+        .collect();
+    let (code, out, err) = run(without_client_cert).await;
+    assert_eq!(code, 1, "mutual TLS is enforced: {out}{err}");
 }

@@ -590,14 +590,19 @@ impl EmbeddedStore {
     /// Blocking: call it from a blocking context. Fails with a message naming
     /// the path when the directory cannot be created, the file cannot be
     /// opened or locked (another process has it), or it is not a store.
+    /// What it creates is private (directories 0700, the file 0600; see
+    /// [`crate::private_fs`]).
     pub fn open_with(data_dir: &Path, options: EmbeddedOptions) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
+        crate::private_fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Backend(format!(
                 "cannot create data dir {}: {e}",
                 data_dir.display()
             ))
         })?;
         let path = data_dir.join(DB_FILE_NAME);
+        // redb would create the file with the umask's mode (0644 under 022).
+        crate::private_fs::create_file(&path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
         let db = Database::create(&path).map_err(|e| {
             let e = redb::Error::from(e);
             let hint = match e {
@@ -606,6 +611,10 @@ impl EmbeddedStore {
             };
             StoreError::Backend(format!("cannot open {}: {e}{hint}", path.display()))
         })?;
+        // After a successful open only: a data dir that cannot be used is one
+        // clear error line, not a warning before it.
+        crate::private_fs::warn_if_shared("data dir", data_dir);
+        crate::private_fs::warn_if_shared("store file", &path);
         let shared = Arc::new(Shared {
             db,
             path,

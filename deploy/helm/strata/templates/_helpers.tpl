@@ -42,6 +42,81 @@ app.kubernetes.io/component: stratad
 {{- end -}}
 {{- end -}}
 
+{{/* The URL the chart's own clients dial: https:// when stratad serves TLS. */}}
+{{- define "strata.url" -}}
+{{ if .Values.tls.secretName }}https{{ else }}http{{ end }}://{{ include "strata.fullname" . }}.{{ .Release.Namespace }}.svc:{{ .Values.port }}
+{{- end -}}
+
+{{/*
+Environment of a client of stratad (strata CLI, SDK, sidecar) for TLS: the
+CA to trust and the client certificate, as mounted by strata.clientTlsMounts.
+*/}}
+{{- define "strata.clientTlsEnv" -}}
+{{- if and .Values.tls.secretName .Values.tls.caKey }}
+- name: STRATA_TLS_CA
+  value: /etc/strata/tls-ca/ca.crt
+{{- end }}
+{{- if and .Values.tls.secretName .Values.tls.clientSecret }}
+- name: STRATA_TLS_CLIENT_CERT
+  value: /etc/strata/tls-client/tls.crt
+- name: STRATA_TLS_CLIENT_KEY
+  value: /etc/strata/tls-client/tls.key
+{{- end }}
+{{- end -}}
+
+{{/* true when a client pod mounts TLS files (a CA or a client certificate). */}}
+{{- define "strata.clientTls" -}}
+{{- if and .Values.tls.secretName (or .Values.tls.caKey .Values.tls.clientSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "strata.clientTlsMounts" -}}
+{{- if and .Values.tls.secretName .Values.tls.caKey }}
+- name: tls-ca
+  mountPath: /etc/strata/tls-ca
+  readOnly: true
+{{- end }}
+{{- if and .Values.tls.secretName .Values.tls.clientSecret }}
+- name: tls-client
+  mountPath: /etc/strata/tls-client
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Volumes of strata.clientTlsMounts: the CA only, never stratad's key. */}}
+{{- define "strata.clientTlsVolumes" -}}
+{{- if and .Values.tls.secretName .Values.tls.caKey }}
+- name: tls-ca
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    items:
+      - key: {{ .Values.tls.caKey }}
+        path: ca.crt
+{{- end }}
+{{- if and .Values.tls.secretName .Values.tls.clientSecret }}
+- name: tls-client
+  secret:
+    secretName: {{ .Values.tls.clientSecret }}
+{{- end }}
+{{- end -}}
+
+{{/*
+A probe of stratad's port: HTTP(S) GET of `path`, or a TCP connect under
+mutual TLS (the kubelet has no client certificate).
+*/}}
+{{- define "strata.probe" -}}
+{{- if .root.Values.tls.clientCASecret }}
+tcpSocket:
+  port: http
+{{- else }}
+httpGet:
+  path: {{ .path }}
+  port: http
+  {{- if .root.Values.tls.secretName }}
+  scheme: HTTPS
+  {{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* true when stratad runs replicated over etcd. */}}
 {{- define "strata.etcdMode" -}}
 {{- if .Values.etcd.endpoints -}}true{{- end -}}
@@ -104,6 +179,16 @@ spec:
           value: /etc/strata/etcd-password/password
         {{- end }}
         {{- end }}
+        {{- if .Values.tls.secretName }}
+        - name: STRATA_TLS_CERT
+          value: /etc/strata/tls/tls.crt
+        - name: STRATA_TLS_KEY
+          value: /etc/strata/tls/tls.key
+        {{- end }}
+        {{- if and .Values.tls.secretName .Values.tls.clientCASecret }}
+        - name: STRATA_TLS_CLIENT_CA
+          value: /etc/strata/tls-client-ca/ca.crt
+        {{- end }}
         {{- if .Values.otlpEndpoint }}
         - name: OTEL_EXPORTER_OTLP_ENDPOINT
           value: {{ .Values.otlpEndpoint | quote }}
@@ -118,23 +203,18 @@ spec:
           protocol: TCP
       # /readyz is 200 once the store is open and the view loaded, and turns
       # 503 as soon as SIGTERM arrives, so the Service stops sending new
-      # requests while in-flight ones drain.
+      # requests while in-flight ones drain. Under mutual TLS the probes only
+      # connect (the kubelet has no client certificate).
       readinessProbe:
-        httpGet:
-          path: /readyz
-          port: http
+        {{- include "strata.probe" (dict "root" . "path" "/readyz") | trim | nindent 8 }}
         periodSeconds: 2
         failureThreshold: 2
       livenessProbe:
-        httpGet:
-          path: /healthz
-          port: http
+        {{- include "strata.probe" (dict "root" . "path" "/healthz") | trim | nindent 8 }}
         periodSeconds: 10
         failureThreshold: 3
       startupProbe:
-        httpGet:
-          path: /healthz
-          port: http
+        {{- include "strata.probe" (dict "root" . "path" "/healthz") | trim | nindent 8 }}
         periodSeconds: 2
         failureThreshold: 60
       lifecycle:
@@ -160,8 +240,30 @@ spec:
           mountPath: /etc/strata/etcd-password
           readOnly: true
         {{- end }}
-  {{- if include "strata.etcdMode" . }}
+        {{- if .Values.tls.secretName }}
+        - name: tls
+          mountPath: /etc/strata/tls
+          readOnly: true
+        {{- end }}
+        {{- if and .Values.tls.secretName .Values.tls.clientCASecret }}
+        - name: tls-client-ca
+          mountPath: /etc/strata/tls-client-ca
+          readOnly: true
+        {{- end }}
+  {{- if or (include "strata.etcdMode" .) .Values.tls.secretName }}
   volumes:
+    {{- if .Values.tls.secretName }}
+    - name: tls
+      secret:
+        secretName: {{ .Values.tls.secretName }}
+    {{- end }}
+    {{- if and .Values.tls.secretName .Values.tls.clientCASecret }}
+    - name: tls-client-ca
+      secret:
+        secretName: {{ .Values.tls.clientCASecret }}
+    {{- end }}
+  {{- end }}
+  {{- if include "strata.etcdMode" . }}
     # etcd mode keeps nothing on local disk but the admin token written on
     # first start.
     - name: data

@@ -193,6 +193,16 @@ spec:
         - name: OTEL_EXPORTER_OTLP_ENDPOINT
           value: {{ .Values.otlpEndpoint | quote }}
         {{- end }}
+        - name: STRATA_PROBES_DENY_PRIVATE
+          value: {{ .Values.probes.denyPrivate | quote }}
+        {{- with .Values.probes.allow }}
+        - name: STRATA_PROBES_ALLOW
+          value: {{ join "," . | quote }}
+        {{- end }}
+        {{- with .Values.probes.deny }}
+        - name: STRATA_PROBES_DENY
+          value: {{ join "," . | quote }}
+        {{- end }}
         {{- range $name, $value := .Values.env }}
         - name: {{ $name }}
           value: {{ $value | quote }}

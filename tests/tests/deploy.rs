@@ -52,6 +52,14 @@ const CONDITIONAL: &[(&str, &str)] = &[
         "strata_tls_handshake_failures_total",
         "needs a TLS listener (tests/tests/tls.rs covers TLS)",
     ),
+    (
+        "strata_audit_refusals_suppressed_total",
+        "needs a token over its refusal budget (tests/tests/hostile.rs)",
+    ),
+    (
+        "strata_connections_refused_total",
+        "needs limits.max_connections reached (tests/tests/hostile.rs)",
+    ),
 ];
 
 /// Labels that would make a series per instance, key or request: never

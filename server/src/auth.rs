@@ -530,11 +530,7 @@ pub async fn authenticate(
     }
     match auth.authenticate_headers(request.headers()) {
         Ok(principal) => {
-            let streaming = crate::telemetry::is_grpc(request.headers())
-                && crate::telemetry::grpc_methods()
-                    .get(request.uri().path())
-                    .copied()
-                    .unwrap_or(false);
+            let streaming = crate::telemetry::is_streaming_grpc(&request);
             let token = Arc::clone(&principal.token_id);
             request.extensions_mut().insert(principal);
             let response = next.run(request).await;

@@ -630,11 +630,7 @@ pub async fn stream_cap(
     request: Request,
     next: Next,
 ) -> Response {
-    let streaming = crate::telemetry::is_grpc(request.headers())
-        && crate::telemetry::grpc_methods()
-            .get(request.uri().path())
-            .copied()
-            .unwrap_or(false);
+    let streaming = crate::telemetry::is_streaming_grpc(&request);
     let token = request
         .extensions()
         .get::<crate::auth::Principal>()

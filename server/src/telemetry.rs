@@ -157,6 +157,15 @@ pub fn is_grpc(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Whether a request calls a streaming gRPC method the daemon serves.
+pub fn is_streaming_grpc<B>(request: &http::Request<B>) -> bool {
+    is_grpc(request.headers())
+        && grpc_methods()
+            .get(request.uri().path())
+            .copied()
+            .unwrap_or(false)
+}
+
 /// The metric handles of one `op` label value, so that a request costs no
 /// label allocation and no look-up in the recorder's registry.
 struct OpMetrics {

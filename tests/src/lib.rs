@@ -137,6 +137,7 @@ pub struct Daemon {
     pub admin_token_file: PathBuf,
     stderr: Arc<Mutex<String>>,
     _tmp: Option<TempDir>,
+    _config: Option<TempDir>,
 }
 
 /// How to start a daemon.
@@ -147,9 +148,17 @@ pub struct DaemonBuilder {
     data_dir: Option<PathBuf>,
     addr: Option<SocketAddr>,
     admin_token_file: Option<PathBuf>,
+    config: Option<String>,
 }
 
 impl DaemonBuilder {
+    /// Starts the daemon with this configuration file (`--config`), written
+    /// to a temporary directory that lives as long as the daemon.
+    pub fn config(mut self, text: &str) -> Self {
+        self.config = Some(text.to_owned());
+        self
+    }
+
     /// Listens on this address instead of a fresh free port (to restart a
     /// daemon where its clients expect it).
     pub fn addr(mut self, addr: SocketAddr) -> Self {
@@ -243,6 +252,12 @@ impl DaemonBuilder {
             .addr
             .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().unwrap());
         let admin_token_file = self.token_file(&data_dir);
+        let config = self.config.as_ref().map(|text| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("stratad.toml");
+            std::fs::write(&path, text).expect("write the configuration file");
+            (dir, path)
+        });
         TOKEN_FILES
             .lock()
             .unwrap()
@@ -260,6 +275,11 @@ impl DaemonBuilder {
                     .then(|| ["--admin-token-file".as_ref(), admin_token_file.as_os_str()])
                     .into_iter()
                     .flatten(),
+            )
+            .args(
+                config
+                    .iter()
+                    .flat_map(|(_, path)| ["--config".as_ref(), path.as_os_str()]),
             )
             .args(&self.args)
             .env_clear()
@@ -288,6 +308,7 @@ impl DaemonBuilder {
             admin_token_file,
             stderr,
             _tmp: tmp,
+            _config: config.map(|(dir, _)| dir),
         }
     }
 

@@ -186,6 +186,19 @@ impl Refusal {
         }
     }
 
+    /// A request whose framing the sidecar will not pass on (why: what is
+    /// wrong with it).
+    pub(crate) fn malformed(why: &str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_argument",
+            message: format!("malformed HTTP/1.1 request: {why}"),
+            service: None,
+            tenant: None,
+            chain: Vec::new(),
+        }
+    }
+
     /// The HTTP status the caller gets.
     pub(crate) fn status(&self) -> StatusCode {
         self.status

@@ -43,22 +43,19 @@
 //! through with its trailers, close-delimited responses).
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Shutdown;
-use crate::http_proxy::{self, Found, MAX_ATTEMPTS, Proxy, Refusal, accept};
+use crate::conn::{Alive, Drain, Gate, Permit, serve_hyper};
+use crate::http_proxy::{self, Found, MAX_ATTEMPTS, Proxy, Refusal};
 use crate::table::Route;
 use crate::tenant::{self, Origin};
 use crate::upstream::Upstream;
@@ -77,38 +74,34 @@ const MAX_HEADERS: usize = 100;
 const READ_CHUNK: usize = 8 * 1024;
 
 /// Serves the outbound proxy on `listener` until `shutdown`; then idle
-/// connections close and in-flight requests get at most `grace`.
+/// connections close and in-flight requests get at most `grace`. At most
+/// `max_connections` connections are served at once; more get a 503.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     mut shutdown: Shutdown,
     grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
-    // Each connection task holds a sender; the channel closes when the
-    // last one ends, which is what the drain waits for.
-    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    let builder = Arc::new(proxy.limits.hyper_builder());
+    let gate = Gate::new("outbound", true, &proxy.limits);
+    let drain = Drain::new();
     loop {
         tokio::select! {
-            stream = accept(&listener) => {
+            (stream, _, permit) = gate.accept(&listener) => {
                 tokio::spawn(connection(
                     Arc::clone(&proxy),
                     Arc::clone(&builder),
                     stream,
+                    permit,
                     shutdown.clone(),
-                    alive.clone(),
+                    drain.alive(),
                 ));
             }
             () = shutdown.wait() => break,
         }
     }
     drop(listener);
-    drop(alive);
-    if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
-        tracing::warn!("outbound proxy: connections still open after {grace:?}; closing them");
-    }
+    drain.wait(grace, "outbound proxy").await;
 }
 
 /// A downstream connection's read buffer: bytes `buf[pos..]` are read
@@ -161,9 +154,10 @@ async fn connection(
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stream: TcpStream,
+    permit: Permit,
     mut shutdown: Shutdown,
-    // Held until the connection ends: the drain waits for every sender.
-    _alive: mpsc::Sender<()>,
+    // Held until the connection ends: the drain waits for every one.
+    _alive: Alive,
 ) {
     let mut input = Input {
         buf: Vec::with_capacity(READ_CHUNK),
@@ -178,22 +172,53 @@ async fn connection(
     // Whether the tenant of the pending request was just learned (a second
     // "unknown tenant" for it is then a refusal, not another wait).
     let mut learned = false;
+    // When the first byte of the head being read arrived.
+    let mut head_started: Option<Instant> = None;
+    let limits = &proxy.limits;
     loop {
         let step = prepare(&proxy, input.pending(), &mut scratch.request);
+        if !matches!(step, Step::Incomplete) {
+            head_started = None;
+        }
         match step {
             Step::Incomplete => {
                 if input.pending().len() >= MAX_HEAD {
                     break;
                 }
-                let idle = input.pending().is_empty();
-                let read = if idle {
-                    // Between requests a shutdown closes the connection.
+                let read = if input.pending().is_empty() {
+                    // Between requests: a shutdown or the idle timeout
+                    // closes the connection.
                     tokio::select! {
-                        read = input.fill(&mut stream) => read,
+                        read = tokio::time::timeout(limits.idle_timeout, input.fill(&mut stream)) => {
+                            let Ok(read) = read else {
+                                limits.idle_timeouts.increment(1);
+                                return finish(stream).await;
+                            };
+                            read
+                        }
                         () = shutdown.wait() => return,
                     }
                 } else {
-                    input.fill(&mut stream).await
+                    // A head in progress must be whole within
+                    // header_read_timeout of its first byte (slowloris).
+                    let deadline =
+                        *head_started.get_or_insert_with(Instant::now) + limits.header_read_timeout;
+                    match tokio::time::timeout_at(deadline, input.fill(&mut stream)).await {
+                        Ok(read) => read,
+                        Err(_) => {
+                            limits.header_timeouts.increment(1);
+                            let refusal = Refusal::head_timeout(limits.header_read_timeout);
+                            respond_refusal(
+                                &mut stream,
+                                &mut scratch.response,
+                                &refusal,
+                                false,
+                                true,
+                            )
+                            .await;
+                            return finish(stream).await;
+                        }
+                    }
                 };
                 match read {
                     Ok(0) | Err(_) => return,
@@ -313,7 +338,7 @@ async fn connection(
             }
         }
     }
-    hand_over(proxy, builder, stream, input, shutdown).await;
+    hand_over(proxy, builder, stream, permit, input, shutdown).await;
 }
 
 fn count_unroutable(proxy: &Proxy) {
@@ -332,91 +357,17 @@ async fn hand_over(
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
+    permit: Permit,
     mut input: Input,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     input.compact();
-    let io = TokioIo::new(Rewind {
-        prefix: input.buf,
-        pos: 0,
-        inner: stream,
-    });
-    let service = service_fn(move |req| http_proxy::handle(Arc::clone(&proxy), req));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    tokio::select! {
-        ended = conn.as_mut() => {
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "downstream connection ended");
-            }
-        }
-        () = shutdown.wait() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
-/// A socket whose first reads return bytes read from it before.
-struct Rewind {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(rest) = this.prefix.get(this.pos..)
-            && !rest.is_empty()
-        {
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.pos += n;
-            if this.pos >= this.prefix.len() {
-                // Replayed: no need to keep the buffer for the
-                // connection's lifetime.
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+    let limits = proxy.limits.clone();
+    let handler = move |req| http_proxy::handle(Arc::clone(&proxy), req);
+    serve_hyper(
+        &builder, stream, input.buf, permit, handler, &limits, shutdown,
+    )
+    .await;
 }
 
 /// How a message's body is delimited.
@@ -537,7 +488,9 @@ fn visible(bytes: &[u8]) -> Option<&str> {
     }
 }
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// The HTTP/2 connection preface, read whole (under the head timeout)
+/// before hyper gets the connection, so hyper never waits for it.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Parses the head at the start of `input` and decides what to do with
 /// the request; for a request to forward, writes its rewritten head into
@@ -1668,6 +1621,9 @@ fn response_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<(u64, u
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
 
     use super::*;
 

@@ -104,7 +104,8 @@ pub async fn serve(
     shutdown: crate::Shutdown,
     grace: std::time::Duration,
 ) {
-    http_proxy::serve_connections(listener, shutdown, grace, "inbound listener", move |req| {
+    let limits = inbound.proxy.limits.clone();
+    crate::conn::serve_http(listener, limits, shutdown, grace, "inbound", move |req| {
         handle(Arc::clone(&inbound), req)
     })
     .await;

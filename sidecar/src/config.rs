@@ -81,6 +81,13 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Most tenants whose routes the sidecar follows at once.
     pub max_tenants: usize,
+    /// Tenants not followed yet that the sidecar asks stratad about per
+    /// second (and at most this many at once): a caller naming random
+    /// tenants costs stratad no more than this.
+    pub tenant_learn_rate: usize,
+    /// Most tenant names stratad said do not exist that are remembered
+    /// (for 5 s, answered without asking again); the oldest go first.
+    pub max_unknown_tenants: usize,
     /// An HTTP request head must arrive whole within this time of its first
     /// byte (slowloris); then the connection closes.
     pub header_read_timeout: Duration,
@@ -120,6 +127,8 @@ impl Default for Settings {
             eject_for: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             max_tenants: 256,
+            tenant_learn_rate: 10,
+            max_unknown_tenants: 1024,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
@@ -194,6 +203,12 @@ struct Cli {
     /// Most open connections per listener [env: STRATA_SIDECAR_MAX_CONNECTIONS] (default 1024)
     #[arg(long)]
     max_connections: Option<String>,
+    /// New tenants asked of stratad per second [env: STRATA_SIDECAR_TENANT_LEARN_RATE] (default 10)
+    #[arg(long)]
+    tenant_learn_rate: Option<String>,
+    /// Unknown tenant names remembered [env: STRATA_SIDECAR_MAX_UNKNOWN_TENANTS] (default 1024)
+    #[arg(long)]
+    max_unknown_tenants: Option<String>,
     /// TOML settings file [env: STRATA_SIDECAR_CONFIG]
     #[arg(long)]
     config: Option<PathBuf>,
@@ -228,6 +243,8 @@ struct FileSettings {
     eject_for: Option<String>,
     shutdown_grace: Option<String>,
     max_tenants: Option<usize>,
+    tenant_learn_rate: Option<usize>,
+    max_unknown_tenants: Option<usize>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
@@ -412,6 +429,12 @@ impl Settings {
             if let Some(v) = file.max_tenants {
                 s.max_tenants = v;
             }
+            if let Some(v) = file.tenant_learn_rate {
+                s.tenant_learn_rate = limit_count(v, &format!("{src}: tenant_learn_rate"))?;
+            }
+            if let Some(v) = file.max_unknown_tenants {
+                s.max_unknown_tenants = limit_count(v, &format!("{src}: max_unknown_tenants"))?;
+            }
             if let Some(v) = &file.header_read_timeout {
                 s.header_read_timeout = limit_duration(v, &format!("{src}: header_read_timeout"))?;
             }
@@ -482,6 +505,12 @@ impl Settings {
         if let Some(v) = env_get("STRATA_SIDECAR_INBOUND") {
             s.inbound = Some(inbound_route(v, "STRATA_SIDECAR_INBOUND")?);
         }
+        if let Some(v) = env_get("STRATA_SIDECAR_TENANT_LEARN_RATE") {
+            s.tenant_learn_rate = limit_count_text(v, "STRATA_SIDECAR_TENANT_LEARN_RATE")?;
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_MAX_UNKNOWN_TENANTS") {
+            s.max_unknown_tenants = limit_count_text(v, "STRATA_SIDECAR_MAX_UNKNOWN_TENANTS")?;
+        }
         if let Some(v) = env_get("STRATA_SIDECAR_HEADER_READ_TIMEOUT") {
             s.header_read_timeout = limit_duration(v, "STRATA_SIDECAR_HEADER_READ_TIMEOUT")?;
         }
@@ -533,6 +562,12 @@ impl Settings {
         }
         if let Some(v) = &cli.connect_timeout {
             s.connect_timeout = duration(v, "--connect-timeout")?;
+        }
+        if let Some(v) = &cli.tenant_learn_rate {
+            s.tenant_learn_rate = limit_count_text(v, "--tenant-learn-rate")?;
+        }
+        if let Some(v) = &cli.max_unknown_tenants {
+            s.max_unknown_tenants = limit_count_text(v, "--max-unknown-tenants")?;
         }
         if let Some(v) = &cli.header_read_timeout {
             s.header_read_timeout = limit_duration(v, "--header-read-timeout")?;
@@ -833,6 +868,21 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
 
         let base = ["--endpoints", "x:1", "--tenant", "t"];
+        let s = load(&base, &[]).unwrap();
+        assert_eq!((s.tenant_learn_rate, s.max_unknown_tenants), (10, 1024));
+        let s = load(
+            &[&base[..], &["--tenant-learn-rate", "3"]].concat(),
+            &[
+                ("STRATA_SIDECAR_TENANT_LEARN_RATE", "2"),
+                ("STRATA_SIDECAR_MAX_UNKNOWN_TENANTS", "50"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((s.tenant_learn_rate, s.max_unknown_tenants), (3, 50));
+        let err = load(&[&base[..], &["--max-unknown-tenants", "0"]].concat(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--max-unknown-tenants"), "{err}");
         let err = load(&[&base[..], &["--idle-timeout", "0s"]].concat(), &[])
             .unwrap_err()
             .to_string();

@@ -752,10 +752,15 @@ async fn respond_refusal(
     out.clear();
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}{}\r\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len(),
+        if status == http::StatusCode::TOO_MANY_REQUESTS {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        },
         if close { "connection: close\r\n" } else { "" },
     );
     if !head_method {

@@ -179,9 +179,10 @@ impl Refusal {
         if grpc {
             // gRPC clients read the status from grpc-status, not HTTP.
             let grpc_code = match self.status {
-                StatusCode::BAD_REQUEST => "3",     // INVALID_ARGUMENT
-                StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
-                _ => "14",                          // UNAVAILABLE
+                StatusCode::BAD_REQUEST => "3",       // INVALID_ARGUMENT
+                StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
+                StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+                _ => "14",                            // UNAVAILABLE
             };
             let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
             let headers = response.headers_mut();
@@ -194,9 +195,11 @@ impl Refusal {
         }
         let mut response = Response::new(Either::Right(Full::new(Bytes::from(self.json()))));
         *response.status_mut() = self.status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert("retry-after", HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -299,9 +302,15 @@ pub(crate) fn learn_failed(
     tenant: String,
     e: &crate::table::LearnError,
 ) -> Refusal {
+    let (status, code) = match e {
+        crate::table::LearnError::RateLimited(_) => {
+            (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted")
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
     Refusal {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        code: "unavailable",
+        status,
+        code,
         message: format!("cannot route {service} for tenant {tenant}: {e}"),
         service: Some(service),
         tenant: Some(tenant),

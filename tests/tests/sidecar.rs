@@ -1382,3 +1382,118 @@ async fn h1_fast_smuggled_requests_never_reach_the_upstream_finding_9() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The calls the sidecar made to `daemon` to learn tenants so far:
+/// `WatchServices` and `GetTenant` requests in the daemon's metrics.
+async fn learn_calls(daemon: SocketAddr) -> f64 {
+    let (_, text) = strata_tests::http_get(daemon, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("strata_rpc_requests_total{"))
+        .filter(|l| l.contains("WatchServices") || l.contains("GetTenant"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Finding 5: a caller naming hundreds of random tenants (baggage
+/// `strata-tenant=ghost-N`, none of which exists) costs stratad at most
+/// `tenant_learn_rate` learns per second, the sidecar remembers at most
+/// `max_unknown_tenants` of the names, requests past the budget get a 429
+/// naming the setting, and a tenant the sidecar follows keeps being
+/// routed throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tenants_are_bounded_finding_5() {
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    create_tenant(api, "feat-1", Some("integration")).await;
+    let (svc, _svc) = http_app("svc", None).await;
+    register(api, "integration", "svc", "svc-1", svc, "http").await;
+    let sidecar = Sidecar::start(
+        &daemon.endpoint(),
+        PROJECT,
+        "integration",
+        &[],
+        &["--tenant-learn-rate", "20", "--max-unknown-tenants", "4"],
+    )
+    .await;
+    let proxy = sidecar.outbound;
+    let feat = [("baggage", "strata-tenant=feat-1")];
+    // feat-1 is followed before the flood.
+    eventually(Duration::from_secs(10), "feat-1 routed", || async {
+        (get(proxy, "svc", "/", &feat).await.0 == 200).then_some(())
+    })
+    .await;
+
+    let before = learn_calls(api).await;
+    let started = Instant::now();
+    let mut codes = std::collections::BTreeMap::<u16, usize>::new();
+    let mut rate_message = None;
+    let mut feat_failures = Vec::new();
+    // 400 distinct unknown names, 20 at a time, with a request of the
+    // followed tenant in every batch.
+    for batch in 0..20 {
+        let ghosts = (0..20).map(|i| {
+            let baggage = format!("strata-tenant=ghost-{batch}-{i}");
+            async move { get(proxy, "svc", "/", &[("baggage", baggage.as_str())]).await }
+        });
+        let (ghosts, followed) = tokio::join!(
+            futures::future::join_all(ghosts),
+            get(proxy, "svc", "/", &feat)
+        );
+        for (status, _, body) in ghosts {
+            *codes.entry(status).or_default() += 1;
+            if status == 429 {
+                rate_message.get_or_insert(body);
+            }
+        }
+        if followed.0 != 200 {
+            feat_failures.push((followed.0, followed.2));
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Learns that were under way when the flood ended reach the daemon
+    // within tenant_wait.
+    sleep(Duration::from_millis(500)).await;
+    let calls = learn_calls(api).await - before;
+    // At most 20 learns (a burst) plus 20 per second, each at most a
+    // WatchServices and a GetTenant call (and slack for a retry).
+    let bound = 2.0 * (20.0 + 20.0 * (elapsed + 0.5)) + 10.0;
+    assert!(
+        calls <= bound,
+        "400 unknown tenants cost {calls} learn calls in {elapsed:.2} s (bound {bound}); answers {codes:?}"
+    );
+    assert!(
+        feat_failures.is_empty(),
+        "the followed tenant was refused: {feat_failures:?}"
+    );
+    assert_eq!(
+        codes.values().sum::<usize>(),
+        400,
+        "every unknown tenant answered: {codes:?}"
+    );
+    assert!(
+        codes.keys().all(|c| *c == 503 || *c == 429),
+        "unknown tenants are refused: {codes:?}"
+    );
+    let message = rate_message.unwrap_or_else(|| panic!("no 429 for the budget: {codes:?}"));
+    assert!(message.contains("tenant_learn_rate"), "{message}");
+
+    let routes = sidecar.routes().await;
+    let remembered = routes["unknown_tenants"].as_u64();
+    assert!(
+        remembered.is_some_and(|n| n <= 4),
+        "remembered unknown tenants: {remembered:?}"
+    );
+    let metrics = sidecar.metrics().await;
+    for limit in ["tenant_learn_rate", "max_unknown_tenants"] {
+        let hits: f64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("strata_sidecar_limit_hits_total")
+                    && l.contains(&format!("limit=\"{limit}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(hits >= 1.0, "{limit} not counted:\n{metrics}");
+    }
+}

@@ -28,7 +28,9 @@ pub struct TcpRoute {
 }
 
 /// The optional inbound listener in front of the app
-/// (`--inbound 0.0.0.0:15006=127.0.0.1:8080`).
+/// (`--inbound 10.1.2.3:15006=127.0.0.1:8080`). It listens exactly where it
+/// is told; there is no default address (an unspecified one such as
+/// `0.0.0.0` takes connections on every interface, which the sidecar logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboundRoute {
     /// Where the sidecar listens for calls to the app.

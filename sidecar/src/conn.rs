@@ -466,3 +466,69 @@ impl Drain {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn limits(max_connections: usize) -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            max_connections,
+            header_timeouts: Counter::noop(),
+            idle_timeouts: Counter::noop(),
+            refused: Counter::noop(),
+        }
+    }
+
+    /// Finding 10: past the cap, a flood of connections that never read
+    /// gets at most 64 answers written at a time (each for at most a
+    /// second); the others are closed at once — and every one is closed
+    /// within the bound, while the connection under the cap is kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refusals_in_flight_are_bounded_finding_10() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = Gate::new("test", true, &limits(1));
+        let serving = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (stream, _, permit) = gate.accept(&listener).await;
+                held.push((stream, permit));
+            }
+        });
+        let kept = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let started = Instant::now();
+        let mut flood = Vec::new();
+        for _ in 0..300 {
+            flood.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut answered = 0usize;
+        for mut stream in flood {
+            let mut got = Vec::new();
+            let ended =
+                tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut got)).await;
+            assert!(ended.is_ok(), "a refused connection stayed open");
+            if got.starts_with(b"HTTP/1.1 503") {
+                assert!(String::from_utf8_lossy(&got).contains("max_connections"));
+                answered += 1;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(4));
+        // The 300 connections arrive within well under a second (the
+        // answered ones linger up to 1 s), so about 64 get an answer.
+        assert!((1..=2 * MAX_REFUSING).contains(&answered), "{answered}");
+        // The one under the cap is still open.
+        let mut probe = [0u8; 1];
+        assert!(
+            kept.try_read(&mut probe)
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock)
+        );
+        serving.abort();
+    }
+}

@@ -7,7 +7,6 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
@@ -15,11 +14,12 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::Shutdown;
+use crate::conn::{Gate, Limits};
 use crate::table::Routing;
 
 /// What the admin server reports on.
@@ -35,24 +35,36 @@ pub struct Admin {
     pub inbound: Option<Arc<crate::inbound::InboundTenants>>,
 }
 
-/// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, mut shutdown: Shutdown) {
+/// Serves until `shutdown`, with the listeners' limits: at most
+/// `max_connections` connections (more get a 503) and hyper's header
+/// read timeout (which also closes a connection idle that long).
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    limits: Limits,
+    mut shutdown: Shutdown,
+) {
+    let gate = Gate::new("admin", true, &limits);
+    let limits = Arc::new(limits);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
+            (stream, _, permit) = gate.accept(&listener) => {
                 let admin = Arc::clone(&admin);
+                let limits = Arc::clone(&limits);
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let service = service_fn(move |req| {
                         let admin = Arc::clone(&admin);
                         async move { Ok::<_, Infallible>(admin.answer(&req)) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_read_timeout)
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    if served.is_err_and(|e| e.is_timeout()) {
+                        limits.header_timeouts.increment(1);
+                    }
                 });
             }
             () = shutdown.wait() => return,

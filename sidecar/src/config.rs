@@ -28,7 +28,9 @@ pub struct TcpRoute {
 }
 
 /// The optional inbound listener in front of the app
-/// (`--inbound 0.0.0.0:15006=127.0.0.1:8080`).
+/// (`--inbound 10.1.2.3:15006=127.0.0.1:8080`). It listens exactly where it
+/// is told; there is no default address (an unspecified one such as
+/// `0.0.0.0` takes connections on every interface, which the sidecar logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboundRoute {
     /// Where the sidecar listens for calls to the app.
@@ -81,6 +83,22 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Most tenants whose routes the sidecar follows at once.
     pub max_tenants: usize,
+    /// Tenants not followed yet that the sidecar asks stratad about per
+    /// second (and at most this many at once): a caller naming random
+    /// tenants costs stratad no more than this.
+    pub tenant_learn_rate: usize,
+    /// Most tenant names stratad said do not exist that are remembered
+    /// (for 5 s, answered without asking again); the oldest go first.
+    pub max_unknown_tenants: usize,
+    /// An HTTP request head must arrive whole within this time of its first
+    /// byte (slowloris); then the connection closes.
+    pub header_read_timeout: Duration,
+    /// An HTTP connection with no request for this long closes (HTTP/2:
+    /// no byte either way; it gets GOAWAY and its streams finish).
+    pub idle_timeout: Duration,
+    /// Most connections open at once on each listener (outbound, inbound,
+    /// admin, every TCP route); more are refused (HTTP: 503) and closed.
+    pub max_connections: usize,
     /// `tracing` filter (`RUST_LOG` syntax).
     pub log: String,
     /// Tokio worker threads (default: one per CPU).
@@ -111,6 +129,11 @@ impl Default for Settings {
             eject_for: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             max_tenants: 256,
+            tenant_learn_rate: 10,
+            max_unknown_tenants: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
             log: "info".into(),
             worker_threads: None,
             tracing: strata_client::trace::TracingConfig::off(),
@@ -173,6 +196,21 @@ struct Cli {
     /// Upstream connect timeout, e.g. `1s`
     #[arg(long)]
     connect_timeout: Option<String>,
+    /// Time an HTTP request head may take from its first byte [env: STRATA_SIDECAR_HEADER_READ_TIMEOUT] (default 10s)
+    #[arg(long)]
+    header_read_timeout: Option<String>,
+    /// Idle HTTP connections close after this [env: STRATA_SIDECAR_IDLE_TIMEOUT] (default 60s)
+    #[arg(long)]
+    idle_timeout: Option<String>,
+    /// Most open connections per listener [env: STRATA_SIDECAR_MAX_CONNECTIONS] (default 1024)
+    #[arg(long)]
+    max_connections: Option<String>,
+    /// New tenants asked of stratad per second [env: STRATA_SIDECAR_TENANT_LEARN_RATE] (default 10)
+    #[arg(long)]
+    tenant_learn_rate: Option<String>,
+    /// Unknown tenant names remembered [env: STRATA_SIDECAR_MAX_UNKNOWN_TENANTS] (default 1024)
+    #[arg(long)]
+    max_unknown_tenants: Option<String>,
     /// TOML settings file [env: STRATA_SIDECAR_CONFIG]
     #[arg(long)]
     config: Option<PathBuf>,
@@ -207,6 +245,11 @@ struct FileSettings {
     eject_for: Option<String>,
     shutdown_grace: Option<String>,
     max_tenants: Option<usize>,
+    tenant_learn_rate: Option<usize>,
+    max_unknown_tenants: Option<usize>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
     log: Option<String>,
     worker_threads: Option<usize>,
     #[serde(default)]
@@ -222,6 +265,33 @@ struct FileRoute {
 fn duration(value: &str, source: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(value.trim())
         .map_err(|e| ConfigError(format!("{source}: {value:?} is not a duration: {e}")))
+}
+
+/// A duration that must not be zero (a limit of nothing would refuse
+/// everything).
+fn limit_duration(value: &str, source: &str) -> Result<Duration, ConfigError> {
+    let d = duration(value, source)?;
+    if d.is_zero() {
+        return Err(ConfigError(format!("{source}: must be more than 0")));
+    }
+    Ok(d)
+}
+
+/// A count of at least 1.
+fn limit_count(value: usize, source: &str) -> Result<usize, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError(format!("{source}: must be at least 1")));
+    }
+    Ok(value)
+}
+
+/// [`limit_count`] from text (flags and environment).
+fn limit_count_text(value: &str, source: &str) -> Result<usize, ConfigError> {
+    let n = value
+        .trim()
+        .parse()
+        .map_err(|e| ConfigError(format!("{source}: {value:?} is not a count: {e}")))?;
+    limit_count(n, source)
 }
 
 fn tcp_route(value: &str, source: &str) -> Result<TcpRoute, ConfigError> {
@@ -361,6 +431,21 @@ impl Settings {
             if let Some(v) = file.max_tenants {
                 s.max_tenants = v;
             }
+            if let Some(v) = file.tenant_learn_rate {
+                s.tenant_learn_rate = limit_count(v, &format!("{src}: tenant_learn_rate"))?;
+            }
+            if let Some(v) = file.max_unknown_tenants {
+                s.max_unknown_tenants = limit_count(v, &format!("{src}: max_unknown_tenants"))?;
+            }
+            if let Some(v) = &file.header_read_timeout {
+                s.header_read_timeout = limit_duration(v, &format!("{src}: header_read_timeout"))?;
+            }
+            if let Some(v) = &file.idle_timeout {
+                s.idle_timeout = limit_duration(v, &format!("{src}: idle_timeout"))?;
+            }
+            if let Some(v) = file.max_connections {
+                s.max_connections = limit_count(v, &format!("{src}: max_connections"))?;
+            }
             if let Some(v) = file.log {
                 s.log = v;
             }
@@ -422,6 +507,21 @@ impl Settings {
         if let Some(v) = env_get("STRATA_SIDECAR_INBOUND") {
             s.inbound = Some(inbound_route(v, "STRATA_SIDECAR_INBOUND")?);
         }
+        if let Some(v) = env_get("STRATA_SIDECAR_TENANT_LEARN_RATE") {
+            s.tenant_learn_rate = limit_count_text(v, "STRATA_SIDECAR_TENANT_LEARN_RATE")?;
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_MAX_UNKNOWN_TENANTS") {
+            s.max_unknown_tenants = limit_count_text(v, "STRATA_SIDECAR_MAX_UNKNOWN_TENANTS")?;
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_HEADER_READ_TIMEOUT") {
+            s.header_read_timeout = limit_duration(v, "STRATA_SIDECAR_HEADER_READ_TIMEOUT")?;
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_IDLE_TIMEOUT") {
+            s.idle_timeout = limit_duration(v, "STRATA_SIDECAR_IDLE_TIMEOUT")?;
+        }
+        if let Some(v) = env_get("STRATA_SIDECAR_MAX_CONNECTIONS") {
+            s.max_connections = limit_count_text(v, "STRATA_SIDECAR_MAX_CONNECTIONS")?;
+        }
         if let Some(v) = env_get("STRATA_LOG") {
             s.log = v.clone();
         }
@@ -464,6 +564,21 @@ impl Settings {
         }
         if let Some(v) = &cli.connect_timeout {
             s.connect_timeout = duration(v, "--connect-timeout")?;
+        }
+        if let Some(v) = &cli.tenant_learn_rate {
+            s.tenant_learn_rate = limit_count_text(v, "--tenant-learn-rate")?;
+        }
+        if let Some(v) = &cli.max_unknown_tenants {
+            s.max_unknown_tenants = limit_count_text(v, "--max-unknown-tenants")?;
+        }
+        if let Some(v) = &cli.header_read_timeout {
+            s.header_read_timeout = limit_duration(v, "--header-read-timeout")?;
+        }
+        if let Some(v) = &cli.idle_timeout {
+            s.idle_timeout = limit_duration(v, "--idle-timeout")?;
+        }
+        if let Some(v) = &cli.max_connections {
+            s.max_connections = limit_count_text(v, "--max-connections")?;
         }
         for rt in &cli.route_timeout {
             let (service, d) = rt.split_once('=').ok_or_else(|| {
@@ -707,5 +822,83 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a valid tenant"), "{err}");
+    }
+
+    #[test]
+    fn listener_limits_come_from_flags_env_and_file() {
+        let s = load(&["--endpoints", "x:1", "--tenant", "t"], &[]).unwrap();
+        assert_eq!(s.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.idle_timeout, Duration::from_secs(60));
+        assert_eq!(s.max_connections, 1024);
+
+        let dir = std::env::temp_dir().join(format!("sidecar-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sidecar.toml");
+        std::fs::write(
+            &file,
+            "endpoints = [\"x:1\"]\ntenant = \"t\"\nheader_read_timeout = \"3s\"\n\
+             idle_timeout = \"30s\"\nmax_connections = 7\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let s = load(&["--config", path], &[]).unwrap();
+        assert_eq!(s.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(s.idle_timeout, Duration::from_secs(30));
+        assert_eq!(s.max_connections, 7);
+        let s = load(
+            &["--config", path, "--max-connections", "9"],
+            &[
+                ("STRATA_SIDECAR_MAX_CONNECTIONS", "8"),
+                ("STRATA_SIDECAR_IDLE_TIMEOUT", "5s"),
+                ("STRATA_SIDECAR_HEADER_READ_TIMEOUT", "2s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.max_connections, 9);
+        assert_eq!(s.idle_timeout, Duration::from_secs(5));
+        assert_eq!(s.header_read_timeout, Duration::from_secs(2));
+        std::fs::write(
+            &file,
+            "endpoints = [\"x:1\"]\ntenant = \"t\"\nmax_connections = 0\n",
+        )
+        .unwrap();
+        let err = load(&["--config", path], &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("max_connections") && err.contains("at least 1"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let base = ["--endpoints", "x:1", "--tenant", "t"];
+        let s = load(&base, &[]).unwrap();
+        assert_eq!((s.tenant_learn_rate, s.max_unknown_tenants), (10, 1024));
+        let s = load(
+            &[&base[..], &["--tenant-learn-rate", "3"]].concat(),
+            &[
+                ("STRATA_SIDECAR_TENANT_LEARN_RATE", "2"),
+                ("STRATA_SIDECAR_MAX_UNKNOWN_TENANTS", "50"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((s.tenant_learn_rate, s.max_unknown_tenants), (3, 50));
+        let err = load(&[&base[..], &["--max-unknown-tenants", "0"]].concat(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--max-unknown-tenants"), "{err}");
+        let err = load(&[&base[..], &["--idle-timeout", "0s"]].concat(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--idle-timeout"), "{err}");
+        let err = load(&base, &[("STRATA_SIDECAR_MAX_CONNECTIONS", "many")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STRATA_SIDECAR_MAX_CONNECTIONS"), "{err}");
+        let err = load(
+            &[&base[..], &["--header-read-timeout", "soon"]].concat(),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--header-read-timeout"), "{err}");
     }
 }

@@ -21,6 +21,18 @@
 //! safe per request. The listener serves only through hyper when trace
 //! export is on (spans need the hyper path's `http::Request`).
 //!
+//! Framing is hyper's, byte for byte (issue 16, finding 9): bodies pass
+//! on verbatim, so a reading the upstream could make differently would
+//! let a request hide inside another one on a pooled upstream connection.
+//! `Content-Length` is digits only (`+5` is refused, not 5) and repeated
+//! values must agree (one header goes on); chunked bodies follow hyper's
+//! decoder (size line, extensions, trailers and their limits) and carry no
+//! bare LF. What hyper refuses is answered 400 with `connection: close`;
+//! a bare LF in the trailers, which hyper reads as a line end and
+//! re-encodes, goes to hyper when nothing was sent yet, else 400 as well.
+//! Response heads with a bare LF, or several length values, go to the
+//! caller rewritten.
+//!
 //! Behaviour kept from the hyper path: Host / absolute-form routing, the
 //! tenant from baggage `strata-tenant` or `x-strata-tenant`, baggage
 //! injection without disturbing other entries, per-route timeouts to the
@@ -31,21 +43,19 @@
 //! through with its trailers, close-delimited responses).
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::Shutdown;
-use crate::http_proxy::{self, Found, MAX_ATTEMPTS, Proxy, Refusal, accept};
+use crate::conn::{Alive, Drain, Gate, Permit, serve_hyper};
+use crate::http_proxy::{self, Found, MAX_ATTEMPTS, Proxy, Refusal};
 use crate::table::Route;
 use crate::tenant::{self, Origin};
 use crate::upstream::Upstream;
@@ -64,38 +74,34 @@ const MAX_HEADERS: usize = 100;
 const READ_CHUNK: usize = 8 * 1024;
 
 /// Serves the outbound proxy on `listener` until `shutdown`; then idle
-/// connections close and in-flight requests get at most `grace`.
+/// connections close and in-flight requests get at most `grace`. At most
+/// `max_connections` connections are served at once; more get a 503.
 pub async fn serve(
     listener: TcpListener,
     proxy: Arc<Proxy>,
     mut shutdown: Shutdown,
     grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(1024);
-    let builder = Arc::new(builder);
-    // Each connection task holds a sender; the channel closes when the
-    // last one ends, which is what the drain waits for.
-    let (alive, mut all_done) = mpsc::channel::<()>(1);
+    let builder = Arc::new(proxy.limits.hyper_builder());
+    let gate = Gate::new("outbound", true, &proxy.limits);
+    let drain = Drain::new();
     loop {
         tokio::select! {
-            stream = accept(&listener) => {
+            (stream, _, permit) = gate.accept(&listener) => {
                 tokio::spawn(connection(
                     Arc::clone(&proxy),
                     Arc::clone(&builder),
                     stream,
+                    permit,
                     shutdown.clone(),
-                    alive.clone(),
+                    drain.alive(),
                 ));
             }
             () = shutdown.wait() => break,
         }
     }
     drop(listener);
-    drop(alive);
-    if tokio::time::timeout(grace, all_done.recv()).await.is_err() {
-        tracing::warn!("outbound proxy: connections still open after {grace:?}; closing them");
-    }
+    drain.wait(grace, "outbound proxy").await;
 }
 
 /// A downstream connection's read buffer: bytes `buf[pos..]` are read
@@ -148,9 +154,10 @@ async fn connection(
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     mut stream: TcpStream,
+    permit: Permit,
     mut shutdown: Shutdown,
-    // Held until the connection ends: the drain waits for every sender.
-    _alive: mpsc::Sender<()>,
+    // Held until the connection ends: the drain waits for every one.
+    _alive: Alive,
 ) {
     let mut input = Input {
         buf: Vec::with_capacity(READ_CHUNK),
@@ -165,22 +172,53 @@ async fn connection(
     // Whether the tenant of the pending request was just learned (a second
     // "unknown tenant" for it is then a refusal, not another wait).
     let mut learned = false;
+    // When the first byte of the head being read arrived.
+    let mut head_started: Option<Instant> = None;
+    let limits = &proxy.limits;
     loop {
         let step = prepare(&proxy, input.pending(), &mut scratch.request);
+        if !matches!(step, Step::Incomplete) {
+            head_started = None;
+        }
         match step {
             Step::Incomplete => {
                 if input.pending().len() >= MAX_HEAD {
                     break;
                 }
-                let idle = input.pending().is_empty();
-                let read = if idle {
-                    // Between requests a shutdown closes the connection.
+                let read = if input.pending().is_empty() {
+                    // Between requests: a shutdown or the idle timeout
+                    // closes the connection.
                     tokio::select! {
-                        read = input.fill(&mut stream) => read,
+                        read = tokio::time::timeout(limits.idle_timeout, input.fill(&mut stream)) => {
+                            let Ok(read) = read else {
+                                limits.idle_timeouts.increment(1);
+                                return finish(stream).await;
+                            };
+                            read
+                        }
                         () = shutdown.wait() => return,
                     }
                 } else {
-                    input.fill(&mut stream).await
+                    // A head in progress must be whole within
+                    // header_read_timeout of its first byte (slowloris).
+                    let deadline =
+                        *head_started.get_or_insert_with(Instant::now) + limits.header_read_timeout;
+                    match tokio::time::timeout_at(deadline, input.fill(&mut stream)).await {
+                        Ok(read) => read,
+                        Err(_) => {
+                            limits.header_timeouts.increment(1);
+                            let refusal = Refusal::head_timeout(limits.header_read_timeout);
+                            respond_refusal(
+                                &mut stream,
+                                &mut scratch.response,
+                                &refusal,
+                                false,
+                                true,
+                            )
+                            .await;
+                            return finish(stream).await;
+                        }
+                    }
                 };
                 match read {
                     Ok(0) | Err(_) => return,
@@ -188,6 +226,10 @@ async fn connection(
                 }
             }
             Step::Fallback => break,
+            Step::Malformed(why) => {
+                bad_request(&mut stream, &mut scratch.response, why).await;
+                return finish(stream).await;
+            }
             Step::Refuse(refused) => {
                 learned = false;
                 count_unroutable(&proxy);
@@ -268,10 +310,15 @@ async fn connection(
                     Framing::Close => Framing::None,
                     framing => framing,
                 });
-                let Ok(used) = rest.take(pending) else {
-                    // Malformed chunked body: nothing was sent, hyper
-                    // answers 400.
-                    break;
+                let used = match rest.take(pending) {
+                    Ok(used) => used,
+                    // Nothing was sent yet: hyper reads it its own way and
+                    // re-encodes what it forwards.
+                    Err(BodyError::BareLf) => break,
+                    Err(e) => {
+                        bad_request(&mut stream, &mut scratch.response, e.message()).await;
+                        return finish(stream).await;
+                    }
                 };
                 scratch.request.extend_from_slice(&pending[..used]);
                 input.pos = body_start + used;
@@ -291,7 +338,7 @@ async fn connection(
             }
         }
     }
-    hand_over(proxy, builder, stream, input, shutdown).await;
+    hand_over(proxy, builder, stream, permit, input, shutdown).await;
 }
 
 fn count_unroutable(proxy: &Proxy) {
@@ -310,91 +357,17 @@ async fn hand_over(
     proxy: Arc<Proxy>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
+    permit: Permit,
     mut input: Input,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) {
     input.compact();
-    let io = TokioIo::new(Rewind {
-        prefix: input.buf,
-        pos: 0,
-        inner: stream,
-    });
-    let service = service_fn(move |req| http_proxy::handle(Arc::clone(&proxy), req));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
-    tokio::select! {
-        ended = conn.as_mut() => {
-            if let Err(e) = ended {
-                tracing::debug!(error = %e, "downstream connection ended");
-            }
-        }
-        () = shutdown.wait() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
-/// A socket whose first reads return bytes read from it before.
-struct Rewind {
-    prefix: Vec<u8>,
-    pos: usize,
-    inner: TcpStream,
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some(rest) = this.prefix.get(this.pos..)
-            && !rest.is_empty()
-        {
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.pos += n;
-            if this.pos >= this.prefix.len() {
-                // Replayed: no need to keep the buffer for the
-                // connection's lifetime.
-                this.prefix = Vec::new();
-                this.pos = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+    let limits = proxy.limits.clone();
+    let handler = move |req| http_proxy::handle(Arc::clone(&proxy), req);
+    serve_hyper(
+        &builder, stream, input.buf, permit, handler, &limits, shutdown,
+    )
+    .await;
 }
 
 /// How a message's body is delimited.
@@ -435,8 +408,8 @@ impl BodyLeft {
     }
 
     /// How many leading bytes of `bytes` belong to the body; moves past
-    /// them. `Err` for a malformed chunked body.
-    fn take(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+    /// them. `Err` for a chunked body that cannot be passed on.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, BodyError> {
         let n = match self {
             Self::Done => 0,
             Self::Length(left) => {
@@ -497,6 +470,8 @@ enum Step {
     Fallback,
     /// Answer with a refusal (the request has no body).
     Refuse(Refuse),
+    /// The request's framing is invalid: 400, and the connection closes.
+    Malformed(&'static str),
     /// The request's tenant is not followed yet.
     Learn(Learn),
     /// Forward it.
@@ -513,7 +488,9 @@ fn visible(bytes: &[u8]) -> Option<&str> {
     }
 }
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// The HTTP/2 connection preface, read whole (under the head timeout)
+/// before hyper gets the connection, so hyper never waits for it.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Parses the head at the start of `input` and decides what to do with
 /// the request; for a request to forward, writes its rewritten head into
@@ -548,6 +525,7 @@ fn prepare(proxy: &Proxy, input: &[u8], out: &mut Vec<u8>) -> Step {
     }
     let mut host: Option<&str> = None;
     let mut length: Option<u64> = None;
+    let mut bad_length: Option<&'static str> = None;
     let mut chunked = false;
     let mut close = false;
     let mut baggage_count = 0usize;
@@ -565,13 +543,12 @@ fn prepare(proxy: &Proxy, input: &[u8], out: &mut Vec<u8>) -> Step {
                 None => return Step::Fallback,
             }
         } else if name.eq_ignore_ascii_case("content-length") {
-            let Some(n) = visible(value).and_then(|v| v.trim().parse::<u64>().ok()) else {
-                return Step::Fallback;
-            };
-            if length.is_some_and(|l| l != n) {
-                return Step::Fallback;
+            // hyper's rule: digits only; repeated, the values must agree.
+            match length_digits(value) {
+                Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                Some(_) => bad_length = Some("conflicting Content-Length headers"),
+                None => bad_length = Some("invalid Content-Length: digits only"),
             }
-            length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             let is_chunked =
                 visible(value).is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
@@ -611,8 +588,14 @@ fn prepare(proxy: &Proxy, input: &[u8], out: &mut Vec<u8>) -> Step {
             header_tenant = Some(visible(value).map(str::trim).unwrap_or_default());
         }
     }
-    if chunked && length.is_some() {
+    if chunked && (length.is_some() || bad_length.is_some()) {
+        // Transfer-Encoding wins, but hyper's reading depends on the
+        // order of the two: hyper's.
         return Step::Fallback;
+    }
+    if let Some(why) = bad_length {
+        // The body's end is unknown: refused, and the connection closes.
+        return Step::Malformed(why);
     }
     let body = if chunked {
         Framing::Chunked
@@ -696,8 +679,16 @@ fn prepare(proxy: &Proxy, input: &[u8], out: &mut Vec<u8>) -> Step {
     let keep_baggage = baggage_count == 1
         && origin == Origin::Baggage
         && baggage_tenant == Some(route.requested.as_str());
+    let mut length_sent = false;
     for h in req.headers.iter() {
         let name = h.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            // Repeated (with the same value): once, as hyper sends it.
+            if length_sent {
+                continue;
+            }
+            length_sent = true;
+        }
         if name.eq_ignore_ascii_case("connection")
             || name.eq_ignore_ascii_case("keep-alive")
             || name.eq_ignore_ascii_case("proxy-connection")
@@ -761,16 +752,29 @@ async fn respond_refusal(
     out.clear();
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}{}\r\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len(),
+        if status == http::StatusCode::TOO_MANY_REQUESTS {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        },
         if close { "connection: close\r\n" } else { "" },
     );
     if !head_method {
         out.extend_from_slice(body.as_bytes());
     }
     stream.write_all(out).await.is_ok()
+}
+
+/// Answers a request whose framing cannot be passed on with 400 (and
+/// `connection: close`: where its body ends is unknown).
+async fn bad_request(stream: &mut TcpStream, out: &mut Vec<u8>, why: &str) {
+    tracing::debug!(why, "malformed request refused");
+    let refusal = Refusal::malformed(why);
+    respond_refusal(stream, out, &refusal, false, true).await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -853,33 +857,47 @@ async fn exchange(
             head_method: request.head_method,
             close: request.close,
             may_retry: reused && request.idempotent && !body_left,
+            answered: AtomicBool::new(false),
         };
         let (relayed, body_sent) = if body_left {
-            let (mut up_r, mut up_w) = up.split();
-            let (mut down_r, mut down_w) = down.split();
-            let copy = copy_body(&mut down_r, input, &mut up_w, &mut rest);
-            let relay = relay(
-                &x,
-                &mut up_r,
-                &mut scratch.up,
-                &mut down_w,
-                &mut scratch.response,
-            );
-            tokio::pin!(copy, relay);
-            let mut copied: Option<Result<(), Side>> = None;
-            let relayed = loop {
-                tokio::select! {
-                    done = &mut copy, if copied.is_none() => {
-                        if done == Err(Side::Down) {
+            let outcome = {
+                let (mut up_r, mut up_w) = up.split();
+                let (mut down_r, mut down_w) = down.split();
+                let copy = copy_body(&mut down_r, input, &mut up_w, &mut rest);
+                let relay = relay(
+                    &x,
+                    &mut up_r,
+                    &mut scratch.up,
+                    &mut down_w,
+                    &mut scratch.response,
+                );
+                tokio::pin!(copy, relay);
+                let mut copied: Option<Result<(), Side>> = None;
+                loop {
+                    tokio::select! {
+                        done = &mut copy, if copied.is_none() => match done {
                             // The caller is gone mid-body.
-                            return Next::Close;
-                        }
-                        copied = Some(done);
+                            Err(Side::Down) => return Next::Close,
+                            Err(Side::Malformed(e)) => break Err(e),
+                            done => copied = Some(done),
+                        },
+                        relayed = &mut relay => break Ok((relayed, copied == Some(Ok(())))),
                     }
-                    relayed = &mut relay => break relayed,
                 }
             };
-            (relayed, copied == Some(Ok(())))
+            match outcome {
+                Ok(relayed) => relayed,
+                Err(e) => {
+                    // The rest of the body cannot go on: the upstream
+                    // socket (which got part of it) is dropped, never
+                    // pooled, and the caller's connection ends — with a
+                    // 400 unless the upstream's answer already started.
+                    if !x.answered.load(Ordering::Relaxed) {
+                        bad_request(down, &mut scratch.response, e.message()).await;
+                    }
+                    return Next::Close;
+                }
+            }
         } else {
             let relayed = relay(&x, &mut up, &mut scratch.up, down, &mut scratch.response).await;
             (relayed, true)
@@ -950,6 +968,8 @@ async fn refuse_after(
 enum Side {
     Down,
     Up,
+    /// The caller's body cannot be passed on.
+    Malformed(BodyError),
 }
 
 /// Copies the rest of a request body from the caller to the upstream;
@@ -974,7 +994,7 @@ where
         let pending = input.pending();
         // A malformed body cannot be resynchronised: the caller's
         // connection ends.
-        let n = rest.take(pending).map_err(|()| Side::Down)?;
+        let n = rest.take(pending).map_err(Side::Malformed)?;
         up.write_all(&pending[..n]).await.map_err(|_| Side::Up)?;
         input.pos += n;
     }
@@ -992,6 +1012,9 @@ struct Exchange<'a> {
     /// so, as hyper's would).
     close: bool,
     may_retry: bool,
+    /// Part of a response went to the caller (a refusal can no longer be
+    /// sent instead).
+    answered: AtomicBool,
 }
 
 enum Relayed {
@@ -1037,6 +1060,7 @@ where
                     let code = resp.code.unwrap_or(0);
                     if (100..200).contains(&code) && code != 101 {
                         // Interim (103 Early Hints): passed on as is.
+                        x.answered.store(true, Ordering::Relaxed);
                         if down.write_all(&buf[..n]).await.is_err() {
                             return Relayed::Broken;
                         }
@@ -1044,7 +1068,7 @@ where
                         buf.drain(..n);
                         continue;
                     }
-                    break response_head(x, &resp, n, out);
+                    break response_head(x, &resp, &buf[..n], out);
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
                 Ok(httparse::Status::Partial) => {
@@ -1118,16 +1142,22 @@ where
     // in one write.
     let body = buf.get(head.len..).unwrap_or_default();
     let mut state = BodyLeft::new(head.framing);
-    let Ok(first) = state.take(body) else {
-        return failed(
-            format!(
-                "{} ({}): malformed chunked body",
-                x.route.service, x.upstream.address
-            ),
-            false,
-            wrote_interim,
-        );
+    let first = match state.take(body) {
+        Ok(first) => first,
+        Err(e) => {
+            return failed(
+                format!(
+                    "{} ({}): response body not passed on: {}",
+                    x.route.service,
+                    x.upstream.address,
+                    e.message()
+                ),
+                false,
+                wrote_interim,
+            );
+        }
     };
+    x.answered.store(true, Ordering::Relaxed);
     let written = if head.rewritten {
         out.extend_from_slice(&body[..first]);
         down.write_all(out).await
@@ -1182,9 +1212,10 @@ struct Head {
 fn response_head(
     x: &Exchange<'_>,
     resp: &httparse::Response<'_, '_>,
-    len: usize,
+    raw: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<Head, String> {
+    let len = raw.len();
     let status = resp.code.unwrap_or(0);
     let bad = |what: &str| format!("{} ({}): {what}", x.route.service, x.upstream.address);
     if status == 101 {
@@ -1193,7 +1224,7 @@ fn response_head(
     }
     let mut up_close = resp.version != Some(1);
     let mut hop = false;
-    let mut length: Option<u64> = None;
+    let mut lengths = 0usize;
     let mut transfer: Option<bool> = None;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("connection") {
@@ -1218,44 +1249,72 @@ fn response_head(
             });
             transfer = Some(last_chunked);
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            let n = visible(h.value)
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| bad("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting content-length"));
-            }
-            length = Some(n);
+            lengths += 1;
         }
     }
-    let framing = if x.head_method || status < 200 || status == 204 || status == 304 {
+    // hyper's client decides in this order: no body whatever the headers
+    // say, then Transfer-Encoding (Content-Length ignored), then
+    // Content-Length, which must be valid.
+    let no_body = x.head_method || status < 200 || status == 204 || status == 304;
+    // How many length values to collapse into one header (0: keep as is).
+    let mut one_length: Option<u64> = None;
+    let framing = if no_body {
         Framing::None
-    } else {
-        match (transfer, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) => Framing::Close,
-            (None, Some(0)) => Framing::None,
-            (None, Some(n)) => Framing::Length(n),
-            (None, None) => Framing::Close,
+    } else if let Some(last_chunked) = transfer {
+        if resp.version == Some(0) {
+            return Err(bad("transfer-encoding in an HTTP/1.0 response"));
         }
+        if last_chunked {
+            Framing::Chunked
+        } else {
+            Framing::Close
+        }
+    } else if lengths > 0 {
+        let values = resp
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .map(|h| h.value);
+        let (n, count) =
+            response_length(values).ok_or_else(|| bad("invalid or conflicting content-length"))?;
+        if count > 1 {
+            // `5, 5` or a repeated header: the caller gets one value.
+            one_length = Some(n);
+        }
+        if n == 0 {
+            Framing::None
+        } else {
+            Framing::Length(n)
+        }
+    } else {
+        Framing::Close
     };
     let close_down = framing == Framing::Close || x.close;
     // Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3);
     // a proxy must not pass both on.
-    let drop_length = transfer.is_some() && length.is_some();
-    let rewritten = hop || close_down || drop_length;
+    let drop_length = transfer.is_some() && lengths > 0;
+    // httparse takes a bare LF for a line end; a caller might not, and
+    // would then see other headers (or another body length): such a head
+    // goes out rewritten with CRLF.
+    let bare_lf = has_bare_lf(raw);
+    let rewritten = hop || close_down || drop_length || one_length.is_some() || bare_lf;
     if rewritten {
         out.clear();
         out.extend_from_slice(format!("HTTP/1.1 {status} ").as_bytes());
         out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
         for h in resp.headers.iter() {
+            let is_length = h.name.eq_ignore_ascii_case("content-length");
             if h.name.eq_ignore_ascii_case("connection")
                 || h.name.eq_ignore_ascii_case("keep-alive")
-                || (drop_length && h.name.eq_ignore_ascii_case("content-length"))
+                || (is_length && (drop_length || one_length.is_some()))
             {
                 continue;
             }
             push_header(out, h.name.as_bytes(), h.value);
+        }
+        if let Some(n) = one_length {
+            push_header(out, b"content-length", n.to_string().as_bytes());
         }
         if close_down {
             // The caller learns that the connection ends (and, for a
@@ -1273,33 +1332,85 @@ fn response_head(
     })
 }
 
+/// hyper's limit on the chunk-extension bytes of one body.
+const MAX_EXTENSION_BYTES: u64 = 16 * 1024;
+
+/// hyper's limit on the bytes of a trailer section (without a configured
+/// `max_buf_size`, as here).
+const MAX_TRAILER_BYTES: usize = 16 * 1024;
+
+/// hyper's limit on the fields of a trailer section (its header limit).
+const MAX_TRAILERS: usize = MAX_HEADERS;
+
+/// Why a chunked body cannot be passed on as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyError {
+    /// Malformed: hyper refuses it too. The text says what is wrong.
+    Invalid(&'static str),
+    /// A bare LF in the trailer section. hyper takes it for a line end and
+    /// re-encodes the trailers it parsed, but bytes passed on verbatim
+    /// would end the body early for a server that ends lines at LF: what
+    /// follows would be its next request (issue 16, finding 9).
+    BareLf,
+}
+
+impl BodyError {
+    fn message(self) -> &'static str {
+        match self {
+            Self::Invalid(why) => why,
+            Self::BareLf => "bare LF in the chunked trailer section",
+        }
+    }
+}
+
 /// Follows a chunked body (RFC 9112 section 7.1) through its bytes, which
 /// pass on unchanged (extensions and trailers included), to find its end.
+///
+/// The bytes go on verbatim, so the grammar is hyper's 1.x decoder's
+/// exactly (size digits with overflow check, optional SP/HTAB, extensions
+/// up to a CRLF without a bare LF and at most 16 KiB per body, CRLF after
+/// data) plus what hyper checks when it parses the trailers (field names
+/// are tokens followed by `:`, values visible bytes, at most 100 fields
+/// and 16 KiB), and no bare LF anywhere: whoever reads the bytes next, a
+/// strict parser or one that ends lines at LF, finds the same end.
 #[derive(Debug, Clone, Copy, Default)]
 struct Chunked {
     state: ChunkState,
+    /// Extension bytes so far (hyper counts them per body).
+    extension_bytes: u64,
+    /// Trailer section bytes so far, from its first field's first byte.
+    trailer_bytes: usize,
+    /// Trailer fields so far.
+    trailers: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 enum ChunkState {
-    /// In a chunk-size line.
+    /// The first byte of a chunk-size line.
     #[default]
     SizeStart,
-    Size {
-        value: u64,
-        digits: u8,
-        ext: bool,
-        cr: bool,
-    },
+    /// In the size's hex digits.
+    Size(u64),
+    /// Whitespace after the size: only more of it, `;` or CR may follow.
+    SizeLws(u64),
+    /// In a chunk extension, up to CR.
+    Extension(u64),
+    /// After the size line's CR.
+    SizeLf(u64),
     /// Chunk data bytes left.
     Data(u64),
     DataCr,
     DataLf,
-    /// In the trailer section: the current line's length so far.
-    Trailer {
-        len: usize,
-        cr: bool,
-    },
+    /// After the last chunk's size line, or a trailer field's CRLF.
+    LineStart,
+    /// In a trailer field's name.
+    Name,
+    /// In a trailer field's value.
+    Value,
+    /// After a trailer field's CR.
+    FieldLf,
+    /// After the trailer section's final CR.
+    EndLf,
     Done,
 }
 
@@ -1308,108 +1419,127 @@ impl Chunked {
         matches!(self.state, ChunkState::Done)
     }
 
+    /// One more byte of the trailer section (hyper's byte limit).
+    fn trailer_byte(&mut self) -> Result<(), BodyError> {
+        self.trailer_bytes += 1;
+        if self.trailer_bytes >= MAX_TRAILER_BYTES {
+            return Err(BodyError::Invalid("chunked trailer section over 16 KiB"));
+        }
+        Ok(())
+    }
+
     /// Consumes bytes of `input` up to the body's end; how many belong to
-    /// the body. `Err` on a malformed body.
-    fn feed(&mut self, input: &[u8]) -> Result<usize, ()> {
+    /// the body. `Err` on a body that cannot be passed on verbatim.
+    fn feed(&mut self, input: &[u8]) -> Result<usize, BodyError> {
+        use ChunkState as S;
+        let invalid = |why| Err(BodyError::Invalid(why));
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
             self.state = match self.state {
-                ChunkState::Done => return Ok(i),
-                ChunkState::Data(left) => {
+                S::Done => return Ok(i),
+                S::Data(left) => {
                     let n = usize::try_from(left)
                         .unwrap_or(usize::MAX)
                         .min(input.len() - i);
                     i += n;
                     let left = left - n as u64;
-                    self.state = if left == 0 {
-                        ChunkState::DataCr
-                    } else {
-                        ChunkState::Data(left)
-                    };
+                    self.state = if left == 0 { S::DataCr } else { S::Data(left) };
                     continue;
                 }
-                ChunkState::DataCr if b == b'\r' => ChunkState::DataLf,
-                ChunkState::DataLf if b == b'\n' => ChunkState::SizeStart,
-                ChunkState::DataCr | ChunkState::DataLf => return Err(()),
-                ChunkState::SizeStart => match hex(b) {
-                    Some(d) => ChunkState::Size {
-                        value: u64::from(d),
-                        digits: 1,
-                        ext: false,
-                        cr: false,
-                    },
-                    None => return Err(()),
+                S::DataCr if b == b'\r' => S::DataLf,
+                S::DataLf if b == b'\n' => S::SizeStart,
+                S::DataCr | S::DataLf => return invalid("chunk data not followed by CRLF"),
+                S::SizeStart => match hex(b) {
+                    Some(d) => S::Size(u64::from(d)),
+                    None => return invalid("chunk size line does not start with a hex digit"),
                 },
-                ChunkState::Size {
-                    value,
-                    digits,
-                    ext,
-                    cr,
-                } => {
-                    if cr {
-                        if b != b'\n' {
-                            return Err(());
+                S::Size(value) => match (hex(b), b) {
+                    (Some(d), _) => match value
+                        .checked_mul(16)
+                        .and_then(|v| v.checked_add(u64::from(d)))
+                    {
+                        Some(v) => S::Size(v),
+                        None => return invalid("chunk size overflows"),
+                    },
+                    (None, b' ' | b'\t') => S::SizeLws(value),
+                    (None, b';') => S::Extension(value),
+                    (None, b'\r') => S::SizeLf(value),
+                    (None, b'\n') => return invalid("bare LF ends a chunk size line"),
+                    (None, _) => return invalid("invalid byte in a chunk size"),
+                },
+                S::SizeLws(value) => match b {
+                    b' ' | b'\t' => S::SizeLws(value),
+                    b';' => S::Extension(value),
+                    b'\r' => S::SizeLf(value),
+                    _ => return invalid("invalid byte after a chunk size"),
+                },
+                S::Extension(value) => match b {
+                    b'\r' => S::SizeLf(value),
+                    b'\n' => return invalid("bare LF in a chunk extension"),
+                    _ => {
+                        self.extension_bytes += 1;
+                        if self.extension_bytes >= MAX_EXTENSION_BYTES {
+                            return invalid("chunk extensions over 16 KiB");
                         }
-                        if value == 0 {
-                            ChunkState::Trailer { len: 0, cr: false }
-                        } else {
-                            ChunkState::Data(value)
+                        S::Extension(value)
+                    }
+                },
+                S::SizeLf(value) => match (b, value) {
+                    (b'\n', 0) => S::LineStart,
+                    (b'\n', n) => S::Data(n),
+                    _ => return invalid("chunk size line not ended by CRLF"),
+                },
+                S::LineStart => match b {
+                    b'\r' => {
+                        if self.trailer_bytes > 0 {
+                            self.trailer_byte()?;
                         }
-                    } else if b == b'\r' {
-                        ChunkState::Size {
-                            value,
-                            digits,
-                            ext,
-                            cr: true,
-                        }
-                    } else if ext {
-                        ChunkState::Size {
-                            value,
-                            digits,
-                            ext,
-                            cr,
-                        }
-                    } else if let Some(d) = hex(b) {
-                        // 15 hex digits: sizes far past anything real,
-                        // and no overflow.
-                        if digits >= 15 {
-                            return Err(());
-                        }
-                        ChunkState::Size {
-                            value: value * 16 + u64::from(d),
-                            digits: digits + 1,
-                            ext,
-                            cr,
-                        }
-                    } else if matches!(b, b';' | b' ' | b'\t') {
-                        ChunkState::Size {
-                            value,
-                            digits,
-                            ext: true,
-                            cr,
-                        }
-                    } else {
-                        return Err(());
+                        S::EndLf
+                    }
+                    b'\n' => return Err(BodyError::BareLf),
+                    _ if token(b) => {
+                        self.trailer_byte()?;
+                        S::Name
+                    }
+                    _ => return invalid("invalid trailer field name"),
+                },
+                S::Name => {
+                    self.trailer_byte()?;
+                    match b {
+                        b':' => S::Value,
+                        _ if token(b) => S::Name,
+                        _ => return invalid("invalid trailer field name"),
                     }
                 }
-                ChunkState::Trailer { len, cr } => {
-                    if cr {
-                        if b != b'\n' {
-                            return Err(());
-                        }
-                        if len == 0 {
-                            ChunkState::Done
-                        } else {
-                            ChunkState::Trailer { len: 0, cr: false }
-                        }
-                    } else if b == b'\r' {
-                        ChunkState::Trailer { len, cr: true }
-                    } else if len >= MAX_HEAD {
-                        return Err(());
-                    } else {
-                        ChunkState::Trailer { len: len + 1, cr }
+                S::Value => {
+                    self.trailer_byte()?;
+                    match b {
+                        b'\r' => S::FieldLf,
+                        b'\n' => return Err(BodyError::BareLf),
+                        b'\t' | 0x20..=0x7e | 0x80..=0xff => S::Value,
+                        _ => return invalid("invalid byte in a trailer field value"),
                     }
+                }
+                S::FieldLf => {
+                    self.trailer_byte()?;
+                    if b != b'\n' {
+                        return invalid("trailer field not ended by CRLF");
+                    }
+                    if self.trailers >= MAX_TRAILERS {
+                        return invalid("more than 100 trailer fields");
+                    }
+                    self.trailers += 1;
+                    S::LineStart
+                }
+                S::EndLf => {
+                    if b != b'\n' {
+                        return invalid("trailer section not ended by CRLF");
+                    }
+                    if self.trailer_bytes > 0 {
+                        self.trailer_byte()?;
+                    }
+                    S::Done
                 }
             };
             i += 1;
@@ -1427,9 +1557,78 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// Whether `bytes` has an LF without a CR before it.
+fn has_bare_lf(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+}
+
+/// RFC 9110 `tchar`, httparse's header-name bytes.
+fn token(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
+}
+
+/// hyper's reading of a `Content-Length` value: ASCII digits only (no
+/// sign, no inner whitespace — httparse already trimmed the outer), within
+/// `u64`. `u64::from_str` would also take `+5`, which a server reading
+/// digits only takes for something else.
+fn length_digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+/// hyper's client reading of a response's `Content-Length` headers: each
+/// a comma-separated list of digit runs, all equal. `Some((length, how
+/// many values))`; `None` when one is invalid or they differ.
+fn response_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<(u64, usize)> {
+    let mut length = None;
+    let mut count = 0usize;
+    for value in values {
+        for item in visible(value)?.split(',') {
+            let n = length_digits(item.trim().as_bytes())?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+            count += 1;
+        }
+    }
+    length.map(|l| (l, count))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
 
     use super::*;
 
@@ -1462,5 +1661,440 @@ mod tests {
         let mut scan = Chunked::default();
         assert_eq!(scan.feed(b"3\r\nab").unwrap(), 5);
         assert!(!scan.done());
+    }
+
+    /// What hyper's HTTP/1.1 server (the hyper path's, default settings)
+    /// makes of `body` as a chunked request body followed by a pipelined
+    /// `GET /next`.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Hyper {
+        /// It read the body (data bytes), and `/next` as the next request
+        /// or not.
+        Accepted { data: Vec<u8>, next: bool },
+        /// The body is an error.
+        Refused,
+    }
+
+    async fn hyper_reads(body: &[u8]) -> Hyper {
+        use http_body_util::BodyExt;
+        use std::sync::Mutex;
+        let (client, server) = tokio::io::duplex(1 << 20);
+        // (path, body data or `None` for a body error), per request.
+        type Seen = Vec<(String, Option<Vec<u8>>)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let log = Arc::clone(&seen);
+        let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let log = Arc::clone(&log);
+            async move {
+                let path = req.uri().path().to_owned();
+                let data = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .ok()
+                    .map(|c| c.to_bytes().to_vec());
+                log.lock().unwrap().push((path, data));
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                    bytes::Bytes,
+                >::new()))
+            }
+        });
+        // Half-close: the pipelined request after our EOF is still served
+        // (framing is unaffected).
+        let conn = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
+            .serve_connection(TokioIo::new(server), service);
+        let mut input =
+            b"POST /b HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        input.extend_from_slice(body);
+        input.extend_from_slice(b"GET /next HTTP/1.1\r\nhost: h\r\n\r\n");
+        let (mut read, mut write) = tokio::io::split(client);
+        let writer = async move {
+            let _ = write.write_all(&input).await;
+            let _ = write.shutdown().await;
+            // Keep the write half until the server is done.
+            std::future::pending::<()>().await;
+        };
+        let drain = async move {
+            let mut sink = Vec::new();
+            let _ = read.read_to_end(&mut sink).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                _ = conn => {}
+                () = writer => {}
+                () = drain => {}
+            }
+        })
+        .await;
+        let seen = seen.lock().unwrap();
+        match seen.first() {
+            Some((path, Some(data))) if path == "/b" => Hyper::Accepted {
+                data: data.clone(),
+                next: seen.get(1).is_some_and(|(p, _)| p == "/next"),
+            },
+            _ => Hyper::Refused,
+        }
+    }
+
+    /// The data of a body the fast path accepted (its grammar is strict,
+    /// so plain splitting at CRLF decodes it).
+    fn data_of(mut body: &[u8]) -> Vec<u8> {
+        let mut data = Vec::new();
+        loop {
+            let line_end = body.windows(2).position(|w| w == b"\r\n").unwrap();
+            let digits: String = body[..line_end]
+                .iter()
+                .take_while(|b| b.is_ascii_hexdigit())
+                .map(|&b| char::from(b))
+                .collect();
+            let size = usize::from_str_radix(&digits, 16).unwrap();
+            body = &body[line_end + 2..];
+            if size == 0 {
+                return data;
+            }
+            data.extend_from_slice(&body[..size]);
+            body = &body[size + 2..];
+        }
+    }
+
+    /// Where a server that ends every line at LF (dropping a CR before
+    /// it) and reads sizes leniently finds the end of a chunked body.
+    fn lenient_end(body: &[u8]) -> Option<usize> {
+        let mut pos = 0;
+        let line = |pos: &mut usize| -> Option<Vec<u8>> {
+            let rest = body.get(*pos..)?;
+            let end = rest.iter().position(|&b| b == b'\n')?;
+            *pos += end + 1;
+            let mut l = rest[..end].to_vec();
+            if l.last() == Some(&b'\r') {
+                l.pop();
+            }
+            Some(l)
+        };
+        loop {
+            let size_line = line(&mut pos)?;
+            let text = String::from_utf8_lossy(&size_line);
+            let size = usize::from_str_radix(text.split(';').next()?.trim(), 16).ok()?;
+            if size == 0 {
+                while !line(&mut pos)?.is_empty() {}
+                return Some(pos);
+            }
+            pos += size;
+            line(&mut pos)?;
+        }
+    }
+
+    /// The fast path's verdict on a whole body, fed at once and byte by
+    /// byte (which must agree).
+    fn fast(body: &[u8]) -> Result<Option<usize>, BodyError> {
+        let mut scan = Chunked::default();
+        let whole = scan.feed(body).map(|n| scan.done().then_some(n));
+        let mut scan = Chunked::default();
+        let mut total = 0;
+        let mut bytewise = Ok(None);
+        for b in body.chunks(1) {
+            match scan.feed(b) {
+                Ok(n) => total += n,
+                Err(e) => {
+                    bytewise = Err(e);
+                    break;
+                }
+            }
+            if scan.done() {
+                bytewise = Ok(Some(total));
+                break;
+            }
+        }
+        assert_eq!(whole, bytewise, "{:?}", String::from_utf8_lossy(body));
+        whole
+    }
+
+    /// Checks the fast path against hyper and a lenient reader: a body it
+    /// accepts, hyper accepts with the same data and the same end (it
+    /// reads the request after it), and so does a server that ends lines
+    /// at LF; a body it finds invalid, hyper refuses; a bare LF in the
+    /// trailers (hyper may read it either way) is never passed on.
+    fn check(rt: &tokio::runtime::Runtime, body: &[u8]) -> Result<(), String> {
+        let mut shown = String::from_utf8_lossy(body).into_owned();
+        if shown.len() > 120 {
+            shown = format!(
+                "{}… ({} bytes)",
+                &shown[..shown.floor_char_boundary(100)],
+                body.len()
+            );
+        }
+        let verdict = fast(body);
+        let hyper = rt.block_on(hyper_reads(body));
+        match verdict {
+            Ok(Some(n)) if n == body.len() => {
+                let want = Hyper::Accepted {
+                    data: data_of(body),
+                    next: true,
+                };
+                if hyper != want {
+                    return Err(format!("{shown:?}: fast path accepts, hyper: {hyper:?}"));
+                }
+                if lenient_end(body) != Some(n) {
+                    return Err(format!(
+                        "{shown:?}: fast path ends at {n}, a lenient server at {:?}",
+                        lenient_end(body)
+                    ));
+                }
+            }
+            Ok(Some(n)) => {
+                if lenient_end(body) != Some(n) {
+                    return Err(format!(
+                        "{shown:?}: fast path ends at {n}, a lenient server at {:?}",
+                        lenient_end(body)
+                    ));
+                }
+            }
+            // Truncated: nothing to compare.
+            Ok(None) => {}
+            Err(BodyError::Invalid(why)) => {
+                if hyper != Hyper::Refused {
+                    return Err(format!(
+                        "{shown:?}: fast path refuses ({why}), hyper: {hyper:?}"
+                    ));
+                }
+            }
+            Err(BodyError::BareLf) => {}
+        }
+        Ok(())
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Finding 9: what a server ending lines at LF reads differently —
+    /// the bare LFs of the finding — is refused (or, for a bare LF in the
+    /// trailers, left to hyper), and everything else is decided as hyper
+    /// decides it, limits included.
+    #[test]
+    fn h1_fast_chunked_framing_is_hyper_s_finding_9() {
+        let rt = runtime();
+        let smuggle = b"GET /x HTTP/1.1\r\nHost: s\r\n\r\n";
+        let with = |prefix: &[u8]| [prefix, &smuggle[..]].concat();
+        let bare_lf_cases = [
+            with(b"0\r\n\n"),
+            with(b"0\r\nx-t: 1\r\n\n"),
+            b"0\r\nx-t: 1\nx-u: 2\r\n\r\n".to_vec(),
+        ];
+        for body in &bare_lf_cases {
+            assert_eq!(fast(body), Err(BodyError::BareLf), "{body:?}");
+            check(&rt, body).unwrap();
+        }
+        let invalid_cases: Vec<Vec<u8>> = vec![
+            with(b"0;ext\n\n"),
+            with(b"0\n\n"),
+            with(b"0\r\n\r"),
+            b"5 x\r\nhello\r\n0\r\n\r\n".to_vec(),
+            b"5 5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            b"5\rhello\r\n0\r\n\r\n".to_vec(),
+            b"5\r\nhello\n0\r\n\r\n".to_vec(),
+            b"5\r\nhelloX\r\n0\r\n\r\n".to_vec(),
+            b"-5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            b"0x5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            b"10000000000000000\r\n".to_vec(),
+            b"0\r\n x: folded\r\n\r\n".to_vec(),
+            b"0\r\nx : 1\r\n\r\n".to_vec(),
+            b"0\r\nx\r\n\r\n".to_vec(),
+            b"0\r\n: 1\r\n\r\n".to_vec(),
+            b"0\r\nx: a\x01b\r\n\r\n".to_vec(),
+            b"0\r\nx: a\x7fb\r\n\r\n".to_vec(),
+            b"0\r\nx: a\rb\r\n\r\n".to_vec(),
+        ];
+        for body in &invalid_cases {
+            assert!(
+                matches!(fast(body), Err(BodyError::Invalid(_))),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(body),
+                fast(body)
+            );
+            check(&rt, body).unwrap();
+        }
+        let valid_cases: Vec<&[u8]> = vec![
+            b"0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\n\r\n",
+            b"5 \t ;a=b\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"x y\";b\r\nhello\r\n0;z\r\n\r\n",
+            b"00000000000000000005\r\nhello\r\n0\r\n\r\n",
+            b"A\r\n0123456789\r\n0\r\nx-sum: 1\r\nx-b:\t\x80 v \r\n\r\n",
+            b"5;\x00\x7f\r\nhello\r\n0\r\n\r\n",
+        ];
+        for body in valid_cases {
+            assert_eq!(fast(body), Ok(Some(body.len())), "{body:?}");
+            check(&rt, body).unwrap();
+        }
+    }
+
+    /// Finding 9: hyper's limits on extensions (16 KiB per body), trailer
+    /// bytes (16 KiB) and trailer fields (100) hold here too, at the same
+    /// byte — and a body that tries to pass them is refused.
+    #[test]
+    fn h1_fast_chunked_limits_are_hyper_s_finding_9() {
+        let rt = runtime();
+        // n extension bytes (the `;` is not one).
+        let extension = |n: usize| format!("1;{}\r\nx\r\n0\r\n\r\n", "e".repeat(n)).into_bytes();
+        let trailer_bytes = |n: usize| {
+            // "0\r\n" + "x: " + value + "\r\n" + "\r\n": the section is
+            // everything after "0\r\n".
+            let value = "v".repeat(n - 3 - 2 - 2);
+            format!("0\r\nx: {value}\r\n\r\n").into_bytes()
+        };
+        let fields = |n: usize| {
+            let mut b = b"0\r\n".to_vec();
+            for i in 0..n {
+                b.extend_from_slice(format!("x-{i}: 1\r\n").as_bytes());
+            }
+            b.extend_from_slice(b"\r\n");
+            b
+        };
+        for (body, ok) in [
+            (extension(MAX_EXTENSION_BYTES as usize - 1), true),
+            (extension(MAX_EXTENSION_BYTES as usize), false),
+            (trailer_bytes(MAX_TRAILER_BYTES - 1), true),
+            (trailer_bytes(MAX_TRAILER_BYTES), false),
+            (fields(MAX_TRAILERS), true),
+            (fields(MAX_TRAILERS + 1), false),
+        ] {
+            let verdict = fast(&body);
+            assert_eq!(verdict.is_ok(), ok, "{} bytes: {verdict:?}", body.len());
+            check(&rt, &body).unwrap();
+        }
+    }
+
+    /// Finding 9: `Content-Length` is read as hyper reads it — digits
+    /// only (`+5` is not 5), repeated values must agree — and responses
+    /// may list agreeing values (`5, 5`), as hyper's client allows.
+    #[test]
+    fn h1_fast_content_length_is_digits_only_finding_9() {
+        for (value, want) in [
+            (&b"5"[..], Some(5)),
+            (b"0005", Some(5)),
+            (b"18446744073709551615", Some(u64::MAX)),
+            (b"18446744073709551616", None),
+            (b"+5", None),
+            (b"-5", None),
+            (b"5 5", None),
+            (b"5,5", None),
+            (b"0x5", None),
+            (b"", None),
+        ] {
+            assert_eq!(length_digits(value), want, "{value:?}");
+        }
+        let values = |v: &[&'static str]| v.iter().map(|s| s.as_bytes()).collect::<Vec<_>>();
+        for (headers, want) in [
+            (values(&["5"]), Some((5, 1))),
+            (values(&["5, 5"]), Some((5, 2))),
+            (values(&["5", "5"]), Some((5, 2))),
+            (values(&["5", "6"]), None),
+            (values(&["5, 6"]), None),
+            (values(&["+5"]), None),
+            (values(&["5,"]), None),
+        ] {
+            assert_eq!(
+                response_length(headers.iter().copied()),
+                want,
+                "{headers:?}"
+            );
+        }
+        assert!(has_bare_lf(b"HTTP/1.1 200 OK\ncontent-length: 1\r\n\r\n"));
+        assert!(!has_bare_lf(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n"
+        ));
+    }
+
+    /// A chunked body built from parts, each possibly damaged: the
+    /// generator for the comparison with hyper.
+    fn chunked_body() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let eol = prop_oneof![
+            8 => Just(b"\r\n".to_vec()),
+            1 => Just(b"\n".to_vec()),
+            1 => Just(b"\r".to_vec()),
+            1 => Just(b"\r\r\n".to_vec()),
+            1 => Just(b" \r\n".to_vec()),
+        ];
+        let noise = prop::sample::select(vec![
+            b'\r', b'\n', b' ', b'\t', b';', b':', b'=', b'"', b'a', b'F', b'0', b'x', 0, 0x7f,
+            0x80, b'-', b'+',
+        ]);
+        let ext = prop_oneof![
+            4 => Just(Vec::new()),
+            1 => Just(b";a=b".to_vec()),
+            1 => Just(b" ;a".to_vec()),
+            1 => prop::collection::vec(noise.clone(), 0..6),
+        ];
+        let chunk = (
+            prop::collection::vec(b'a'..=b'z', 1..12),
+            ext.clone(),
+            eol.clone(),
+            eol.clone(),
+            any::<bool>(),
+        )
+            .prop_map(|(data, ext, eol1, eol2, upper)| {
+                let size = if upper {
+                    format!("{:X}", data.len())
+                } else {
+                    format!("{:x}", data.len())
+                };
+                [size.into_bytes(), ext, eol1, data, eol2].concat()
+            });
+        let trailer = (
+            prop_oneof![
+                4 => Just(b"x-t".to_vec()),
+                1 => prop::collection::vec(noise.clone(), 0..4),
+            ],
+            prop_oneof![
+                4 => Just(b": v".to_vec()),
+                1 => prop::collection::vec(noise.clone(), 0..6),
+            ],
+            eol.clone(),
+        )
+            .prop_map(|(name, value, eol)| [name, value, eol].concat());
+        (
+            prop::collection::vec(chunk, 0..3),
+            ext,
+            eol.clone(),
+            prop::collection::vec(trailer, 0..3),
+            eol,
+            prop::collection::vec((any::<prop::sample::Index>(), noise), 0..2),
+        )
+            .prop_map(|(chunks, ext, eol1, trailers, eol2, damage)| {
+                let mut body = chunks.concat();
+                body.extend_from_slice(b"0");
+                body.extend_from_slice(&ext);
+                body.extend_from_slice(&eol1);
+                body.extend_from_slice(&trailers.concat());
+                body.extend_from_slice(&eol2);
+                for (at, byte) in damage {
+                    let at = at.index(body.len() + 1);
+                    body.insert(at, byte);
+                }
+                body
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(400))]
+
+        /// Finding 9: on generated, often damaged chunked bodies the fast
+        /// path's framing decision is hyper's, and never one a server that
+        /// ends lines at LF reads differently.
+        #[test]
+        fn h1_fast_chunked_framing_matches_hyper_on_generated_bodies_finding_9(
+            body in chunked_body()
+        ) {
+            let rt = runtime();
+            if let Err(e) = check(&rt, &body) {
+                proptest::prop_assert!(false, "{}", e);
+            }
+        }
     }
 }

@@ -22,11 +22,8 @@ use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue, UPGRADE};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::Shutdown;
@@ -52,75 +49,18 @@ pub struct Proxy {
     pub project: String,
     /// Spans of proxied requests, when trace export is on.
     pub trace: Option<crate::trace::ProxyTrace>,
+    /// Connection cap and timeouts of the listeners it serves.
+    pub limits: crate::conn::Limits,
 }
 
 /// Serves the proxy on `listener` until `shutdown`, then lets in-flight
 /// requests finish for at most `grace`.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Shutdown, grace: Duration) {
-    serve_connections(listener, shutdown, grace, "outbound proxy", move |req| {
+    let limits = proxy.limits.clone();
+    crate::conn::serve_http(listener, limits, shutdown, grace, "outbound", move |req| {
         handle(Arc::clone(&proxy), req)
     })
     .await;
-}
-
-/// The next accepted connection, with Nagle off. A failed accept (EMFILE
-/// and friends) is logged and retried after a pause instead of spinning.
-pub(crate) async fn accept(listener: &TcpListener) -> TcpStream {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                return stream;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Accepts HTTP/1.1 and h2c connections on `listener`, answering each
-/// request with `handler`, until `shutdown`; then lets in-flight requests
-/// finish for at most `grace`. Shared by the outbound proxy and the
-/// inbound listener.
-pub(crate) async fn serve_connections<F, Fut>(
-    listener: TcpListener,
-    mut shutdown: Shutdown,
-    grace: Duration,
-    name: &'static str,
-    handler: F,
-) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
-{
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http2().max_concurrent_streams(1024);
-    loop {
-        tokio::select! {
-            stream = accept(&listener) => {
-                let service = service_fn(handler.clone());
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "downstream connection ended");
-                    }
-                });
-            }
-            () = shutdown.wait() => break,
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("{name}: connections still open after {grace:?}; closing them");
-    }
 }
 
 /// The service name in an authority: the host without port, without a
@@ -186,6 +126,34 @@ impl Refusal {
         }
     }
 
+    /// A request whose framing the sidecar will not pass on (why: what is
+    /// wrong with it).
+    pub(crate) fn malformed(why: &str) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_argument",
+            message: format!("malformed HTTP/1.1 request: {why}"),
+            service: None,
+            tenant: None,
+            chain: Vec::new(),
+        }
+    }
+
+    /// A request head that did not arrive whole within the
+    /// `header_read_timeout` (`limit`).
+    pub(crate) fn head_timeout(limit: Duration) -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "deadline_exceeded",
+            message: format!(
+                "the request head did not arrive whole within {limit:?} (header_read_timeout)"
+            ),
+            service: None,
+            tenant: None,
+            chain: Vec::new(),
+        }
+    }
+
     /// The HTTP status the caller gets.
     pub(crate) fn status(&self) -> StatusCode {
         self.status
@@ -211,9 +179,10 @@ impl Refusal {
         if grpc {
             // gRPC clients read the status from grpc-status, not HTTP.
             let grpc_code = match self.status {
-                StatusCode::BAD_REQUEST => "3",     // INVALID_ARGUMENT
-                StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
-                _ => "14",                          // UNAVAILABLE
+                StatusCode::BAD_REQUEST => "3",       // INVALID_ARGUMENT
+                StatusCode::GATEWAY_TIMEOUT => "4",   // DEADLINE_EXCEEDED
+                StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+                _ => "14",                            // UNAVAILABLE
             };
             let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
             let headers = response.headers_mut();
@@ -226,9 +195,11 @@ impl Refusal {
         }
         let mut response = Response::new(Either::Right(Full::new(Bytes::from(self.json()))));
         *response.status_mut() = self.status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert("retry-after", HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -331,9 +302,15 @@ pub(crate) fn learn_failed(
     tenant: String,
     e: &crate::table::LearnError,
 ) -> Refusal {
+    let (status, code) = match e {
+        crate::table::LearnError::RateLimited(_) => {
+            (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted")
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
     Refusal {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        code: "unavailable",
+        status,
+        code,
         message: format!("cannot route {service} for tenant {tenant}: {e}"),
         service: Some(service),
         tenant: Some(tenant),

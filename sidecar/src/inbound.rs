@@ -1,5 +1,6 @@
 //! The optional inbound listener in front of the app
-//! (`--inbound 0.0.0.0:15006=127.0.0.1:8080`): calls to the app pass
+//! (`--inbound 10.1.2.3:15006=127.0.0.1:8080`, the address callers use):
+//! calls to the app pass
 //! through the sidecar, which records the tenant each one came from.
 //!
 //! What it gives an operator and the app:
@@ -104,7 +105,8 @@ pub async fn serve(
     shutdown: crate::Shutdown,
     grace: std::time::Duration,
 ) {
-    http_proxy::serve_connections(listener, shutdown, grace, "inbound listener", move |req| {
+    let limits = inbound.proxy.limits.clone();
+    crate::conn::serve_http(listener, limits, shutdown, grace, "inbound", move |req| {
         handle(Arc::clone(&inbound), req)
     })
     .await;

@@ -19,12 +19,15 @@
 //! - [`admin`] — `/routes`, `/metrics`, `/healthz`, `/readyz` (default
 //!   `127.0.0.1:15000`).
 //! - [`config`] — settings from flags, env and a TOML file.
+//! - [`conn`] — every listener's connection cap, request-head and idle
+//!   timeouts.
 //! - [`trace`] — OpenTelemetry spans of proxied requests, W3C trace
 //!   context carried to the callee (when `OTEL_EXPORTER_OTLP_ENDPOINT` is
 //!   set).
 
 pub mod admin;
 pub mod config;
+pub mod conn;
 pub mod h1_fast;
 pub mod http_proxy;
 pub mod inbound;
@@ -146,6 +149,7 @@ pub async fn run(
         project = %settings.project, tenant = %settings.tenant,
         "strata-sidecar listening"
     );
+    let limits = conn::Limits::new(&settings);
     let proxy = Arc::new(http_proxy::Proxy {
         routing: Arc::clone(&routing),
         connect_timeout: settings.connect_timeout,
@@ -153,6 +157,7 @@ pub async fn run(
         trace: exporter
             .clone()
             .map(|e| trace::ProxyTrace::new(e, settings.project.clone())),
+        limits: limits.clone(),
     });
     let inbound = match (listeners.inbound, settings.inbound) {
         (Some(listener), Some(route)) => {
@@ -160,6 +165,14 @@ pub async fn run(
                 listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
                 app = %route.app, "inbound listener"
             );
+            if route.listen.ip().is_unspecified() {
+                // What the operator asked for, said out loud: callers on
+                // every network the host is on can reach the app here.
+                tracing::info!(
+                    listen = %route.listen,
+                    "the inbound listener accepts connections on every interface of this host"
+                );
+            }
             let inbound = Arc::new(inbound::Inbound::new(
                 Arc::clone(&proxy),
                 route.app,
@@ -204,7 +217,13 @@ pub async fn run(
             service = %route.service, accept_proxy = route.accept_proxy,
             send_proxy = route.send_proxy, "TCP route"
         );
+        let gate = conn::Gate::new(
+            format!("TCP route {} ({})", route.listen, route.service),
+            false,
+            &limits,
+        );
         let proxy = Arc::new(tcp_proxy::TcpProxy {
+            gate,
             routing: Arc::clone(&routing),
             service: route.service,
             connect_timeout: settings.connect_timeout,
@@ -229,6 +248,7 @@ pub async fn run(
     let admin_task = tokio::spawn(admin::serve(
         listeners.admin,
         admin,
+        limits,
         Shutdown(stopped.clone()),
     ));
     let upkeep = tokio::spawn(async move {

@@ -67,6 +67,10 @@ fn describe() {
         Unit::Seconds,
         "Time from an inbound call's arrival to the app's response head."
     );
+    describe_counter!(
+        "strata_sidecar_limit_hits_total",
+        "Connections and requests cut off by a limit, by the setting that sets it (limit): max_connections, header_read_timeout, idle_timeout, tenant_learn_rate, max_unknown_tenants."
+    );
     describe_gauge!(
         "strata_sidecar_routes",
         "Routes in the current table (tenant × service)."
@@ -75,6 +79,17 @@ fn describe() {
         "strata_sidecar_tenants",
         "Tenants whose routes the sidecar follows."
     );
+}
+
+/// The counter of hits of one limit (`limit`: the setting's name).
+/// Creating it registers the series, so every limit shows up (at 0)
+/// before its first hit.
+pub fn limit_hits(project: &str, limit: &'static str) -> Counter {
+    counter!(
+        "strata_sidecar_limit_hits_total",
+        "project" => project.to_owned(),
+        "limit" => limit,
+    )
 }
 
 /// Status classes, the `code` label: `1xx` … `5xx`, and `error` for a

@@ -11,13 +11,24 @@
 //! tenant (a call that came in from a feature environment) makes the
 //! control task follow that tenant too; only the first such request waits
 //! (at most `tenant_wait`) for its routes.
+//!
+//! The tenant comes from the caller, so a caller can name any number of
+//! tenants that do not exist (issue 16, finding 5). Each one the sidecar
+//! does not know costs a call to stratad, so these learns have their own
+//! budget (`tenant_learn_rate` per second, as many at once): past it a
+//! request for a tenant not followed yet is refused with 429 at once, and
+//! stratad never sees it. The names stratad refused are remembered for 5 s
+//! (asking again costs nothing) — at most `max_unknown_tenants`, the
+//! oldest forgotten first. Tenants already followed, and the own tenant,
+//! never touch either: their requests are routed from the table.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use metrics::Counter;
 use serde::Serialize;
 use strata_client::{Client, Code, Error, TenantServicesWatch};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -101,6 +112,9 @@ pub enum LearnError {
     TooManyTenants(usize),
     /// No daemon answered in time.
     Unavailable(String),
+    /// The budget for learning tenants (`tenant_learn_rate` per second)
+    /// is spent; stratad was not asked.
+    RateLimited(usize),
 }
 
 impl std::fmt::Display for LearnError {
@@ -111,6 +125,11 @@ impl std::fmt::Display for LearnError {
                 write!(f, "the sidecar already follows {n} tenants (max_tenants)")
             }
             LearnError::Unavailable(e) => write!(f, "control plane unavailable: {e}"),
+            LearnError::RateLimited(n) => write!(
+                f,
+                "the tenant is not followed yet and the sidecar learns at most {n} new tenants \
+                 per second (tenant_learn_rate); try again shortly"
+            ),
         }
     }
 }
@@ -128,6 +147,8 @@ pub struct Routing {
     learn: mpsc::UnboundedSender<LearnRequest>,
     ready: AtomicBool,
     tenant_wait: Duration,
+    /// How many refused tenant names are remembered (for `/routes`).
+    unknown: AtomicUsize,
 }
 
 impl std::fmt::Debug for Routing {
@@ -184,7 +205,9 @@ impl Routing {
             learn: tx,
             ready: AtomicBool::new(false),
             tenant_wait: settings.tenant_wait,
+            unknown: AtomicUsize::new(0),
         });
+        let hits = |limit| crate::metrics::limit_hits(&settings.project, limit);
         let control = Control {
             client,
             routing: Arc::clone(&routing),
@@ -193,7 +216,9 @@ impl Routing {
             watched: HashMap::new(),
             upstreams: HashMap::new(),
             pending: HashMap::new(),
-            refused: HashMap::new(),
+            refused: Refused::new(settings.max_unknown_tenants, hits("max_unknown_tenants")),
+            budget: LearnBudget::new(settings.tenant_learn_rate, Instant::now()),
+            rate_limited: hits("tenant_learn_rate"),
             changed: Arc::new(Notify::new()),
         };
         tokio::spawn(control.run(rx));
@@ -229,13 +254,116 @@ struct Control {
     upstreams: HashMap<String, Arc<Upstream>>,
     /// Requests waiting for a tenant being learned.
     pending: HashMap<String, Vec<oneshot::Sender<Result<(), LearnError>>>>,
-    /// Tenants stratad said do not exist, and when (asked again after 5 s).
-    refused: HashMap<String, Instant>,
+    /// Tenants stratad said do not exist (asked again after 5 s).
+    refused: Refused,
+    /// What learning tenants not followed yet may cost stratad.
+    budget: LearnBudget,
+    /// Learns refused for the budget.
+    rate_limited: Counter,
     changed: Arc<Notify>,
 }
 
 /// How long a "no such tenant" answer is remembered.
 const REFUSAL_TTL: Duration = Duration::from_secs(5);
+
+/// Tenant names stratad said do not exist, each remembered for
+/// [`REFUSAL_TTL`] so asking again costs nothing — at most `cap` of them,
+/// the oldest forgotten first (an eviction is counted).
+#[derive(Debug)]
+struct Refused {
+    cap: usize,
+    at: HashMap<String, Instant>,
+    /// Refusals in the order they came (and so of expiry); entries whose
+    /// name was since forgotten or refused again are skipped.
+    order: VecDeque<(String, Instant)>,
+    evicted: Counter,
+}
+
+impl Refused {
+    fn new(cap: usize, evicted: Counter) -> Self {
+        Self {
+            cap: cap.max(1),
+            at: HashMap::new(),
+            order: VecDeque::new(),
+            evicted,
+        }
+    }
+
+    /// Whether `tenant` was refused less than [`REFUSAL_TTL`] before `now`.
+    fn contains(&mut self, tenant: &str, now: Instant) -> bool {
+        match self.at.get(tenant) {
+            Some(at) if now.saturating_duration_since(*at) < REFUSAL_TTL => true,
+            Some(_) => {
+                self.at.remove(tenant);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers that stratad refused `tenant` at `now`: expired names go
+    /// first, then the oldest while there are `cap`.
+    fn insert(&mut self, tenant: String, now: Instant) {
+        while let Some((name, at)) = self.order.front() {
+            let current = self.at.get(name) == Some(at);
+            let expired = now.saturating_duration_since(*at) >= REFUSAL_TTL;
+            if current && !expired {
+                break;
+            }
+            if current {
+                self.at.remove(name);
+            }
+            self.order.pop_front();
+        }
+        while self.at.len() >= self.cap {
+            let Some((name, at)) = self.order.pop_front() else {
+                break;
+            };
+            if self.at.get(&name) == Some(&at) {
+                self.at.remove(&name);
+                self.evicted.increment(1);
+            }
+        }
+        self.at.insert(tenant.clone(), now);
+        self.order.push_back((tenant, now));
+    }
+
+    fn len(&self) -> usize {
+        self.at.len()
+    }
+}
+
+/// A token bucket: `per_second` learns per second, as many at once.
+#[derive(Debug)]
+struct LearnBudget {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl LearnBudget {
+    fn new(per_second: usize, now: Instant) -> Self {
+        let per_second = per_second.max(1) as f64;
+        Self {
+            per_second,
+            tokens: per_second,
+            at: now,
+        }
+    }
+
+    /// Takes one learn from the budget, if there is one left at `now`.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.per_second);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 impl Control {
     async fn run(mut self, mut requests: mpsc::UnboundedReceiver<LearnRequest>) {
@@ -262,12 +390,10 @@ impl Control {
             let _ = request.reply.send(Ok(()));
             return;
         }
-        if let Some(at) = self.refused.get(&tenant) {
-            if at.elapsed() < REFUSAL_TTL {
-                let _ = request.reply.send(Err(LearnError::NoSuchTenant));
-                return;
-            }
-            self.refused.remove(&tenant);
+        let now = Instant::now();
+        if self.refused.contains(&tenant, now) {
+            let _ = request.reply.send(Err(LearnError::NoSuchTenant));
+            return;
         }
         if let Some(waiters) = self.pending.get_mut(&tenant) {
             waiters.push(request.reply);
@@ -277,6 +403,13 @@ impl Control {
             let _ = request
                 .reply
                 .send(Err(LearnError::TooManyTenants(self.settings.max_tenants)));
+            return;
+        }
+        if !self.budget.take(now) {
+            self.rate_limited.increment(1);
+            let _ = request.reply.send(Err(LearnError::RateLimited(
+                self.settings.tenant_learn_rate,
+            )));
             return;
         }
         self.pending.insert(tenant.clone(), vec![request.reply]);
@@ -337,6 +470,9 @@ impl Control {
             Err(e) => {
                 if e == LearnError::NoSuchTenant {
                     self.refused.insert(tenant.clone(), Instant::now());
+                    self.routing
+                        .unknown
+                        .store(self.refused.len(), Ordering::Relaxed);
                 }
                 tracing::info!(tenant = %tenant, error = %e, "cannot follow tenant");
                 Err(e)
@@ -446,6 +582,9 @@ pub struct RoutesView {
     pub own_tenant: String,
     /// Whether the own tenant's routes have arrived.
     pub ready: bool,
+    /// Tenant names stratad refused that are remembered (at most
+    /// `max_unknown_tenants`).
+    pub unknown_tenants: usize,
     /// By requesting tenant.
     pub tenants: Vec<TenantView>,
 }
@@ -557,7 +696,61 @@ impl Routing {
         RoutesView {
             own_tenant: self.own.clone(),
             ready: self.is_ready(),
+            unknown_tenants: self.unknown.load(Ordering::Relaxed),
             tenants,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Finding 5: however many names stratad refuses, at most `cap` are
+    /// remembered (the oldest forgotten first, counted); each is answered
+    /// from memory for 5 s, then asked again.
+    #[test]
+    fn unknown_tenant_names_are_capped_and_expire_finding_5() {
+        let t0 = Instant::now();
+        let mut refused = Refused::new(4, Counter::noop());
+        for i in 0..1000u64 {
+            refused.insert(format!("ghost-{i}"), t0 + Duration::from_millis(i));
+            assert!(refused.len() <= 4);
+            assert!(refused.order.len() <= 8, "{}", refused.order.len());
+        }
+        let now = t0 + Duration::from_millis(1000);
+        // The newest four are remembered, the rest forgotten.
+        assert!(refused.contains("ghost-999", now));
+        assert!(refused.contains("ghost-996", now));
+        assert!(!refused.contains("ghost-995", now));
+        assert!(!refused.contains("ghost-0", now));
+        // After the TTL even the newest is asked again.
+        let later = t0 + Duration::from_millis(999) + REFUSAL_TTL;
+        assert!(!refused.contains("ghost-999", later));
+        // Refused again: remembered again, the stale entry skipped.
+        refused.insert("ghost-999".into(), later);
+        assert!(refused.contains("ghost-999", later));
+        assert!(refused.len() <= 4);
+    }
+
+    /// Finding 5: the learn budget gives `rate` learns at once, then
+    /// `rate` per second — never more, however often it is asked.
+    #[test]
+    fn tenant_learn_budget_is_its_rate_finding_5() {
+        let t0 = Instant::now();
+        let mut budget = LearnBudget::new(10, t0);
+        let taken = (0..1000).filter(|_| budget.take(t0)).count();
+        assert_eq!(taken, 10, "the first burst");
+        // Over the next 2 s, asked every millisecond: 20 more.
+        let taken = (1..=2000)
+            .filter(|ms| budget.take(t0 + Duration::from_millis(*ms)))
+            .count();
+        assert!((19..=20).contains(&taken), "{taken}");
+        // A long pause refills at most one second's worth.
+        let later = t0 + Duration::from_secs(60);
+        let taken = (0..1000).filter(|_| budget.take(later)).count();
+        assert_eq!(taken, 10);
     }
 }

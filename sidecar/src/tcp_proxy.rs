@@ -26,6 +26,9 @@ use crate::table::{Lookup, Route, Routing};
 /// One TCP route's listener and what it needs.
 #[derive(Debug)]
 pub struct TcpProxy {
+    /// The route's connection cap (`max_connections`): connections beyond
+    /// it are closed at once.
+    pub gate: crate::conn::Gate,
     /// Routes.
     pub routing: Arc<Routing>,
     /// The service connections go to.
@@ -54,18 +57,13 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
+            (stream, peer, permit) = proxy.gate.accept(&listener) => {
                 while connections.try_join_next().is_some() {}
-                match accepted {
-                    Ok((stream, peer)) => {
-                        let proxy = Arc::clone(&proxy);
-                        connections.spawn(async move { proxy.handle(stream, peer).await });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
+                let proxy = Arc::clone(&proxy);
+                connections.spawn(async move {
+                    let _permit = permit;
+                    proxy.handle(stream, peer).await;
+                });
             }
             () = shutdown.wait() => break,
         }
@@ -108,7 +106,6 @@ impl TcpProxy {
 
     async fn handle(&self, mut downstream: TcpStream, peer: SocketAddr) {
         let started = Instant::now();
-        let _ = downstream.set_nodelay(true);
         let mut accepted = proxy_protocol::Accepted::default();
         if self.accept_proxy {
             match proxy_protocol::read_header(&mut downstream, self.header_timeout).await {

@@ -1152,3 +1152,348 @@ async fn http1_framing_pipelining_timeouts_and_retries_on_the_wire() {
     );
     assert!(value("strata_sidecar_ejections_total") >= 1.0, "{metrics}");
 }
+
+impl Wire {
+    /// The next response, or `None` when the proxy closed the connection
+    /// instead (within 10 s).
+    async fn maybe_response(&mut self) -> Option<WireResponse> {
+        let more = timeout(Duration::from_secs(10), self.0.fill_buf())
+            .await
+            .expect("response or close within 10 s")
+            .map(|b| !b.is_empty())
+            .unwrap_or(false);
+        if more {
+            Some(self.response(false).await)
+        } else {
+            None
+        }
+    }
+}
+
+/// An HTTP/1.1 upstream that ends lines at a bare LF (a CR before it is
+/// dropped) and takes an unparsable `Content-Length` for 0, as lenient
+/// servers do. It records every request line it sees and answers each
+/// with its path as the body; the answer to `/x` (the smuggled request of
+/// the finding 9 cases) comes 200 ms late, as a real handler's might, so
+/// that on a pooled connection it would reach whoever sends next.
+async fn lenient_app() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    Task,
+) {
+    use tokio::io::{AsyncBufRead, AsyncReadExt};
+    async fn line<R: AsyncBufRead + Unpin>(r: &mut R) -> Option<String> {
+        let mut raw = Vec::new();
+        if r.read_until(b'\n', &mut raw).await.ok()? == 0 {
+            return None;
+        }
+        while matches!(raw.last(), Some(b'\n' | b'\r')) {
+            raw.pop();
+        }
+        Some(String::from_utf8_lossy(&raw).into_owned())
+    }
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(stream);
+                while let Some(request_line) = line(&mut r).await {
+                    if request_line.is_empty() {
+                        continue;
+                    }
+                    let path = request_line
+                        .split(' ')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_owned();
+                    log.lock().unwrap().push(request_line.clone());
+                    let (mut chunked, mut length) = (false, 0usize);
+                    loop {
+                        let Some(h) = line(&mut r).await else { return };
+                        if h.is_empty() {
+                            break;
+                        }
+                        let (n, v) = h.split_once(':').unwrap_or((h.as_str(), ""));
+                        let (n, v) = (n.trim().to_ascii_lowercase(), v.trim());
+                        if n == "transfer-encoding" && v.contains("chunked") {
+                            chunked = true;
+                        } else if n == "content-length" {
+                            // Digits only, anything else is 0.
+                            length = v
+                                .parse::<usize>()
+                                .ok()
+                                .filter(|_| v.bytes().all(|b| b.is_ascii_digit()))
+                                .unwrap_or(0);
+                        }
+                    }
+                    if chunked {
+                        loop {
+                            let Some(size) = line(&mut r).await else {
+                                return;
+                            };
+                            let hex = size.split(';').next().unwrap_or_default().trim();
+                            let n = usize::from_str_radix(hex, 16).unwrap_or(0);
+                            if n == 0 {
+                                while line(&mut r).await.is_some_and(|t| !t.is_empty()) {}
+                                break;
+                            }
+                            let mut data = vec![0u8; n];
+                            if r.read_exact(&mut data).await.is_err() {
+                                return;
+                            }
+                            let _ = line(&mut r).await;
+                        }
+                    } else if length > 0 {
+                        let mut data = vec![0u8; length];
+                        if r.read_exact(&mut data).await.is_err() {
+                            return;
+                        }
+                    }
+                    if path == "/x" {
+                        sleep(Duration::from_millis(200)).await;
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{path}",
+                        path.len()
+                    );
+                    if r.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, Task(task))
+}
+
+/// Finding 9: request smuggling through the HTTP/1.1 fast path. Each case
+/// hides `GET /x` where hyper (and the fast path) see body or trailer
+/// bytes but a server that ends lines at LF, or reads `Content-Length`
+/// digits only, sees a second request. The fast path must never pass such
+/// bytes on: `/x` never reaches the (lenient) upstream, and the next
+/// caller on the pooled upstream connection gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_fast_smuggled_requests_never_reach_the_upstream_finding_9() {
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    let (app, seen, _app) = lenient_app().await;
+    register(api, "integration", "lenient", "lenient-1", app, "http").await;
+    let sidecar = Sidecar::start(&daemon.endpoint(), PROJECT, "integration", &[], &[]).await;
+    let proxy = sidecar.outbound;
+    eventually(Duration::from_secs(10), "route", || async {
+        (get(proxy, "lenient", "/", &[]).await.0 == 200).then_some(())
+    })
+    .await;
+
+    let smuggled = "GET /x HTTP/1.1\r\nhost: lenient\r\n\r\n";
+    let head = "POST /p HTTP/1.1\r\nhost: lenient\r\ntransfer-encoding: chunked\r\n\r\n";
+    // (name, pieces sent 50 ms apart)
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        // The finding's body: an empty trailer line that is a bare LF.
+        (
+            "bare LF ends the trailer section",
+            vec![format!("{head}0\r\n\n{smuggled}")],
+        ),
+        // The same with the body already flowing upstream when the bare
+        // LF arrives.
+        (
+            "bare LF ends the trailer section, mid-body",
+            vec![
+                format!("{head}5\r\nhello\r\n0\r\n"),
+                format!("\n{smuggled}"),
+            ],
+        ),
+        (
+            "bare LF after a trailer",
+            vec![format!("{head}0\r\nx-t: 1\r\n\n{smuggled}")],
+        ),
+        // A bare LF ends the chunk-size line (and its extension).
+        (
+            "bare LF in a chunk extension",
+            vec![format!("{head}0;ext\n\n{smuggled}")],
+        ),
+        (
+            "bare LF after a chunk size",
+            vec![format!("{head}0\n\n{smuggled}")],
+        ),
+        // `+29` is 29 to Rust's `u64::from_str`, nothing to a digits-only
+        // reader: the body is the next request.
+        (
+            "signed Content-Length",
+            vec![format!(
+                "POST /p HTTP/1.1\r\nhost: lenient\r\ncontent-length: +{}\r\n\r\n{smuggled}",
+                smuggled.len()
+            )],
+        ),
+    ];
+    // Every case runs; the failures are reported together.
+    let mut problems = Vec::new();
+    for (name, pieces) in &cases {
+        seen.lock().unwrap().clear();
+        let mut c = Wire::connect(proxy).await;
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
+                sleep(Duration::from_millis(50)).await;
+            }
+            c.send(piece.as_bytes()).await;
+        }
+        // The caller gets an answer to its own request (or a refusal, or
+        // the connection closes) — never `/x`'s.
+        if let Some(r) = c.maybe_response().await {
+            if r.text() == "/x" {
+                problems.push(format!("{name}: the caller got /x's answer"));
+            }
+            if r.status == 400 {
+                let error: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(error["error"]["code"], "invalid_argument", "{name}");
+            }
+        }
+        // The next caller, while `/x`'s late answer is still on its way
+        // through the pooled upstream connection.
+        let mut victim = Wire::connect(proxy).await;
+        victim
+            .send(b"GET /victim HTTP/1.1\r\nhost: lenient\r\n\r\n")
+            .await;
+        let r = victim.response(false).await;
+        if (r.status, r.text().as_str()) != (200, "/victim") {
+            problems.push(format!(
+                "{name}: the next caller got another request's answer: {} {:?}",
+                r.status,
+                r.text()
+            ));
+        }
+        let lines = seen.lock().unwrap().clone();
+        if lines.iter().any(|l| l.starts_with("GET /x")) {
+            problems.push(format!(
+                "{name}: the smuggled request reached the upstream: {lines:?}"
+            ));
+        }
+        // A late answer of this case lands before the next case starts (a
+        // pooled socket with stray bytes is then dropped, not reused).
+        sleep(Duration::from_millis(300)).await;
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The calls the sidecar made to `daemon` to learn tenants so far:
+/// `WatchServices` and `GetTenant` requests in the daemon's metrics.
+async fn learn_calls(daemon: SocketAddr) -> f64 {
+    let (_, text) = strata_tests::http_get(daemon, "/metrics").await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("strata_rpc_requests_total{"))
+        .filter(|l| l.contains("WatchServices") || l.contains("GetTenant"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Finding 5: a caller naming hundreds of random tenants (baggage
+/// `strata-tenant=ghost-N`, none of which exists) costs stratad at most
+/// `tenant_learn_rate` learns per second, the sidecar remembers at most
+/// `max_unknown_tenants` of the names, requests past the budget get a 429
+/// naming the setting, and a tenant the sidecar follows keeps being
+/// routed throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tenants_are_bounded_finding_5() {
+    let daemon = Daemon::start().await;
+    let api = daemon.addr;
+    create_tenant(api, "integration", None).await;
+    create_tenant(api, "feat-1", Some("integration")).await;
+    let (svc, _svc) = http_app("svc", None).await;
+    register(api, "integration", "svc", "svc-1", svc, "http").await;
+    let sidecar = Sidecar::start(
+        &daemon.endpoint(),
+        PROJECT,
+        "integration",
+        &[],
+        &["--tenant-learn-rate", "20", "--max-unknown-tenants", "4"],
+    )
+    .await;
+    let proxy = sidecar.outbound;
+    let feat = [("baggage", "strata-tenant=feat-1")];
+    // feat-1 is followed before the flood.
+    eventually(Duration::from_secs(10), "feat-1 routed", || async {
+        (get(proxy, "svc", "/", &feat).await.0 == 200).then_some(())
+    })
+    .await;
+
+    let before = learn_calls(api).await;
+    let started = Instant::now();
+    let mut codes = std::collections::BTreeMap::<u16, usize>::new();
+    let mut rate_message = None;
+    let mut feat_failures = Vec::new();
+    // 400 distinct unknown names, 20 at a time, with a request of the
+    // followed tenant in every batch.
+    for batch in 0..20 {
+        let ghosts = (0..20).map(|i| {
+            let baggage = format!("strata-tenant=ghost-{batch}-{i}");
+            async move { get(proxy, "svc", "/", &[("baggage", baggage.as_str())]).await }
+        });
+        let (ghosts, followed) = tokio::join!(
+            futures::future::join_all(ghosts),
+            get(proxy, "svc", "/", &feat)
+        );
+        for (status, _, body) in ghosts {
+            *codes.entry(status).or_default() += 1;
+            if status == 429 {
+                rate_message.get_or_insert(body);
+            }
+        }
+        if followed.0 != 200 {
+            feat_failures.push((followed.0, followed.2));
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Learns that were under way when the flood ended reach the daemon
+    // within tenant_wait.
+    sleep(Duration::from_millis(500)).await;
+    let calls = learn_calls(api).await - before;
+    // At most 20 learns (a burst) plus 20 per second, each at most a
+    // WatchServices and a GetTenant call (and slack for a retry).
+    let bound = 2.0 * (20.0 + 20.0 * (elapsed + 0.5)) + 10.0;
+    assert!(
+        calls <= bound,
+        "400 unknown tenants cost {calls} learn calls in {elapsed:.2} s (bound {bound}); answers {codes:?}"
+    );
+    assert!(
+        feat_failures.is_empty(),
+        "the followed tenant was refused: {feat_failures:?}"
+    );
+    assert_eq!(
+        codes.values().sum::<usize>(),
+        400,
+        "every unknown tenant answered: {codes:?}"
+    );
+    assert!(
+        codes.keys().all(|c| *c == 503 || *c == 429),
+        "unknown tenants are refused: {codes:?}"
+    );
+    let message = rate_message.unwrap_or_else(|| panic!("no 429 for the budget: {codes:?}"));
+    assert!(message.contains("tenant_learn_rate"), "{message}");
+
+    let routes = sidecar.routes().await;
+    let remembered = routes["unknown_tenants"].as_u64();
+    assert!(
+        remembered.is_some_and(|n| n <= 4),
+        "remembered unknown tenants: {remembered:?}"
+    );
+    let metrics = sidecar.metrics().await;
+    for limit in ["tenant_learn_rate", "max_unknown_tenants"] {
+        let hits: f64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("strata_sidecar_limit_hits_total")
+                    && l.contains(&format!("limit=\"{limit}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert!(hits >= 1.0, "{limit} not counted:\n{metrics}");
+    }
+}

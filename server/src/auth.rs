@@ -18,7 +18,7 @@
 //! do everything.
 
 use std::collections::HashMap;
-use std::future::Future as _;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -564,24 +564,53 @@ pub async fn authenticate(
 /// A streaming response that ends, with `UNAUTHENTICATED` in its trailers,
 /// once its token is revoked or expires (checked whenever the token table
 /// changes, and at the expiry).
+///
+/// One push to thousands of watch streams polls every one of them, so a
+/// poll must not touch anything the streams share: the table's version is
+/// read with one atomic load, and the wake-up on a change is registered
+/// only when the stream's waker changes (as `hub::Subscription` does for
+/// shutdown), not on every poll.
 struct RevocableBody {
     inner: axum::body::Body,
     auth: Arc<Authenticator>,
     token: Arc<str>,
-    changes: tokio_stream::wrappers::WatchStream<u64>,
+    /// The token table's version this stream last checked.
+    changes: tokio::sync::watch::Receiver<u64>,
+    /// Completes on the next change after `changes`' version.
+    wakeup: std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    /// The waker `wakeup` was last polled with.
+    registered: Option<std::task::Waker>,
     expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Set once the closing trailers went out.
     ended: bool,
 }
 
+/// A future completing on the next change of the token table after what
+/// `changes` has seen.
+fn next_change(
+    changes: &tokio::sync::watch::Receiver<u64>,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>> {
+    let mut changes = changes.clone();
+    Box::pin(async move {
+        // An error means the table is gone with the daemon: never wake.
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
+}
+
 impl RevocableBody {
     fn new(inner: axum::body::Body, auth: Arc<Authenticator>, token: Arc<str>) -> Self {
-        let changes = tokio_stream::wrappers::WatchStream::from_changes(auth.changed.subscribe());
+        let mut changes = auth.changed.subscribe();
+        changes.borrow_and_update();
+        let wakeup = next_change(&changes);
         let mut body = Self {
             inner,
             auth,
             token,
             changes,
+            wakeup,
+            registered: None,
             expiry: None,
             ended: false,
         };
@@ -597,6 +626,17 @@ impl RevocableBody {
             let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
             Box::pin(tokio::time::sleep(left))
         });
+    }
+
+    /// Re-checks the token after a change of the table; `Err` with why the
+    /// stream must end.
+    fn recheck(&mut self) -> Result<(), &'static str> {
+        self.changes.borrow_and_update();
+        self.wakeup = next_change(&self.changes);
+        self.registered = None;
+        let expires = self.auth.validity(&self.token)?;
+        self.set_expiry(expires);
+        Ok(())
     }
 
     /// The trailers that end the stream.
@@ -622,17 +662,29 @@ impl http_body::Body for RevocableBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        use futures::Stream as _;
         use std::task::Poll;
         let this = &mut *self;
         if this.ended {
             return Poll::Ready(None);
         }
-        while let Poll::Ready(Some(_)) = std::pin::Pin::new(&mut this.changes).poll_next(cx) {
-            match this.auth.validity(&this.token) {
-                Ok(expires) => this.set_expiry(expires),
-                Err(why) => return Poll::Ready(Some(Ok(this.closing(why)))),
+        loop {
+            if this.changes.has_changed().unwrap_or(false)
+                && let Err(why) = this.recheck()
+            {
+                return Poll::Ready(Some(Ok(this.closing(why))));
             }
+            if this
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                break;
+            }
+            if this.wakeup.as_mut().poll(cx).is_pending() {
+                this.registered = Some(cx.waker().clone());
+                break;
+            }
+            // Changed between the check and the poll: check again.
         }
         if let Some(expiry) = &mut this.expiry
             && expiry.as_mut().poll(cx).is_ready()

@@ -843,3 +843,44 @@ async fn finding_10_slow_and_surplus_connections_are_closed() {
         "counted"
     );
 }
+
+/// Known gap, the expiry side: a stream opened with a token that expires
+/// ends at the expiry, not at the client's leisure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gap_expired_tokens_lose_their_streams() {
+    let daemon = Daemon::start().await;
+    assert_eq!(
+        call(&daemon, "PUT", &format!("{P}/integration"), "")
+            .await
+            .0,
+        201
+    );
+    let short = TokenServiceClient::new(daemon.channel().await)
+        .create_token(CreateTokenRequest {
+            name: "short".into(),
+            role: Role::Read as i32,
+            project: "vega".into(),
+            ttl_seconds: 2,
+            ..CreateTokenRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut watch = ConfigServiceClient::new(daemon.channel_as(Some(&short)).await)
+        .watch(WatchConfigRequest {
+            project: "vega".into(),
+            tenant: "integration".into(),
+            ..WatchConfigRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the stream ends when its token expires")
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert!(ended.message().contains("expired"), "{ended:?}");
+}

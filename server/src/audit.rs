@@ -129,10 +129,10 @@ impl AuditSettings {
     /// winning; errors name the setting and its source.
     pub(crate) fn from_layers(
         layers: &[(AuditFile, String)],
-    ) -> Result<Self, crate::config::ConfigError> {
+    ) -> Result<Self, crate::settings_error::SettingsError> {
         let mut out = Self::default();
         let invalid = |setting: &'static str, source: &str, message: String| {
-            crate::config::ConfigError::Invalid {
+            crate::settings_error::SettingsError::Invalid {
                 setting,
                 source_name: source.to_owned(),
                 message,

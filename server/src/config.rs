@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::settings_error::SettingsError;
+
 /// Default gRPC + HTTP listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Default data directory of the embedded store.
@@ -130,37 +132,6 @@ pub struct Config {
     /// OpenTelemetry trace export, from the standard `OTEL_*` variables
     /// (not the file or flags); off unless an endpoint is set.
     pub otel: crate::tracing_otel::OtelConfig,
-}
-
-/// A configuration problem, reported as one line; `stratad` exits with 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The configuration file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The configuration file is not valid TOML for this schema.
-    #[error("config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Parser message with line and column.
-        message: String,
-    },
-    /// A setting has an invalid value.
-    #[error("invalid {setting} (from {source_name}): {message}")]
-    Invalid {
-        /// Setting name as written in the file (`log.format`).
-        setting: &'static str,
-        /// Where the value came from (`--listen`, `STRATA_LISTEN`, the file, …).
-        source_name: String,
-        /// What is wrong.
-        message: String,
-    },
 }
 
 /// One layer of settings as found in a source: every field optional.
@@ -498,17 +469,17 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("STRATA_PROBES_DENY_PRIVATE", "probes.deny_private"),
 ];
 
-fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
+fn env_layer(env: &[(String, String)]) -> Result<Layer, SettingsError> {
     let get = |name: &str| {
         env.iter()
             .rev()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let number = |name: &'static str, setting: &'static str| -> Result<Option<i64>, ConfigError> {
+    let number = |name: &'static str, setting: &'static str| -> Result<Option<i64>, SettingsError> {
         get(name)
             .map(|v| {
-                v.trim().parse::<i64>().map_err(|e| ConfigError::Invalid {
+                v.trim().parse::<i64>().map_err(|e| SettingsError::Invalid {
                     setting,
                     source_name: name.into(),
                     message: format!("{v:?} is not a whole number: {e}"),
@@ -534,7 +505,7 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, ConfigError> {
         .map(|v| match v.trim() {
             "true" | "1" => Ok(true),
             "false" | "0" => Ok(false),
-            other => Err(ConfigError::Invalid {
+            other => Err(SettingsError::Invalid {
                 setting: "probes.deny_private",
                 source_name: "STRATA_PROBES_DENY_PRIVATE".into(),
                 message: format!("{other:?}: expected true or false"),
@@ -611,7 +582,7 @@ fn flag_name(setting: &str) -> String {
 
 /// Parses a configuration file's text (used for `--config` and by tests of
 /// the shipped example in `deploy/`).
-pub fn parse_file(path: &Path, text: &str) -> Result<Config, ConfigError> {
+pub fn parse_file(path: &Path, text: &str) -> Result<Config, SettingsError> {
     let mut merged = Merged::defaults();
     merged.apply(parse_layer(path, text)?, |s| {
         format!("{} ({s})", path.display())
@@ -619,8 +590,8 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Config, ConfigError> {
     merged.validate()
 }
 
-fn parse_layer(path: &Path, text: &str) -> Result<Layer, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
+fn parse_layer(path: &Path, text: &str) -> Result<Layer, SettingsError> {
+    toml::from_str(text).map_err(|e| SettingsError::Parse {
         path: path.to_owned(),
         message: e.to_string().trim().replace('\n', " "),
     })
@@ -633,7 +604,7 @@ impl Config {
     pub fn load(
         flags: &Flags,
         env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, SettingsError> {
         let env: Vec<(String, String)> = env.into_iter().collect();
         let otel = crate::tracing_otel::OtelConfig::from_env(
             env.iter()
@@ -652,7 +623,7 @@ impl Config {
                 .map(|(_, v)| PathBuf::from(v))
         });
         if let Some(path) = file {
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::Read {
                 path: path.clone(),
                 source,
             })?;
@@ -699,8 +670,8 @@ impl Config {
 }
 
 impl Merged {
-    fn validate(self) -> Result<Config, ConfigError> {
-        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+    fn validate(self) -> Result<Config, SettingsError> {
+        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
             setting,
             source_name: source.to_owned(),
             message,
@@ -846,8 +817,8 @@ impl Merged {
     }
 
     /// The auth settings: `auth.mode` on|off, `auth.metrics` open|token.
-    fn auth(&self) -> Result<crate::auth::AuthConfig, ConfigError> {
-        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+    fn auth(&self) -> Result<crate::auth::AuthConfig, SettingsError> {
+        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
             setting,
             source_name: source.to_owned(),
             message,
@@ -885,7 +856,7 @@ impl Merged {
     /// or key stops `stratad` at startup): `None` without a certificate.
     /// The probe policy of the `[probes]` tables, denying the etcd
     /// endpoints too (names are resolved once, here).
-    fn probe_policy(&self) -> Result<crate::probe_policy::ProbePolicy, ConfigError> {
+    fn probe_policy(&self) -> Result<crate::probe_policy::ProbePolicy, SettingsError> {
         use std::net::ToSocketAddrs as _;
         let mut policy = crate::probe_policy::ProbePolicy::from_layers(&self.probe_layers)?;
         for url in &self.etcd_endpoints.value {
@@ -902,8 +873,8 @@ impl Merged {
         Ok(policy)
     }
 
-    fn tls(&self) -> Result<Option<crate::tls::ServerTls>, ConfigError> {
-        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+    fn tls(&self) -> Result<Option<crate::tls::ServerTls>, SettingsError> {
+        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
             setting,
             source_name: source.to_owned(),
             message,
@@ -953,9 +924,9 @@ impl Merged {
     }
 
     /// The etcd settings, validated together: `None` without endpoints.
-    fn etcd(&self) -> Result<Option<crate::store::etcd::EtcdOptions>, ConfigError> {
+    fn etcd(&self) -> Result<Option<crate::store::etcd::EtcdOptions>, SettingsError> {
         use crate::store::etcd::{EtcdAuth, EtcdOptions, EtcdTls};
-        let invalid = |setting: &'static str, source: &str, message: String| ConfigError::Invalid {
+        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
             setting,
             source_name: source.to_owned(),
             message,
@@ -1243,7 +1214,7 @@ mod tests {
             ..Flags::default()
         };
         let err = Config::load(&flags, env(&[])).unwrap_err();
-        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        assert!(matches!(err, SettingsError::Read { .. }), "{err}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod probe_policy;
 pub mod registry;
 pub mod registry_jobs;
 pub mod server;
+pub mod settings_error;
 pub mod service_watch;
 pub mod store;
 pub mod telemetry;

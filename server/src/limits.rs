@@ -140,9 +140,9 @@ pub struct LimitsFile {
 pub(crate) fn apply_layers(
     layers: &[(LimitsFile, String)],
     limits: &mut crate::api::Limits,
-) -> Result<(), crate::config::ConfigError> {
+) -> Result<(), crate::settings_error::SettingsError> {
     let invalid = |setting: &'static str, source: &str, message: String| {
-        crate::config::ConfigError::Invalid {
+        crate::settings_error::SettingsError::Invalid {
             setting,
             source_name: source.to_owned(),
             message,

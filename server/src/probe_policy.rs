@@ -202,13 +202,13 @@ impl ProbePolicy {
     /// winning; errors name the setting and its source.
     pub(crate) fn from_layers(
         layers: &[(ProbesFile, String)],
-    ) -> Result<Self, crate::config::ConfigError> {
+    ) -> Result<Self, crate::settings_error::SettingsError> {
         let mut out = Self::default();
         let networks = |setting: &'static str, source: &str, list: &[String]| {
             list.iter()
                 .map(|n| {
                     n.parse::<Network>()
-                        .map_err(|message| crate::config::ConfigError::Invalid {
+                        .map_err(|message| crate::settings_error::SettingsError::Invalid {
                             setting,
                             source_name: source.to_owned(),
                             message,

@@ -29,7 +29,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::config::ConfigError;
+use crate::settings_error::SettingsError;
 
 /// Span attribute keys shared with the SDK and the sidecar.
 pub mod attributes {
@@ -94,7 +94,7 @@ impl OtelConfig {
     /// unset, as the specification says.
     pub fn from_env<'a>(
         env: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, SettingsError> {
         let mut config = Self::default();
         let (mut endpoint, mut traces_endpoint) = (None, None);
         let (mut certificate, mut traces_certificate) = (None, None);
@@ -104,7 +104,7 @@ impl OtelConfig {
             if value.is_empty() {
                 continue;
             }
-            let invalid = |setting: &'static str, message: &str| ConfigError::Invalid {
+            let invalid = |setting: &'static str, message: &str| SettingsError::Invalid {
                 setting,
                 source_name: key.to_owned(),
                 message: format!("{value:?}: {message}"),
@@ -164,7 +164,7 @@ impl OtelConfig {
             matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
         });
         if !valid {
-            return Err(ConfigError::Invalid {
+            return Err(SettingsError::Invalid {
                 setting: "OTEL_EXPORTER_OTLP_ENDPOINT",
                 source_name: source.to_owned(),
                 message: format!("{endpoint:?}: expected http://host:port or https://host:port"),
@@ -360,7 +360,7 @@ pub fn record_resolution(
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&'static str, &'static str)]) -> Result<OtelConfig, ConfigError> {
+    fn env(pairs: &[(&'static str, &'static str)]) -> Result<OtelConfig, SettingsError> {
         OtelConfig::from_env(pairs.iter().copied())
     }
 

@@ -451,7 +451,7 @@ impl Authenticator {
     /// contains the secret.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         let unauthenticated = |m: &str| ApiError::new(ErrorReason::Unauthenticated, m);
-        let Some((id, secret)) = crate::tokens::parse(token) else {
+        let Some((id, secret)) = crate::credentials::parse(token) else {
             return Err(unauthenticated(
                 "malformed token: expected `strata_<id>_<secret>` as `authorization: Bearer <token>`",
             ));
@@ -468,7 +468,7 @@ impl Authenticator {
             .ok()
             .and_then(|t| t.get(id).cloned())
             .ok_or_else(|| unauthenticated(&format!("unknown or revoked token (id {id})")))?;
-        if !crate::tokens::secret_matches(id, secret, &entry.secret_hash) {
+        if !crate::credentials::secret_matches(id, secret, &entry.secret_hash) {
             return Err(unauthenticated(&format!(
                 "unknown or revoked token (id {id})"
             )));

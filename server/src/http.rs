@@ -1,6 +1,8 @@
-//! Plain HTTP routes served on the gRPC listener: liveness, readiness,
-//! Prometheus metrics, and a JSON status for curl.
+//! Plain HTTP routes served on the gRPC listener (liveness, readiness,
+//! Prometheus metrics, a JSON status for curl), and what every HTTP/JSON
+//! handler shares: its state, body and flag helpers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -10,6 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{StatusCode, header};
 
+use axum::body::{Body, Bytes};
+use strata_proto::v1::ErrorReason;
+
+use crate::api::Api;
 use crate::error::ApiError;
 use crate::server::DaemonState;
 
@@ -74,4 +80,38 @@ async fn status(State(state): State<Arc<DaemonState>>) -> Result<Response, ApiEr
         "member": s.header.map(|h| h.member).unwrap_or_default(),
     }))
     .into_response())
+}
+
+/// Handler state of the JSON API.
+#[derive(Clone)]
+pub(crate) struct HttpState(pub(crate) Arc<DaemonState>);
+
+impl HttpState {
+    pub(crate) fn api(&self) -> Result<&Api, ApiError> {
+        self.0.api()
+    }
+}
+
+pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorReason::InvalidArgument, message)
+}
+
+pub(crate) fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match params.get(name).map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("" | "true" | "1") => Ok(true),
+        Some(other) => Err(invalid(format!(
+            "query parameter {name}={other:?} must be true or false"
+        ))),
+    }
+}
+
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            ErrorReason::LimitExceeded,
+            format!("request body exceeds {limit} bytes"),
+        )
+        .with("limit_bytes", limit)
+    })
 }

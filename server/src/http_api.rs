@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,10 +20,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_proto::v1::ErrorReason;
 
-use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
+use crate::api::{LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
 use crate::auth::{Action, Principal};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
+use crate::http::{HttpState, flag, invalid, read_body};
 use crate::server::DaemonState;
 use crate::store::Revision;
 
@@ -46,35 +47,10 @@ pub fn router(state: Arc<DaemonState>) -> Router {
                 .post(rollback_config)
                 .delete(delete_config),
         )
-        .with_state(HttpState(Arc::clone(&state)))
-        .merge(crate::http_registry::router(state))
-}
-
-/// Handler state of the JSON API.
-#[derive(Clone)]
-pub(crate) struct HttpState(pub(crate) Arc<DaemonState>);
-
-impl HttpState {
-    pub(crate) fn api(&self) -> Result<&Api, ApiError> {
-        self.0.api()
-    }
+        .with_state(HttpState(state))
 }
 
 type Params = Query<HashMap<String, String>>;
-
-pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorReason::InvalidArgument, message)
-}
-
-pub(crate) fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
-    match params.get(name).map(String::as_str) {
-        None | Some("false" | "0") => Ok(false),
-        Some("" | "true" | "1") => Ok(true),
-        Some(other) => Err(invalid(format!(
-            "query parameter {name}={other:?} must be true or false"
-        ))),
-    }
-}
 
 fn expected_revision(params: &HashMap<String, String>) -> Result<Option<Revision>, ApiError> {
     params
@@ -85,16 +61,6 @@ fn expected_revision(params: &HashMap<String, String>) -> Result<Option<Revision
         })
         .transpose()
         .map(|r| r.filter(|r| *r != 0))
-}
-
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            ErrorReason::LimitExceeded,
-            format!("request body exceeds {limit} bytes"),
-        )
-        .with("limit_bytes", limit)
-    })
 }
 
 fn tenant_json(info: &TenantInfo) -> Value {

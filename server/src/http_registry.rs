@@ -34,7 +34,7 @@ use crate::auth::{Action, Principal};
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
 use crate::error::ApiError;
-use crate::http_api::{HttpState, flag, invalid, read_body};
+use crate::http::{HttpState, flag, invalid, read_body};
 use crate::registry::{BranchRegistration, InstanceInfo, Registration, ServiceResolution};
 use crate::server::DaemonState;
 

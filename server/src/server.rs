@@ -282,6 +282,7 @@ pub async fn run(
     let app = grpc
         .merge(crate::http::router(Arc::clone(&state)))
         .merge(crate::http_api::router(Arc::clone(&state)))
+        .merge(crate::http_registry::router(Arc::clone(&state)))
         .merge(crate::audit::router(Arc::clone(&state)))
         .fallback(crate::http::fallback)
         // Inside authentication (they need the principal), outermost first:

@@ -7,7 +7,7 @@ use strata_proto::v1::{ResponseHeader, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
-use crate::server::DaemonState;
+use crate::daemon_state::DaemonState;
 
 /// gRPC handler of `AdminService`.
 #[derive(Debug, Clone)]

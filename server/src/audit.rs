@@ -53,7 +53,7 @@ use strata_proto::v1::{
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
-use crate::server::DaemonState;
+use crate::daemon_state::DaemonState;
 use crate::store::{
     KeyRange, Lease, LeaseId, LeaseInfo, RangeResponse, Revision, Store, StoreError, StoreStatus,
     Txn, TxnResponse, WatchStream, unix_now_ms,

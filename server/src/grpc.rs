@@ -35,7 +35,7 @@ use crate::auth::{Action, allow};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::hub::{ConfigLens, Encoded, Hub, MessageStream, Selection, Subscription};
-use crate::server::DaemonState;
+use crate::daemon_state::DaemonState;
 use crate::service_watch::{ServiceSelection, ServicesLens};
 use crate::store::Revision;
 

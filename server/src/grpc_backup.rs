@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::backup::{self, Selection};
 use crate::error::ApiError;
-use crate::server::DaemonState;
+use crate::daemon_state::DaemonState;
 
 /// gRPC handler of `BackupService`.
 #[derive(Debug, Clone)]

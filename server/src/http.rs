@@ -17,7 +17,7 @@ use strata_proto::v1::ErrorReason;
 
 use crate::api::Api;
 use crate::error::ApiError;
-use crate::server::DaemonState;
+use crate::daemon_state::DaemonState;
 
 /// The HTTP routes of the daemon.
 pub fn router(state: Arc<DaemonState>) -> Router {

@@ -25,7 +25,7 @@ use crate::auth::{Action, Principal};
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::http::{HttpState, flag, invalid, read_body};
-use crate::server::DaemonState;
+use crate::daemon_state::DaemonState;
 use crate::store::Revision;
 
 /// Routes of the JSON API (answering 503 until the view is loaded).

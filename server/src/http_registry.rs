@@ -36,7 +36,7 @@ use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protoc
 use crate::error::ApiError;
 use crate::http::{HttpState, flag, invalid, read_body};
 use crate::registry::{BranchRegistration, InstanceInfo, Registration, ServiceResolution};
-use crate::server::DaemonState;
+use crate::daemon_state::DaemonState;
 
 /// Largest registration body.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod backup;
 pub mod config;
+pub mod daemon_state;
 pub mod credentials;
 pub mod domain;
 pub mod error;

@@ -9,12 +9,11 @@ use std::future::Future;
 use std::io::IoSlice;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use prost::Message;
 use strata_proto::v1::admin_service_server::AdminServiceServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -24,15 +23,13 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminApi;
+use crate::daemon_state::DaemonState;
 use crate::api::{Api, Limits};
 use crate::config::CompactionConfig;
-use crate::error::ApiError;
 use crate::grpc::GrpcApi;
-use crate::hub::{ConfigLens, Hub};
-use crate::service_watch::ServicesLens;
+use crate::hub::Hub;
 use crate::store::Store;
 use crate::view::{JournalLimits, View};
-use strata_proto::v1::ErrorReason;
 use strata_proto::v1::config_service_server::ConfigServiceServer;
 use strata_proto::v1::registry_service_server::{RegistryService, RegistryServiceServer};
 use strata_proto::v1::tenant_service_server::TenantServiceServer;
@@ -41,87 +38,6 @@ use strata_proto::v1::{
     DeregisterRequest, DeregisterResponse, HeartbeatRequest, HeartbeatResponse, RegisterRequest,
     RegisterResponse,
 };
-
-/// Everything request handlers share.
-pub struct DaemonState {
-    /// The store backend.
-    pub store: Arc<dyn Store>,
-    /// When this daemon started.
-    pub started: Instant,
-    /// Name of this replica in response headers (its listen address).
-    pub member: String,
-    /// Renders `/metrics`.
-    pub prometheus: PrometheusHandle,
-    /// Fires when the daemon starts draining; long-lived streams end on it.
-    pub shutdown: CancellationToken,
-    /// Size and count limits on writes.
-    pub limits: Limits,
-    /// Checks bearer tokens; its table follows the store.
-    pub auth: Arc<crate::auth::Authenticator>,
-    /// The audit log.
-    pub audit: Arc<crate::audit::Auditor>,
-    /// Request rate per token (the middleware's, and each KeepAlive
-    /// message's).
-    pub rate: Arc<crate::limits::RateLimiter>,
-    /// Open streams per token.
-    pub streams: Arc<crate::limits::StreamCounter>,
-    ready: AtomicBool,
-    api: OnceLock<Api>,
-    hub: OnceLock<Arc<Hub<ConfigLens>>>,
-    services_hub: OnceLock<Arc<Hub<ServicesLens>>>,
-}
-
-impl std::fmt::Debug for DaemonState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DaemonState")
-            .field("store", &self.store.kind())
-            .field("member", &self.member)
-            .field("ready", &self.is_ready())
-            .finish_non_exhaustive()
-    }
-}
-
-impl DaemonState {
-    /// Whether the daemon serves reads and writes (store open and loaded, not draining).
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// The tenant and config operations, once the view is loaded.
-    pub fn api(&self) -> Result<&Api, ApiError> {
-        self.api.get().ok_or_else(|| {
-            ApiError::new(
-                ErrorReason::Unavailable,
-                "stratad is still loading its view of the store",
-            )
-        })
-    }
-
-    /// The watch hub, once the view is loaded.
-    pub fn hub(&self) -> Result<&Arc<Hub<ConfigLens>>, ApiError> {
-        self.hub.get().ok_or_else(|| {
-            ApiError::new(
-                ErrorReason::Unavailable,
-                "stratad is still loading its view of the store",
-            )
-        })
-    }
-
-    /// The services watch hub, once the view is loaded.
-    pub fn services_hub(&self) -> Result<&Arc<Hub<ServicesLens>>, ApiError> {
-        self.services_hub.get().ok_or_else(|| {
-            ApiError::new(
-                ErrorReason::Unavailable,
-                "stratad is still loading its view of the store",
-            )
-        })
-    }
-
-    fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
-        metrics::gauge!("strata_ready").set(if ready { 1.0 } else { 0.0 });
-    }
-}
 
 /// Longest wait for leader-only jobs to stop at shutdown.
 const JOBS_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

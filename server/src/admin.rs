@@ -6,8 +6,8 @@ use strata_proto::v1::admin_service_server::AdminService;
 use strata_proto::v1::{ResponseHeader, StatusRequest, StatusResponse};
 use tonic::{Request, Response, Status};
 
-use crate::error::ApiError;
 use crate::daemon_state::DaemonState;
+use crate::error::ApiError;
 
 /// gRPC handler of `AdminService`.
 #[derive(Debug, Clone)]

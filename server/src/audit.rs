@@ -52,8 +52,8 @@ use strata_proto::v1::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
 use crate::daemon_state::DaemonState;
+use crate::error::ApiError;
 use crate::store::{
     KeyRange, Lease, LeaseId, LeaseInfo, RangeResponse, Revision, Store, StoreError, StoreStatus,
     Txn, TxnResponse, WatchStream, unix_now_ms,

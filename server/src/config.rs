@@ -476,17 +476,18 @@ fn env_layer(env: &[(String, String)]) -> Result<Layer, SettingsError> {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let number = |name: &'static str, setting: &'static str| -> Result<Option<i64>, SettingsError> {
-        get(name)
-            .map(|v| {
-                v.trim().parse::<i64>().map_err(|e| SettingsError::Invalid {
-                    setting,
-                    source_name: name.into(),
-                    message: format!("{v:?} is not a whole number: {e}"),
+    let number =
+        |name: &'static str, setting: &'static str| -> Result<Option<i64>, SettingsError> {
+            get(name)
+                .map(|v| {
+                    v.trim().parse::<i64>().map_err(|e| SettingsError::Invalid {
+                        setting,
+                        source_name: name.into(),
+                        message: format!("{v:?} is not a whole number: {e}"),
+                    })
                 })
-            })
-            .transpose()
-    };
+                .transpose()
+        };
     let retain_revisions = number(
         "STRATA_COMPACTION_RETAIN_REVISIONS",
         "compaction.retain_revisions",
@@ -671,11 +672,12 @@ impl Config {
 
 impl Merged {
     fn validate(self) -> Result<Config, SettingsError> {
-        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
-            setting,
-            source_name: source.to_owned(),
-            message,
-        };
+        let invalid =
+            |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
+                setting,
+                source_name: source.to_owned(),
+                message,
+            };
         let listen = self.listen.value.parse::<SocketAddr>().map_err(|_| {
             invalid(
                 "listen",
@@ -818,11 +820,12 @@ impl Merged {
 
     /// The auth settings: `auth.mode` on|off, `auth.metrics` open|token.
     fn auth(&self) -> Result<crate::auth::AuthConfig, SettingsError> {
-        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
-            setting,
-            source_name: source.to_owned(),
-            message,
-        };
+        let invalid =
+            |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
+                setting,
+                source_name: source.to_owned(),
+                message,
+            };
         let mode = match self.auth_mode.value.trim() {
             "on" => crate::auth::AuthMode::On,
             "off" => crate::auth::AuthMode::Off,
@@ -874,11 +877,12 @@ impl Merged {
     }
 
     fn tls(&self) -> Result<Option<crate::tls::ServerTls>, SettingsError> {
-        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
-            setting,
-            source_name: source.to_owned(),
-            message,
-        };
+        let invalid =
+            |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
+                setting,
+                source_name: source.to_owned(),
+                message,
+            };
         let (cert, key) = match (&self.tls_cert.value, &self.tls_key.value) {
             (None, None) => {
                 if self.tls_client_ca.value.is_some() {
@@ -926,11 +930,12 @@ impl Merged {
     /// The etcd settings, validated together: `None` without endpoints.
     fn etcd(&self) -> Result<Option<crate::store::etcd::EtcdOptions>, SettingsError> {
         use crate::store::etcd::{EtcdAuth, EtcdOptions, EtcdTls};
-        let invalid = |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
-            setting,
-            source_name: source.to_owned(),
-            message,
-        };
+        let invalid =
+            |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
+                setting,
+                source_name: source.to_owned(),
+                message,
+            };
         let endpoints = &self.etcd_endpoints;
         if endpoints.value.is_empty() {
             // Without endpoints every other etcd setting would be ignored;

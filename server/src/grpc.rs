@@ -32,10 +32,10 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
 use crate::auth::{Action, allow};
+use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::hub::{ConfigLens, Encoded, Hub, MessageStream, Selection, Subscription};
-use crate::daemon_state::DaemonState;
 use crate::service_watch::{ServiceSelection, ServicesLens};
 use crate::store::Revision;
 

@@ -13,8 +13,8 @@ use strata_proto::v1::{
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backup::{self, Selection};
-use crate::error::ApiError;
 use crate::daemon_state::DaemonState;
+use crate::error::ApiError;
 
 /// gRPC handler of `BackupService`.
 #[derive(Debug, Clone)]

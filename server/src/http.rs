@@ -16,8 +16,8 @@ use axum::body::{Body, Bytes};
 use strata_proto::v1::ErrorReason;
 
 use crate::api::Api;
-use crate::error::ApiError;
 use crate::daemon_state::DaemonState;
+use crate::error::ApiError;
 
 /// The HTTP routes of the daemon.
 pub fn router(state: Arc<DaemonState>) -> Router {

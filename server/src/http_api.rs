@@ -22,10 +22,10 @@ use strata_proto::v1::ErrorReason;
 
 use crate::api::{LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
 use crate::auth::{Action, Principal};
+use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
 use crate::http::{HttpState, flag, invalid, read_body};
-use crate::daemon_state::DaemonState;
 use crate::store::Revision;
 
 /// Routes of the JSON API (answering 503 until the view is loaded).

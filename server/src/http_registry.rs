@@ -31,12 +31,12 @@ use serde_json::{Value, json};
 
 use crate::api::{NewTenant, PutLayer};
 use crate::auth::{Action, Principal};
+use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
 use crate::error::ApiError;
 use crate::http::{HttpState, flag, invalid, read_body};
 use crate::registry::{BranchRegistration, InstanceInfo, Registration, ServiceResolution};
-use crate::daemon_state::DaemonState;
 
 /// Largest registration body.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;

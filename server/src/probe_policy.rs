@@ -207,12 +207,13 @@ impl ProbePolicy {
         let networks = |setting: &'static str, source: &str, list: &[String]| {
             list.iter()
                 .map(|n| {
-                    n.parse::<Network>()
-                        .map_err(|message| crate::settings_error::SettingsError::Invalid {
+                    n.parse::<Network>().map_err(|message| {
+                        crate::settings_error::SettingsError::Invalid {
                             setting,
                             source_name: source.to_owned(),
                             message,
-                        })
+                        }
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
         };

@@ -23,9 +23,9 @@ use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder
 use tonic_health::ServingStatus;
 
 use crate::admin::AdminApi;
-use crate::daemon_state::DaemonState;
 use crate::api::{Api, Limits};
 use crate::config::CompactionConfig;
+use crate::daemon_state::DaemonState;
 use crate::grpc::GrpcApi;
 use crate::hub::Hub;
 use crate::store::Store;

@@ -7,9 +7,9 @@
 use strata_proto::v1::watch_services_response::Kind;
 use strata_proto::v1::{ResolvedService, ResponseHeader, WatchServicesResponse};
 
-use crate::grpc_registry::resolution_to_proto;
 use crate::hub::{Affects, Frame, Lens, Resolution};
 use crate::registry::resolution;
+use crate::registry_wire::resolution_to_proto;
 use crate::store::Revision;
 use crate::view::{Change, Object, ProjectView};
 

@@ -18,47 +18,14 @@ use crate::domain::names;
 use crate::domain::resolve::{self, Explained, Resolved};
 use crate::error::ApiError;
 use crate::keyspace::{self, LayerRecord, TenantRecord};
+pub use crate::limits::Limits;
 use crate::store::{Compare, CompareOp, KeyRange, Revision, Store, Txn, unix_now_ms};
 use crate::view::{LayerEntry, MAX_CHAIN, ProjectView, TenantEntry, View, ViewState};
-
-/// Size limits enforced on writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest config value, in bytes.
-    pub max_value_bytes: usize,
-    /// Most labels on a tenant.
-    pub max_labels: usize,
-    /// Versions of each layer's history kept (older ones are pruned as new
-    /// ones are written).
-    pub history_versions: u64,
-    /// Sizes of a service registration.
-    pub registration: crate::domain::registry::RegistrationLimits,
-    /// Counts per tenant and project, key and label sizes.
-    pub counts: crate::limits::CountLimits,
-    /// Requests per second per token.
-    pub rate: crate::limits::RateSettings,
-    /// Open connections and how fast clients must send their requests.
-    pub connections: crate::listener::ConnectionLimits,
-}
 
 /// Most pruned versions deleted by one write: keeps each transaction small
 /// (etcd caps operations per transaction) after retention was lowered; the
 /// following writes of the key prune the rest.
 const MAX_PRUNE_PER_WRITE: u64 = 32;
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_value_bytes: 1024 * 1024,
-            max_labels: 64,
-            history_versions: 50,
-            registration: crate::domain::registry::RegistrationLimits::default(),
-            counts: crate::limits::CountLimits::default(),
-            rate: crate::limits::RateSettings::default(),
-            connections: crate::listener::ConnectionLimits::default(),
-        }
-    }
-}
 
 /// A tenant with its place in the tree.
 #[derive(Debug, Clone, PartialEq)]

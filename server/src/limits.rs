@@ -37,6 +37,40 @@ pub const CONFIG_GUARD_MARGIN: usize = 256;
 /// is this close to the limit.
 pub const INSTANCE_GUARD_MARGIN: usize = 1024;
 
+/// Size limits enforced on writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest config value, in bytes.
+    pub max_value_bytes: usize,
+    /// Most labels on a tenant.
+    pub max_labels: usize,
+    /// Versions of each layer's history kept (older ones are pruned as new
+    /// ones are written).
+    pub history_versions: u64,
+    /// Sizes of a service registration.
+    pub registration: crate::domain::registry::RegistrationLimits,
+    /// Counts per tenant and project, key and label sizes.
+    pub counts: crate::limits::CountLimits,
+    /// Requests per second per token.
+    pub rate: crate::limits::RateSettings,
+    /// Open connections and how fast clients must send their requests.
+    pub connections: crate::listener::ConnectionLimits,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_value_bytes: 1024 * 1024,
+            max_labels: 64,
+            history_versions: 50,
+            registration: crate::domain::registry::RegistrationLimits::default(),
+            counts: crate::limits::CountLimits::default(),
+            rate: crate::limits::RateSettings::default(),
+            connections: crate::listener::ConnectionLimits::default(),
+        }
+    }
+}
+
 /// Count limits (0 in a setting: no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CountLimits {
@@ -139,7 +173,7 @@ pub struct LimitsFile {
 /// `limits`; errors name the setting and its source.
 pub(crate) fn apply_layers(
     layers: &[(LimitsFile, String)],
-    limits: &mut crate::api::Limits,
+    limits: &mut Limits,
 ) -> Result<(), crate::settings_error::SettingsError> {
     let invalid = |setting: &'static str, source: &str, message: String| {
         crate::settings_error::SettingsError::Invalid {
@@ -819,7 +853,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/stratad.toml");
         let text = std::fs::read_to_string(&path).unwrap();
         let config = crate::config::parse_file(&path, &text).unwrap();
-        assert_eq!(config.limits, crate::api::Limits::default());
+        assert_eq!(config.limits, Limits::default());
         assert_eq!(config.audit, crate::audit::AuditSettings::default());
     }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::domain::names;
-use crate::keyspace::{CheckRecord, EndpointRecord, HealthRecord, InstanceRecord};
+use crate::domain::records::{CheckRecord, EndpointRecord, HealthRecord, InstanceRecord};
 
 /// A registration that breaks a rule; the message says which.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -868,7 +868,7 @@ mod base64_engine {
 /// the authentication layer, which puts the caller's principal into the
 /// request.
 pub async fn record(State(auditor): State<Arc<Auditor>>, request: Request, next: Next) -> Response {
-    let grpc = crate::telemetry::is_grpc(request.headers());
+    let grpc = crate::grpc_methods::is_grpc(request.headers());
     let path = request.uri().path().to_owned();
     let (request, target) = if grpc {
         let Some(op) = auditor.grpc_ops.get(&path) else {

@@ -530,7 +530,7 @@ pub async fn authenticate(
     }
     match auth.authenticate_headers(request.headers()) {
         Ok(principal) => {
-            let streaming = crate::telemetry::is_streaming_grpc(&request);
+            let streaming = crate::grpc_methods::is_streaming_grpc(&request);
             let token = Arc::clone(&principal.token_id);
             request.extensions_mut().insert(principal);
             let response = next.run(request).await;
@@ -545,7 +545,7 @@ pub async fn authenticate(
             }
         }
         Err(error) => {
-            if crate::telemetry::is_grpc(request.headers()) {
+            if crate::grpc_methods::is_grpc(request.headers()) {
                 tonic::Status::from(error).into_http()
             } else {
                 let mut response = error.into_response();

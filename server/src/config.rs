@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::settings_error::SettingsError;
+pub use crate::telemetry::{LogConfig, LogFormat};
 
 /// Default gRPC + HTTP listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -69,25 +70,6 @@ pub struct Flags {
     /// Whether `/metrics` needs a token: `open` (default) or `token`.
     #[arg(long, value_name = "open|token")]
     pub metrics_auth: Option<String>,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Logging settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// `tracing_subscriber::EnvFilter` directive.
-    pub level: String,
-    /// Output format.
-    pub format: LogFormat,
 }
 
 /// Automatic compaction of store history.

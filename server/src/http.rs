@@ -46,7 +46,7 @@ async fn readyz(State(state): State<Arc<DaemonState>>) -> Response {
 /// Answers requests that match no route: gRPC callers get `UNIMPLEMENTED`,
 /// everyone else a JSON 404.
 pub async fn fallback(request: axum::extract::Request) -> Response {
-    if crate::telemetry::is_grpc(request.headers()) {
+    if crate::grpc_methods::is_grpc(request.headers()) {
         return tonic::Status::unimplemented(format!("unknown method {}", request.uri().path()))
             .into_http();
     }

@@ -19,6 +19,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod grpc_backup;
+pub mod grpc_methods;
 pub mod grpc_registry;
 pub mod http;
 pub mod http_api;

@@ -664,7 +664,7 @@ pub async fn stream_cap(
     request: Request,
     next: Next,
 ) -> Response {
-    let streaming = crate::telemetry::is_streaming_grpc(&request);
+    let streaming = crate::grpc_methods::is_streaming_grpc(&request);
     let token = request
         .extensions()
         .get::<crate::auth::Principal>()
@@ -719,7 +719,7 @@ pub async fn rate_limit(
         Ok(()) => next.run(request).await,
         Err(wait) => {
             let error = limiter.refusal(&token, wait);
-            if crate::telemetry::is_grpc(request.headers()) {
+            if crate::grpc_methods::is_grpc(request.headers()) {
                 tonic::Status::from(error).into_http()
             } else {
                 let mut response = error.into_response();
@@ -757,7 +757,7 @@ const MAX_ERROR_TEXT: usize = 4 * 1024;
 /// (405 for a method a route does not have, 400 for a path segment that is
 /// not UTF-8 or a malformed query) are plain text or empty otherwise.
 pub async fn json_errors(request: Request, next: Next) -> Response {
-    if crate::telemetry::is_grpc(request.headers()) {
+    if crate::grpc_methods::is_grpc(request.headers()) {
         return next.run(request).await;
     }
     let response = next.run(request).await;

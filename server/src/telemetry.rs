@@ -15,7 +15,26 @@ use axum::response::Response;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::config::{LogConfig, LogFormat};
+use serde::Deserialize;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `tracing_subscriber::EnvFilter` directive.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
 
 /// Latency buckets (seconds) shared by every duration histogram.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -150,22 +169,6 @@ fn describe() {
     );
 }
 
-/// Whether a request is gRPC (any `application/grpc*` content type).
-pub fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// Whether a request calls a streaming gRPC method the daemon serves.
-pub fn is_streaming_grpc<B>(request: &http::Request<B>) -> bool {
-    is_grpc(request.headers())
-        && grpc_methods()
-            .get(request.uri().path())
-            .copied()
-            .unwrap_or(false)
-}
-
 /// The metric handles of one `op` label value, so that a request costs no
 /// label allocation and no look-up in the recorder's registry.
 struct OpMetrics {
@@ -223,53 +226,19 @@ fn op_cache() -> &'static OpCache {
 /// The route part of a request's `op` label: the gRPC method path, the
 /// matched HTTP route template, or `None` for an HTTP request no route took.
 fn route_of(request: &Request) -> Option<&str> {
-    if is_grpc(request.headers()) {
+    if crate::grpc_methods::is_grpc(request.headers()) {
         let path = request.uri().path();
         // Only methods the daemon serves may become a label: the path of
         // any other request is client input, and every distinct one would
         // keep a series (and a cache entry) for the daemon's life.
-        return grpc_methods().contains_key(path).then_some(path);
+        return crate::grpc_methods::grpc_methods()
+            .contains_key(path)
+            .then_some(path);
     }
     request
         .extensions()
         .get::<MatchedPath>()
         .map(MatchedPath::as_str)
-}
-
-/// The paths (`/package.Service/Method`) of every gRPC method the daemon
-/// serves — ours from the descriptor set, plus health and reflection — each
-/// with whether it streams (either way).
-pub(crate) fn grpc_methods() -> &'static HashMap<String, bool> {
-    static METHODS: OnceLock<HashMap<String, bool>> = OnceLock::new();
-    METHODS.get_or_init(|| {
-        let mut out = HashMap::new();
-        for set in [
-            strata_proto::FILE_DESCRIPTOR_SET,
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-        ] {
-            let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(set) else {
-                tracing::error!("a descriptor set does not decode; its methods count as unmatched");
-                continue;
-            };
-            for file in &set.file {
-                for service in &file.service {
-                    for method in &service.method {
-                        out.insert(
-                            format!("/{}.{}/{}", file.package(), service.name(), method.name()),
-                            method.server_streaming() || method.client_streaming(),
-                        );
-                    }
-                }
-            }
-        }
-        for reflection in [
-            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-        ] {
-            out.insert(reflection.to_owned(), true);
-        }
-        out
-    })
 }
 
 fn cached_op(route: &str, method: &http::Method) -> Option<Arc<OpMetrics>> {
@@ -308,7 +277,7 @@ fn unmatched() -> &'static OpMetrics {
 /// request at registry write rates.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let grpc = is_grpc(request.headers());
+    let grpc = crate::grpc_methods::is_grpc(request.headers());
     let method = request.method().clone();
     // The route is copied only when it has no entry yet.
     let (cached, route) = match route_of(&request) {
@@ -380,24 +349,5 @@ mod tests {
         assert_eq!(grpc_code_name("x"), "UNKNOWN");
         assert_eq!(grpc_code_name("3"), "INVALID_ARGUMENT");
         assert_eq!(grpc_code_name("16"), "UNAUTHENTICATED");
-    }
-
-    /// Finding 1 of the security review: only methods the daemon serves can
-    /// become a label, and the set knows which of them stream.
-    #[test]
-    fn only_served_grpc_methods_are_labels_finding_1() {
-        let methods = grpc_methods();
-        assert_eq!(methods.get("/strata.v1.ConfigService/Watch"), Some(&true));
-        assert_eq!(
-            methods.get("/strata.v1.RegistryService/KeepAlive"),
-            Some(&true)
-        );
-        assert_eq!(
-            methods.get("/strata.v1.TenantService/ListTenants"),
-            Some(&false)
-        );
-        assert_eq!(methods.get("/grpc.health.v1.Health/Check"), Some(&false));
-        assert_eq!(methods.get("/strata.v1.ConfigService/Nope"), None);
-        assert_eq!(methods.get(&format!("/{}", "x".repeat(60_000))), None);
     }
 }

@@ -282,7 +282,7 @@ impl Extractor for HeaderExtractor<'_> {
 /// (bounded, like the metrics' `op`); handlers that know more fill the
 /// Strata attributes with [`record_resolution`].
 pub async fn trace_requests(request: Request, next: Next) -> Response {
-    let grpc = crate::telemetry::is_grpc(request.headers());
+    let grpc = crate::grpc_methods::is_grpc(request.headers());
     let name = if grpc {
         request.uri().path().trim_start_matches('/').to_owned()
     } else {

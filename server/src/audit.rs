@@ -38,21 +38,16 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::Json;
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures::StreamExt;
 use prost::Message;
 use serde::Deserialize;
-use strata_proto::v1::audit_service_server::AuditService;
-use strata_proto::v1::{
-    AuditEntry, ErrorDetail, ErrorReason, QueryAuditRequest, QueryAuditResponse, ResponseHeader,
-};
+use strata_proto::v1::{AuditEntry, ErrorDetail, ErrorReason, QueryAuditRequest};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon_state::DaemonState;
 use crate::error::ApiError;
 use crate::store::{
     KeyRange, Lease, LeaseId, LeaseInfo, RangeResponse, Revision, Store, StoreError, StoreStatus,
@@ -648,7 +643,7 @@ pub struct Auditor {
     store: Arc<dyn Store>,
     member: Arc<str>,
     grpc_ops: HashMap<String, GrpcOp>,
-    settings: AuditSettings,
+    pub(crate) settings: AuditSettings,
     refusals: std::sync::Mutex<RefusalBudgets>,
 }
 
@@ -1092,80 +1087,6 @@ pub async fn query(
         hour -= 1;
     }
     Ok((out, false, revision))
-}
-
-/// The single place that decides who may read the audit log: admin tokens
-/// valid for every project.
-fn authorize_query(extensions: &http::Extensions) -> Result<(), ApiError> {
-    crate::auth::principal_of(extensions)?.require_admin()
-}
-
-/// `AuditService` over gRPC.
-#[derive(Debug, Clone)]
-pub struct AuditApi(pub Arc<DaemonState>);
-
-#[tonic::async_trait]
-impl AuditService for AuditApi {
-    async fn query(
-        &self,
-        request: tonic::Request<QueryAuditRequest>,
-    ) -> Result<tonic::Response<QueryAuditResponse>, tonic::Status> {
-        authorize_query(request.extensions())?;
-        let filter = Filter::from(request.into_inner());
-        let (entries, truncated, revision) =
-            query(self.0.store.as_ref(), &self.0.audit.settings, &filter).await?;
-        Ok(tonic::Response::new(QueryAuditResponse {
-            header: Some(ResponseHeader {
-                revision,
-                member: self.0.member.clone(),
-            }),
-            entries,
-            truncated,
-        }))
-    }
-}
-
-fn entry_json(e: &AuditEntry) -> serde_json::Value {
-    serde_json::json!({
-        "time_unix_ms": e.time_unix_ms,
-        "actor_token_id": e.actor_token_id,
-        "actor_name": e.actor_name,
-        "operation": e.operation,
-        "project": e.project,
-        "tenant": e.tenant,
-        "subject": e.subject,
-        "result": e.result,
-        "message": e.message,
-        "revision": e.revision,
-        "transport": e.transport,
-        "member": e.member,
-    })
-}
-
-/// `GET /v1/audit?project=&tenant=&actor=&since_unix_ms=&until_unix_ms=&operation=&result=&limit=`.
-async fn http_query(
-    State(state): State<Arc<DaemonState>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    authorize_query(request.extensions())?;
-    let Query(filter) = Query::<Filter>::try_from_uri(request.uri())
-        .map_err(|e| ApiError::new(ErrorReason::InvalidArgument, e.body_text()))?;
-    let (entries, truncated, revision) =
-        query(state.store.as_ref(), &state.audit.settings, &filter).await?;
-    let entries: Vec<_> = entries.iter().map(entry_json).collect();
-    Ok(Json(serde_json::json!({
-        "revision": revision,
-        "entries": entries,
-        "truncated": truncated,
-    }))
-    .into_response())
-}
-
-/// The HTTP route of the audit log.
-pub fn router(state: Arc<DaemonState>) -> axum::Router {
-    axum::Router::new()
-        .route("/v1/audit", axum::routing::get(http_query))
-        .with_state(state)
 }
 
 // ---------------------------------------------------------------- retention

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod api;
 pub mod audit;
+pub mod audit_api;
 pub mod auth;
 pub mod backup;
 pub mod config;

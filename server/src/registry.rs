@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
 
 use prost::Message;
 use strata_proto::v1::ErrorReason;
@@ -19,7 +20,8 @@ use crate::api::{
 use crate::domain::names;
 use crate::domain::registry::{self, Health, InstanceSpec, InvalidInstance};
 use crate::error::ApiError;
-use crate::keyspace::{self, HealthRecord, InstanceRecord, LayerRecord};
+use crate::keyspace::{self, CheckRecord, HealthRecord, InstanceRecord, LayerRecord};
+use crate::probe::{ProbeKind, ProbeSpec, ProbeTarget};
 use crate::store::{Compare, CompareOp, KeyRange, LeaseId, Revision, Txn, unix_now_ms};
 use crate::view::{InstanceEntry, ProjectView};
 
@@ -148,7 +150,7 @@ fn instance_record(
 ) -> Result<InstanceRecord, ApiError> {
     let record = registry::build_record(spec, limits, now).map_err(instance_error)?;
     if let Some(check) = &record.check {
-        let target = crate::registry_jobs::probe_target(check, &record.endpoints)
+        let target = probe_target(check, &record.endpoints)
             .ok_or_else(|| invalid("the check cannot be probed"))?;
         target
             .spec
@@ -217,6 +219,36 @@ pub(crate) fn validate_imported(
         check,
     };
     instance_record(&spec, limits, probes, record.registered_at_unix_ms).map(drop)
+}
+
+/// What the prober should probe for a check, or `None` when the check's
+/// endpoint is missing (cannot happen for validated registrations).
+pub fn probe_target(
+    check: &CheckRecord,
+    endpoints: &BTreeMap<String, crate::keyspace::EndpointRecord>,
+) -> Option<ProbeTarget> {
+    let address = endpoints.get(&check.endpoint)?.address.clone();
+    let kind = match check.kind.as_str() {
+        "tcp" => ProbeKind::Tcp,
+        "http" => ProbeKind::Http {
+            path: check.http_path.clone(),
+            expected_status: u16::try_from(check.http_status).ok().filter(|s| *s != 0),
+        },
+        "grpc" => ProbeKind::Grpc {
+            service: check.grpc_service.clone(),
+        },
+        _ => return None,
+    };
+    Some(ProbeTarget {
+        address,
+        spec: ProbeSpec {
+            kind,
+            interval: Duration::from_millis(u64::from(check.interval_ms)),
+            timeout: Duration::from_millis(u64::from(check.timeout_ms)),
+            failure_threshold: check.failure_threshold.max(1),
+            success_threshold: check.success_threshold.max(1),
+        },
+    })
 }
 
 fn instance_error(e: InvalidInstance) -> ApiError {

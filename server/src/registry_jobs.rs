@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
 use crate::keyspace::CheckRecord;
-use crate::probe::{Health, HealthChange, ProbeKind, ProbeSpec, ProbeTarget, Prober};
+use crate::probe::{Health, HealthChange, ProbeTarget, Prober};
+use crate::registry::probe_target;
 use crate::store::unix_now_ms;
 
 /// How often expired tenants are looked for.
@@ -42,36 +43,6 @@ pub struct InstanceRef {
     pub service: String,
     /// Instance id.
     pub id: String,
-}
-
-/// What the prober should probe for a check, or `None` when the check's
-/// endpoint is missing (cannot happen for validated registrations).
-pub fn probe_target(
-    check: &CheckRecord,
-    endpoints: &std::collections::BTreeMap<String, crate::keyspace::EndpointRecord>,
-) -> Option<ProbeTarget> {
-    let address = endpoints.get(&check.endpoint)?.address.clone();
-    let kind = match check.kind.as_str() {
-        "tcp" => ProbeKind::Tcp,
-        "http" => ProbeKind::Http {
-            path: check.http_path.clone(),
-            expected_status: u16::try_from(check.http_status).ok().filter(|s| *s != 0),
-        },
-        "grpc" => ProbeKind::Grpc {
-            service: check.grpc_service.clone(),
-        },
-        _ => return None,
-    };
-    Some(ProbeTarget {
-        address,
-        spec: ProbeSpec {
-            kind,
-            interval: Duration::from_millis(u64::from(check.interval_ms)),
-            timeout: Duration::from_millis(u64::from(check.timeout_ms)),
-            failure_threshold: check.failure_threshold.max(1),
-            success_threshold: check.success_threshold.max(1),
-        },
-    })
 }
 
 /// Every probed instance with its target and the check it came from.

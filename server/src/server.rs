@@ -157,7 +157,7 @@ pub async fn run(
         )
         .add_service(
             strata_proto::v1::audit_service_server::AuditServiceServer::new(
-                crate::audit::AuditApi(Arc::clone(&state)),
+                crate::audit_api::AuditApi(Arc::clone(&state)),
             ),
         )
         .add_service(TokenServiceServer::new(crate::tokens::TokenApi(
@@ -199,7 +199,7 @@ pub async fn run(
         .merge(crate::http::router(Arc::clone(&state)))
         .merge(crate::http_api::router(Arc::clone(&state)))
         .merge(crate::http_registry::router(Arc::clone(&state)))
-        .merge(crate::audit::router(Arc::clone(&state)))
+        .merge(crate::audit_api::router(Arc::clone(&state)))
         .fallback(crate::http::fallback)
         // Inside authentication (they need the principal), outermost first:
         // the rate limit, the audit log, JSON bodies for every HTTP error.

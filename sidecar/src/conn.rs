@@ -39,7 +39,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::Shutdown;
-use crate::http_proxy::ProxyBody;
+use crate::upstream::ProxyBody;
 
 /// The limits every listener applies, with the counters of their hits.
 #[derive(Debug, Clone)]

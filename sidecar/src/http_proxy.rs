@@ -31,8 +31,7 @@ use crate::table::{Lookup, Route, Routing};
 use crate::tenant::{self, Origin};
 use crate::upstream::{ConnectError, PooledBody};
 
-/// Response bodies: the upstream's, streamed, or the sidecar's own error.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+pub use crate::upstream::ProxyBody;
 
 /// Most attempts per request (first try plus moves to other instances or
 /// fresh connections after a failed connect).

@@ -17,6 +17,9 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+/// Response bodies: the upstream's, streamed, or the sidecar's own error.
+pub type ProxyBody = http_body_util::Either<PooledBody, http_body_util::Full<bytes::Bytes>>;
+
 /// Most idle HTTP/1.1 connections kept per instance.
 const MAX_IDLE: usize = 256;
 

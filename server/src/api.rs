@@ -1078,3 +1078,90 @@ fn check_expected(expected: Revision, current: Revision, key: &str) -> Result<()
         .with("current_revision", current))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Role, TenantPattern};
+    use crate::store::embedded::EmbeddedStore;
+    use crate::view::JournalLimits;
+
+    async fn api() -> (Api, tempfile::TempDir, tokio_util::sync::CancellationToken) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let view = View::load(store.as_ref(), JournalLimits::default())
+            .await
+            .unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(Arc::clone(&view).follow(Arc::clone(&store), stop.clone()));
+        (Api::new(store, view, Limits::default()), dir, stop)
+    }
+
+    async fn tenant(api: &Api, name: &str, parent: &str, ttl_seconds: i64, protected: bool) {
+        api.create_tenant(NewTenant {
+            project: "p".into(),
+            name: name.into(),
+            parent: parent.into(),
+            ttl_seconds,
+            protected,
+            ..NewTenant::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    fn register(pattern: &str) -> Principal {
+        Principal {
+            token_id: "t1".into(),
+            name: "ci".into(),
+            role: Role::Register,
+            project: Some("p".into()),
+            tenants: Some(TenantPattern::parse(pattern).unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn placement_needs_an_owned_or_shared_parent() {
+        let (api, _dir, _stop) = api().await;
+        tenant(&api, "integration", "", 0, false).await;
+        tenant(&api, "staging", "integration", 0, true).await;
+        tenant(&api, "feat-a", "integration", 0, false).await;
+        tenant(&api, "sandbox", "", 3600, false).await;
+        let hotfix = register("hotfix-*");
+        let place = |parent: &str| api.authorize_placement(&hotfix, "p", "hotfix-1", parent);
+        assert!(place("").is_ok(), "a root of its own");
+        assert!(place("integration").is_ok(), "a root is shared");
+        assert!(place("staging").is_ok(), "a protected tenant is shared");
+        let refused = place("feat-a").unwrap_err();
+        assert_eq!(refused.reason, ErrorReason::PermissionDenied);
+        assert!(refused.message.contains("under p/feat-a"), "{refused}");
+        assert!(place("sandbox").is_err(), "a root with a TTL is not shared");
+        assert!(place("missing").is_ok(), "refused later, as missing");
+        // Its own tenants, and an existing tenant (whose parent is kept).
+        tenant(&api, "hotfix-2", "integration", 0, false).await;
+        assert!(place("hotfix-2").is_ok());
+        assert!(
+            api.authorize_placement(&hotfix, "p", "feat-a", "sandbox")
+                .is_ok()
+        );
+        assert!(
+            api.authorize_placement(&Principal::anonymous(), "p", "x", "feat-a")
+                .is_ok(),
+            "admins place anywhere"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_ttl_needs_the_right_to_delete_every_descendant() {
+        let (api, _dir, _stop) = api().await;
+        tenant(&api, "integration", "", 0, false).await;
+        tenant(&api, "feat-a", "integration", 0, false).await;
+        tenant(&api, "feat-a-1", "feat-a", 0, false).await;
+        tenant(&api, "feat-b", "integration", 0, false).await;
+        tenant(&api, "qa-b", "feat-b", 0, false).await;
+        let feat = register("feat-*");
+        assert!(api.authorize_ttl(&feat, "p", "feat-a").is_ok());
+        let refused = api.authorize_ttl(&feat, "p", "feat-b").unwrap_err();
+        assert!(refused.message.contains("qa-b"), "{refused}");
+    }
+}

@@ -921,3 +921,67 @@ impl View {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(lease: LeaseId) -> Image {
+        Image::Instance(InstanceEntry {
+            record: Arc::new(InstanceRecord::default()),
+            lease,
+            create_revision: 1,
+            mod_revision: 1,
+        })
+    }
+
+    fn layer(bytes: usize) -> Image {
+        Image::Layer(LayerEntry {
+            value: vec![b'x'; bytes].into(),
+            format: Format::Text,
+            mode: Mode::Replace,
+            mod_revision: 1,
+        })
+    }
+
+    fn at(service: &str, id: &str) -> Object {
+        Object::Instance {
+            service: service.into(),
+            id: id.into(),
+        }
+    }
+
+    /// A lease belongs to the project while one of its instances holds it:
+    /// re-registering under another lease moves the count, removing the
+    /// last instance frees the lease.
+    #[test]
+    fn leases_follow_the_instances_holding_them() {
+        let mut p = ProjectView::default();
+        p.set("t1", &at("api", "a"), Some(&instance(7)));
+        p.set("t2", &at("api", "b"), Some(&instance(7)));
+        p.set("t1", &at("api", "c"), Some(&instance(0)));
+        assert!(p.holds_lease(7));
+        assert!(!p.holds_lease(0), "persistent instances hold no lease");
+        p.set("t1", &at("api", "a"), Some(&instance(9)));
+        assert!(p.holds_lease(7) && p.holds_lease(9));
+        p.set("t2", &at("api", "b"), None);
+        assert!(!p.holds_lease(7), "its last instance left");
+        p.set("t1", &at("api", "a"), None);
+        assert!(p.leases.is_empty(), "{:?}", p.leases);
+    }
+
+    /// The project's config bytes count every current layer once:
+    /// replacing a value counts its new size, removing it frees it.
+    #[test]
+    fn config_bytes_count_current_layers() {
+        let mut p = ProjectView::default();
+        p.set("t1", &Object::Layer("a".into()), Some(&layer(100)));
+        p.set("t2", &Object::Layer("a".into()), Some(&layer(50)));
+        assert_eq!(p.config_bytes, 150);
+        p.set("t1", &Object::Layer("a".into()), Some(&layer(10)));
+        assert_eq!(p.config_bytes, 60);
+        p.set("t2", &Object::Layer("a".into()), None);
+        p.set("t2", &Object::Layer("never-written".into()), None);
+        assert_eq!(p.config_bytes, 10);
+    }
+}

@@ -676,7 +676,7 @@ mod tests {
         assert_eq!(names, ["c.json"]);
     }
 
-    /// Finding 8 (issue 16): `project`/`tenant` were joined into the cache
+    /// Finding 8 of the security review: `project`/`tenant` were joined into the cache
     /// path as given, so `../` put the file outside the cache directory.
     #[test]
     fn sdk_cache_refuses_path_traversal_finding_8() {

@@ -1,4 +1,4 @@
-//! Carrying the tenant on outgoing calls, as DESIGN.md section 5 routes by
+//! Carrying the tenant on outgoing calls, as docs/sidecar.md routes by
 //! it: the W3C `baggage` header entry `strata-tenant=<tenant>`, so any
 //! OpenTelemetry-instrumented service forwards it for free, and the Strata
 //! sidecar routes the call to that tenant's instance (falling back along
@@ -31,7 +31,7 @@ use crate::Error;
 /// The baggage entry key.
 pub const BAGGAGE_KEY: &str = "strata-tenant";
 
-/// The header Strata also accepts (DESIGN.md section 5), read but never
+/// The header Strata also accepts (docs/sidecar.md), read but never
 /// written by this module.
 pub const TENANT_HEADER: &str = "x-strata-tenant";
 

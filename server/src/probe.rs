@@ -1,6 +1,5 @@
-//! Active health probes for persistent service instances (DESIGN.md section
-//! 2, issue 4): TCP connect, HTTP GET with an expected status, and
-//! `grpc.health.v1.Health/Check`.
+//! Active health probes for persistent service instances: TCP connect, HTTP
+//! GET with an expected status, and `grpc.health.v1.Health/Check`.
 //!
 //! A [`Prober`] runs one task per target. The registry owns *what* is probed
 //! — it hands the prober the desired set of targets ([`Prober::reconcile`],

@@ -1,7 +1,7 @@
 //! Logs and metrics: the `tracing` subscriber and the process-wide Prometheus
 //! recorder, plus the RPC/HTTP request metrics middleware.
 //!
-//! Metric names follow DESIGN.md section 7: prefix `strata_`, unit suffixes,
+//! Metric names follow docs/metrics.md: prefix `strata_`, unit suffixes,
 //! and only bounded labels (`op`, `code`; later `project`, `tenant`,
 //! `service`) — never an instance id or a key.
 

@@ -1,5 +1,5 @@
 //! `strata-sidecar`: routes an app's outbound calls to the nearest tenant
-//! that runs the callee (DESIGN.md section 5).
+//! that runs the callee (docs/sidecar.md).
 //!
 //! - [`http_proxy`] — HTTP/1.1 + h2c outbound proxy (default
 //!   `127.0.0.1:15001`); the callee is named by the `Host` header or an

@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN.md section 7 naming): requests by service,
+//! Prometheus metrics (docs/metrics.md naming): requests by service,
 //! resolved tenant, fallback and status class, and a latency histogram.
 //! Handles are looked up once per route when the routing table is built,
 //! so a request only bumps atomics — no label hashing on the request path.

@@ -1,4 +1,4 @@
-//! The tenant of a request (DESIGN.md section 5): the W3C `baggage` entry
+//! The tenant of a request (docs/sidecar.md): the W3C `baggage` entry
 //! `strata-tenant`, else the `x-strata-tenant` header, else the sidecar's
 //! own tenant — and making sure the forwarded request carries it as
 //! baggage, so the next hop (and the next sidecar) sees it too.

@@ -794,7 +794,7 @@ async fn embedded_backup_restores_into_an_etcd_backed_daemon() {
     drop(etcd);
 }
 
-/// Finding 8 (issue 16): `strata export` wrote `FILE.partial` with
+/// Finding 8 of the security review: `strata export` wrote `FILE.partial` with
 /// `File::create`, which follows a symlink planted there (the target was
 /// overwritten with the backup), and with the umask's mode (0644: the
 /// whole store readable by every local user).

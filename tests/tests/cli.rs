@@ -231,7 +231,7 @@ async fn strata_watch_prints_snapshot_and_changes_until_the_tenant_is_deleted() 
     assert!(status.success(), "{status}");
 }
 
-/// Finding 10 (issue 16): `--endpoints https://a,http://b` fell back to
+/// Finding 10 of the security review: `--endpoints https://a,http://b` fell back to
 /// plaintext (sending the token in clear) when the https endpoint failed.
 /// Now it is a usage error naming the override; with `--allow-plaintext` or
 /// `STRATA_ALLOW_PLAINTEXT=1` the fallback works as before.

@@ -1,9 +1,8 @@
 //! The operator-facing contract of the metrics: every `strata_*` metric a
 //! real `stratad`, a real `strata-sidecar` and the SDK (in this process,
 //! through a Prometheus recorder) expose is listed in `docs/metrics.md` with
-//! exactly the labels it carries and its type, and follows DESIGN.md
-//! section 7 (prefix, units, `_total` counters, no instance id or key as a
-//! label). The other direction is checked too: a documented metric the
+//! exactly the labels it carries and its type, and follows its naming rules
+//! (prefix, units, `_total` counters, no instance id or key as a label). The other direction is checked too: a documented metric the
 //! exercised components never emit fails the test, except the few listed in
 //! [`CONDITIONAL`] with the reason they are not created here.
 //!
@@ -63,7 +62,7 @@ const CONDITIONAL: &[(&str, &str)] = &[
 ];
 
 /// Labels that would make a series per instance, key or request: never
-/// allowed (DESIGN.md section 7).
+/// allowed (docs/metrics.md).
 const FORBIDDEN_LABELS: &[&str] = &[
     "instance",
     "instance_id",
@@ -482,7 +481,7 @@ fn all_documented() -> BTreeMap<String, DocMetric> {
 fn alert_rules_reference_only_documented_metrics() {
     let text = std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts.yaml")).unwrap();
     let used = check_references("alerts.yaml", &text, &all_documented());
-    // Each area the operator relies on has an alert (issue 9).
+    // Each area the operator relies on has an alert.
     for metric in [
         "strata_leader",
         "strata_ready",

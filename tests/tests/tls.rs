@@ -332,7 +332,7 @@ async fn cli_sdk_and_https_clients_work_over_tls_and_untrusting_clients_are_refu
     assert!(err.contains("UnknownIssuer"), "{err}");
     let plain_endpoint = format!("http://{}", daemon.addr);
     // With a CA configured, an http:// endpoint is refused before dialling
-    // (issue 16, finding 10): it would carry the token in clear.
+    // (security review, finding 10; docs/security.md): it would carry the token in clear.
     let (code, out, err) = cli(&plain_endpoint, &["status"], &env).await;
     assert_eq!(code, 2, "http:// next to --tls-ca: {out}{err}");
     assert!(err.contains("--allow-plaintext"), "{err}");

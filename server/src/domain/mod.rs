@@ -1,7 +1,7 @@
 //! Strata's domain rules, free of I/O: names of projects, tenants and keys;
 //! configuration documents (formats, parsing with precise errors, RFC 7396
 //! merge, rendering); layered resolution along a tenant chain exactly as
-//! DESIGN.md section 2 defines it; and the stored forms of the objects
+//! docs/ARCHITECTURE.md defines it; and the stored forms of the objects
 //! (`records`).
 
 pub mod document;

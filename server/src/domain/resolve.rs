@@ -1,4 +1,4 @@
-//! Layered resolution along a tenant chain (DESIGN.md section 2).
+//! Layered resolution along a tenant chain (docs/ARCHITECTURE.md).
 //!
 //! Given a key's layers nearest tenant first, walk until a `replace` or
 //! `delete` layer or the end of the chain, then fold from the farthest

@@ -45,6 +45,7 @@ use opentelemetry_sdk::trace::{
 };
 
 use crate::Error;
+use crate::services::ResolvedService;
 
 /// Span attribute keys Strata sets on its spans (the daemon, the SDK and
 /// the sidecar use the same names).
@@ -403,10 +404,7 @@ pub(crate) fn start_call_span(
 }
 
 /// Ends a resolve call's span with where the service resolved.
-pub(crate) fn end_resolve_span(
-    span: Option<&Context>,
-    outcome: &Result<crate::ResolvedService, Error>,
-) {
+pub(crate) fn end_resolve_span(span: Option<&Context>, outcome: &Result<ResolvedService, Error>) {
     let Some(cx) = span else { return };
     match outcome {
         Ok(resolved) => {

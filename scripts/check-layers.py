@@ -33,7 +33,8 @@ Usage:
     scripts/check-layers.py --crate server --layers server/layers.txt
 
 `--layers` applies to the `--crate` given just before it; one given before
-any `--crate` applies to every crate without its own.
+any `--crate` applies to every crate without its own. `--graph` also
+prints each module's imports.
 
 Python 3, standard library only.
 """
@@ -46,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = "<root>"
+# `--graph`: print every module's imports too.
+PRINT_GRAPH = False
 
 
 @dataclass
@@ -421,6 +424,11 @@ def parse_args(argv: list[str]) -> tuple[list[tuple[Path, Path | None]], bool]:
             include_tests = True
             i += 1
             continue
+        if arg == "--graph":
+            global PRINT_GRAPH
+            PRINT_GRAPH = True
+            i += 1
+            continue
         if arg in ("--crate", "--layers") and i + 1 < len(argv):
             value = Path(argv[i + 1])
             if arg == "--crate":
@@ -443,6 +451,10 @@ def main(argv: list[str]) -> int:
     for directory, layers in crates:
         crate = load_crate(directory)
         scan(crate, include_tests)
+        if PRINT_GRAPH:
+            for module in sorted(crate.modules):
+                uses = sorted(b for a, b in crate.edges if a == module)
+                print(f"{rel(crate.src)}: {module} -> {', '.join(uses) or '-'}")
         cycle = find_cycle(crate)
         if cycle:
             failed = True

@@ -7,8 +7,8 @@ use clap::Args;
 use serde_json::{Value, json};
 use strata_client::proto::{AuditEntry, QueryAuditRequest};
 
+use crate::ctx::{Ctx, Failure, err};
 use crate::output::{Output, Table};
-use crate::{Ctx, Failure, err};
 
 /// Arguments of `strata audit`.
 #[derive(Debug, Args)]

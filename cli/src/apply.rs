@@ -16,8 +16,8 @@ use strata_client::proto::{
 };
 use strata_client::{Code, Connection};
 
+use crate::ctx::{Ctx, Failure, err, resolve_all};
 use crate::plan::{self, Change, Plan};
-use crate::{Ctx, Failure, err, resolve_all};
 
 /// Most files an apply reads (a guard against pointing it at `/`).
 const MAX_FILES: usize = 10_000;

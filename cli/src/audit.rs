@@ -7,8 +7,8 @@ use clap::Args;
 use serde_json::{Value, json};
 use strata_client::proto::{AuditEntry, QueryAuditRequest};
 
+use crate::ctx::{Ctx, Failure, err};
 use crate::output::{Output, Table};
-use crate::{Ctx, Failure, err};
 
 /// Arguments of `strata audit`.
 #[derive(Debug, Args)]
@@ -66,22 +66,14 @@ fn time_text(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// An entry as `-o json` prints it: the daemon's rendering (shared through
+/// `strata_proto::names`, so the two never differ) plus a readable `time`.
 fn entry_json(e: &AuditEntry) -> Value {
-    json!({
-        "time": time_text(e.time_unix_ms),
-        "time_unix_ms": e.time_unix_ms,
-        "actor_token_id": e.actor_token_id,
-        "actor_name": e.actor_name,
-        "operation": e.operation,
-        "project": e.project,
-        "tenant": e.tenant,
-        "subject": e.subject,
-        "result": e.result,
-        "message": e.message,
-        "revision": e.revision,
-        "transport": e.transport,
-        "member": e.member,
-    })
+    let mut json = strata_proto::names::audit_entry_json(e);
+    if let Some(fields) = json.as_object_mut() {
+        fields.insert("time".to_owned(), json!(time_text(e.time_unix_ms)));
+    }
+    json
 }
 
 /// Runs `strata audit`.

@@ -8,8 +8,8 @@ use clap::Args;
 use serde_json::json;
 use strata_client::proto::{ExportRequest, ImportChunk, ImportResponse};
 
+use crate::ctx::{Ctx, Failure, err};
 use crate::plan::{self, Change, Plan};
-use crate::{Ctx, Failure, err};
 
 /// Size of the chunks a backup file is sent in.
 const CHUNK_BYTES: usize = 64 * 1024;

@@ -9,15 +9,15 @@ use serde_json::json;
 use strata_client::proto::{
     DeregisterRequest, DrainRequest, Endpoint, HealthCheck, HeartbeatRequest, Instance,
     InstanceKind, ListInstancesRequest, ListServicesRequest, Protocol, RegisterRequest,
-    RegisterResponse, ResolveServiceRequest, WatchServicesRequest, WatchServicesResponse,
+    RegisterResponse, ResolveServiceRequest, WatchServicesRequest,
 };
 use strata_client::{Code, Connection, Status};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::IntervalStream;
-use tonic::Streaming;
 
-use crate::{Ctx, Failure, Resumable, err, follow};
+use crate::ctx::{Ctx, Failure, err};
+use crate::watch::follow;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ServiceCommand {
@@ -266,23 +266,6 @@ impl RegisterArgs {
             check,
             ..Instance::default()
         })
-    }
-}
-
-impl Resumable for WatchServicesRequest {
-    type Message = WatchServicesResponse;
-
-    async fn open(&self, client: &Connection) -> Result<Streaming<Self::Message>, Status> {
-        Ok(client
-            .registry()
-            .watch_services(self.clone())
-            .await?
-            .into_inner())
-    }
-
-    fn advance(&mut self, message: &Self::Message) -> bool {
-        self.start_revision = message.revision + 1;
-        message.tenant_deleted
     }
 }
 

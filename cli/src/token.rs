@@ -10,8 +10,8 @@ use strata_client::proto::{
     CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, Role, TokenInfo,
 };
 
+use crate::ctx::{Ctx, Failure, err};
 use crate::output::Table;
-use crate::{Ctx, Failure, err};
 
 /// `--token-file`; the token itself comes from `STRATA_TOKEN`.
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::discovery::ServiceInstance;
+use crate::services::ServiceInstance;
 
 /// Weight of an instance as the registry defines it: 0 (unset) means 100
 /// (`registry.proto`, `Instance.weight`).

@@ -30,7 +30,7 @@ use strata_proto::v1::{Protocol, ResolvedValue};
 use tokio::sync::Notify;
 
 use crate::Error;
-use crate::discovery::{Endpoint, ResolvedService, ServiceInstance};
+use crate::services::{Endpoint, ResolvedService, ServiceInstance};
 
 /// Pause between a change and its write, gathering further changes into
 /// the same write.

@@ -3,148 +3,21 @@
 //! (the nearest tenant of the chain with a routable instance serves, and
 //! the answer says whether that is a fallback).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use arc_swap::ArcSwap;
 use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::watch_services_response::Kind;
-use strata_proto::v1::{
-    Protocol, ResolveServiceRequest, WatchServicesRequest, WatchServicesResponse,
-};
+use strata_proto::v1::{ResolveServiceRequest, WatchServicesRequest, WatchServicesResponse};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::cache::DiskCache;
 use crate::client::Client;
+use crate::services::ResolvedService;
 use crate::watch::{AbortOnDrop, Feed, Resumable, Source, spawn};
 use crate::{Error, WatchError};
-
-/// One endpoint of an instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Endpoint {
-    /// `host:port`.
-    pub address: String,
-    /// The endpoint's protocol (its own, else the instance's).
-    pub protocol: Protocol,
-}
-
-/// A routable instance of a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ServiceInstance {
-    /// Instance id, unique within its tenant and service.
-    pub id: String,
-    /// The tenant it is registered in.
-    pub tenant: String,
-    /// Endpoints by name.
-    pub endpoints: BTreeMap<String, Endpoint>,
-    /// Metadata.
-    pub metadata: BTreeMap<String, String>,
-    /// Relative load-balancing weight (1–10000).
-    pub weight: u32,
-    /// The version it runs.
-    pub version: String,
-}
-
-impl ServiceInstance {
-    /// The address of the `main` endpoint, else of the first endpoint by
-    /// name.
-    pub fn address(&self) -> Option<&str> {
-        self.endpoints
-            .get("main")
-            .or_else(|| self.endpoints.values().next())
-            .map(|e| e.address.as_str())
-    }
-
-    /// An endpoint by name.
-    pub fn endpoint(&self, name: &str) -> Option<&Endpoint> {
-        self.endpoints.get(name)
-    }
-
-    fn from_proto(instance: strata_proto::v1::Instance) -> Self {
-        let default_protocol =
-            Protocol::try_from(instance.protocol).unwrap_or(Protocol::Unspecified);
-        Self {
-            id: instance.id,
-            tenant: instance.tenant,
-            endpoints: instance
-                .endpoints
-                .into_iter()
-                .map(|(name, e)| {
-                    let protocol = match Protocol::try_from(e.protocol) {
-                        Ok(Protocol::Unspecified) | Err(_) => default_protocol,
-                        Ok(p) => p,
-                    };
-                    (
-                        name,
-                        Endpoint {
-                            address: e.address,
-                            protocol,
-                        },
-                    )
-                })
-                .collect(),
-            metadata: instance.metadata.into_iter().collect(),
-            weight: if instance.weight == 0 {
-                100
-            } else {
-                instance.weight
-            },
-            version: instance.version,
-        }
-    }
-}
-
-/// Where a service resolves for the client's tenant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ResolvedService {
-    /// The service.
-    pub service: String,
-    /// The tenant that serves it: the nearest of the chain with a routable
-    /// instance; `None` when none has one (or a strict tenant has none).
-    pub tenant: Option<String>,
-    /// Whether the serving tenant is not the client's own (an ancestor
-    /// such as `integration` serves).
-    pub fallback: bool,
-    /// The serving tenant's routable instances, by id.
-    pub instances: Vec<ServiceInstance>,
-    /// The revision this answer reflects.
-    pub revision: i64,
-}
-
-impl ResolvedService {
-    pub(crate) fn from_proto(
-        service: &str,
-        resolved: Option<strata_proto::v1::ResolvedService>,
-        revision: i64,
-    ) -> Self {
-        let resolved = resolved.unwrap_or_default();
-        let mut instances: Vec<ServiceInstance> = resolved
-            .instances
-            .into_iter()
-            .map(ServiceInstance::from_proto)
-            .collect();
-        instances.sort_by(|a, b| a.id.cmp(&b.id));
-        Self {
-            service: service.to_owned(),
-            tenant: (!resolved.tenant.is_empty()).then_some(resolved.tenant),
-            fallback: resolved.fallback,
-            instances,
-            revision,
-        }
-    }
-
-    /// Same answer, whatever the revision.
-    pub(crate) fn same_as(&self, other: &Self) -> bool {
-        self.tenant == other.tenant
-            && self.fallback == other.fallback
-            && self.instances == other.instances
-    }
-}
 
 struct ServiceSlot {
     value: ArcSwap<ResolvedService>,

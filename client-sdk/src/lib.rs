@@ -68,6 +68,31 @@
 //!
 //! The admin CLI uses [`Connection`], a plain connection exposing the raw
 //! `strata.v1` clients.
+//!
+//! # Module layering
+//!
+//! The modules form layers; a module imports only modules of its own layer
+//! or below, so there is no import cycle (`scripts/check-layers.py --crate
+//! client-sdk --layers client-sdk/layers.txt` checks it; that file lists
+//! the same layers). Bottom-up:
+//!
+//! 1. **values** — `error` ([`Error`], [`WatchError`]), `services` (the
+//!    discovery value types [`ResolvedService`], [`ServiceInstance`],
+//!    [`Endpoint`]), `format`, `codec`, `tls`, `token`: no I/O policy, and
+//!    nothing of the crate above them.
+//! 2. **transport** — `endpoints` (the endpoint pool and backoff), `trace`
+//!    (spans), `cache` (the disk cache of values and service sets).
+//! 3. **client** — `client` ([`Client`]: pool, token, timeouts, the retry
+//!    loop of one-shot calls; owns the disk cache) and `connection`
+//!    ([`Connection`], the CLI's raw clients).
+//! 4. **engine** — `watch`: the resumable watch engine every watch runs on
+//!    (it follows a [`Client`]'s pool).
+//! 5. **features** — `config`, `discovery`, `tenant_services`,
+//!    `registration`, `propagation`, `balance`: what a game server calls,
+//!    each built on the layers below and none on another.
+//!
+//! The crate root only declares modules and re-exports; no module imports
+//! it except through those re-exports (`crate::Error` is `error::Error`).
 
 #![deny(missing_docs)]
 
@@ -83,6 +108,7 @@ mod error;
 mod format;
 pub mod propagation;
 mod registration;
+mod services;
 mod tenant_services;
 mod tls;
 mod token;
@@ -93,9 +119,10 @@ pub use balance::{InFlight, PowerOfTwoChoices, RoundRobin};
 pub use client::{Client, ClientBuilder};
 pub use config::{Config, ConfigMap, ConfigRef};
 pub use connection::Connection;
-pub use discovery::{Endpoint, ResolvedService, ServiceInstance, ServiceWatch};
+pub use discovery::ServiceWatch;
 pub use error::{Error, WatchError};
 pub use registration::{InstanceSpec, Registration};
+pub use services::{Endpoint, ResolvedService, ServiceInstance};
 pub use strata_proto::v1 as proto;
 pub use tenant_services::{TenantServices, TenantServicesWatch};
 pub use tls::TlsConfig;

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::client::Client;
-use crate::discovery::ResolvedService;
+use crate::services::ResolvedService;
 use crate::watch::{AbortOnDrop, Feed, Resumable, Source, spawn};
 use crate::{Error, WatchError};
 

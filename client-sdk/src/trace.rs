@@ -45,21 +45,12 @@ use opentelemetry_sdk::trace::{
 };
 
 use crate::Error;
+use crate::services::ResolvedService;
 
 /// Span attribute keys Strata sets on its spans (the daemon, the SDK and
-/// the sidecar use the same names).
-pub mod attributes {
-    /// The project.
-    pub const PROJECT: &str = "strata.project";
-    /// The tenant a request is made for (the caller's).
-    pub const TENANT: &str = "strata.tenant";
-    /// The service called or resolved.
-    pub const SERVICE: &str = "strata.service";
-    /// The tenant whose instances serve the request (empty: none).
-    pub const RESOLVED_TENANT: &str = "strata.resolved_tenant";
-    /// Whether the serving tenant is an ancestor of the requested one.
-    pub const FALLBACK: &str = "strata.fallback";
-}
+/// the sidecar use the same names; defined once in
+/// [`strata_proto::names::attributes`]).
+pub use strata_proto::names::attributes;
 
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`: the collector's OTLP/gRPC address.
 pub const ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -392,9 +383,9 @@ pub(crate) fn start_call_span(
         SpanKind::Client,
         &Context::current(),
         vec![
-            KeyValue::new("rpc.system", "grpc"),
-            KeyValue::new("rpc.service", rpc_service),
-            KeyValue::new("rpc.method", rpc_method),
+            KeyValue::new(attributes::RPC_SYSTEM, "grpc"),
+            KeyValue::new(attributes::RPC_SERVICE, rpc_service),
+            KeyValue::new(attributes::RPC_METHOD, rpc_method),
             KeyValue::new(attributes::PROJECT, project.to_owned()),
             KeyValue::new(attributes::TENANT, tenant.to_owned()),
             KeyValue::new(attributes::SERVICE, service.to_owned()),
@@ -403,10 +394,7 @@ pub(crate) fn start_call_span(
 }
 
 /// Ends a resolve call's span with where the service resolved.
-pub(crate) fn end_resolve_span(
-    span: Option<&Context>,
-    outcome: &Result<crate::ResolvedService, Error>,
-) {
+pub(crate) fn end_resolve_span(span: Option<&Context>, outcome: &Result<ResolvedService, Error>) {
     let Some(cx) = span else { return };
     match outcome {
         Ok(resolved) => {

@@ -57,6 +57,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo doc (broken links are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 
+echo "==> module layers (no import cycles; server, SDK and CLI imports only go down their layers)"
+python3 scripts/check-layers.py \
+  --crate server --layers server/layers.txt \
+  --crate client-sdk --layers client-sdk/layers.txt \
+  --crate cli --layers cli/layers.txt
+
 echo "==> deploy/ checks (promtool rules and unit tests, Helm chart render + Kubernetes schemas, dashboard queries, systemd unit)"
 scripts/check-deploy.sh
 

@@ -9,9 +9,7 @@ use axum::Json;
 use axum::extract::{Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use strata_proto::v1::audit_service_server::AuditService;
-use strata_proto::v1::{
-    AuditEntry, ErrorReason, QueryAuditRequest, QueryAuditResponse, ResponseHeader,
-};
+use strata_proto::v1::{ErrorReason, QueryAuditRequest, QueryAuditResponse, ResponseHeader};
 
 use crate::audit::{Filter, query};
 use crate::daemon_state::DaemonState;
@@ -48,23 +46,6 @@ impl AuditService for AuditApi {
     }
 }
 
-fn entry_json(e: &AuditEntry) -> serde_json::Value {
-    serde_json::json!({
-        "time_unix_ms": e.time_unix_ms,
-        "actor_token_id": e.actor_token_id,
-        "actor_name": e.actor_name,
-        "operation": e.operation,
-        "project": e.project,
-        "tenant": e.tenant,
-        "subject": e.subject,
-        "result": e.result,
-        "message": e.message,
-        "revision": e.revision,
-        "transport": e.transport,
-        "member": e.member,
-    })
-}
-
 /// `GET /v1/audit?project=&tenant=&actor=&since_unix_ms=&until_unix_ms=&operation=&result=&limit=`.
 async fn http_query(
     State(state): State<Arc<DaemonState>>,
@@ -75,7 +56,10 @@ async fn http_query(
         .map_err(|e| ApiError::new(ErrorReason::InvalidArgument, e.body_text()))?;
     let (entries, truncated, revision) =
         query(state.store.as_ref(), &state.audit.settings, &filter).await?;
-    let entries: Vec<_> = entries.iter().map(entry_json).collect();
+    let entries: Vec<_> = entries
+        .iter()
+        .map(strata_proto::names::audit_entry_json)
+        .collect();
     Ok(Json(serde_json::json!({
         "revision": revision,
         "entries": entries,

@@ -32,18 +32,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::settings_error::SettingsError;
 
 /// Span attribute keys shared with the SDK and the sidecar.
-pub mod attributes {
-    /// The project.
-    pub const PROJECT: &str = "strata.project";
-    /// The tenant a request is made for.
-    pub const TENANT: &str = "strata.tenant";
-    /// The service resolved.
-    pub const SERVICE: &str = "strata.service";
-    /// The tenant whose instances serve (empty: none).
-    pub const RESOLVED_TENANT: &str = "strata.resolved_tenant";
-    /// Whether that tenant is an ancestor of the requested one.
-    pub const FALLBACK: &str = "strata.fallback";
-}
+pub use strata_proto::names::attributes;
 
 /// The OpenTelemetry default batch delay.
 const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_secs(5);

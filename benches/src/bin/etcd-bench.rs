@@ -61,7 +61,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use strata_benches::daemon::{default_stratad, disturbing_processes, histogram_totals};
 use strata_benches::etcd_cluster::{
-    Backend, CpuMarks, CpuSplit, Daemon, EtcdCluster, etcd_version,
+    Backend, CpuMarks, CpuSplit, Daemon, EtcdCluster, compact, etcd_version, make_leader,
+    start_cluster,
 };
 use strata_benches::{
     BoxError, LatencySummary, MachineInfo, fsync_probe, micros, nanos, new_histogram,
@@ -421,12 +422,12 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
         eprintln!("WARNING: running now: {}", busy.join(", "));
     }
 
-    let cluster = EtcdCluster::start(&args.etcd, &parent, args.members).await?;
-    cluster.make_leader(0).await?;
+    let cluster = start_cluster(&args.etcd, &parent, args.members).await?;
+    make_leader(&cluster, 0).await?;
     eprintln!(
         "etcd cluster of {} members up, leader: member {}",
         args.members,
-        cluster.leader().await?
+        cluster.leader().await.ok_or("no etcd leader")?
     );
     let mut writes = Vec::new();
     let mut watch = Vec::new();
@@ -833,7 +834,7 @@ async fn measure_raw_writes(
     n: usize,
     args: &Args,
 ) -> Result<WriteResult, BoxError> {
-    cluster.compact().await?;
+    compact(cluster).await?;
     let endpoint = cluster.endpoints()[0].clone();
     let prefix = format!("/etcd-bench/{}/", tag());
     let mut setup = etcd_connect(&endpoint).await?;
@@ -980,7 +981,7 @@ async fn measure_stratad_writes(
     n: usize,
     args: &Args,
 ) -> Result<WriteResult, BoxError> {
-    cluster.compact().await?;
+    compact(cluster).await?;
     let daemons = start_replicas(cluster, stratad, parent, replicas).await?;
     create_tenant(connect(&daemons[0].endpoint()).await?).await?;
     for d in &daemons {
@@ -1241,7 +1242,7 @@ async fn watch_run(
     args: &Args,
 ) -> Result<WatchResult, BoxError> {
     if let Some(c) = cluster {
-        c.compact().await?;
+        compact(c).await?;
     }
     let daemon = match (system, cluster) {
         (WatchSystem::Etcd, _) => None,

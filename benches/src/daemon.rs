@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use strata_testkit::http::metric_sum;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -215,17 +216,7 @@ pub async fn readyz(addr: SocketAddr) -> bool {
 /// label sets whose label text contains `labels` (`""`: all); `(0, 0)` when
 /// absent.
 pub fn histogram_totals(text: &str, name: &str, labels: &str) -> (f64, f64) {
-    let value = |suffix: &str| -> f64 {
-        let metric = format!("{name}{suffix}");
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (key, v) = l.rsplit_once(' ')?;
-                let (base, rest) = key.split_once('{').unwrap_or((key, ""));
-                (base == metric && rest.contains(labels)).then(|| v.parse::<f64>().ok())?
-            })
-            .sum()
-    };
+    let value = |suffix: &str| metric_sum(text, &format!("{name}{suffix}"), labels);
     (value("_sum"), value("_count"))
 }
 

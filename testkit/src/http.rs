@@ -23,8 +23,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)>
     tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut raw))
         .await
         .map_err(|_| std::io::Error::other("read timeout"))??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    response(&String::from_utf8_lossy(&raw))
+}
+
+/// The status code and the body (de-chunked when the server chunked it) of
+/// a whole HTTP/1.1 answer read up to the end of the connection.
+pub fn response(text: &str) -> std::io::Result<(u16, String)> {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text, ""));
     let status = head
         .split_whitespace()
         .nth(1)

@@ -491,22 +491,7 @@ pub async fn http_request_as(
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
         .await
         .map_err(|_| std::io::Error::other("read timeout"))??;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad response: {head}")))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        strata_testkit::http::dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
+    strata_testkit::http::response(&String::from_utf8_lossy(&raw))
 }
 
 /// An HTTP request whose answer is JSON: (status, parsed body). Panics when

@@ -269,7 +269,7 @@ impl CpuMark {
 }
 
 /// utime + stime of `/proc/PID/stat`, seconds.
-pub(crate) fn process_cpu_seconds(pid: &str) -> Option<f64> {
+pub fn process_cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are
     // fields 14 and 15 of the line, so 11 and 12 here.
@@ -281,7 +281,7 @@ pub(crate) fn process_cpu_seconds(pid: &str) -> Option<f64> {
 }
 
 /// Busy time of the whole machine from `/proc/stat`, seconds.
-pub(crate) fn machine_busy_seconds() -> Option<f64> {
+pub fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<u64> = line

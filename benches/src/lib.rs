@@ -8,7 +8,8 @@
 //! - [`MachineInfo`] and [`fsync_probe`]: what the figures were measured on;
 //! - [`daemon`]: a real `stratad` child process and CPU accounting, for load
 //!   generators that drive the daemon over the network;
-//! - [`etcd_cluster`]: a real etcd cluster and `stratad` replicas on it.
+//! - [`etcd_cluster`]: a real etcd cluster and `stratad` replicas on it;
+//! - [`watchers`]: watch-delivery measurement (N subscribers of one key).
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 pub mod daemon;
 pub mod etcd_cluster;
+pub mod watchers;
 
 /// Error type of the helpers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -28,6 +28,38 @@ pub mod watchers;
 /// Error type of the helpers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A multi-threaded Tokio runtime with every driver enabled, and
+/// `worker_threads` workers (at least one; default: one per CPU), for a load
+/// generator's `--worker-threads`.
+pub fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, BoxError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n.max(1));
+    }
+    Ok(builder.build()?)
+}
+
+/// Writes a load generator's results: `tables` on stdout, or with `json`
+/// the report as pretty JSON on stdout and the tables on stderr (so stdout
+/// stays machine-readable).
+#[allow(clippy::print_stdout)] // the results are the program's output
+pub fn print_report(tables: &str, report: &impl Serialize, json: bool) -> Result<(), BoxError> {
+    if json {
+        eprint!("{tables}");
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{tables}");
+    }
+    Ok(())
+}
+
+/// `s` seconds, from command-line flag `what`; an error naming the flag
+/// when `s` is negative or not finite.
+pub fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
+    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
+}
+
 /// Largest latency a histogram of [`new_histogram`] records exactly (in
 /// microseconds: two minutes); larger values are clamped.
 pub const MAX_LATENCY_US: u64 = 120_000_000;

@@ -309,6 +309,25 @@ impl Delivery {
             && self.deliveries == self.expected_deliveries
     }
 
+    /// The delivery columns of a results table row: deliveries, missing
+    /// (`missing_width` wide), duplicates, unexpected, stream errors, then
+    /// after a bar the latency p50, p99, p99.9 and max in ms.
+    pub fn columns(&self, missing_width: usize) -> String {
+        let l = &self.latency;
+        format!(
+            "{:>10} {:>missing_width$} {:>3} {:>5} {:>3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2}",
+            self.deliveries,
+            self.missing,
+            self.duplicates,
+            self.unexpected,
+            self.stream_errors,
+            l.p50_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms
+        )
+    }
+
     /// What went wrong for `system` with `subscribers` subscribers, for the
     /// final failure message.
     pub fn failure(&self, system: &str, subscribers: usize) -> String {

@@ -66,7 +66,10 @@ use strata_benches::etcd_cluster::{
 use strata_benches::watchers::{
     Delivery, PROJECT, Putter, Subscribers, TENANT, WatchConn, connect, create_tenant, value_for,
 };
-use strata_benches::{BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram};
+use strata_benches::{
+    BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram, print_report,
+    runtime, secs,
+};
 use strata_proto::v1::config_service_client::ConfigServiceClient;
 use strata_proto::v1::{PutConfigRequest, WatchConfigRequest};
 use tokio::task::JoinHandle;
@@ -312,23 +315,13 @@ fn run() -> Result<(), BoxError> {
     {
         return Err("counts must be positive".into());
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = builder.build()?;
+    let runtime = runtime(args.worker_threads)?;
     let report = runtime.block_on(bench(args))?;
     // Subscriber tasks that failed may still hold connections; do not wait.
     runtime.shutdown_background();
 
     let tables = render(&report);
-    if report.args.json {
-        eprint!("{tables}");
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{tables}");
-    }
+    print_report(&tables, &report, report.args.json)?;
     let mut failed: Vec<String> = report
         .watch
         .iter()
@@ -348,10 +341,6 @@ fn run() -> Result<(), BoxError> {
         return Err(format!("FAILED: {}", failed.join("; ")).into());
     }
     Ok(())
-}
-
-fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
-    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
 }
 
 async fn bench(args: Args) -> Result<Report, BoxError> {
@@ -1212,20 +1201,11 @@ fn render(report: &Report) -> String {
         for r in &report.watch {
             let _ = writeln!(
                 out,
-                "{:<16} {:>5} {:>5} | {:>10} {:>4} {:>3} {:>5} {:>3} | {:>6.2} {:>6.2} {:>6.2} \
-                 {:>6.2} | {:>5.2} {:>6.2} | {:>11.2} | {:>8.2} {:>7.2} {:>5.2} {:>5.2}",
+                "{:<16} {:>5} {:>5} | {} | {:>5.2} {:>6.2} | {:>11.2} | {:>8.2} {:>7.2} {:>5.2} {:>5.2}",
                 r.system.name(),
                 r.subscribers,
                 r.connections,
-                r.delivery.deliveries,
-                r.delivery.missing,
-                r.delivery.duplicates,
-                r.delivery.unexpected,
-                r.delivery.stream_errors,
-                r.delivery.latency.p50_ms,
-                r.delivery.latency.p99_ms,
-                r.delivery.latency.p999_ms,
-                r.delivery.latency.max_ms,
+                r.delivery.columns(4),
                 r.first.p50_ms,
                 r.first.p99_ms,
                 r.put_ack.p50_ms,

@@ -51,7 +51,7 @@ use strata_benches::etcd_cluster::etcd_version;
 use strata_benches::watchers::{
     Delivery, Putter, Subscribers, WatchConn, connect, create_tenant, value_for,
 };
-use strata_benches::{BoxError, LatencySummary, MachineInfo};
+use strata_benches::{BoxError, LatencySummary, MachineInfo, print_report, runtime, secs};
 use strata_proto::v1::StatusRequest;
 use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::config_service_client::ConfigServiceClient;
@@ -256,23 +256,13 @@ fn run() -> Result<(), BoxError> {
     if args.streams_per_connection == 0 || args.changes == 0 {
         return Err("--streams-per-connection and --changes must be positive".into());
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = builder.build()?;
+    let runtime = runtime(args.worker_threads)?;
     let report = runtime.block_on(bench(args))?;
     // Subscriber tasks that failed may still hold connections; do not wait.
     runtime.shutdown_background();
 
     let tables = render(&report);
-    if report.args.json {
-        eprint!("{tables}");
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{tables}");
-    }
+    print_report(&tables, &report, report.args.json)?;
     let failed: Vec<String> = report
         .runs
         .iter()
@@ -283,10 +273,6 @@ fn run() -> Result<(), BoxError> {
         return Err(format!("DELIVERY INCOMPLETE: {}", failed.join("; ")).into());
     }
     Ok(())
-}
-
-fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
-    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
 }
 
 fn rustc_running() -> bool {
@@ -724,20 +710,11 @@ fn render(report: &Report) -> String {
     for r in &report.runs {
         let _ = writeln!(
             out,
-            "{:<7} {:>6} {:>5} | {:>10} {:>7} {:>3} {:>5} {:>3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2} \
-             | {:>10.2} | {:>11.2} | {:>5}",
+            "{:<7} {:>6} {:>5} | {} | {:>10.2} | {:>11.2} | {:>5}",
             r.system.name(),
             r.subscribers,
             r.connections,
-            r.delivery.deliveries,
-            r.delivery.missing,
-            r.delivery.duplicates,
-            r.delivery.unexpected,
-            r.delivery.stream_errors,
-            r.delivery.latency.p50_ms,
-            r.delivery.latency.p99_ms,
-            r.delivery.latency.p999_ms,
-            r.delivery.latency.max_ms,
+            r.delivery.columns(7),
             r.spread.p50_ms,
             r.put_ack.p50_ms,
             if r.delivery.complete() { "yes" } else { "NO" }

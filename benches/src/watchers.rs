@@ -63,6 +63,40 @@ pub async fn create_tenant(channel: Channel) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The flags of a watch-delivery measurement that `subscriber-bench` and
+/// `etcd-bench` both take; flattened into their `Args` (and, with serde,
+/// into the `args` of their JSON reports), so the flags keep their names.
+#[derive(Debug, clap::Args, Serialize)]
+pub struct WatchFlags {
+    /// Fewest HTTP/2 connections the subscribers are spread over.
+    #[arg(long, default_value_t = 10)]
+    pub min_connections: usize,
+    /// Most subscription streams per connection. stratad (hyper) allows 200
+    /// concurrent streams per connection and etcd 3.4 allows 2^32 - 1;
+    /// a stream beyond the server's limit would wait for a free slot.
+    #[arg(long, default_value_t = 100)]
+    pub streams_per_connection: usize,
+    /// Changes (puts) per watch measurement.
+    #[arg(long, default_value_t = 30)]
+    pub changes: usize,
+    /// Pause after each acknowledged put, ms.
+    #[arg(long, default_value_t = 200)]
+    pub interval_ms: u64,
+    /// Size of each value in bytes (at least 16).
+    #[arg(long, default_value_t = 100)]
+    pub value_size: usize,
+}
+
+impl WatchFlags {
+    /// Connections for `n` subscribers: at least `--min-connections`, and
+    /// enough that none carries more than `--streams-per-connection`.
+    pub fn connections(&self, n: usize) -> usize {
+        self.min_connections
+            .max(n.div_ceil(self.streams_per_connection.max(1)))
+            .max(1)
+    }
+}
+
 /// One connection the subscribers share.
 pub enum WatchConn {
     /// To `stratad`.
@@ -267,7 +301,7 @@ async fn etcd_subscriber(
     }
 }
 
-/// The changes a [`Subscribers::push`] made.
+/// The changes a [`Subscribers::deliver`] made.
 #[derive(Debug)]
 pub struct Pushed {
     /// Start of each put call (index 0 unused), ns since the run's origin.
@@ -461,40 +495,38 @@ impl Subscribers {
         Ok(self.started.elapsed().as_secs_f64())
     }
 
-    /// Puts changes 1 to `changes` (values of `value_size` bytes) through
-    /// `putter`, each after the previous one was acknowledged and a pause
-    /// of `interval`.
-    pub async fn push(
+    /// Puts changes 1 to `--changes` (values of `--value-size` bytes)
+    /// through `putter`, each after the previous one was acknowledged and a
+    /// pause of `--interval-ms`; then waits until every subscriber received
+    /// every change, or `timeout` passed (what is missing then shows in the
+    /// [`Outcome`]).
+    pub async fn deliver(
         &self,
         putter: &mut Putter,
-        value_size: usize,
-        interval: Duration,
+        flags: &WatchFlags,
+        timeout: Duration,
     ) -> Result<Pushed, BoxError> {
         let mut sent = vec![0_u64; self.changes + 1];
         let mut put_ack = new_histogram()?;
+        let interval = Duration::from_millis(flags.interval_ms);
         for (seq, slot) in sent.iter_mut().enumerate().skip(1) {
-            let value = value_for(seq, value_size);
+            let value = value_for(seq, flags.value_size);
             let started = Instant::now();
             *slot = self.shared.now().max(1);
             putter.put(value).await?;
             put_ack.saturating_record(micros(started.elapsed()));
             tokio::time::sleep(interval).await;
         }
-        Ok(Pushed {
-            sent,
-            put_ack: LatencySummary::from_micros(&put_ack),
-        })
-    }
-
-    /// Waits until every subscriber received every change, or `timeout`
-    /// passed (what is missing then shows in the [`Outcome`]).
-    pub async fn wait_delivered(&self, timeout: Duration) {
         let expected = self.records.len() * self.changes;
         let deadline = Instant::now() + timeout;
         while self.shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        Ok(Pushed {
+            sent,
+            put_ack: LatencySummary::from_micros(&put_ack),
+        })
     }
 
     /// Waits `grace` (in which duplicates would show up), stops every

@@ -64,7 +64,8 @@ use strata_benches::etcd_cluster::{
     start_cluster,
 };
 use strata_benches::watchers::{
-    Delivery, PROJECT, Putter, Subscribers, TENANT, WatchConn, connect, create_tenant, value_for,
+    Delivery, PROJECT, Putter, Subscribers, TENANT, WatchConn, WatchFlags, connect, create_tenant,
+    value_for,
 };
 use strata_benches::{
     BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram, print_report,
@@ -131,21 +132,10 @@ struct Args {
     /// Subscribers of the watched key.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Fewest HTTP/2 connections the subscribers are spread over.
-    #[arg(long, default_value_t = 10)]
-    min_connections: usize,
-    /// Most subscription streams per connection (stratad allows 200).
-    #[arg(long, default_value_t = 100)]
-    streams_per_connection: usize,
-    /// Changes (puts) per watch measurement.
-    #[arg(long, default_value_t = 30)]
-    changes: usize,
-    /// Pause after each acknowledged change, ms.
-    #[arg(long, default_value_t = 200)]
-    interval_ms: u64,
-    /// Size of each value in bytes (at least 16).
-    #[arg(long, default_value_t = 100)]
-    value_size: usize,
+    /// The watch-delivery flags both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    watch: WatchFlags,
     /// Longest wait for every subscriber's snapshot, seconds.
     #[arg(long, default_value_t = 60.0)]
     setup_timeout_secs: f64,
@@ -304,12 +294,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn run() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.value_size < 16 {
+    if args.watch.value_size < 16 {
         return Err("--value-size must be at least 16".into());
     }
     if args.clients_per_connection == 0
-        || args.streams_per_connection == 0
-        || args.changes == 0
+        || args.watch.streams_per_connection == 0
+        || args.watch.changes == 0
         || args.replicas.contains(&0)
         || args.clients.contains(&0)
     {
@@ -665,7 +655,7 @@ async fn drive_writers(
                 kind,
                 prefix.to_owned(),
                 i,
-                args.value_size,
+                args.watch.value_size,
                 start,
                 end,
             ))
@@ -992,11 +982,7 @@ async fn watch_measure(
     daemon: Option<&Daemon>,
     args: &Args,
 ) -> Result<WatchResult, BoxError> {
-    let connections = args
-        .min_connections
-        .max(n.div_ceil(args.streams_per_connection))
-        .max(1)
-        .min(n);
+    let connections = args.watch.connections(n).min(n);
     let etcd_pids = cluster.map(EtcdCluster::pids).unwrap_or_default();
     let stratad_pids: Vec<u32> = daemon.iter().map(|d| d.pid()).collect();
     let etcd_endpoint = cluster.map(|c| c.endpoints()[0].clone());
@@ -1016,7 +1002,7 @@ async fn watch_measure(
         ),
         (None, None) => return Err("nothing to watch".into()),
     };
-    putter.put(value_for(0, args.value_size)).await?;
+    putter.put(value_for(0, args.watch.value_size)).await?;
 
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -1032,7 +1018,7 @@ async fn watch_measure(
     }
 
     // Stopped on every way out of this function (dropped).
-    let subscribers = Subscribers::spawn(&conns, n, args.changes, config_key, &etcd_key)?;
+    let subscribers = Subscribers::spawn(&conns, n, args.watch.changes, config_key, &etcd_key)?;
     let setup_seconds = subscribers
         .wait_ready(
             system.name(),
@@ -1043,15 +1029,12 @@ async fn watch_measure(
 
     let cpu_start = CpuMarks::take(&etcd_pids, &stratad_pids);
     let pushed = subscribers
-        .push(
+        .deliver(
             &mut putter,
-            args.value_size,
-            Duration::from_millis(args.interval_ms),
+            &args.watch,
+            secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?,
         )
         .await?;
-    subscribers
-        .wait_delivered(secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?)
-        .await;
     let cpu = CpuMarks::take(&etcd_pids, &stratad_pids).since(cpu_start);
     let outcome = subscribers
         .finish(&pushed, Duration::from_millis(300))
@@ -1069,7 +1052,7 @@ async fn watch_measure(
         system,
         subscribers: n,
         connections,
-        changes: args.changes,
+        changes: args.watch.changes,
         setup_seconds,
         delivery: outcome.delivery,
         first: outcome.first,
@@ -1157,7 +1140,7 @@ fn render(report: &Report) -> String {
              latency ms; CPU-seconds in the window)\n\
              writer      clients conns |    req/s   keys/s | p50     p99   | srv ms  etcd | cpu etcd \
              stratad bench other | slow pending txn/req | err",
-            a.duration_secs, a.warmup_secs, a.value_size, a.clients_per_connection
+            a.duration_secs, a.warmup_secs, a.watch.value_size, a.clients_per_connection
         );
         for w in &report.writes {
             let _ = writeln!(
@@ -1196,7 +1179,7 @@ fn render(report: &Report) -> String {
             "Watch delivery ({} changes, {} ms apart; put call → subscriber received; ms)\n\
              system            subs conns | deliveries miss dup unexp err |    p50    p99  \
              p99.9    max | first p50 p99 | put ack p50 | cpu etcd stratad bench other",
-            a.changes, a.interval_ms
+            a.watch.changes, a.watch.interval_ms
         );
         for r in &report.watch {
             let _ = writeln!(

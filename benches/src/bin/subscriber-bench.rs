@@ -49,7 +49,7 @@ use strata_benches::daemon::{
 };
 use strata_benches::etcd_cluster::etcd_version;
 use strata_benches::watchers::{
-    Delivery, Putter, Subscribers, WatchConn, connect, create_tenant, value_for,
+    Delivery, Putter, Subscribers, WatchConn, WatchFlags, connect, create_tenant, value_for,
 };
 use strata_benches::{BoxError, LatencySummary, MachineInfo, print_report, runtime, secs};
 use strata_proto::v1::StatusRequest;
@@ -108,23 +108,10 @@ struct Args {
     /// Subscriber counts.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000_usize, 10_000])]
     subscribers: Vec<usize>,
-    /// Fewest HTTP/2 connections the subscribers are spread over.
-    #[arg(long, default_value_t = 10)]
-    min_connections: usize,
-    /// Most subscription streams per connection. stratad (hyper) allows 200
-    /// concurrent streams per connection and etcd 3.4 allows 2^32 - 1;
-    /// a stream beyond the server's limit would wait for a free slot.
-    #[arg(long, default_value_t = 100)]
-    streams_per_connection: usize,
-    /// Changes (puts) per measurement.
-    #[arg(long, default_value_t = 30)]
-    changes: usize,
-    /// Pause after each acknowledged put, ms.
-    #[arg(long, default_value_t = 200)]
-    interval_ms: u64,
-    /// Size of each value in bytes (at least 16).
-    #[arg(long, default_value_t = 100)]
-    value_size: usize,
+    /// The watch-delivery flags both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    watch: WatchFlags,
     /// Pause before each memory reading, seconds.
     #[arg(long, default_value_t = 3.0)]
     settle_secs: f64,
@@ -250,10 +237,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn run() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.value_size < 16 {
+    if args.watch.value_size < 16 {
         return Err("--value-size must be at least 16".into());
     }
-    if args.streams_per_connection == 0 || args.changes == 0 {
+    if args.watch.streams_per_connection == 0 || args.watch.changes == 0 {
         return Err("--streams-per-connection and --changes must be positive".into());
     }
     let runtime = runtime(args.worker_threads)?;
@@ -310,14 +297,11 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
     let mut runs = Vec::new();
     for &n in &args.subscribers {
         for &system in systems {
-            let connections = args
-                .min_connections
-                .max(n.div_ceil(args.streams_per_connection))
-                .max(1);
+            let connections = args.watch.connections(n);
             eprintln!(
                 "{}: {n} subscribers over {connections} connections, {} changes ...",
                 system.name(),
-                args.changes
+                args.watch.changes
             );
             let server = match system {
                 System::Stratad => Server::start_stratad(&stratad, &parent).await?,
@@ -589,7 +573,7 @@ async fn measure(
             ETCD_KEY.into(),
         ),
     };
-    putter.put(value_for(0, args.value_size)).await?;
+    putter.put(value_for(0, args.watch.value_size)).await?;
     tokio::time::sleep(settle).await;
     let idle = Memory::read(pid)?;
 
@@ -615,7 +599,7 @@ async fn measure(
     tokio::time::sleep(settle).await;
     let connected = Memory::read(pid)?;
 
-    let subscribers = Subscribers::spawn(&conns, n, args.changes, KEY, ETCD_KEY)?;
+    let subscribers = Subscribers::spawn(&conns, n, args.watch.changes, KEY, ETCD_KEY)?;
     let setup_seconds = subscribers
         .wait_ready(
             server.system.name(),
@@ -627,15 +611,12 @@ async fn measure(
 
     let cpu_start = CpuMark::take(pid);
     let pushed = subscribers
-        .push(
+        .deliver(
             &mut putter,
-            args.value_size,
-            Duration::from_millis(args.interval_ms),
+            &args.watch,
+            secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?,
         )
         .await?;
-    subscribers
-        .wait_delivered(secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?)
-        .await;
     let cpu = CpuMark::take(pid).since(cpu_start);
     let outcome = subscribers
         .finish(&pushed, Duration::from_millis(500))
@@ -649,7 +630,7 @@ async fn measure(
         system: server.system,
         subscribers: n,
         connections,
-        changes: args.changes,
+        changes: args.watch.changes,
         setup_seconds,
         delivery: outcome.delivery,
         spread: outcome.spread,
@@ -689,11 +670,11 @@ fn render(report: &Report) -> String {
     let _ = writeln!(
         out,
         "{} changes, {} ms apart, {} B values; ≤ {} streams per connection, ≥ {} connections{}",
-        a.changes,
-        a.interval_ms,
-        a.value_size,
-        a.streams_per_connection,
-        a.min_connections,
+        a.watch.changes,
+        a.watch.interval_ms,
+        a.watch.value_size,
+        a.watch.streams_per_connection,
+        a.watch.min_connections,
         if report.rustc_seen {
             "; WARNING: rustc was running"
         } else {

@@ -87,6 +87,29 @@ pub struct WatchFlags {
     pub value_size: usize,
 }
 
+/// The timeouts and run options that `subscriber-bench` and `etcd-bench`
+/// both take after their own flags; flattened like [`WatchFlags`]. A
+/// binary may change a default with clap's `mut_arg`.
+#[derive(Debug, clap::Args, Serialize)]
+pub struct RunFlags {
+    /// Longest wait for every subscriber's snapshot, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub setup_timeout_secs: f64,
+    /// Longest wait for the last deliveries after the last put, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub delivery_timeout_secs: f64,
+    /// Tokio worker threads of this load generator (default: one per CPU).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// Directory for the temporary data directories of the servers it
+    /// starts (default: the system temp dir).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Print the results as JSON on stdout (tables go to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
 impl WatchFlags {
     /// Connections for `n` subscribers: at least `--min-connections`, and
     /// enough that none carries more than `--streams-per-connection`.

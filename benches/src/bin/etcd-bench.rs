@@ -64,8 +64,8 @@ use strata_benches::etcd_cluster::{
     start_cluster,
 };
 use strata_benches::watchers::{
-    Delivery, PROJECT, Putter, Subscribers, TENANT, WatchConn, WatchFlags, connect, create_tenant,
-    value_for,
+    Delivery, PROJECT, Putter, RunFlags, Subscribers, TENANT, WatchConn, WatchFlags, connect,
+    create_tenant, value_for,
 };
 use strata_benches::{
     BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram, print_report,
@@ -136,22 +136,10 @@ struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     watch: WatchFlags,
-    /// Longest wait for every subscriber's snapshot, seconds.
-    #[arg(long, default_value_t = 60.0)]
-    setup_timeout_secs: f64,
-    /// Longest wait for the last deliveries after the last change, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    delivery_timeout_secs: f64,
-    /// Tokio worker threads of this load generator (default: one per CPU).
-    #[arg(long)]
-    worker_threads: Option<usize>,
-    /// Directory for the etcd members' and daemons' temporary data dirs
-    /// (default: the system temp dir).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Print the results as JSON on stdout (tables go to stderr).
-    #[arg(long)]
-    json: bool,
+    /// Timeouts and run options both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    run: RunFlags,
 }
 
 /// What a write measurement drove.
@@ -305,13 +293,13 @@ fn run() -> Result<(), BoxError> {
     {
         return Err("counts must be positive".into());
     }
-    let runtime = runtime(args.worker_threads)?;
+    let runtime = runtime(args.run.worker_threads)?;
     let report = runtime.block_on(bench(args))?;
     // Subscriber tasks that failed may still hold connections; do not wait.
     runtime.shutdown_background();
 
     let tables = render(&report);
-    print_report(&tables, &report, report.args.json)?;
+    print_report(&tables, &report, report.args.run.json)?;
     let mut failed: Vec<String> = report
         .watch
         .iter()
@@ -334,7 +322,7 @@ fn run() -> Result<(), BoxError> {
 }
 
 async fn bench(args: Args) -> Result<Report, BoxError> {
-    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let parent = args.run.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&parent)?;
     let machine = MachineInfo::probe(&parent);
     let fsync = fsync_probe(&parent, 200)?;
@@ -1022,7 +1010,7 @@ async fn watch_measure(
     let setup_seconds = subscribers
         .wait_ready(
             system.name(),
-            secs(args.setup_timeout_secs, "--setup-timeout-secs")?,
+            secs(args.run.setup_timeout_secs, "--setup-timeout-secs")?,
         )
         .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1032,7 +1020,7 @@ async fn watch_measure(
         .deliver(
             &mut putter,
             &args.watch,
-            secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?,
+            secs(args.run.delivery_timeout_secs, "--delivery-timeout-secs")?,
         )
         .await?;
     let cpu = CpuMarks::take(&etcd_pids, &stratad_pids).since(cpu_start);

@@ -49,7 +49,8 @@ use strata_benches::daemon::{
 };
 use strata_benches::etcd_cluster::etcd_version;
 use strata_benches::watchers::{
-    Delivery, Putter, Subscribers, WatchConn, WatchFlags, connect, create_tenant, value_for,
+    Delivery, Putter, RunFlags, Subscribers, WatchConn, WatchFlags, connect, create_tenant,
+    value_for,
 };
 use strata_benches::{BoxError, LatencySummary, MachineInfo, print_report, runtime, secs};
 use strata_proto::v1::StatusRequest;
@@ -94,6 +95,8 @@ impl System {
 /// Fan-out of one config change to many subscribers: stratad against etcd.
 #[derive(Debug, Parser, Serialize)]
 #[command(version, about)]
+// Ten thousand subscribers take longer to set up than etcd-bench's thousand.
+#[command(mut_arg("setup_timeout_secs", |a| a.default_value("120")))]
 struct Args {
     /// The `stratad` binary (default: `$STRATAD_BIN`, else the one next to
     /// this binary, i.e. `target/release/stratad`).
@@ -115,22 +118,10 @@ struct Args {
     /// Pause before each memory reading, seconds.
     #[arg(long, default_value_t = 3.0)]
     settle_secs: f64,
-    /// Longest wait for every subscriber's snapshot, seconds.
-    #[arg(long, default_value_t = 120.0)]
-    setup_timeout_secs: f64,
-    /// Longest wait for the last deliveries after the last put, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    delivery_timeout_secs: f64,
-    /// Tokio worker threads of this load generator (default: one per CPU).
-    #[arg(long)]
-    worker_threads: Option<usize>,
-    /// Directory for the servers' temporary data dirs (default: the system
-    /// temp dir).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Print the results as JSON on stdout (tables go to stderr).
-    #[arg(long)]
-    json: bool,
+    /// Timeouts and run options both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    run: RunFlags,
 }
 
 /// Memory of a process at one moment, KiB.
@@ -243,13 +234,13 @@ fn run() -> Result<(), BoxError> {
     if args.watch.streams_per_connection == 0 || args.watch.changes == 0 {
         return Err("--streams-per-connection and --changes must be positive".into());
     }
-    let runtime = runtime(args.worker_threads)?;
+    let runtime = runtime(args.run.worker_threads)?;
     let report = runtime.block_on(bench(args))?;
     // Subscriber tasks that failed may still hold connections; do not wait.
     runtime.shutdown_background();
 
     let tables = render(&report);
-    print_report(&tables, &report, report.args.json)?;
+    print_report(&tables, &report, report.args.run.json)?;
     let failed: Vec<String> = report
         .runs
         .iter()
@@ -271,7 +262,7 @@ fn rustc_running() -> bool {
 }
 
 async fn bench(args: Args) -> Result<Report, BoxError> {
-    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let parent = args.run.dir.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&parent)?;
     let machine = MachineInfo::probe(&parent);
     let stratad = match &args.stratad {
@@ -603,7 +594,7 @@ async fn measure(
     let setup_seconds = subscribers
         .wait_ready(
             server.system.name(),
-            secs(args.setup_timeout_secs, "--setup-timeout-secs")?,
+            secs(args.run.setup_timeout_secs, "--setup-timeout-secs")?,
         )
         .await?;
     tokio::time::sleep(settle).await;
@@ -614,7 +605,7 @@ async fn measure(
         .deliver(
             &mut putter,
             &args.watch,
-            secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?,
+            secs(args.run.delivery_timeout_secs, "--delivery-timeout-secs")?,
         )
         .await?;
     let cpu = CpuMark::take(pid).since(cpu_start);

@@ -40,6 +40,19 @@ pub fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime,
     Ok(builder.build()?)
 }
 
+/// Runs `future` to its end on a [`runtime`] of `worker_threads` workers,
+/// then shuts the runtime down without waiting for tasks still running
+/// (those of a failed measurement may still hold connections).
+pub fn block_on<T>(
+    worker_threads: Option<usize>,
+    future: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    let runtime = runtime(worker_threads)?;
+    let result = runtime.block_on(future);
+    runtime.shutdown_background();
+    result
+}
+
 /// Writes a load generator's results: `tables` on stdout, or with `json`
 /// the report as pretty JSON on stdout and the tables on stderr (so stdout
 /// stays machine-readable).

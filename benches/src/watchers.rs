@@ -111,6 +111,18 @@ pub struct RunFlags {
 }
 
 impl WatchFlags {
+    /// An error unless the values can name their change (`--value-size`
+    /// at least 16) and the counts are positive.
+    pub fn check(&self) -> Result<(), BoxError> {
+        if self.value_size < 16 {
+            return Err("--value-size must be at least 16".into());
+        }
+        if self.streams_per_connection == 0 || self.changes == 0 {
+            return Err("--streams-per-connection and --changes must be positive".into());
+        }
+        Ok(())
+    }
+
     /// Connections for `n` subscribers: at least `--min-connections`, and
     /// enough that none carries more than `--streams-per-connection`.
     pub fn connections(&self, n: usize) -> usize {

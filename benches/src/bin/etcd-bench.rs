@@ -68,8 +68,8 @@ use strata_benches::watchers::{
     create_tenant, value_for,
 };
 use strata_benches::{
-    BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram, print_report,
-    runtime, secs,
+    BoxError, LatencySummary, MachineInfo, block_on, fsync_probe, micros, new_histogram,
+    print_report, secs,
 };
 use strata_proto::v1::config_service_client::ConfigServiceClient;
 use strata_proto::v1::{PutConfigRequest, WatchConfigRequest};
@@ -282,21 +282,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn run() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.watch.value_size < 16 {
-        return Err("--value-size must be at least 16".into());
-    }
-    if args.clients_per_connection == 0
-        || args.watch.streams_per_connection == 0
-        || args.watch.changes == 0
-        || args.replicas.contains(&0)
-        || args.clients.contains(&0)
-    {
+    args.watch.check()?;
+    if args.clients_per_connection == 0 || args.replicas.contains(&0) || args.clients.contains(&0) {
         return Err("counts must be positive".into());
     }
-    let runtime = runtime(args.run.worker_threads)?;
-    let report = runtime.block_on(bench(args))?;
-    // Subscriber tasks that failed may still hold connections; do not wait.
-    runtime.shutdown_background();
+    let report = block_on(args.run.worker_threads, bench(args))?;
 
     let tables = render(&report);
     print_report(&tables, &report, report.args.run.json)?;

@@ -59,8 +59,8 @@ use strata_benches::daemon::{
     CpuMark, CpuUsage, Stratad, default_stratad, disturbing_processes, histogram_totals,
 };
 use strata_benches::{
-    BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram, print_report,
-    runtime, secs,
+    BoxError, LatencySummary, MachineInfo, block_on, fsync_probe, micros, new_histogram,
+    print_report, secs,
 };
 use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::registry_service_client::RegistryServiceClient;
@@ -271,10 +271,7 @@ fn run() -> Result<(), BoxError> {
     if args.clients_per_connection == 0 || args.services == 0 || args.services > 1000 {
         return Err("--clients-per-connection must be positive, --services 1..=1000".into());
     }
-    let runtime = runtime(args.worker_threads)?;
-    let report = runtime.block_on(bench(args))?;
-    // Client tasks of a failed measurement may still hold connections.
-    runtime.shutdown_background();
+    let report = block_on(args.worker_threads, bench(args))?;
 
     let tables = render(&report);
     print_report(&tables, &report, report.args.json)?;

@@ -52,7 +52,7 @@ use strata_benches::watchers::{
     Delivery, Putter, RunFlags, Subscribers, WatchConn, WatchFlags, connect, create_tenant,
     value_for,
 };
-use strata_benches::{BoxError, LatencySummary, MachineInfo, print_report, runtime, secs};
+use strata_benches::{BoxError, LatencySummary, MachineInfo, block_on, print_report, secs};
 use strata_proto::v1::StatusRequest;
 use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::config_service_client::ConfigServiceClient;
@@ -228,16 +228,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn run() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.watch.value_size < 16 {
-        return Err("--value-size must be at least 16".into());
-    }
-    if args.watch.streams_per_connection == 0 || args.watch.changes == 0 {
-        return Err("--streams-per-connection and --changes must be positive".into());
-    }
-    let runtime = runtime(args.run.worker_threads)?;
-    let report = runtime.block_on(bench(args))?;
-    // Subscriber tasks that failed may still hold connections; do not wait.
-    runtime.shutdown_background();
+    args.watch.check()?;
+    let report = block_on(args.run.worker_threads, bench(args))?;
 
     let tables = render(&report);
     print_report(&tables, &report, report.args.run.json)?;

@@ -38,6 +38,11 @@ pub fn default_stratad() -> Result<PathBuf, BoxError> {
     Ok(bin)
 }
 
+/// The `stratad` binary a `--stratad` flag names, else [`default_stratad`].
+pub fn stratad_or_default(flag: Option<&Path>) -> Result<PathBuf, BoxError> {
+    flag.map_or_else(default_stratad, |p| Ok(p.to_path_buf()))
+}
+
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> Result<u16, BoxError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

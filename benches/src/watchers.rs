@@ -110,6 +110,16 @@ pub struct RunFlags {
     pub json: bool,
 }
 
+impl RunFlags {
+    /// The `--dir` to create the servers' data directories in (default: the
+    /// system temp dir), created when missing.
+    pub fn parent_dir(&self) -> Result<std::path::PathBuf, BoxError> {
+        let parent = self.dir.clone().unwrap_or_else(std::env::temp_dir);
+        std::fs::create_dir_all(&parent)?;
+        Ok(parent)
+    }
+}
+
 impl WatchFlags {
     /// An error unless the values can name their change (`--value-size`
     /// at least 16) and the counts are positive.

@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use strata_benches::daemon::{default_stratad, disturbing_processes, histogram_totals};
+use strata_benches::daemon::{disturbing_processes, histogram_totals, stratad_or_default};
 use strata_benches::etcd_cluster::{
     Backend, CpuMarks, CpuSplit, Daemon, EtcdCluster, compact, etcd_version, make_leader,
     start_cluster,
@@ -312,14 +312,10 @@ fn run() -> Result<(), BoxError> {
 }
 
 async fn bench(args: Args) -> Result<Report, BoxError> {
-    let parent = args.run.dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent)?;
+    let parent = args.run.parent_dir()?;
     let machine = MachineInfo::probe(&parent);
     let fsync = fsync_probe(&parent, 200)?;
-    let stratad = match &args.stratad {
-        Some(p) => p.clone(),
-        None => default_stratad()?,
-    };
+    let stratad = stratad_or_default(args.stratad.as_deref())?;
     let version = etcd_version(&args.etcd);
     eprintln!(
         "etcd-bench: {} CPUs; data in {} ({}); fdatasync p50 {:.2} ms; stratad {}; {}",

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use strata_benches::daemon::{
-    default_stratad, free_port, machine_busy_seconds, process_cpu_seconds, readyz,
+    free_port, machine_busy_seconds, process_cpu_seconds, readyz, stratad_or_default,
 };
 use strata_benches::etcd_cluster::etcd_version;
 use strata_benches::watchers::{
@@ -254,13 +254,9 @@ fn rustc_running() -> bool {
 }
 
 async fn bench(args: Args) -> Result<Report, BoxError> {
-    let parent = args.run.dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent)?;
+    let parent = args.run.parent_dir()?;
     let machine = MachineInfo::probe(&parent);
-    let stratad = match &args.stratad {
-        Some(p) => p.clone(),
-        None => default_stratad()?,
-    };
+    let stratad = stratad_or_default(args.stratad.as_deref())?;
     let etcd_version = etcd_version(&args.etcd);
     eprintln!(
         "subscriber-bench: {} CPUs; stratad {}; {}",

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use strata_testkit::http::metric_sum;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -35,6 +36,11 @@ pub fn default_stratad() -> Result<PathBuf, BoxError> {
         .into());
     }
     Ok(bin)
+}
+
+/// The `stratad` binary a `--stratad` flag names, else [`default_stratad`].
+pub fn stratad_or_default(flag: Option<&Path>) -> Result<PathBuf, BoxError> {
+    flag.map_or_else(default_stratad, |p| Ok(p.to_path_buf()))
 }
 
 /// A loopback port that was free a moment ago.
@@ -215,17 +221,7 @@ pub async fn readyz(addr: SocketAddr) -> bool {
 /// label sets whose label text contains `labels` (`""`: all); `(0, 0)` when
 /// absent.
 pub fn histogram_totals(text: &str, name: &str, labels: &str) -> (f64, f64) {
-    let value = |suffix: &str| -> f64 {
-        let metric = format!("{name}{suffix}");
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (key, v) = l.rsplit_once(' ')?;
-                let (base, rest) = key.split_once('{').unwrap_or((key, ""));
-                (base == metric && rest.contains(labels)).then(|| v.parse::<f64>().ok())?
-            })
-            .sum()
-    };
+    let value = |suffix: &str| metric_sum(text, &format!("{name}{suffix}"), labels);
     (value("_sum"), value("_count"))
 }
 
@@ -278,7 +274,7 @@ impl CpuMark {
 }
 
 /// utime + stime of `/proc/PID/stat`, seconds.
-pub(crate) fn process_cpu_seconds(pid: &str) -> Option<f64> {
+pub fn process_cpu_seconds(pid: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are
     // fields 14 and 15 of the line, so 11 and 12 here.
@@ -290,7 +286,7 @@ pub(crate) fn process_cpu_seconds(pid: &str) -> Option<f64> {
 }
 
 /// Busy time of the whole machine from `/proc/stat`, seconds.
-pub(crate) fn machine_busy_seconds() -> Option<f64> {
+pub fn machine_busy_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<u64> = line

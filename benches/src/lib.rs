@@ -8,7 +8,8 @@
 //! - [`MachineInfo`] and [`fsync_probe`]: what the figures were measured on;
 //! - [`daemon`]: a real `stratad` child process and CPU accounting, for load
 //!   generators that drive the daemon over the network;
-//! - [`etcd_cluster`]: a real etcd cluster and `stratad` replicas on it.
+//! - [`etcd_cluster`]: a real etcd cluster and `stratad` replicas on it;
+//! - [`watchers`]: watch-delivery measurement (N subscribers of one key).
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom, Write};
@@ -22,9 +23,55 @@ use serde::Serialize;
 
 pub mod daemon;
 pub mod etcd_cluster;
+pub mod watchers;
 
 /// Error type of the helpers.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A multi-threaded Tokio runtime with every driver enabled, and
+/// `worker_threads` workers (at least one; default: one per CPU), for a load
+/// generator's `--worker-threads`.
+pub fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, BoxError> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n.max(1));
+    }
+    Ok(builder.build()?)
+}
+
+/// Runs `future` to its end on a [`runtime`] of `worker_threads` workers,
+/// then shuts the runtime down without waiting for tasks still running
+/// (those of a failed measurement may still hold connections).
+pub fn block_on<T>(
+    worker_threads: Option<usize>,
+    future: impl std::future::Future<Output = Result<T, BoxError>>,
+) -> Result<T, BoxError> {
+    let runtime = runtime(worker_threads)?;
+    let result = runtime.block_on(future);
+    runtime.shutdown_background();
+    result
+}
+
+/// Writes a load generator's results: `tables` on stdout, or with `json`
+/// the report as pretty JSON on stdout and the tables on stderr (so stdout
+/// stays machine-readable).
+#[allow(clippy::print_stdout)] // the results are the program's output
+pub fn print_report(tables: &str, report: &impl Serialize, json: bool) -> Result<(), BoxError> {
+    if json {
+        eprint!("{tables}");
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{tables}");
+    }
+    Ok(())
+}
+
+/// `s` seconds, from command-line flag `what`; an error naming the flag
+/// when `s` is negative or not finite.
+pub fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
+    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
+}
 
 /// Largest latency a histogram of [`new_histogram`] records exactly (in
 /// microseconds: two minutes); larger values are clamped.

@@ -375,7 +375,7 @@ async fn tls_with_client_certificate() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let certs = TestCerts::generate(dir.path());
+    let certs = TestCerts::generate(dir.path()).expect("test certificates");
     let cluster = EtcdCluster::start_with(
         1,
         EtcdSettings {

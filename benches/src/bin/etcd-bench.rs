@@ -52,36 +52,33 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use strata_benches::daemon::{default_stratad, disturbing_processes, histogram_totals};
+use strata_benches::daemon::{disturbing_processes, histogram_totals, stratad_or_default};
 use strata_benches::etcd_cluster::{
-    Backend, CpuMarks, CpuSplit, Daemon, EtcdCluster, etcd_version,
+    Backend, CpuMarks, CpuSplit, Daemon, EtcdCluster, compact, etcd_version, make_leader,
+    start_cluster,
+};
+use strata_benches::watchers::{
+    Delivery, PROJECT, Putter, RunFlags, Subscribers, TENANT, WatchConn, WatchFlags, connect,
+    create_tenant, value_for,
 };
 use strata_benches::{
-    BoxError, LatencySummary, MachineInfo, fsync_probe, micros, nanos, new_histogram,
+    BoxError, LatencySummary, MachineInfo, block_on, fsync_probe, micros, new_histogram,
+    print_report, secs,
 };
 use strata_proto::v1::config_service_client::ConfigServiceClient;
-use strata_proto::v1::tenant_service_client::TenantServiceClient;
-use strata_proto::v1::watch_config_response::Kind;
-use strata_proto::v1::{CreateTenantRequest, PutConfigRequest, WatchConfigRequest};
+use strata_proto::v1::{PutConfigRequest, WatchConfigRequest};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-/// Project and tenant the `stratad` clients write and watch.
-const PROJECT: &str = "bench";
-const TENANT: &str = "integration";
 /// History versions `stratad` keeps per layer by default (`history.versions`):
 /// past this many writes of a key, each write also deletes the oldest one.
 const HISTORY_KEEP: u64 = 50;
-/// Values start with this, followed by the change number.
-const SEQ_PREFIX: &[u8] = b"seq=";
 
 /// Which parts to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -135,37 +132,14 @@ struct Args {
     /// Subscribers of the watched key.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
-    /// Fewest HTTP/2 connections the subscribers are spread over.
-    #[arg(long, default_value_t = 10)]
-    min_connections: usize,
-    /// Most subscription streams per connection (stratad allows 200).
-    #[arg(long, default_value_t = 100)]
-    streams_per_connection: usize,
-    /// Changes (puts) per watch measurement.
-    #[arg(long, default_value_t = 30)]
-    changes: usize,
-    /// Pause after each acknowledged change, ms.
-    #[arg(long, default_value_t = 200)]
-    interval_ms: u64,
-    /// Size of each value in bytes (at least 16).
-    #[arg(long, default_value_t = 100)]
-    value_size: usize,
-    /// Longest wait for every subscriber's snapshot, seconds.
-    #[arg(long, default_value_t = 60.0)]
-    setup_timeout_secs: f64,
-    /// Longest wait for the last deliveries after the last change, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    delivery_timeout_secs: f64,
-    /// Tokio worker threads of this load generator (default: one per CPU).
-    #[arg(long)]
-    worker_threads: Option<usize>,
-    /// Directory for the etcd members' and daemons' temporary data dirs
-    /// (default: the system temp dir).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Print the results as JSON on stdout (tables go to stderr).
-    #[arg(long)]
-    json: bool,
+    /// The watch-delivery flags both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    watch: WatchFlags,
+    /// Timeouts and run options both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    run: RunFlags,
 }
 
 /// What a write measurement drove.
@@ -264,30 +238,14 @@ struct WatchResult {
     connections: usize,
     changes: usize,
     setup_seconds: f64,
-    expected_deliveries: u64,
-    deliveries: u64,
-    missing: u64,
-    duplicates: u64,
-    unexpected: u64,
-    stream_errors: u64,
-    first_error: Option<String>,
-    /// Put call started → subscriber received the change.
-    latency: LatencySummary,
+    /// Deliveries and their latency (fields of this object in the JSON).
+    #[serde(flatten)]
+    delivery: Delivery,
     /// Per change: put call started → first subscriber received it.
     first: LatencySummary,
     /// Put call → acknowledgement.
     put_ack: LatencySummary,
     cpu: CpuSplit,
-}
-
-impl WatchResult {
-    fn complete(&self) -> bool {
-        self.missing == 0
-            && self.duplicates == 0
-            && self.unexpected == 0
-            && self.stream_errors == 0
-            && self.deliveries == self.expected_deliveries
-    }
 }
 
 /// The verdicts against issue 5's targets.
@@ -324,56 +282,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn run() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.value_size < 16 {
-        return Err("--value-size must be at least 16".into());
-    }
-    if args.clients_per_connection == 0
-        || args.streams_per_connection == 0
-        || args.changes == 0
-        || args.replicas.contains(&0)
-        || args.clients.contains(&0)
-    {
+    args.watch.check()?;
+    if args.clients_per_connection == 0 || args.replicas.contains(&0) || args.clients.contains(&0) {
         return Err("counts must be positive".into());
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = builder.build()?;
-    let report = runtime.block_on(bench(args))?;
-    // Subscriber tasks that failed may still hold connections; do not wait.
-    runtime.shutdown_background();
+    let report = block_on(args.run.worker_threads, bench(args))?;
 
     let tables = render(&report);
-    if report.args.json {
-        eprint!("{tables}");
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{tables}");
-    }
+    print_report(&tables, &report, report.args.run.json)?;
     let mut failed: Vec<String> = report
         .watch
         .iter()
-        .filter(|r| !r.complete())
-        .map(|r| {
-            format!(
-                "{} with {} subscribers: {} of {} deliveries, {} missing, {} duplicate, \
-                 {} unexpected, {} stream errors{}",
-                r.system.name(),
-                r.subscribers,
-                r.deliveries,
-                r.expected_deliveries,
-                r.missing,
-                r.duplicates,
-                r.unexpected,
-                r.stream_errors,
-                r.first_error
-                    .as_ref()
-                    .map(|e| format!(" (first: {e})"))
-                    .unwrap_or_default()
-            )
-        })
+        .filter(|r| !r.delivery.complete())
+        .map(|r| r.delivery.failure(r.system.name(), r.subscribers))
         .collect();
     failed.extend(report.writes.iter().filter(|w| w.errors > 0).map(|w| {
         format!(
@@ -390,19 +311,11 @@ fn run() -> Result<(), BoxError> {
     Ok(())
 }
 
-fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
-    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
-}
-
 async fn bench(args: Args) -> Result<Report, BoxError> {
-    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent)?;
+    let parent = args.run.parent_dir()?;
     let machine = MachineInfo::probe(&parent);
     let fsync = fsync_probe(&parent, 200)?;
-    let stratad = match &args.stratad {
-        Some(p) => p.clone(),
-        None => default_stratad()?,
-    };
+    let stratad = stratad_or_default(args.stratad.as_deref())?;
     let version = etcd_version(&args.etcd);
     eprintln!(
         "etcd-bench: {} CPUs; data in {} ({}); fdatasync p50 {:.2} ms; stratad {}; {}",
@@ -421,12 +334,12 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
         eprintln!("WARNING: running now: {}", busy.join(", "));
     }
 
-    let cluster = EtcdCluster::start(&args.etcd, &parent, args.members).await?;
-    cluster.make_leader(0).await?;
+    let cluster = start_cluster(&args.etcd, &parent, args.members).await?;
+    make_leader(&cluster, 0).await?;
     eprintln!(
         "etcd cluster of {} members up, leader: member {}",
         args.members,
-        cluster.leader().await?
+        cluster.leader().await.ok_or("no etcd leader")?
     );
     let mut writes = Vec::new();
     let mut watch = Vec::new();
@@ -516,11 +429,11 @@ fn print_watch(r: &WatchResult) {
         "  {:<16} {:>5} subscribers: {} / {} deliveries, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         r.system.name(),
         r.subscribers,
-        r.deliveries,
-        r.expected_deliveries,
-        r.latency.p50_ms,
-        r.latency.p99_ms,
-        r.latency.max_ms
+        r.delivery.deliveries,
+        r.delivery.expected_deliveries,
+        r.delivery.latency.p50_ms,
+        r.delivery.latency.p99_ms,
+        r.delivery.latency.max_ms
     );
 }
 
@@ -534,21 +447,8 @@ fn tag() -> String {
     )
 }
 
-/// A value of `size` bytes naming change `seq`.
-fn value_for(seq: usize, size: usize) -> Vec<u8> {
-    let mut v = format!("seq={seq:08} ").into_bytes();
-    v.resize(size.max(v.len()), b'x');
-    v
-}
-
 async fn etcd_connect(endpoint: &str) -> Result<etcd_client::Client, BoxError> {
     Ok(etcd_client::Client::connect([endpoint], None).await?)
-}
-
-async fn connect(endpoint: &str) -> Result<Channel, BoxError> {
-    Ok(Endpoint::from_shared(endpoint.to_owned())?
-        .connect()
-        .await?)
 }
 
 /// What one writer task saw in the window.
@@ -729,7 +629,7 @@ async fn drive_writers(
                 kind,
                 prefix.to_owned(),
                 i,
-                args.value_size,
+                args.watch.value_size,
                 start,
                 end,
             ))
@@ -833,7 +733,7 @@ async fn measure_raw_writes(
     n: usize,
     args: &Args,
 ) -> Result<WriteResult, BoxError> {
-    cluster.compact().await?;
+    compact(cluster).await?;
     let endpoint = cluster.endpoints()[0].clone();
     let prefix = format!("/etcd-bench/{}/", tag());
     let mut setup = etcd_connect(&endpoint).await?;
@@ -918,17 +818,6 @@ fn write_result(
     }
 }
 
-async fn create_tenant(channel: Channel) -> Result<(), BoxError> {
-    TenantServiceClient::new(channel)
-        .create_tenant(CreateTenantRequest {
-            project: PROJECT.into(),
-            name: TENANT.into(),
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
-}
-
 /// Starts `replicas` daemons on the cluster under a fresh prefix.
 async fn start_replicas(
     cluster: &EtcdCluster,
@@ -980,7 +869,7 @@ async fn measure_stratad_writes(
     n: usize,
     args: &Args,
 ) -> Result<WriteResult, BoxError> {
-    cluster.compact().await?;
+    compact(cluster).await?;
     let daemons = start_replicas(cluster, stratad, parent, replicas).await?;
     create_tenant(connect(&daemons[0].endpoint()).await?).await?;
     for d in &daemons {
@@ -1029,207 +918,7 @@ async fn measure_stratad_writes(
     ))
 }
 
-// ---- watch delivery (the approach of subscriber-bench, copied) ----------
-
-/// One subscriber's view of the run.
-#[derive(Debug, Default)]
-struct Record {
-    /// Receive time per change number (index 0 unused), ns since the run's
-    /// origin; 0: not received.
-    received: Vec<u64>,
-    duplicates: u64,
-    unexpected: u64,
-    error: Option<String>,
-}
-
-impl Record {
-    fn new(changes: usize) -> Self {
-        Self {
-            received: vec![0; changes + 1],
-            ..Self::default()
-        }
-    }
-
-    /// Notes that change `value` names arrived at `at` ns.
-    fn note(&mut self, value: &[u8], at: u64, shared: &Shared) {
-        match parse_seq(value) {
-            Some(seq) if seq >= 1 && seq < self.received.len() => {
-                if self.received[seq] == 0 {
-                    self.received[seq] = at.max(1);
-                    shared.delivered.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.duplicates += 1;
-                }
-            }
-            _ => self.unexpected += 1,
-        }
-    }
-}
-
-/// The change number of a value written by [`value_for`].
-fn parse_seq(value: &[u8]) -> Option<usize> {
-    let rest = value.strip_prefix(SEQ_PREFIX)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
-}
-
-/// State every subscriber task shares with the driver.
-struct Shared {
-    origin: Instant,
-    /// Subscribers that have their snapshot / `created` response.
-    ready: AtomicUsize,
-    /// Distinct (subscriber, change) deliveries so far.
-    delivered: AtomicUsize,
-    stop: CancellationToken,
-    changes: usize,
-}
-
-impl Shared {
-    fn now(&self) -> u64 {
-        nanos(self.origin.elapsed())
-    }
-}
-
-async fn stratad_subscriber(
-    mut client: ConfigServiceClient<Channel>,
-    key: String,
-    shared: Arc<Shared>,
-) -> Record {
-    let mut record = Record::new(shared.changes);
-    let request = WatchConfigRequest {
-        project: PROJECT.into(),
-        tenant: TENANT.into(),
-        keys: vec![key],
-        ..Default::default()
-    };
-    let mut stream = match client.watch(request).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
-            record.error = Some(format!("watch: {e}"));
-            return record;
-        }
-    };
-    let mut snapshot = false;
-    loop {
-        let message = tokio::select! {
-            () = shared.stop.cancelled() => break,
-            m = stream.message() => m,
-        };
-        let at = shared.now();
-        match message {
-            Ok(Some(m)) if !snapshot => {
-                if m.kind == Kind::Snapshot as i32 {
-                    snapshot = true;
-                    shared.ready.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    record.unexpected += 1;
-                }
-            }
-            Ok(Some(m)) => {
-                if m.kind != Kind::Change as i32 || m.reset || m.changes.is_empty() {
-                    record.unexpected += 1;
-                    continue;
-                }
-                for change in &m.changes {
-                    match &change.value {
-                        Some(v) => record.note(&v.value, at, &shared),
-                        None => record.unexpected += 1,
-                    }
-                }
-            }
-            Ok(None) => {
-                record.error = Some("stream ended".into());
-                break;
-            }
-            Err(e) => {
-                record.error = Some(format!("stream failed: {e}"));
-                break;
-            }
-        }
-    }
-    record
-}
-
-async fn etcd_subscriber(
-    mut client: etcd_client::WatchClient,
-    key: String,
-    shared: Arc<Shared>,
-) -> Record {
-    let mut record = Record::new(shared.changes);
-    // The handle holds the request half of the stream; etcd ends the watch
-    // when the client closes that half, so it lives as long as the task.
-    let mut stream = match client.watch(key, None).await {
-        Ok(s) => s,
-        Err(e) => {
-            record.error = Some(format!("watch: {e}"));
-            return record;
-        }
-    };
-    let mut created = false;
-    loop {
-        let message = tokio::select! {
-            () = shared.stop.cancelled() => break,
-            m = stream.message() => m,
-        };
-        let at = shared.now();
-        match message {
-            Ok(Some(m)) => {
-                if m.canceled() || m.compact_revision() != 0 {
-                    record.unexpected += 1;
-                    continue;
-                }
-                if m.created() && !created {
-                    created = true;
-                    shared.ready.fetch_add(1, Ordering::Relaxed);
-                }
-                for event in m.events() {
-                    match event.kv() {
-                        Some(kv) => record.note(kv.value(), at, &shared),
-                        None => record.unexpected += 1,
-                    }
-                }
-            }
-            Ok(None) => {
-                record.error = Some("stream ended".into());
-                break;
-            }
-            Err(e) => {
-                record.error = Some(format!("stream failed: {e}"));
-                break;
-            }
-        }
-    }
-    record
-}
-
-/// What makes the changes.
-enum Putter {
-    Stratad(ConfigServiceClient<Channel>, String),
-    // Boxed: etcd's clients are large next to a tonic channel.
-    Etcd(Box<etcd_client::KvClient>, String),
-}
-
-impl Putter {
-    async fn put(&mut self, value: Vec<u8>) -> Result<(), BoxError> {
-        match self {
-            Self::Stratad(c, key) => {
-                c.put_config(PutConfigRequest {
-                    project: PROJECT.into(),
-                    tenant: TENANT.into(),
-                    key: key.clone(),
-                    value,
-                    format: "text".into(),
-                    ..Default::default()
-                })
-                .await?;
-            }
-            Self::Etcd(c, key) => {
-                c.put(key.as_str(), value, None).await?;
-            }
-        }
-        Ok(())
-    }
-}
+// ---- watch delivery (the measurement of subscriber-bench: `watchers`) ----
 
 /// One watch measurement; `cluster` is `None` for the embedded store.
 async fn watch_run(
@@ -1241,7 +930,7 @@ async fn watch_run(
     args: &Args,
 ) -> Result<WatchResult, BoxError> {
     if let Some(c) = cluster {
-        c.compact().await?;
+        compact(c).await?;
     }
     let daemon = match (system, cluster) {
         (WatchSystem::Etcd, _) => None,
@@ -1267,23 +956,19 @@ async fn watch_measure(
     daemon: Option<&Daemon>,
     args: &Args,
 ) -> Result<WatchResult, BoxError> {
-    let connections = args
-        .min_connections
-        .max(n.div_ceil(args.streams_per_connection))
-        .max(1)
-        .min(n);
+    let connections = args.watch.connections(n).min(n);
     let etcd_pids = cluster.map(EtcdCluster::pids).unwrap_or_default();
     let stratad_pids: Vec<u32> = daemon.iter().map(|d| d.pid()).collect();
     let etcd_endpoint = cluster.map(|c| c.endpoints()[0].clone());
     let etcd_key = format!("/etcd-bench/{}/svc/bench.txt", tag());
-    let config_key = "svc/bench.txt".to_owned();
+    let config_key = "svc/bench.txt";
 
     // The key exists before anyone subscribes, so every snapshot has it.
     let mut putter = match (daemon, &etcd_endpoint) {
         (Some(d), _) => {
             let channel = connect(&d.endpoint()).await?;
             create_tenant(channel.clone()).await?;
-            Putter::Stratad(ConfigServiceClient::new(channel), config_key.clone())
+            Putter::Stratad(ConfigServiceClient::new(channel), config_key.into())
         }
         (None, Some(e)) => Putter::Etcd(
             Box::new(etcd_connect(e).await?.kv_client()),
@@ -1291,86 +976,43 @@ async fn watch_measure(
         ),
         (None, None) => return Err("nothing to watch".into()),
     };
-    putter.put(value_for(0, args.value_size)).await?;
+    putter.put(value_for(0, args.watch.value_size)).await?;
 
-    enum Conn {
-        Stratad(ConfigServiceClient<Channel>),
-        Etcd(Box<etcd_client::WatchClient>),
-    }
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
         match (daemon, &etcd_endpoint) {
-            (Some(d), _) => conns.push(Conn::Stratad(ConfigServiceClient::new(
+            (Some(d), _) => conns.push(WatchConn::Stratad(ConfigServiceClient::new(
                 connect(&d.endpoint()).await?,
             ))),
-            (None, Some(e)) => {
-                conns.push(Conn::Etcd(Box::new(etcd_connect(e).await?.watch_client())))
-            }
+            (None, Some(e)) => conns.push(WatchConn::Etcd(Box::new(
+                etcd_connect(e).await?.watch_client(),
+            ))),
             (None, None) => return Err("nothing to watch".into()),
         }
     }
 
-    let shared = Arc::new(Shared {
-        origin: Instant::now(),
-        ready: AtomicUsize::new(0),
-        delivered: AtomicUsize::new(0),
-        stop: CancellationToken::new(),
-        changes: args.changes,
-    });
-    // Stops the subscribers on every way out of this function.
-    let _stop_guard = shared.stop.clone().drop_guard();
-    let setup_started = Instant::now();
-    let mut tasks: Vec<JoinHandle<Record>> = Vec::with_capacity(n);
-    for i in 0..n {
-        let shared = Arc::clone(&shared);
-        tasks.push(match &conns[i % connections] {
-            Conn::Stratad(c) => {
-                tokio::spawn(stratad_subscriber(c.clone(), config_key.clone(), shared))
-            }
-            Conn::Etcd(c) => tokio::spawn(etcd_subscriber((**c).clone(), etcd_key.clone(), shared)),
-        });
-    }
-    let setup_deadline = setup_started + secs(args.setup_timeout_secs, "--setup-timeout-secs")?;
-    while shared.ready.load(Ordering::Relaxed) < n {
-        if Instant::now() > setup_deadline {
-            return Err(format!(
-                "{}: only {} of {n} subscribers got their snapshot within {} s",
-                system.name(),
-                shared.ready.load(Ordering::Relaxed),
-                args.setup_timeout_secs
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    // Stopped on every way out of this function (dropped).
+    let subscribers = Subscribers::spawn(&conns, n, args.watch.changes, config_key, &etcd_key)?;
+    let setup_seconds = subscribers
+        .wait_ready(
+            system.name(),
+            secs(args.run.setup_timeout_secs, "--setup-timeout-secs")?,
+        )
+        .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let interval = Duration::from_millis(args.interval_ms);
-    let mut sent = vec![0_u64; args.changes + 1];
-    let mut put_ack = new_histogram()?;
     let cpu_start = CpuMarks::take(&etcd_pids, &stratad_pids);
-    for (seq, slot) in sent.iter_mut().enumerate().skip(1) {
-        let value = value_for(seq, args.value_size);
-        let started = Instant::now();
-        *slot = shared.now().max(1);
-        putter.put(value).await?;
-        put_ack.saturating_record(micros(started.elapsed()));
-        tokio::time::sleep(interval).await;
-    }
-    let expected = n * args.changes;
-    let deadline = Instant::now() + secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?;
-    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let pushed = subscribers
+        .deliver(
+            &mut putter,
+            &args.watch,
+            secs(args.run.delivery_timeout_secs, "--delivery-timeout-secs")?,
+        )
+        .await?;
     let cpu = CpuMarks::take(&etcd_pids, &stratad_pids).since(cpu_start);
-    // A grace period in which duplicates would show up.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    shared.stop.cancel();
-    let mut records = Vec::with_capacity(n);
-    for t in tasks {
-        records.push(t.await?);
-    }
+    let outcome = subscribers
+        .finish(&pushed, Duration::from_millis(300))
+        .await?;
     drop(conns);
     if let Some(e) = &etcd_endpoint {
         // Later measurements start from the same (small) database.
@@ -1380,51 +1022,15 @@ async fn watch_measure(
             .await?;
     }
 
-    let mut latency = new_histogram()?;
-    let mut first_hist = new_histogram()?;
-    let (mut deliveries, mut missing, mut duplicates, mut unexpected, mut stream_errors) =
-        (0_u64, 0_u64, 0_u64, 0_u64, 0_u64);
-    let mut first_error = None;
-    let mut first = vec![u64::MAX; args.changes + 1];
-    for r in &records {
-        duplicates += r.duplicates;
-        unexpected += r.unexpected;
-        if let Some(e) = &r.error {
-            stream_errors += 1;
-            first_error.get_or_insert_with(|| e.clone());
-        }
-        for seq in 1..=args.changes {
-            let at = r.received[seq];
-            if at == 0 {
-                missing += 1;
-                continue;
-            }
-            deliveries += 1;
-            latency.saturating_record(at.saturating_sub(sent[seq]) / 1000);
-            first[seq] = first[seq].min(at);
-        }
-    }
-    for seq in 1..=args.changes {
-        if first[seq] != u64::MAX {
-            first_hist.saturating_record(first[seq].saturating_sub(sent[seq]) / 1000);
-        }
-    }
     Ok(WatchResult {
         system,
         subscribers: n,
         connections,
-        changes: args.changes,
+        changes: args.watch.changes,
         setup_seconds,
-        expected_deliveries: expected as u64,
-        deliveries,
-        missing,
-        duplicates,
-        unexpected,
-        stream_errors,
-        first_error,
-        latency: LatencySummary::from_micros(&latency),
-        first: LatencySummary::from_micros(&first_hist),
-        put_ack: LatencySummary::from_micros(&put_ack),
+        delivery: outcome.delivery,
+        first: outcome.first,
+        put_ack: outcome.put_ack,
         cpu,
     })
 }
@@ -1463,7 +1069,7 @@ fn verdict(writes: &[WriteResult], watch: &[WatchResult], subscribers: usize) ->
         watch
             .iter()
             .find(|w| w.system == system && w.subscribers == n)
-            .map(|w| w.latency.p99_ms)
+            .map(|w| w.delivery.latency.p99_ms)
     };
     if let (Some(on_etcd), Some(embedded)) = (
         p99(WatchSystem::StratadEtcd, subscribers),
@@ -1508,7 +1114,7 @@ fn render(report: &Report) -> String {
              latency ms; CPU-seconds in the window)\n\
              writer      clients conns |    req/s   keys/s | p50     p99   | srv ms  etcd | cpu etcd \
              stratad bench other | slow pending txn/req | err",
-            a.duration_secs, a.warmup_secs, a.value_size, a.clients_per_connection
+            a.duration_secs, a.warmup_secs, a.watch.value_size, a.clients_per_connection
         );
         for w in &report.writes {
             let _ = writeln!(
@@ -1547,25 +1153,16 @@ fn render(report: &Report) -> String {
             "Watch delivery ({} changes, {} ms apart; put call → subscriber received; ms)\n\
              system            subs conns | deliveries miss dup unexp err |    p50    p99  \
              p99.9    max | first p50 p99 | put ack p50 | cpu etcd stratad bench other",
-            a.changes, a.interval_ms
+            a.watch.changes, a.watch.interval_ms
         );
         for r in &report.watch {
             let _ = writeln!(
                 out,
-                "{:<16} {:>5} {:>5} | {:>10} {:>4} {:>3} {:>5} {:>3} | {:>6.2} {:>6.2} {:>6.2} \
-                 {:>6.2} | {:>5.2} {:>6.2} | {:>11.2} | {:>8.2} {:>7.2} {:>5.2} {:>5.2}",
+                "{:<16} {:>5} {:>5} | {} | {:>5.2} {:>6.2} | {:>11.2} | {:>8.2} {:>7.2} {:>5.2} {:>5.2}",
                 r.system.name(),
                 r.subscribers,
                 r.connections,
-                r.deliveries,
-                r.missing,
-                r.duplicates,
-                r.unexpected,
-                r.stream_errors,
-                r.latency.p50_ms,
-                r.latency.p99_ms,
-                r.latency.p999_ms,
-                r.latency.max_ms,
+                r.delivery.columns(4),
                 r.first.p50_ms,
                 r.first.p99_ms,
                 r.put_ack.p50_ms,

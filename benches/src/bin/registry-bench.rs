@@ -58,7 +58,10 @@ use serde::Serialize;
 use strata_benches::daemon::{
     CpuMark, CpuUsage, Stratad, default_stratad, disturbing_processes, histogram_totals,
 };
-use strata_benches::{BoxError, LatencySummary, MachineInfo, fsync_probe, micros, new_histogram};
+use strata_benches::{
+    BoxError, LatencySummary, MachineInfo, block_on, fsync_probe, micros, new_histogram,
+    print_report, secs,
+};
 use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
@@ -268,23 +271,10 @@ fn run() -> Result<(), BoxError> {
     if args.clients_per_connection == 0 || args.services == 0 || args.services > 1000 {
         return Err("--clients-per-connection must be positive, --services 1..=1000".into());
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = builder.build()?;
-    let report = runtime.block_on(bench(args))?;
-    // Client tasks of a failed measurement may still hold connections.
-    runtime.shutdown_background();
+    let report = block_on(args.worker_threads, bench(args))?;
 
     let tables = render(&report);
-    if report.args.json {
-        eprint!("{tables}");
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{tables}");
-    }
+    print_report(&tables, &report, report.args.json)?;
     let mut failed = Vec::new();
     for r in report.register.iter().filter(|r| r.errors > 0) {
         failed.push(format!(
@@ -307,10 +297,6 @@ fn run() -> Result<(), BoxError> {
         return Err(format!("ERRORS: {}", failed.join("; ")).into());
     }
     Ok(())
-}
-
-fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
-    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
 }
 
 async fn bench(args: Args) -> Result<Report, BoxError> {

@@ -32,7 +32,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use strata_benches::{
     BoxError, LatencySummary, MachineInfo, WriterMetrics, WriterSnapshot, fsync_probe, micros,
-    nanos, new_histogram, process_write_bytes,
+    nanos, new_histogram, print_report, process_write_bytes, runtime, secs,
 };
 use strata_server::store::embedded::{EmbeddedOptions, EmbeddedStore};
 use strata_server::store::{KeyRange, Store, WatchBatch, WatchStream};
@@ -202,21 +202,11 @@ fn run() -> Result<(), BoxError> {
         return Err("--value-size must be at least 16 for the watch benchmark".into());
     }
     let metrics = WriterMetrics::install()?;
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = builder.build()?;
+    let runtime = runtime(args.worker_threads)?;
     let report = runtime.block_on(bench(args, metrics))?;
 
     let tables = render(&report);
-    if report.args.json {
-        eprint!("{tables}");
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{tables}");
-    }
+    print_report(&tables, &report, report.args.json)?;
     let failed: Vec<String> = report
         .watch
         .iter()
@@ -243,10 +233,6 @@ fn run() -> Result<(), BoxError> {
         return Err(format!("WATCH DELIVERY INCOMPLETE: {}", failed.join("; ")).into());
     }
     Ok(())
-}
-
-fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
-    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
 }
 
 async fn bench(args: Args, metrics: WriterMetrics) -> Result<Report, BoxError> {

@@ -40,32 +40,28 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
-use strata_benches::{BoxError, LatencySummary, MachineInfo, micros, nanos, new_histogram};
+use strata_benches::daemon::{
+    free_port, machine_busy_seconds, process_cpu_seconds, readyz, stratad_or_default,
+};
+use strata_benches::etcd_cluster::etcd_version;
+use strata_benches::watchers::{
+    Delivery, Putter, RunFlags, Subscribers, WatchConn, WatchFlags, connect, create_tenant,
+    value_for,
+};
+use strata_benches::{BoxError, LatencySummary, MachineInfo, block_on, print_report, secs};
+use strata_proto::v1::StatusRequest;
 use strata_proto::v1::admin_service_client::AdminServiceClient;
 use strata_proto::v1::config_service_client::ConfigServiceClient;
-use strata_proto::v1::tenant_service_client::TenantServiceClient;
-use strata_proto::v1::watch_config_response::Kind;
-use strata_proto::v1::{CreateTenantRequest, PutConfigRequest, StatusRequest, WatchConfigRequest};
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
 
-/// Project and tenant the stratad subscribers watch.
-const PROJECT: &str = "bench";
-const TENANT: &str = "integration";
 /// The watched config key (stratad).
 const KEY: &str = "svc/bench.txt";
 /// The watched key (etcd).
 const ETCD_KEY: &str = "/strata-bench/svc/bench.txt";
-/// Values start with this, followed by the change number.
-const SEQ_PREFIX: &[u8] = b"seq=";
 
 /// Which servers to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -99,6 +95,8 @@ impl System {
 /// Fan-out of one config change to many subscribers: stratad against etcd.
 #[derive(Debug, Parser, Serialize)]
 #[command(version, about)]
+// Ten thousand subscribers take longer to set up than etcd-bench's thousand.
+#[command(mut_arg("setup_timeout_secs", |a| a.default_value("120")))]
 struct Args {
     /// The `stratad` binary (default: `$STRATAD_BIN`, else the one next to
     /// this binary, i.e. `target/release/stratad`).
@@ -113,42 +111,17 @@ struct Args {
     /// Subscriber counts.
     #[arg(long, value_delimiter = ',', default_values_t = [1_000_usize, 10_000])]
     subscribers: Vec<usize>,
-    /// Fewest HTTP/2 connections the subscribers are spread over.
-    #[arg(long, default_value_t = 10)]
-    min_connections: usize,
-    /// Most subscription streams per connection. stratad (hyper) allows 200
-    /// concurrent streams per connection and etcd 3.4 allows 2^32 - 1;
-    /// a stream beyond the server's limit would wait for a free slot.
-    #[arg(long, default_value_t = 100)]
-    streams_per_connection: usize,
-    /// Changes (puts) per measurement.
-    #[arg(long, default_value_t = 30)]
-    changes: usize,
-    /// Pause after each acknowledged put, ms.
-    #[arg(long, default_value_t = 200)]
-    interval_ms: u64,
-    /// Size of each value in bytes (at least 16).
-    #[arg(long, default_value_t = 100)]
-    value_size: usize,
+    /// The watch-delivery flags both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    watch: WatchFlags,
     /// Pause before each memory reading, seconds.
     #[arg(long, default_value_t = 3.0)]
     settle_secs: f64,
-    /// Longest wait for every subscriber's snapshot, seconds.
-    #[arg(long, default_value_t = 120.0)]
-    setup_timeout_secs: f64,
-    /// Longest wait for the last deliveries after the last put, seconds.
-    #[arg(long, default_value_t = 30.0)]
-    delivery_timeout_secs: f64,
-    /// Tokio worker threads of this load generator (default: one per CPU).
-    #[arg(long)]
-    worker_threads: Option<usize>,
-    /// Directory for the servers' temporary data dirs (default: the system
-    /// temp dir).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Print the results as JSON on stdout (tables go to stderr).
-    #[arg(long)]
-    json: bool,
+    /// Timeouts and run options both load generators take.
+    #[command(flatten)]
+    #[serde(flatten)]
+    run: RunFlags,
 }
 
 /// Memory of a process at one moment, KiB.
@@ -228,34 +201,15 @@ struct RunResult {
     changes: usize,
     /// Seconds until every subscriber had its snapshot.
     setup_seconds: f64,
-    expected_deliveries: u64,
-    deliveries: u64,
-    missing: u64,
-    duplicates: u64,
-    /// Messages that were neither a snapshot first nor a change with a
-    /// parsable value (resets, cancellations).
-    unexpected: u64,
-    /// Subscribers whose stream failed or ended.
-    stream_errors: u64,
-    first_error: Option<String>,
-    /// Put call started → subscriber received the change.
-    latency: LatencySummary,
+    /// Deliveries and their latency (fields of this object in the JSON).
+    #[serde(flatten)]
+    delivery: Delivery,
     /// Per change: first delivery → last delivery.
     spread: LatencySummary,
     /// Put call → acknowledgement.
     put_ack: LatencySummary,
     memory: MemoryResult,
     cpu: CpuResult,
-}
-
-impl RunResult {
-    fn complete(&self) -> bool {
-        self.missing == 0
-            && self.duplicates == 0
-            && self.unexpected == 0
-            && self.stream_errors == 0
-            && self.deliveries == self.expected_deliveries
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -274,60 +228,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 fn run() -> Result<(), BoxError> {
     let args = Args::parse();
-    if args.value_size < 16 {
-        return Err("--value-size must be at least 16".into());
-    }
-    if args.streams_per_connection == 0 || args.changes == 0 {
-        return Err("--streams-per-connection and --changes must be positive".into());
-    }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Some(n) = args.worker_threads {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = builder.build()?;
-    let report = runtime.block_on(bench(args))?;
-    // Subscriber tasks that failed may still hold connections; do not wait.
-    runtime.shutdown_background();
+    args.watch.check()?;
+    let report = block_on(args.run.worker_threads, bench(args))?;
 
     let tables = render(&report);
-    if report.args.json {
-        eprint!("{tables}");
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{tables}");
-    }
+    print_report(&tables, &report, report.args.run.json)?;
     let failed: Vec<String> = report
         .runs
         .iter()
-        .filter(|r| !r.complete())
-        .map(|r| {
-            format!(
-                "{} with {} subscribers: {} of {} deliveries, {} missing, {} duplicate, \
-                 {} unexpected, {} stream errors{}",
-                r.system.name(),
-                r.subscribers,
-                r.deliveries,
-                r.expected_deliveries,
-                r.missing,
-                r.duplicates,
-                r.unexpected,
-                r.stream_errors,
-                r.first_error
-                    .as_ref()
-                    .map(|e| format!(" (first: {e})"))
-                    .unwrap_or_default()
-            )
-        })
+        .filter(|r| !r.delivery.complete())
+        .map(|r| r.delivery.failure(r.system.name(), r.subscribers))
         .collect();
     if !failed.is_empty() {
         return Err(format!("DELIVERY INCOMPLETE: {}", failed.join("; ")).into());
     }
     Ok(())
-}
-
-fn secs(s: f64, what: &str) -> Result<Duration, BoxError> {
-    Duration::try_from_secs_f64(s).map_err(|e| format!("bad {what} {s}: {e}").into())
 }
 
 fn rustc_running() -> bool {
@@ -339,19 +254,10 @@ fn rustc_running() -> bool {
 }
 
 async fn bench(args: Args) -> Result<Report, BoxError> {
-    let parent = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent)?;
+    let parent = args.run.parent_dir()?;
     let machine = MachineInfo::probe(&parent);
-    let stratad = match &args.stratad {
-        Some(p) => p.clone(),
-        None => default_stratad()?,
-    };
-    let etcd_version = Command::new(&args.etcd)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().next().map(str::to_owned));
+    let stratad = stratad_or_default(args.stratad.as_deref())?;
+    let etcd_version = etcd_version(&args.etcd);
     eprintln!(
         "subscriber-bench: {} CPUs; stratad {}; {}",
         machine.cpus,
@@ -370,14 +276,11 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
     let mut runs = Vec::new();
     for &n in &args.subscribers {
         for &system in systems {
-            let connections = args
-                .min_connections
-                .max(n.div_ceil(args.streams_per_connection))
-                .max(1);
+            let connections = args.watch.connections(n);
             eprintln!(
                 "{}: {n} subscribers over {connections} connections, {} changes ...",
                 system.name(),
-                args.changes
+                args.watch.changes
             );
             let server = match system {
                 System::Stratad => Server::start_stratad(&stratad, &parent).await?,
@@ -390,11 +293,11 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
             eprintln!(
                 "  {} / {} deliveries, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, \
                  {:.2} KiB/stream",
-                r.deliveries,
-                r.expected_deliveries,
-                r.latency.p50_ms,
-                r.latency.p99_ms,
-                r.latency.max_ms,
+                r.delivery.deliveries,
+                r.delivery.expected_deliveries,
+                r.delivery.latency.p50_ms,
+                r.delivery.latency.p99_ms,
+                r.delivery.latency.max_ms,
                 r.memory.rss_kib_per_stream
             );
             runs.push(r);
@@ -411,30 +314,6 @@ async fn bench(args: Args) -> Result<Report, BoxError> {
         rustc_seen,
         runs,
     })
-}
-
-/// `$STRATAD_BIN`, else `stratad` next to this executable.
-fn default_stratad() -> Result<PathBuf, BoxError> {
-    if let Some(p) = std::env::var_os("STRATAD_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe.with_file_name("stratad");
-    if !bin.exists() {
-        return Err(format!(
-            "stratad not found at {}: build it with `cargo build --release -p strata-server` \
-             or pass --stratad",
-            bin.display()
-        )
-        .into());
-    }
-    Ok(bin)
-}
-
-fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A server child process with its temporary data directory. Dropping it
@@ -593,22 +472,6 @@ impl Server {
     }
 }
 
-/// Whether `GET /readyz` answers 200.
-async fn readyz(addr: SocketAddr) -> bool {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut answer = Vec::new();
-        s.read_to_end(&mut answer).await?;
-        Ok::<bool, std::io::Error>(answer.starts_with(b"HTTP/1.1 200"))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(2), attempt).await,
-        Ok(Ok(true))
-    )
-}
-
 /// Whether etcd answers a `Status` call (connecting alone is lazy).
 async fn etcd_ready(endpoint: &str) -> bool {
     let attempt = async {
@@ -620,221 +483,6 @@ async fn etcd_ready(endpoint: &str) -> bool {
         tokio::time::timeout(Duration::from_secs(2), attempt).await,
         Ok(Ok(()))
     )
-}
-
-/// One subscriber's view of the run.
-#[derive(Debug, Default)]
-struct Record {
-    /// Receive time per change number (index 0 unused), ns since the run's
-    /// origin; 0: not received.
-    received: Vec<u64>,
-    duplicates: u64,
-    unexpected: u64,
-    error: Option<String>,
-}
-
-impl Record {
-    fn new(changes: usize) -> Self {
-        Self {
-            received: vec![0; changes + 1],
-            ..Self::default()
-        }
-    }
-
-    /// Notes that change `value` names arrived at `at` ns.
-    fn note(&mut self, value: &[u8], at: u64, shared: &Shared) {
-        match parse_seq(value) {
-            Some(seq) if seq >= 1 && seq < self.received.len() => {
-                if self.received[seq] == 0 {
-                    self.received[seq] = at.max(1);
-                    shared.delivered.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.duplicates += 1;
-                }
-            }
-            _ => self.unexpected += 1,
-        }
-    }
-}
-
-/// The change number of a value written by [`value_for`].
-fn parse_seq(value: &[u8]) -> Option<usize> {
-    let rest = value.strip_prefix(SEQ_PREFIX)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
-}
-
-/// A value of `size` bytes naming change `seq`.
-fn value_for(seq: usize, size: usize) -> Vec<u8> {
-    let mut v = format!("seq={seq:08} ").into_bytes();
-    v.resize(size.max(v.len()), b'x');
-    v
-}
-
-/// State every subscriber task shares with the driver.
-struct Shared {
-    origin: Instant,
-    /// Subscribers that have their snapshot / `created` response.
-    ready: AtomicUsize,
-    /// Distinct (subscriber, change) deliveries so far.
-    delivered: AtomicUsize,
-}
-
-impl Shared {
-    fn now(&self) -> u64 {
-        nanos(self.origin.elapsed())
-    }
-}
-
-/// One stratad subscriber: records every delivery in `record` until its
-/// stream fails or the task is aborted.
-async fn stratad_subscriber(
-    mut client: ConfigServiceClient<Channel>,
-    shared: Arc<Shared>,
-    record: Arc<Mutex<Record>>,
-) {
-    let request = WatchConfigRequest {
-        project: PROJECT.into(),
-        tenant: TENANT.into(),
-        keys: vec![KEY.into()],
-        ..Default::default()
-    };
-    let mut stream = match client.watch(request).await {
-        Ok(r) => r.into_inner(),
-        Err(e) => {
-            lock(&record).error = Some(format!("watch: {e}"));
-            return;
-        }
-    };
-    let mut snapshot = false;
-    loop {
-        let message = stream.message().await;
-        let at = shared.now();
-        let mut record = lock(&record);
-        match message {
-            Ok(Some(m)) if !snapshot => {
-                if m.kind == Kind::Snapshot as i32 {
-                    snapshot = true;
-                    shared.ready.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    record.unexpected += 1;
-                }
-            }
-            Ok(Some(m)) => {
-                if m.kind != Kind::Change as i32 || m.reset || m.changes.is_empty() {
-                    record.unexpected += 1;
-                    continue;
-                }
-                for change in &m.changes {
-                    match &change.value {
-                        Some(v) => record.note(&v.value, at, &shared),
-                        None => record.unexpected += 1,
-                    }
-                }
-            }
-            Ok(None) => {
-                record.error = Some("stream ended".into());
-                break;
-            }
-            Err(e) => {
-                record.error = Some(format!("stream failed: {e}"));
-                break;
-            }
-        }
-    }
-}
-
-/// One etcd watcher: records every delivery in `record` until its stream
-/// fails or the task is aborted.
-async fn etcd_subscriber(
-    mut client: etcd_client::WatchClient,
-    shared: Arc<Shared>,
-    record: Arc<Mutex<Record>>,
-) {
-    // The handle holds the request half of the stream; etcd ends the watch
-    // when the client closes that half, so it lives as long as the task.
-    let mut stream = match client.watch(ETCD_KEY, None).await {
-        Ok(s) => s,
-        Err(e) => {
-            lock(&record).error = Some(format!("watch: {e}"));
-            return;
-        }
-    };
-    let mut created = false;
-    loop {
-        let message = stream.message().await;
-        let at = shared.now();
-        let mut record = lock(&record);
-        match message {
-            Ok(Some(m)) => {
-                if m.canceled() || m.compact_revision() != 0 {
-                    record.unexpected += 1;
-                    continue;
-                }
-                if m.created() && !created {
-                    created = true;
-                    shared.ready.fetch_add(1, Ordering::Relaxed);
-                }
-                for event in m.events() {
-                    match event.kv() {
-                        Some(kv) => record.note(kv.value(), at, &shared),
-                        None => record.unexpected += 1,
-                    }
-                }
-            }
-            Ok(None) => {
-                record.error = Some("stream ended".into());
-                break;
-            }
-            Err(e) => {
-                record.error = Some(format!("stream failed: {e}"));
-                break;
-            }
-        }
-    }
-}
-
-/// A subscriber's record; a subscriber that panicked left it as it was.
-fn lock(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
-    record.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Subscriber tasks, aborted when dropped: on every way out of a
-/// measurement, no subscriber outlives it.
-struct Subscribers(Vec<JoinHandle<()>>);
-
-impl Drop for Subscribers {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
-}
-
-/// Cumulative CPU seconds: of process `pid` (utime + stime of
-/// `/proc/PID/stat`), and busy time of the whole machine (`/proc/stat`).
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are
-    // fields 14 and 15 of the line, so 11 and 12 here.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // USER_HZ is 100 on every Linux ABI the benchmark runs on.
-    Some(ticks as f64 / 100.0)
-}
-
-fn machine_busy_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let (idle, iowait) = (*f.get(3)?, *f.get(4)?);
-    Some((f.iter().sum::<u64>() - idle - iowait) as f64 / 100.0)
 }
 
 /// Write system calls of process `pid` so far.
@@ -858,8 +506,8 @@ impl CpuMark {
     fn take(pid: u32) -> Self {
         Self {
             at: Instant::now(),
-            server: cpu_seconds(&pid.to_string()).unwrap_or(0.0),
-            bench: cpu_seconds("self").unwrap_or(0.0),
+            server: process_cpu_seconds(&pid.to_string()).unwrap_or(0.0),
+            bench: process_cpu_seconds("self").unwrap_or(0.0),
             machine: machine_busy_seconds().unwrap_or(0.0),
             server_writes: write_syscalls(pid).unwrap_or(0),
         }
@@ -878,41 +526,6 @@ impl CpuMark {
     }
 }
 
-/// What puts the changes and how, per system.
-enum Putter {
-    Stratad(ConfigServiceClient<Channel>),
-    // Boxed: etcd's clients are large next to a tonic channel.
-    Etcd(Box<etcd_client::KvClient>),
-}
-
-impl Putter {
-    async fn put(&mut self, value: Vec<u8>) -> Result<(), BoxError> {
-        match self {
-            Self::Stratad(c) => {
-                c.put_config(PutConfigRequest {
-                    project: PROJECT.into(),
-                    tenant: TENANT.into(),
-                    key: KEY.into(),
-                    value,
-                    format: "text".into(),
-                    ..Default::default()
-                })
-                .await?;
-            }
-            Self::Etcd(c) => {
-                c.put(ETCD_KEY, value, None).await?;
-            }
-        }
-        Ok(())
-    }
-}
-
-async fn connect(endpoint: &str) -> Result<Channel, BoxError> {
-    Ok(Endpoint::from_shared(endpoint.to_owned())?
-        .connect()
-        .await?)
-}
-
 async fn measure(
     server: &Server,
     n: usize,
@@ -927,31 +540,24 @@ async fn measure(
     let mut putter = match server.system {
         System::Stratad => {
             let channel = connect(&endpoint).await?;
-            TenantServiceClient::new(channel.clone())
-                .create_tenant(CreateTenantRequest {
-                    project: PROJECT.into(),
-                    name: TENANT.into(),
-                    ..Default::default()
-                })
-                .await?;
-            Putter::Stratad(ConfigServiceClient::new(channel))
+            create_tenant(channel.clone()).await?;
+            Putter::Stratad(ConfigServiceClient::new(channel), KEY.into())
         }
-        System::Etcd => Putter::Etcd(Box::new(
-            etcd_client::Client::connect([endpoint.as_str()], None)
-                .await?
-                .kv_client(),
-        )),
+        System::Etcd => Putter::Etcd(
+            Box::new(
+                etcd_client::Client::connect([endpoint.as_str()], None)
+                    .await?
+                    .kv_client(),
+            ),
+            ETCD_KEY.into(),
+        ),
     };
-    putter.put(value_for(0, args.value_size)).await?;
+    putter.put(value_for(0, args.watch.value_size)).await?;
     tokio::time::sleep(settle).await;
     let idle = Memory::read(pid)?;
 
     // Connections first, each used once, so their buffers are not counted
     // as the streams'.
-    enum Conn {
-        Stratad(ConfigServiceClient<Channel>),
-        Etcd(Box<etcd_client::WatchClient>),
-    }
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
         match server.system {
@@ -960,142 +566,54 @@ async fn measure(
                 AdminServiceClient::new(channel.clone())
                     .status(StatusRequest::default())
                     .await?;
-                conns.push(Conn::Stratad(ConfigServiceClient::new(channel)));
+                conns.push(WatchConn::Stratad(ConfigServiceClient::new(channel)));
             }
             System::Etcd => {
                 let mut client = etcd_client::Client::connect([endpoint.as_str()], None).await?;
                 client.get(ETCD_KEY, None).await?;
-                conns.push(Conn::Etcd(Box::new(client.watch_client())));
+                conns.push(WatchConn::Etcd(Box::new(client.watch_client())));
             }
         }
     }
     tokio::time::sleep(settle).await;
     let connected = Memory::read(pid)?;
 
-    let shared = Arc::new(Shared {
-        origin: Instant::now(),
-        ready: AtomicUsize::new(0),
-        delivered: AtomicUsize::new(0),
-    });
-    let setup_started = Instant::now();
-    // Each subscriber writes only its own record, so the lock it takes per
-    // message is never contended; the driver reads the records after
-    // aborting the tasks. (Subscribers wait on nothing but their stream: a
-    // stop signal selected on every message would cost the load generator
-    // a shared lock per delivery.)
-    let records: Vec<Arc<Mutex<Record>>> = (0..n)
-        .map(|_| Arc::new(Mutex::new(Record::new(args.changes))))
-        .collect();
-    let mut tasks = Subscribers(Vec::with_capacity(n));
-    for (i, record) in records.iter().enumerate() {
-        let shared = Arc::clone(&shared);
-        let record = Arc::clone(record);
-        tasks.0.push(match &conns[i % connections] {
-            Conn::Stratad(c) => tokio::spawn(stratad_subscriber(c.clone(), shared, record)),
-            Conn::Etcd(c) => tokio::spawn(etcd_subscriber((**c).clone(), shared, record)),
-        });
-    }
-    let setup_deadline = setup_started + secs(args.setup_timeout_secs, "--setup-timeout-secs")?;
-    while shared.ready.load(Ordering::Relaxed) < n {
-        if Instant::now() > setup_deadline {
-            let failed = tasks.0.iter().filter(|t| t.is_finished()).count();
-            return Err(format!(
-                "{}: only {} of {n} subscribers got their snapshot within {} s ({failed} \
-                 streams failed); is --streams-per-connection above the server's limit of \
-                 concurrent streams per connection?",
-                server.system.name(),
-                shared.ready.load(Ordering::Relaxed),
-                args.setup_timeout_secs
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let setup_seconds = setup_started.elapsed().as_secs_f64();
+    let subscribers = Subscribers::spawn(&conns, n, args.watch.changes, KEY, ETCD_KEY)?;
+    let setup_seconds = subscribers
+        .wait_ready(
+            server.system.name(),
+            secs(args.run.setup_timeout_secs, "--setup-timeout-secs")?,
+        )
+        .await?;
     tokio::time::sleep(settle).await;
     let streams = Memory::read(pid)?;
 
-    let interval = Duration::from_millis(args.interval_ms);
-    let mut sent = vec![0_u64; args.changes + 1];
-    let mut put_ack = new_histogram()?;
     let cpu_start = CpuMark::take(pid);
-    for (seq, slot) in sent.iter_mut().enumerate().skip(1) {
-        let value = value_for(seq, args.value_size);
-        let started = Instant::now();
-        *slot = shared.now().max(1);
-        putter.put(value).await?;
-        put_ack.saturating_record(micros(started.elapsed()));
-        tokio::time::sleep(interval).await;
-    }
-    let expected = n * args.changes;
-    let deadline = Instant::now() + secs(args.delivery_timeout_secs, "--delivery-timeout-secs")?;
-    while shared.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let pushed = subscribers
+        .deliver(
+            &mut putter,
+            &args.watch,
+            secs(args.run.delivery_timeout_secs, "--delivery-timeout-secs")?,
+        )
+        .await?;
     let cpu = CpuMark::take(pid).since(cpu_start);
-    // A grace period in which duplicates would show up.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for t in tasks.0.drain(..) {
-        t.abort();
-        // Cancelled, or ended earlier with an error it recorded.
-        let _ = t.await;
-    }
-    let records: Vec<Record> = records
-        .iter()
-        .map(|r| std::mem::take(&mut *lock(r)))
-        .collect();
+    let outcome = subscribers
+        .finish(&pushed, Duration::from_millis(500))
+        .await?;
     tokio::time::sleep(settle).await;
     let after_pushes = Memory::read(pid)?;
     drop(conns);
 
-    let mut latency = new_histogram()?;
-    let mut spread = new_histogram()?;
-    let (mut deliveries, mut missing, mut duplicates, mut unexpected, mut stream_errors) =
-        (0_u64, 0_u64, 0_u64, 0_u64, 0_u64);
-    let mut first_error = None;
-    let mut first = vec![u64::MAX; args.changes + 1];
-    let mut last = vec![0_u64; args.changes + 1];
-    for r in &records {
-        duplicates += r.duplicates;
-        unexpected += r.unexpected;
-        if let Some(e) = &r.error {
-            stream_errors += 1;
-            first_error.get_or_insert_with(|| e.clone());
-        }
-        for seq in 1..=args.changes {
-            let at = r.received[seq];
-            if at == 0 {
-                missing += 1;
-                continue;
-            }
-            deliveries += 1;
-            latency.saturating_record(at.saturating_sub(sent[seq]) / 1000);
-            first[seq] = first[seq].min(at);
-            last[seq] = last[seq].max(at);
-        }
-    }
-    for seq in 1..=args.changes {
-        if last[seq] > 0 {
-            spread.saturating_record(last[seq].saturating_sub(first[seq]) / 1000);
-        }
-    }
     let per_stream = |after: u64, before: u64| (after as f64 - before as f64) / n as f64;
     Ok(RunResult {
         system: server.system,
         subscribers: n,
         connections,
-        changes: args.changes,
+        changes: args.watch.changes,
         setup_seconds,
-        expected_deliveries: expected as u64,
-        deliveries,
-        missing,
-        duplicates,
-        unexpected,
-        stream_errors,
-        first_error,
-        latency: LatencySummary::from_micros(&latency),
-        spread: LatencySummary::from_micros(&spread),
-        put_ack: LatencySummary::from_micros(&put_ack),
+        delivery: outcome.delivery,
+        spread: outcome.spread,
+        put_ack: outcome.put_ack,
         memory: MemoryResult {
             idle,
             connected,
@@ -1131,11 +649,11 @@ fn render(report: &Report) -> String {
     let _ = writeln!(
         out,
         "{} changes, {} ms apart, {} B values; ≤ {} streams per connection, ≥ {} connections{}",
-        a.changes,
-        a.interval_ms,
-        a.value_size,
-        a.streams_per_connection,
-        a.min_connections,
+        a.watch.changes,
+        a.watch.interval_ms,
+        a.watch.value_size,
+        a.watch.streams_per_connection,
+        a.watch.min_connections,
         if report.rustc_seen {
             "; WARNING: rustc was running"
         } else {
@@ -1152,23 +670,14 @@ fn render(report: &Report) -> String {
     for r in &report.runs {
         let _ = writeln!(
             out,
-            "{:<7} {:>6} {:>5} | {:>10} {:>7} {:>3} {:>5} {:>3} | {:>6.2} {:>6.2} {:>6.2} {:>6.2} \
-             | {:>10.2} | {:>11.2} | {:>5}",
+            "{:<7} {:>6} {:>5} | {} | {:>10.2} | {:>11.2} | {:>5}",
             r.system.name(),
             r.subscribers,
             r.connections,
-            r.deliveries,
-            r.missing,
-            r.duplicates,
-            r.unexpected,
-            r.stream_errors,
-            r.latency.p50_ms,
-            r.latency.p99_ms,
-            r.latency.p999_ms,
-            r.latency.max_ms,
+            r.delivery.columns(7),
             r.spread.p50_ms,
             r.put_ack.p50_ms,
-            if r.complete() { "yes" } else { "NO" }
+            if r.delivery.complete() { "yes" } else { "NO" }
         );
     }
     let _ = writeln!(out);

@@ -1,6 +1,6 @@
 #![allow(clippy::print_stdout)]
 //! `etcd-bench`: `stratad` on etcd against etcd itself, in one run, on one
-//! real 3-member etcd 3.4 cluster (issue 5's benchmark).
+//! real 3-member etcd 3.4 cluster (the benchmark of benches/ETCD.md).
 //!
 //! The cluster runs on free loopback ports with temporary data directories
 //! (under `--dir`, default the system temp dir). Member 0 is made the raft
@@ -248,7 +248,7 @@ struct WatchResult {
     cpu: CpuSplit,
 }
 
-/// The verdicts against issue 5's targets.
+/// The verdicts against the targets in benches/ETCD.md.
 #[derive(Debug, Default, Serialize)]
 struct Verdict {
     /// Per client count: (clients, stratad ×1 requests/s ÷ raw put
@@ -1175,7 +1175,7 @@ fn render(report: &Report) -> String {
     }
     let v = &report.verdict;
     let _ = writeln!(out);
-    let _ = writeln!(out, "Against issue 5's targets");
+    let _ = writeln!(out, "Against the targets in benches/ETCD.md");
     for (n, put, txn) in &v.write_ratios {
         let _ = writeln!(
             out,

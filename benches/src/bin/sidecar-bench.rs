@@ -1,6 +1,6 @@
 #![allow(clippy::print_stdout)]
 //! `sidecar-bench`: what `strata-sidecar` adds to a call, against nginx as
-//! a reverse proxy in the same run (issue 7's targets).
+//! a reverse proxy in the same run (the targets in benches/SIDECAR.md).
 //!
 //! One upstream (a hyper server in this process on its own single-thread
 //! runtime: `GET /` answers `ok`, a gRPC POST answers a framed

@@ -122,8 +122,8 @@ impl<F: Feed> Resumable<F> {
         self.revision
     }
 
-    /// Opens the stream and waits for its first message, within the
-    /// request timeout.
+    /// Opens the stream, within the request timeout; a fresh one also waits
+    /// for its first message (the snapshot).
     async fn open(&mut self) -> Result<Live<F::Msg>, (usize, String, Error)> {
         let (picked, permit) = self.client.inner.pool.pick_for_watch();
         let start = if self.revision > 0 {
@@ -134,15 +134,25 @@ impl<F: Feed> Resumable<F> {
         let timeout = self.client.inner.request_timeout;
         let opened = tokio::time::timeout(timeout, async {
             let mut stream = self.feed.open(&self.client, picked.channel, start).await?;
+            // A fresh watch must bring its snapshot. A resumed one with
+            // nothing missed stays silent until the next change: the daemon
+            // answered the call only once its subscription was in place, so
+            // the stream is live (waiting for a message here reopened it
+            // every request timeout).
+            if start > 0 {
+                return Ok::<_, tonic::Status>((stream, None));
+            }
             let first = stream.message().await?.ok_or_else(|| {
                 tonic::Status::unavailable("the watch ended before its first message")
             })?;
-            Ok::<_, tonic::Status>((stream, first))
+            Ok((stream, Some(first)))
         })
         .await;
         match opened {
             Ok(Ok((stream, first))) => {
-                self.apply(first);
+                if let Some(first) = first {
+                    self.apply(first);
+                }
                 Ok(Live {
                     stream,
                     index: picked.index,

@@ -970,3 +970,62 @@ async fn watches_fail_over_between_etcd_replicas_with_no_lost_or_duplicated_upda
         "the watch moved twice: {disconnects} disconnects"
     );
 }
+
+/// The `op="/strata.v1.ConfigService/Watch"` requests the daemon at `addr`
+/// has answered.
+async fn watch_requests(addr: SocketAddr) -> f64 {
+    let (_, metrics) = strata_tests::http_get(addr, "/metrics").await.unwrap();
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("strata_rpc_requests_total{op=\"/strata.v1.ConfigService/Watch\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A watch that resumes where nothing was missed gets no message until the
+/// next change: the SDK must take the accepted stream as live instead of
+/// timing it out and reconnecting every request timeout.
+#[tokio::test]
+async fn a_resumed_watch_with_nothing_missed_stays_open() {
+    let mut daemon = Restartable::start().await;
+    let admin = Admin::new(daemon.addr);
+    admin.tenant("integration", "").await;
+    admin
+        .put("integration", "counter.json", "json", r#"{"seq":0}"#)
+        .await;
+    let client = Client::builder()
+        .endpoints([daemon.endpoint()])
+        .project(PROJECT)
+        .tenant("integration")
+        .connect_timeout(Duration::from_millis(500))
+        .request_timeout(Duration::from_millis(300))
+        .startup_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .token(token_of(&[daemon.endpoint()]).unwrap())
+        .build()
+        .unwrap();
+    let counter = client.watch::<Seq>("counter.json").await.unwrap();
+    put_and_see(&admin, &counter, 1..=1).await;
+
+    daemon.down(Signal::SIGKILL).await;
+    daemon.up().await;
+    // Let the watch resume on the restarted daemon.
+    eventually("the watch resumes", Duration::from_secs(10), || async {
+        watch_requests(daemon.addr).await >= 1.0
+    })
+    .await;
+    sleep(Duration::from_millis(500)).await;
+    let resumed = watch_requests(daemon.addr).await;
+    sleep(Duration::from_secs(2)).await;
+    let later = watch_requests(daemon.addr).await;
+    assert_eq!(
+        later,
+        resumed,
+        "the watch reopened {} times in 2 s with nothing to deliver",
+        later - resumed
+    );
+    // And it is live: the next change arrives.
+    put_and_see(&admin, &counter, 2..=2).await;
+}

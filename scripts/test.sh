@@ -61,7 +61,8 @@ echo "==> module layers (no import cycles; server, SDK and CLI imports only go d
 python3 scripts/check-layers.py \
   --crate server --layers server/layers.txt \
   --crate client-sdk --layers client-sdk/layers.txt \
-  --crate cli --layers cli/layers.txt
+  --crate cli --layers cli/layers.txt \
+  --crate sidecar
 
 echo "==> deploy/ checks (promtool rules and unit tests, Helm chart render + Kubernetes schemas, dashboard queries, systemd unit)"
 scripts/check-deploy.sh

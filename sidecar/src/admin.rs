@@ -18,8 +18,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use crate::Shutdown;
 use crate::conn::{Gate, Limits};
+use crate::shutdown::Shutdown;
 use crate::table::Routing;
 
 /// What the admin server reports on.

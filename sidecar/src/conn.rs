@@ -38,7 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::Shutdown;
+use crate::shutdown::Shutdown;
 use crate::upstream::ProxyBody;
 
 /// The limits every listener applies, with the counters of their hits.

@@ -53,9 +53,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::Shutdown;
 use crate::conn::{Alive, Drain, Gate, Permit, serve_hyper};
 use crate::http_proxy::{self, Found, MAX_ATTEMPTS, Proxy, Refusal};
+use crate::shutdown::Shutdown;
 use crate::table::Route;
 use crate::tenant::{self, Origin};
 use crate::upstream::Upstream;

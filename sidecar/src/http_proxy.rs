@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::Shutdown;
+use crate::shutdown::Shutdown;
 use crate::table::{Lookup, Route, Routing};
 use crate::tenant::{self, Origin};
 use crate::upstream::{ConnectError, PooledBody};

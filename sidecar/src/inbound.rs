@@ -102,7 +102,7 @@ impl Inbound {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     inbound: Arc<Inbound>,
-    shutdown: crate::Shutdown,
+    shutdown: crate::shutdown::Shutdown,
     grace: std::time::Duration,
 ) {
     let limits = inbound.proxy.limits.clone();

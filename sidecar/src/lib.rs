@@ -33,6 +33,7 @@ pub mod http_proxy;
 pub mod inbound;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod shutdown;
 pub mod table;
 pub mod tcp_proxy;
 pub mod tenant;
@@ -49,17 +50,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Settings;
-
-/// A shutdown signal the serving loops wait on.
-#[derive(Debug, Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
-
-impl Shutdown {
-    /// Resolves once shutdown began (or its sender is gone).
-    pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
-    }
-}
+pub use shutdown::Shutdown;
 
 /// The sockets the sidecar serves on, bound before [`run`] so a caller
 /// (or a test) can bind port 0 and learn the addresses.

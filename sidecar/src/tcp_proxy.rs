@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::Shutdown;
 use crate::proxy_protocol;
+use crate::shutdown::Shutdown;
 use crate::table::{Lookup, Route, Routing};
 
 /// One TCP route's listener and what it needs.

@@ -796,7 +796,7 @@ async fn closed_within(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finding_10_slow_and_surplus_connections_are_closed() {
     use tokio::io::AsyncWriteExt as _;
-    let daemon = start_with("[limits]\nheader_read_timeout = \"1s\"\nmax_connections = 6\n").await;
+    let daemon = start_with("[limits]\nheader_read_timeout = \"2s\"\nmax_connections = 6\n").await;
 
     // Silent.
     let mut silent = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();

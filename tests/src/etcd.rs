@@ -90,11 +90,34 @@ impl EtcdCluster {
     /// tmpfs when there is one.
     pub async fn start_with(members: usize, settings: EtcdSettings) -> Self {
         let bin = etcd_bin().expect("etcd binary (check etcd_available first)");
-        match strata_testkit::etcd::EtcdCluster::start(&bin, temp_dir(), members, settings).await {
-            Ok(cluster) => Self(cluster),
-            // The message carries the member's log ("address already in
-            // use" makes callers retry a port race).
-            Err(e) => panic!("etcd cluster of {members}: {e}"),
+        // Ports are picked free and bound by etcd a moment later; another
+        // test may take one in between. That race, and only it, is retried
+        // with fresh ports.
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 1;
+        loop {
+            match strata_testkit::etcd::EtcdCluster::start(
+                &bin,
+                temp_dir(),
+                members,
+                settings.clone(),
+            )
+            .await
+            {
+                Ok(cluster) => return Self(cluster),
+                Err(e) => {
+                    let message = e.to_string();
+                    let race = message.contains("address already in use")
+                        || message.contains("Address already in use");
+                    if race && attempt < ATTEMPTS {
+                        eprintln!("etcd: a port was taken before it was bound; starting again");
+                        attempt += 1;
+                        continue;
+                    }
+                    // The message carries the member's log.
+                    panic!("etcd cluster of {members}: {e}");
+                }
+            }
         }
     }
 

@@ -12,10 +12,10 @@ use strata_proto::v1::registry_service_client::RegistryServiceClient;
 use strata_proto::v1::tenant_service_client::TenantServiceClient;
 use strata_proto::v1::token_service_client::TokenServiceClient;
 use strata_proto::v1::{
-    CreateTenantRequest, CreateTokenRequest, HeartbeatRequest, RevokeTokenRequest, Role,
-    WatchConfigRequest, WatchServicesRequest,
+    CreateTenantRequest, CreateTokenRequest, CreateTokenResponse, HeartbeatRequest,
+    RevokeTokenRequest, Role, WatchConfigRequest, WatchConfigResponse, WatchServicesRequest,
 };
-use strata_tests::{Daemon, http_get, http_request, http_request_as, strata};
+use strata_tests::{Daemon, http_get, http_json, http_request_as, strata};
 use tonic::Code;
 
 const P: &str = "/v1/projects/vega/tenants";
@@ -25,12 +25,13 @@ async fn start_with(config: &str) -> Daemon {
 }
 
 async fn call(daemon: &Daemon, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let (status, text) = http_request(daemon.addr, method, path, &[], body.as_bytes())
-        .await
-        .unwrap();
-    let json = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{method} {path} -> {status}: not JSON ({e}): {text:?}"));
-    (status, json)
+    http_json(daemon.addr, method, path, body).await
+}
+
+/// Creates `vega/integration`, the root every test hangs its tenants under.
+async fn integration(daemon: &Daemon) {
+    let (status, json) = call(daemon, "PUT", &format!("{P}/integration"), "").await;
+    assert_eq!(status, 201, "{json}");
 }
 
 async fn call_as(
@@ -55,20 +56,52 @@ async fn call_as(
     (status, json)
 }
 
-/// Creates a token for project `vega`; returns its secret.
-async fn token(daemon: &Daemon, role: Role, pattern: &str) -> String {
+/// Creates a token of project `vega` as `request` describes (a random
+/// name unless it has one).
+async fn create_token(daemon: &Daemon, request: CreateTokenRequest) -> CreateTokenResponse {
+    let name = if request.name.is_empty() {
+        format!("t-{}", rand::random::<u32>())
+    } else {
+        request.name.clone()
+    };
     TokenServiceClient::new(daemon.channel().await)
         .create_token(CreateTokenRequest {
-            name: format!("t-{}", rand::random::<u32>()),
-            role: role as i32,
+            name,
             project: "vega".into(),
-            tenant_pattern: pattern.into(),
-            ..CreateTokenRequest::default()
+            ..request
         })
         .await
         .unwrap()
         .into_inner()
-        .token
+}
+
+/// Creates a token for project `vega`; returns its secret.
+async fn token(daemon: &Daemon, role: Role, pattern: &str) -> String {
+    create_token(
+        daemon,
+        CreateTokenRequest {
+            role: role as i32,
+            tenant_pattern: pattern.into(),
+            ..CreateTokenRequest::default()
+        },
+    )
+    .await
+    .token
+}
+
+/// Opens a watch of every key of `vega/integration` over `channel`.
+async fn watch_integration(
+    channel: strata_tests::AuthChannel,
+) -> tonic::Streaming<WatchConfigResponse> {
+    ConfigServiceClient::new(channel)
+        .watch(WatchConfigRequest {
+            project: "vega".into(),
+            tenant: "integration".into(),
+            ..WatchConfigRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 /// Finding 1: gRPC requests to paths the daemon does not serve, sent without
@@ -146,12 +179,7 @@ fn yaml_bomb() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finding_2_yaml_alias_bomb_is_refused() {
     let daemon = Daemon::start().await;
-    assert_eq!(
-        call(&daemon, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
+    integration(&daemon).await;
     let started = Instant::now();
     let (status, json) = call(
         &daemon,
@@ -191,12 +219,7 @@ async fn finding_2_yaml_alias_bomb_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finding_3_refused_calls_cannot_erase_the_audit_log() {
     let daemon = start_with("[audit]\nmax_entries = 200\nprune_interval = \"200ms\"\n").await;
-    assert_eq!(
-        call(&daemon, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
+    integration(&daemon).await;
     let reader = token(&daemon, Role::Read, "").await;
     for i in 0..400 {
         let (status, _) = call_as(
@@ -263,12 +286,7 @@ fn json_text(v: &Value) -> String {
 async fn finding_4_probes_cannot_scan_from_the_daemon() {
     let daemon = Daemon::start().await;
     let instances = format!("{P}/integration/services/api/instances");
-    assert_eq!(
-        call(&daemon, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
+    integration(&daemon).await;
     for target in [
         "169.254.169.254:80",
         &daemon.addr.to_string(),
@@ -317,12 +335,7 @@ async fn finding_4_probes_cannot_scan_from_the_daemon() {
     // With probes.deny_private, a name resolving to loopback is accepted
     // at registration but never connected to.
     let locked = start_with("[probes]\ndeny_private = true\n").await;
-    assert_eq!(
-        call(&locked, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
+    integration(&locked).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (status, json) = call(
@@ -373,12 +386,7 @@ async fn finding_6_watches_and_data_are_bounded() {
         "[limits]\nmax_streams_per_token = 3\nmax_watch_selections_per_token = 2\nmax_config_bytes_per_project = 4096\n",
     )
     .await;
-    assert_eq!(
-        call(&daemon, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
+    integration(&daemon).await;
     let reader = token(&daemon, Role::Read, "").await;
     let channel = daemon.channel_as(Some(&reader)).await;
     let watch = |keys: Vec<String>| {
@@ -610,33 +618,18 @@ async fn finding_7_tokens_stay_inside_their_scope() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_revocation_ends_open_streams() {
     let daemon = Daemon::start().await;
-    assert_eq!(
-        call(&daemon, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
-    let created = TokenServiceClient::new(daemon.channel().await)
-        .create_token(CreateTokenRequest {
-            name: "sdk".into(),
+    integration(&daemon).await;
+    let created = create_token(
+        &daemon,
+        CreateTokenRequest {
             role: Role::Register as i32,
-            project: "vega".into(),
             tenant_pattern: "integration".into(),
             ..CreateTokenRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await;
     let channel = daemon.channel_as(Some(&created.token)).await;
-    let mut config = ConfigServiceClient::new(channel.clone())
-        .watch(WatchConfigRequest {
-            project: "vega".into(),
-            tenant: "integration".into(),
-            ..WatchConfigRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut config = watch_integration(channel.clone()).await;
     config.message().await.unwrap().unwrap();
     let mut services = RegistryServiceClient::new(channel.clone())
         .watch_services(WatchServicesRequest {
@@ -683,12 +676,7 @@ async fn gap_revocation_ends_open_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_keep_alive_messages_are_rate_limited() {
     let daemon = start_with("[limits]\nrequests_per_second = 5\nrequest_burst = 5\n").await;
-    assert_eq!(
-        call(&daemon, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
+    integration(&daemon).await;
     let sdk = token(&daemon, Role::Register, "integration").await;
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let (status, json) = call_as(
@@ -732,10 +720,7 @@ async fn gap_keep_alive_messages_are_rate_limited() {
 async fn gap_imported_instances_are_validated_like_registrations() {
     let dir = tempfile::tempdir().unwrap();
     let roomy = start_with("[limits]\nmax_metadata_entries = 100\n").await;
-    assert_eq!(
-        call(&roomy, "PUT", &format!("{P}/integration"), "").await.0,
-        201
-    );
+    integration(&roomy).await;
     let metadata: serde_json::Map<String, Value> = (0..10)
         .map(|i| (format!("m{i}"), Value::String("v".into())))
         .collect();
@@ -849,33 +834,18 @@ async fn finding_10_slow_and_surplus_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gap_expired_tokens_lose_their_streams() {
     let daemon = Daemon::start().await;
-    assert_eq!(
-        call(&daemon, "PUT", &format!("{P}/integration"), "")
-            .await
-            .0,
-        201
-    );
-    let short = TokenServiceClient::new(daemon.channel().await)
-        .create_token(CreateTokenRequest {
-            name: "short".into(),
+    integration(&daemon).await;
+    let short = create_token(
+        &daemon,
+        CreateTokenRequest {
             role: Role::Read as i32,
-            project: "vega".into(),
             ttl_seconds: 2,
             ..CreateTokenRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let mut watch = ConfigServiceClient::new(daemon.channel_as(Some(&short)).await)
-        .watch(WatchConfigRequest {
-            project: "vega".into(),
-            tenant: "integration".into(),
-            ..WatchConfigRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        },
+    )
+    .await
+    .token;
+    let mut watch = watch_integration(daemon.channel_as(Some(&short)).await).await;
     watch.message().await.unwrap().unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(5), watch.message())
         .await

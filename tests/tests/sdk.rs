@@ -17,7 +17,8 @@ use strata_client::proto::{
     Protocol, PutConfigRequest, RegisterRequest,
 };
 use strata_client::{
-    Client, Connection, Error, InstanceSpec, PowerOfTwoChoices, RoundRobin, Source, WatchError,
+    Client, ClientBuilder, Connection, Error, InstanceSpec, PowerOfTwoChoices, RoundRobin, Source,
+    WatchError,
 };
 use strata_tests::{Daemon, free_port};
 use tokio::time::{Instant, sleep, timeout};
@@ -40,6 +41,11 @@ fn dead_endpoint() -> String {
 }
 
 fn client(endpoints: &[String], tenant: &str, cache: Option<&Path>) -> Client {
+    builder(endpoints, tenant, cache).build().unwrap()
+}
+
+/// The builder behind [`client`], for tests that change one setting.
+fn builder(endpoints: &[String], tenant: &str, cache: Option<&Path>) -> ClientBuilder {
     let mut builder = Client::builder()
         .endpoints(endpoints.iter().cloned())
         .project(PROJECT)
@@ -54,7 +60,7 @@ fn client(endpoints: &[String], tenant: &str, cache: Option<&Path>) -> Client {
     if let Some(token) = token_of(endpoints) {
         builder = builder.token(token);
     }
-    builder.build().unwrap()
+    builder
 }
 
 /// The admin token of the first of `endpoints` this process started a
@@ -618,6 +624,18 @@ async fn with_every_daemon_down_a_service_watch_starts_from_the_disk_cache_then_
     assert!(current.revision > cached.revision);
 }
 
+/// A restartable daemon with `integration` holding `counter.json` at
+/// `seq = 0`, and its admin.
+async fn counter_daemon() -> (Restartable, Admin) {
+    let daemon = Restartable::start().await;
+    let admin = Admin::new(daemon.addr);
+    admin.tenant("integration", "").await;
+    admin
+        .put("integration", "counter.json", "json", r#"{"seq":0}"#)
+        .await;
+    (daemon, admin)
+}
+
 /// Puts `seq = i` for i in `range`, waiting after each until the handle
 /// holds it.
 async fn put_and_see(
@@ -645,12 +663,7 @@ async fn put_and_see(
 
 #[tokio::test]
 async fn watches_fail_over_across_daemon_restarts_with_no_lost_or_duplicated_update() {
-    let mut daemon = Restartable::start().await;
-    let admin = Admin::new(daemon.addr);
-    admin.tenant("integration", "").await;
-    admin
-        .put("integration", "counter.json", "json", r#"{"seq":0}"#)
-        .await;
+    let (mut daemon, admin) = counter_daemon().await;
 
     // The first endpoint is dead: the client rotates past it.
     let client = client(&[dead_endpoint(), daemon.endpoint()], "integration", None);
@@ -989,21 +1002,9 @@ async fn watch_requests(addr: SocketAddr) -> f64 {
 /// timing it out and reconnecting every request timeout.
 #[tokio::test]
 async fn a_resumed_watch_with_nothing_missed_stays_open() {
-    let mut daemon = Restartable::start().await;
-    let admin = Admin::new(daemon.addr);
-    admin.tenant("integration", "").await;
-    admin
-        .put("integration", "counter.json", "json", r#"{"seq":0}"#)
-        .await;
-    let client = Client::builder()
-        .endpoints([daemon.endpoint()])
-        .project(PROJECT)
-        .tenant("integration")
-        .connect_timeout(Duration::from_millis(500))
+    let (mut daemon, admin) = counter_daemon().await;
+    let client = builder(&[daemon.endpoint()], "integration", None)
         .request_timeout(Duration::from_millis(300))
-        .startup_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(50), Duration::from_millis(200))
-        .token(token_of(&[daemon.endpoint()]).unwrap())
         .build()
         .unwrap();
     let counter = client.watch::<Seq>("counter.json").await.unwrap();

@@ -676,6 +676,21 @@ mod tests {
         assert_eq!(names, ["c.json"]);
     }
 
+    /// A client of `project`/`tenant` with its disk cache in `dir` (no
+    /// daemon is contacted).
+    fn cached_client(
+        dir: &std::path::Path,
+        project: &str,
+        tenant: &str,
+    ) -> Result<crate::Client, crate::Error> {
+        crate::Client::builder()
+            .endpoints(["127.0.0.1:1"])
+            .project(project)
+            .tenant(tenant)
+            .cache_dir(dir)
+            .build()
+    }
+
     /// Finding 8 of the security review: `project`/`tenant` were joined into the cache
     /// path as given, so `../` put the file outside the cache directory.
     #[test]
@@ -690,12 +705,7 @@ mod tests {
             ("/abs", "t"),
             ("p", "."),
         ] {
-            let built = crate::Client::builder()
-                .endpoints(["127.0.0.1:1"])
-                .project(project)
-                .tenant(tenant)
-                .cache_dir(&dir)
-                .build();
+            let built = cached_client(&dir, project, tenant);
             match built {
                 Ok(client) => panic!(
                     "project {project:?} tenant {tenant:?} was accepted; cache file {:?}",
@@ -715,13 +725,7 @@ mod tests {
             .collect();
         assert!(names.is_empty(), "{names:?}");
         // Valid names still work.
-        let client = crate::Client::builder()
-            .endpoints(["127.0.0.1:1"])
-            .project("vega")
-            .tenant("feat-1")
-            .cache_dir(&dir)
-            .build()
-            .unwrap();
+        let client = cached_client(&dir, "vega", "feat-1").unwrap();
         assert_eq!(
             client.cache_path(),
             Some(dir.join("vega/feat-1.json").as_path())
@@ -767,13 +771,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("cache");
         {
-            let client = crate::Client::builder()
-                .endpoints(["127.0.0.1:1"])
-                .project("vega")
-                .tenant("feat-1")
-                .cache_dir(&dir)
-                .build()
-                .unwrap();
+            let client = cached_client(&dir, "vega", "feat-1").unwrap();
             let cache = client.inner.cache.as_ref().unwrap();
             let mut view = BTreeMap::new();
             view.insert("a".to_string(), value("a", b"1"));

@@ -227,13 +227,7 @@ fn op_cache() -> &'static OpCache {
 /// matched HTTP route template, or `None` for an HTTP request no route took.
 fn route_of(request: &Request) -> Option<&str> {
     if crate::grpc_methods::is_grpc(request.headers()) {
-        let path = request.uri().path();
-        // Only methods the daemon serves may become a label: the path of
-        // any other request is client input, and every distinct one would
-        // keep a series (and a cache entry) for the daemon's life.
-        return crate::grpc_methods::grpc_methods()
-            .contains_key(path)
-            .then_some(path);
+        return Some(request.uri().path());
     }
     request
         .extensions()
@@ -296,6 +290,13 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     };
     let handles = cached.or_else(|| {
         let route = route?;
+        // Only methods the daemon serves may become a label (the cache
+        // holds nothing else, so a hit needs no check): the path of any
+        // other request is client input, and every distinct one would keep
+        // a series and a cache entry for the daemon's life.
+        if grpc && !crate::grpc_methods::grpc_methods().contains_key(route.as_str()) {
+            return None;
+        }
         let label = if grpc {
             route.clone()
         } else {

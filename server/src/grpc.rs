@@ -31,6 +31,7 @@ use tonic::server::{Grpc, ServerStreamingService};
 use tonic::{Request, Response, Status};
 
 use crate::api::{Api, LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
+use crate::audit::{self, Operation, Target};
 use crate::auth::{Action, allow};
 use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
@@ -134,7 +135,8 @@ impl TenantService for GrpcApi {
         let action = Action::CreateTenant {
             protected: q.protected,
         };
-        allow(&request, action, &q.project, &q.name)?;
+        let target = Target::new(Operation::CreateTenant, &q.project, &q.name);
+        audit::allow(&request, action, target)?;
         let principal = crate::auth::principal_of(request.extensions())?;
         self.api()?
             .authorize_placement(principal, &q.project, &q.name, &q.parent)?;
@@ -189,7 +191,8 @@ impl TenantService for GrpcApi {
         request: Request<UpdateTenantRequest>,
     ) -> Result<Response<UpdateTenantResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::UpdateTenant, &q.project, &q.name)?;
+        let target = Target::new(Operation::UpdateTenant, &q.project, &q.name);
+        audit::allow(&request, Action::UpdateTenant, target)?;
         if q.update_ttl && q.ttl_seconds > 0 {
             let principal = crate::auth::principal_of(request.extensions())?;
             self.api()?.authorize_ttl(principal, &q.project, &q.name)?;
@@ -215,12 +218,8 @@ impl TenantService for GrpcApi {
         request: Request<DeleteTenantRequest>,
     ) -> Result<Response<DeleteTenantResponse>, Status> {
         let q = request.get_ref();
-        allow(
-            &request,
-            Action::DeleteTenant { force: q.force },
-            &q.project,
-            &q.name,
-        )?;
+        let target = Target::new(Operation::DeleteTenant, &q.project, &q.name);
+        audit::allow(&request, Action::DeleteTenant { force: q.force }, target)?;
         let r = request.into_inner();
         let (deleted_layers, revision) = self
             .api()?
@@ -511,7 +510,8 @@ impl ConfigService for GrpcApi {
         request: Request<PutConfigRequest>,
     ) -> Result<Response<PutConfigResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::WriteConfig, &q.project, &q.tenant)?;
+        let target = Target::new(Operation::PutConfig, &q.project, &q.tenant).subject(&q.key);
+        audit::allow(&request, Action::WriteConfig, target)?;
         let r = request.into_inner();
         let format = if r.format.is_empty() {
             None
@@ -560,7 +560,8 @@ impl ConfigService for GrpcApi {
         request: Request<DeleteLayerRequest>,
     ) -> Result<Response<DeleteLayerResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::WriteConfig, &q.project, &q.tenant)?;
+        let target = Target::new(Operation::DeleteLayer, &q.project, &q.tenant).subject(&q.key);
+        audit::allow(&request, Action::WriteConfig, target)?;
         let r = request.into_inner();
         let revision = self
             .api()?
@@ -597,7 +598,8 @@ impl ConfigService for GrpcApi {
         request: Request<RollbackRequest>,
     ) -> Result<Response<RollbackResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::WriteConfig, &q.project, &q.tenant)?;
+        let target = Target::new(Operation::Rollback, &q.project, &q.tenant).subject(&q.key);
+        audit::allow(&request, Action::WriteConfig, target)?;
         let r = request.into_inner();
         let (done, revision) = self
             .api()?

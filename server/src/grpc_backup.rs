@@ -97,6 +97,11 @@ impl BackupService for BackupApi {
         &self,
         request: Request<Streaming<ImportChunk>>,
     ) -> Result<Response<ImportResponse>, Status> {
+        crate::audit::declare(crate::audit::Target::new(
+            crate::audit::Operation::Import,
+            "",
+            "",
+        ));
         authorize(request.extensions(), None)?;
         let api = self.state.api()?.clone();
         let mut stream = request.into_inner();

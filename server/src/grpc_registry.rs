@@ -15,6 +15,7 @@ use strata_proto::v1::{
 };
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit::{self, Operation, Target};
 use crate::auth::{Action, allow};
 use crate::error::ApiError;
 use crate::grpc::GrpcApi;
@@ -66,7 +67,8 @@ impl RegistryService for GrpcApi {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::Register, &q.project, &q.tenant)?;
+        let target = Target::new(Operation::Register, &q.project, &q.tenant).subject(&q.service);
+        audit::allow(&request, Action::Register, target)?;
         let r = request.into_inner();
         let instance = r.instance.ok_or_else(|| bad("instance is required"))?;
         let (id, spec) = spec_from_wire(&instance)?;
@@ -94,7 +96,9 @@ impl RegistryService for GrpcApi {
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::Register, &q.project, &q.tenant)?;
+        let target = Target::new(Operation::Deregister, &q.project, &q.tenant)
+            .subject(format!("{}/{}", q.service, q.id));
+        audit::allow(&request, Action::Register, target)?;
         let r = request.into_inner();
         let revision = self
             .api()?
@@ -110,7 +114,9 @@ impl RegistryService for GrpcApi {
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::Register, &q.project, &q.tenant)?;
+        let target = Target::new(Operation::Drain, &q.project, &q.tenant)
+            .subject(format!("{}/{}", q.service, q.id));
+        audit::allow(&request, Action::Register, target)?;
         let r = request.into_inner();
         let revision = self
             .api()?
@@ -190,7 +196,9 @@ impl RegistryService for GrpcApi {
         request: Request<RegisterBranchRequest>,
     ) -> Result<Response<RegisterBranchResponse>, Status> {
         let q = request.get_ref();
-        allow(&request, Action::Register, &q.project, &q.tenant)?;
+        let target =
+            Target::new(Operation::RegisterBranch, &q.project, &q.tenant).subject(&q.service);
+        audit::allow(&request, Action::Register, target)?;
         let principal = crate::auth::principal_of(request.extensions())?;
         self.api()?
             .authorize_placement(principal, &q.project, &q.tenant, &q.parent)?;

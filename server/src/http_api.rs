@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use strata_proto::v1::ErrorReason;
 
 use crate::api::{LayerInfo, LayerVersion, NewTenant, PutLayer, TenantInfo};
+use crate::audit::{self, Operation, Target};
 use crate::auth::{Action, Principal};
 use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
@@ -151,6 +152,8 @@ async fn put_tenant(
     Path((project, tenant)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // Stated before the body is read: the permission depends on it.
+    audit::declare(Target::new(Operation::CreateTenant, &project, &tenant));
     let bytes = read_body(body, 64 * 1024).await?;
     let body: TenantBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         TenantBody::default()
@@ -209,8 +212,15 @@ async fn delete_tenant(
     Path((project, tenant)): Path<(String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
-    let force = flag(&params, "force")?;
-    principal.authorize(Action::DeleteTenant { force }, &project, &tenant)?;
+    let target = Target::new(Operation::DeleteTenant, &project, &tenant);
+    let force = match flag(&params, "force") {
+        Ok(force) => force,
+        Err(e) => {
+            audit::declare(target);
+            return Err(e);
+        }
+    };
+    audit::authorize(&principal, Action::DeleteTenant { force }, target)?;
     let (deleted_layers, revision) = s.api()?.delete_tenant(&project, &tenant, force).await?;
     Ok(Json(json!({"revision": revision, "deleted_layers": deleted_layers})).into_response())
 }
@@ -222,7 +232,8 @@ async fn put_config(
     Query(params): Params,
     body: Body,
 ) -> Result<Response, ApiError> {
-    principal.authorize(Action::WriteConfig, &project, &tenant)?;
+    let target = Target::new(Operation::PutConfig, &project, &tenant).subject(&key);
+    audit::authorize(&principal, Action::WriteConfig, target)?;
     let format = params
         .get("format")
         .map(|f| f.parse::<Format>())
@@ -335,7 +346,8 @@ async fn delete_config(
     Path((project, tenant, key)): Path<(String, String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
-    principal.authorize(Action::WriteConfig, &project, &tenant)?;
+    let target = Target::new(Operation::DeleteLayer, &project, &tenant).subject(&key);
+    audit::authorize(&principal, Action::WriteConfig, target)?;
     let revision = s
         .api()?
         .delete_layer(&project, &tenant, &key, expected_revision(&params)?)
@@ -351,7 +363,8 @@ async fn rollback_config(
     Path((project, tenant, key)): Path<(String, String, String)>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
-    principal.authorize(Action::WriteConfig, &project, &tenant)?;
+    let target = Target::new(Operation::Rollback, &project, &tenant).subject(&key);
+    audit::authorize(&principal, Action::WriteConfig, target)?;
     let to = params
         .get("rollback_to")
         .ok_or_else(|| invalid("POST on a config key needs ?rollback_to=<revision>"))?;

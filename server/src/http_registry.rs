@@ -30,6 +30,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
 use crate::api::{NewTenant, PutLayer};
+use crate::audit::{self, Operation, Target};
 use crate::auth::{Action, Principal};
 use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
@@ -271,7 +272,8 @@ async fn register(
     Path((project, tenant, service)): Path<(String, String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    principal.authorize(Action::Register, &project, &tenant)?;
+    let target = Target::new(Operation::Register, &project, &tenant).subject(&service);
+    audit::authorize(&principal, Action::Register, target)?;
     let (id, spec, lease) = json_body::<InstanceJson>(body).await?.into_spec()?;
     let (done, revision) = s
         .api()?
@@ -297,7 +299,9 @@ async fn deregister(
     Extension(principal): Extension<Principal>,
     Path((project, tenant, service, id)): Path<(String, String, String, String)>,
 ) -> Result<Response, ApiError> {
-    principal.authorize(Action::Register, &project, &tenant)?;
+    let target =
+        Target::new(Operation::Deregister, &project, &tenant).subject(format!("{service}/{id}"));
+    audit::authorize(&principal, Action::Register, target)?;
     let revision = s
         .api()?
         .deregister(&project, &tenant, &service, &id)
@@ -311,7 +315,9 @@ async fn drain(
     Path((project, tenant, service, id)): Path<(String, String, String, String)>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    principal.authorize(Action::Register, &project, &tenant)?;
+    let target =
+        Target::new(Operation::Drain, &project, &tenant).subject(format!("{service}/{id}"));
+    audit::authorize(&principal, Action::Register, target)?;
     let draining = !flag(&params, "undo")?;
     let revision = s
         .api()?
@@ -419,7 +425,9 @@ async fn register_branch(
     Path((project, tenant, service)): Path<(String, String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    principal.authorize(Action::Register, &project, &tenant)?;
+    let target = Target::new(Operation::RegisterBranch, &project, &tenant)
+        .subject(service.strip_suffix(":register").unwrap_or(&service));
+    audit::authorize(&principal, Action::Register, target)?;
     let service = service
         .strip_suffix(":register")
         .ok_or_else(|| {

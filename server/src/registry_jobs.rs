@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Api;
+use crate::audit::{Operation, Target};
 use crate::keyspace::CheckRecord;
 use crate::probe::{Health, HealthChange, ProbeTarget, Prober};
 use crate::registry::probe_target;
@@ -137,12 +138,8 @@ async fn record(
         health = %change.health, detail = %change.detail, "instance health changed"
     );
     // Recorded in the audit log as the daemon's own change.
-    let audited = crate::audit::Target {
-        operation: "SetHealth".into(),
-        project: i.project.clone(),
-        tenant: i.tenant.clone(),
-        subject: format!("{}/{}", i.service, i.id),
-    };
+    let audited = Target::new(Operation::SetHealth, &i.project, &i.tenant)
+        .subject(format!("{}/{}", i.service, i.id));
     let verdict = api.set_health(
         &i.project,
         &i.tenant,
@@ -217,12 +214,7 @@ pub async fn collect_expired(api: &Api, now_unix_ms: i64) -> usize {
     }
     let mut collected = 0;
     for (project, tenant) in roots {
-        let audited = crate::audit::Target {
-            operation: "ExpireTenant".into(),
-            project: project.clone(),
-            tenant: tenant.clone(),
-            subject: String::new(),
-        };
+        let audited = Target::new(Operation::ExpireTenant, &project, &tenant);
         let deleted = api.delete_tenant(&project, &tenant, true);
         match crate::audit::as_daemon(audited, "tenant-ttl", deleted).await {
             Ok((layers, revision)) => {

@@ -31,6 +31,7 @@ use strata_proto::v1::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{self, Operation, Target};
 use crate::auth::{Authenticator, Principal, Role, TenantPattern, TokenEntry};
 use crate::credentials::{generate, id_of, is_id};
 use crate::error::ApiError;
@@ -371,6 +372,7 @@ impl Tokens {
         by: &Principal,
         request: CreateTokenRequest,
     ) -> Result<CreateTokenResponse, ApiError> {
+        audit::declare(Target::new(Operation::CreateToken, "", "").subject(&request.name));
         by.require_admin()?;
         let invalid = |m: String| ApiError::new(ErrorReason::InvalidArgument, m);
         validate_name(&request.name)?;
@@ -491,6 +493,7 @@ impl Tokens {
         by: &Principal,
         request: RevokeTokenRequest,
     ) -> Result<RevokeTokenResponse, ApiError> {
+        audit::declare(Target::new(Operation::RevokeToken, "", "").subject(&request.id));
         by.require_admin()?;
         let id = id_of(request.id.trim());
         if !is_id(id) {

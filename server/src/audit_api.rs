@@ -14,6 +14,7 @@ use strata_proto::v1::{ErrorReason, QueryAuditRequest, QueryAuditResponse, Respo
 use crate::audit::{Filter, query};
 use crate::daemon_state::DaemonState;
 use crate::error::ApiError;
+use crate::http::{RouteTable, build, listed};
 
 /// The single place that decides who may read the audit log: admin tokens
 /// valid for every project.
@@ -68,9 +69,20 @@ async fn http_query(
     .into_response())
 }
 
+fn table() -> RouteTable<Arc<DaemonState>> {
+    vec![(
+        http::Method::GET,
+        "/v1/audit",
+        axum::routing::get(http_query),
+    )]
+}
+
 /// The HTTP route of the audit log.
 pub fn router(state: Arc<DaemonState>) -> axum::Router {
-    axum::Router::new()
-        .route("/v1/audit", axum::routing::get(http_query))
-        .with_state(state)
+    build(table()).with_state(state)
+}
+
+/// Method and path of every route of [`router`].
+pub fn routes() -> Vec<(http::Method, &'static str)> {
+    listed(table())
 }

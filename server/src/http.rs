@@ -9,8 +9,8 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use http::{StatusCode, header};
+use axum::routing::{MethodRouter, get};
+use http::{Method, StatusCode, header};
 
 use axum::body::{Body, Bytes};
 use strata_proto::v1::ErrorReason;
@@ -19,14 +19,46 @@ use crate::api::Api;
 use crate::daemon_state::DaemonState;
 use crate::error::ApiError;
 
-/// The HTTP routes of the daemon.
+/// Routes of one HTTP resource file: method, path, handler. Each file
+/// builds its router from its table ([`build`]) and lists it for
+/// [`crate::server::http_routes`], so the routes a test walks are the
+/// routes served.
+pub type RouteTable<S> = Vec<(Method, &'static str, MethodRouter<S>)>;
+
+/// The router of a route table (handlers of one path are merged).
+pub fn build<S: Clone + Send + Sync + 'static>(table: RouteTable<S>) -> Router<S> {
+    table
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, handler)| {
+            router.route(path, handler)
+        })
+}
+
+/// The method and path of every route of a table.
+pub fn listed<S>(table: RouteTable<S>) -> Vec<(Method, &'static str)> {
+    table
+        .into_iter()
+        .map(|(method, path, _)| (method, path))
+        .collect()
+}
+
+fn table() -> RouteTable<Arc<DaemonState>> {
+    vec![
+        (Method::GET, "/healthz", get(healthz)),
+        (Method::GET, "/readyz", get(readyz)),
+        (Method::GET, "/metrics", get(metrics)),
+        (Method::GET, "/v1/status", get(status)),
+    ]
+}
+
+/// The health, metrics and status routes.
 pub fn router(state: Arc<DaemonState>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/status", get(status))
-        .with_state(state)
+    build(table()).with_state(state)
+}
+
+/// Method and path of every route of [`router`].
+pub fn routes() -> Vec<(Method, &'static str)> {
+    listed(table())
 }
 
 /// Alive as long as the process answers.

@@ -14,8 +14,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::routing::{delete, get, post, put};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use strata_proto::v1::ErrorReason;
@@ -26,29 +26,37 @@ use crate::auth::{Action, Principal};
 use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
 use crate::error::ApiError;
-use crate::http::{HttpState, flag, invalid, read_body};
+use crate::http::{HttpState, RouteTable, build, flag, invalid, listed, read_body};
 use crate::store::Revision;
 
-/// Routes of the JSON API (answering 503 until the view is loaded).
+const TENANTS: &str = "/v1/projects/{project}/tenants";
+const TENANT: &str = "/v1/projects/{project}/tenants/{tenant}";
+const CONFIG: &str = "/v1/projects/{project}/tenants/{tenant}/config";
+const CONFIG_KEY: &str = "/v1/projects/{project}/tenants/{tenant}/config/{*key}";
+
+fn table() -> RouteTable<HttpState> {
+    vec![
+        (Method::GET, TENANTS, get(list_tenants)),
+        (Method::GET, TENANT, get(get_tenant)),
+        (Method::PUT, TENANT, put(put_tenant)),
+        (Method::DELETE, TENANT, delete(delete_tenant)),
+        (Method::GET, CONFIG, get(list_config)),
+        (Method::GET, CONFIG_KEY, get(get_config)),
+        (Method::PUT, CONFIG_KEY, put(put_config)),
+        (Method::POST, CONFIG_KEY, post(rollback_config)),
+        (Method::DELETE, CONFIG_KEY, delete(delete_config)),
+    ]
+}
+
+/// Routes of the JSON API of tenants and config (answering 503 until the
+/// view is loaded).
 pub fn router(state: Arc<DaemonState>) -> Router {
-    Router::new()
-        .route("/v1/projects/{project}/tenants", get(list_tenants))
-        .route(
-            "/v1/projects/{project}/tenants/{tenant}",
-            get(get_tenant).put(put_tenant).delete(delete_tenant),
-        )
-        .route(
-            "/v1/projects/{project}/tenants/{tenant}/config",
-            get(list_config),
-        )
-        .route(
-            "/v1/projects/{project}/tenants/{tenant}/config/{*key}",
-            get(get_config)
-                .put(put_config)
-                .post(rollback_config)
-                .delete(delete_config),
-        )
-        .with_state(HttpState(state))
+    build(table()).with_state(HttpState(state))
+}
+
+/// Method and path of every route of [`router`].
+pub fn routes() -> Vec<(Method, &'static str)> {
+    listed(table())
 }
 
 type Params = Query<HashMap<String, String>>;

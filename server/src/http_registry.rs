@@ -22,9 +22,9 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Extension, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
@@ -36,35 +36,41 @@ use crate::daemon_state::DaemonState;
 use crate::domain::document::{Format, Mode};
 use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
 use crate::error::ApiError;
-use crate::http::{HttpState, flag, invalid, read_body};
+use crate::http::{HttpState, RouteTable, build, flag, invalid, listed, read_body};
 use crate::registry::{BranchRegistration, InstanceInfo, Registration, ServiceResolution};
 
 /// Largest registration body.
 const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+const SERVICES: &str = "/v1/projects/{project}/tenants/{tenant}/services";
+const SERVICE: &str = "/v1/projects/{project}/tenants/{tenant}/services/{service}";
+const INSTANCES: &str = "/v1/projects/{project}/tenants/{tenant}/services/{service}/instances";
+const INSTANCE: &str = "/v1/projects/{project}/tenants/{tenant}/services/{service}/instances/{id}";
+const DRAIN: &str =
+    "/v1/projects/{project}/tenants/{tenant}/services/{service}/instances/{id}/drain";
+const HEARTBEAT: &str = "/v1/leases/{lease}/heartbeat";
+
+fn table() -> RouteTable<HttpState> {
+    vec![
+        (Method::GET, SERVICES, get(list_services)),
+        (Method::GET, SERVICE, get(resolve_service)),
+        (Method::POST, SERVICE, post(register_branch)),
+        (Method::GET, INSTANCES, get(list_instances)),
+        (Method::POST, INSTANCES, post(register)),
+        (Method::DELETE, INSTANCE, delete(deregister)),
+        (Method::POST, DRAIN, post(drain)),
+        (Method::POST, HEARTBEAT, post(heartbeat)),
+    ]
+}
+
 /// Routes of the registry's JSON API.
 pub fn router(state: Arc<DaemonState>) -> Router {
-    let base = "/v1/projects/{project}/tenants/{tenant}/services";
-    Router::new()
-        .route(base, get(list_services))
-        .route(
-            &format!("{base}/{{service}}"),
-            get(resolve_service).post(register_branch),
-        )
-        .route(
-            &format!("{base}/{{service}}/instances"),
-            get(list_instances).post(register),
-        )
-        .route(
-            &format!("{base}/{{service}}/instances/{{id}}"),
-            axum::routing::delete(deregister),
-        )
-        .route(
-            &format!("{base}/{{service}}/instances/{{id}}/drain"),
-            post(drain),
-        )
-        .route("/v1/leases/{lease}/heartbeat", post(heartbeat))
-        .with_state(HttpState(state))
+    build(table()).with_state(HttpState(state))
+}
+
+/// Method and path of every route of [`router`].
+pub fn routes() -> Vec<(Method, &'static str)> {
+    listed(table())
 }
 
 /// Endpoints in body order, duplicates kept so they can be refused.

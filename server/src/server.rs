@@ -196,10 +196,7 @@ pub async fn run(
             }),
         );
     let app = grpc
-        .merge(crate::http::router(Arc::clone(&state)))
-        .merge(crate::http_api::router(Arc::clone(&state)))
-        .merge(crate::http_registry::router(Arc::clone(&state)))
-        .merge(crate::audit_api::router(Arc::clone(&state)))
+        .merge(http_router(&state))
         .fallback(crate::http::fallback)
         // Inside authentication (they need the principal), outermost first:
         // the rate limit, the audit log, JSON bodies for every HTTP error.
@@ -420,6 +417,39 @@ impl<Req, Res> tonic::server::UnaryService<Req> for UnaryMethod<Req, Res> {
     fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
         (self.handler)(self.api.clone(), request)
     }
+}
+
+/// One HTTP resource file: its router, and the method and path of each
+/// of its routes (from the same table).
+type HttpResource = (
+    fn(Arc<DaemonState>) -> axum::Router,
+    fn() -> Vec<(http::Method, &'static str)>,
+);
+
+/// Every HTTP resource file the daemon serves.
+const HTTP_RESOURCES: [HttpResource; 4] = [
+    (crate::http::router, crate::http::routes),
+    (crate::http_api::router, crate::http_api::routes),
+    (crate::http_registry::router, crate::http_registry::routes),
+    (crate::audit_api::router, crate::audit_api::routes),
+];
+
+/// Every HTTP/JSON route of the daemon.
+fn http_router(state: &Arc<DaemonState>) -> axum::Router {
+    HTTP_RESOURCES
+        .iter()
+        .fold(axum::Router::new(), |app, (router, _)| {
+            app.merge(router(Arc::clone(state)))
+        })
+}
+
+/// Method and path of every route [`http_router`] serves (tests walk it:
+/// the audit of every route, for one).
+pub fn http_routes() -> Vec<(http::Method, &'static str)> {
+    HTTP_RESOURCES
+        .iter()
+        .flat_map(|(_, routes)| routes())
+        .collect()
 }
 
 /// The axum route of one unary registry method (see [`UnaryMethod`]).

@@ -372,7 +372,9 @@ impl Tokens {
         by: &Principal,
         request: CreateTokenRequest,
     ) -> Result<CreateTokenResponse, ApiError> {
-        audit::declare(Target::new(Operation::CreateToken, "", "").subject(&request.name));
+        audit::declare(
+            Target::new(Operation::CreateToken, &request.project, "").subject(&request.name),
+        );
         by.require_admin()?;
         let invalid = |m: String| ApiError::new(ErrorReason::InvalidArgument, m);
         validate_name(&request.name)?;

@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""Checks that a Rust crate's top-level modules form layers, not circles.
+"""Checks that a Rust crate's modules form layers, not circles.
 
-A top-level module is a file `src/x.rs` or a folder `src/x/` directly under
-the crate's `src` (both name the module `x`); the crate root (`lib.rs` or
-`main.rs`) is the node `<root>`. An edge `a -> b` is any reference from a
-file of `a` to `b`: `crate::b::…`, `use crate::{b, …}`, `super::b` from a
-file directly under `src`, or `crate::Item` where the root re-exports `Item`
-from `b` (`pub use b::Item;`). In the root itself, a bare `b::…` path counts
-too. Comments, string literals and `#[cfg(test)]` items are ignored (tests
-may use the whole crate; pass --include-tests to count them).
+Every file of the crate's `src` is a module: `src/x.rs` and `src/x/mod.rs`
+are `x`, `src/x/y.rs` is `x::y`; the crate root (`lib.rs` or `main.rs`) is
+the node `<root>`. An edge `a -> b` is any reference from the file of `a`
+to `b`: a `crate::…`, `super::…` or `self::…` path (groups included), a
+bare path into one of `a`'s own child modules, or `crate::Item` where the
+root re-exports `Item` (`pub use b::Item;`); a path names the longest
+module it starts with. A folder's `mod.rs` declaring and re-exporting its
+children is not an edge (it is how a folder is made). Comments, string
+literals and `#[cfg(test)]` items are ignored (tests may use the whole
+crate; pass --include-tests to count them).
 
 Checks, per crate:
 
-- no cycle among top-level modules (exit 1, printing the cycle with the
+- no cycle among the modules (exit 1, printing the cycle with the
   `file:line` of each edge);
 - with a layers file, every reference goes to a module of the same or a
   lower layer (exit 1, printing each upward reference's `file:line`).
@@ -22,10 +24,12 @@ A layers file lists layers bottom-up, one per line:
     # comment
     values: error, services, format
     engine: watch
-    api: client, store/
+    api: client, store/, transport/layers/
 
-Each module of the crate must be in exactly one layer (a trailing `/` says
-the module is a folder, and is checked). The root sits above every layer.
+A member names a module and everything under it; a trailing `/` says it
+is a folder (and is checked). A module belongs to the layer of the
+longest member that covers it; every module must be covered. The root
+sits above every layer.
 
 Usage:
 
@@ -62,12 +66,12 @@ class Ref:
 
 @dataclass
 class Crate:
-    """A crate's top-level modules and the references between them."""
+    """A crate's modules and the references between them."""
 
     src: Path
     root_file: Path
-    # module name -> files of the module
-    modules: dict[str, list[Path]] = field(default_factory=dict)
+    # module path (`a::b`) -> its file
+    modules: dict[str, Path] = field(default_factory=dict)
     folders: set[str] = field(default_factory=set)
     # (from, to) -> first reference
     edges: dict[tuple[str, str], Ref] = field(default_factory=dict)
@@ -176,14 +180,13 @@ def load_crate(directory: Path) -> Crate:
     if root is None:
         raise SystemExit(f"check-layers: {src}: neither lib.rs nor main.rs")
     crate = Crate(src=src, root_file=root)
-    for entry in sorted(src.iterdir()):
-        if entry.is_file() and entry.suffix == ".rs" and entry != root:
-            crate.modules.setdefault(entry.stem, []).append(entry)
-        elif entry.is_dir():
-            files = sorted(entry.rglob("*.rs"))
-            if files:
-                crate.folders.add(entry.name)
-                crate.modules.setdefault(entry.name, []).extend(files)
+    for file in sorted(src.rglob("*.rs")):
+        if file == root:
+            continue
+        path = module_path(crate, file)
+        crate.modules["::".join(path)] = file
+        for depth in range(1, len(path) if file.stem != "mod" else len(path) + 1):
+            crate.folders.add("::".join(path[:depth]))
     return crate
 
 
@@ -251,6 +254,47 @@ def root_exports(crate: Crate, code: str) -> tuple[dict[str, str | None], set[st
     return exports, defined
 
 
+def paths_at(code: str, pos: int) -> list[list[str]]:
+    """The paths starting at `pos` (after `crate::`, `super::`…): `a::b::C`
+    gives one, `a::{b, c::{d, e}}` one per leaf; `self` in a group is its
+    prefix."""
+    out: list[list[str]] = []
+    prefix: list[str] = []
+    j = pos
+    while True:
+        m = re.compile(r"\s*(" + IDENT + r"|\*)").match(code, j)
+        if not m:
+            break
+        prefix.append(m.group(1))
+        j = m.end()
+        sep = re.compile(r"\s*::\s*").match(code, j)
+        if not sep:
+            out.append(prefix)
+            return out
+        j = sep.end()
+        if code.startswith("{", j):
+            depth, k, start, items = 0, j, j + 1, []
+            while k < len(code):
+                if code[k] == "{":
+                    depth += 1
+                elif code[k] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        items.append((start, k))
+                        break
+                elif code[k] == "," and depth == 1:
+                    items.append((start, k))
+                    start = k + 1
+                k += 1
+            for begin, _ in items:
+                for sub in paths_at(code, begin):
+                    out.append(prefix + [p for p in sub if p != "self"])
+            return out
+    if prefix:
+        out.append(prefix)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # References.
 
@@ -272,51 +316,45 @@ def scan(crate: Crate, include_tests: bool) -> None:
         root_code = strip_cfg_test(root_code)
     exports, defined = root_exports(crate, root_code)
 
-    def resolve(name: str) -> str | None:
-        if name in crate.modules:
-            return name
-        if name in exports:
-            return exports[name]
-        if name in defined:
+    def resolve(path: list[str]) -> str | None:
+        """The longest module `path` starts with."""
+        for end in range(len(path), 0, -1):
+            name = "::".join(path[:end])
+            if name in crate.modules:
+                return name
+        if not path:
+            return ROOT
+        if path[0] in exports:
+            return exports[path[0]]
+        if path[0] in defined:
             return ROOT
         return None  # a macro or something not ours to place
 
-    files = [(ROOT, crate.root_file)] + [
-        (mod, f) for mod, fs in crate.modules.items() for f in fs
-    ]
+    files = [(ROOT, crate.root_file)] + [(mod, f) for mod, f in crate.modules.items()]
     for owner, file in files:
         code = strip_code(file.read_text(encoding="utf-8"))
         if not include_tests:
             code = strip_cfg_test(code)
         here = module_path(crate, file)
-        found: list[tuple[str, int]] = []
-        # `crate::name` and `crate::{a, b::c}`.
+        found: list[tuple[list[str], int]] = []
         for m in re.finditer(r"(?<![A-Za-z0-9_:])crate\s*::\s*", code):
-            if code.startswith("{", m.end()):
-                found += [(first, m.start()) for first, _ in group_items(code, m.end())]
-            else:
-                name = re.match(IDENT, code[m.end() :])
-                if name:
-                    found.append((name.group(0), m.start()))
-        # `super::…` climbing to the crate root.
+            found += [(p, m.start()) for p in paths_at(code, m.end())]
         for m in re.finditer(r"(?<![A-Za-z0-9_:])((?:super\s*::\s*)+)", code):
             ups = m.group(1).count("super")
-            if ups != len(here):
-                continue  # stays inside a module
-            if code.startswith("{", m.end()):
-                found += [(first, m.start()) for first, _ in group_items(code, m.end())]
-            else:
-                name = re.match(IDENT, code[m.end() :])
-                if name:
-                    found.append((name.group(0), m.start()))
-        # In the root, bare `module::…` paths (and `use module::{…}`).
-        if owner == ROOT:
-            for m in re.finditer(r"(?<![A-Za-z0-9_:])(" + IDENT + r")\s*::", code):
-                if m.group(1) in crate.modules:
-                    found.append((m.group(1), m.start()))
-        for name, pos in found:
-            target = resolve(name)
+            base = here[: len(here) - ups] if ups <= len(here) else []
+            found += [(base + p, m.start()) for p in paths_at(code, m.end())]
+        for m in re.finditer(r"(?<![A-Za-z0-9_:])self\s*::\s*", code):
+            found += [(here + p, m.start()) for p in paths_at(code, m.end())]
+        # Bare paths into a child module (`use child::Item;`, `child::f()`).
+        for m in re.finditer(r"(?<![A-Za-z0-9_:])(" + IDENT + r")\s*::", code):
+            if "::".join(here + [m.group(1)]) in crate.modules:
+                found += [(here + p, m.start()) for p in paths_at(code, m.start())]
+        for path, pos in found:
+            target = resolve(path)
             if target is None or target == owner:
+                continue
+            # A folder declaring and re-exporting its own children.
+            if owner != ROOT and target.startswith(owner + "::"):
                 continue
             ref = Ref(target=target, file=file, line=line_of(code, pos))
             crate.refs.append((owner, ref))
@@ -368,20 +406,20 @@ def rel(path: Path) -> str:
 def check_layers(crate: Crate, layers_file: Path) -> list[str]:
     """Problems with `crate` against the layers in `layers_file`."""
     problems: list[str] = []
-    level: dict[str, int] = {}
+    member_level: dict[str, int] = {}
     names: list[str] = []
     for number, raw in enumerate(layers_file.read_text(encoding="utf-8").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        if ":" not in line:
+        if ":" not in line or "::" in line.split(":", 1)[0]:
             problems.append(f"{rel(layers_file)}:{number}: expected `layer: module, …`")
             continue
         name, members = line.split(":", 1)
         names.append(name.strip())
         for member in filter(None, (m.strip() for m in members.split(","))):
-            module = member.rstrip("/")
-            if module not in crate.modules:
+            module = member.rstrip("/").replace("/", "::")
+            if module not in crate.modules and module not in crate.folders:
                 problems.append(
                     f"{rel(layers_file)}:{number}: {member}: no such module in {rel(crate.src)}"
                 )
@@ -389,10 +427,20 @@ def check_layers(crate: Crate, layers_file: Path) -> list[str]:
                 problems.append(
                     f"{rel(layers_file)}:{number}: {member}: {module} is a file, not a folder"
                 )
-            if module in level:
+            if module in member_level:
                 problems.append(f"{rel(layers_file)}:{number}: {module} is in two layers")
-            level[module] = len(names) - 1
-    for module in sorted(set(crate.modules) - set(level)):
+            member_level[module] = len(names) - 1
+
+    def level_of(module: str) -> int | None:
+        parts = module.split("::")
+        for end in range(len(parts), 0, -1):
+            found = member_level.get("::".join(parts[:end]))
+            if found is not None:
+                return found
+        return None
+
+    level = {m: level_of(m) for m in crate.modules}
+    for module in sorted(m for m, lv in level.items() if lv is None):
         problems.append(f"{rel(layers_file)}: module {module} is in no layer")
     for owner, ref in crate.refs:
         if owner == ROOT:
@@ -402,10 +450,11 @@ def check_layers(crate: Crate, layers_file: Path) -> list[str]:
                 f"{rel(ref.file)}:{ref.line}: {owner} uses the crate root, which sits above every layer"
             )
             continue
-        if owner in level and ref.target in level and level[ref.target] > level[owner]:
+        low, high = level.get(owner), level.get(ref.target)
+        if low is not None and high is not None and high > low:
             problems.append(
                 f"{rel(ref.file)}:{ref.line}: upward import: {owner} (layer "
-                f"{names[level[owner]]}) uses {ref.target} (layer {names[level[ref.target]]})"
+                f"{names[low]}) uses {ref.target} (layer {names[high]})"
             )
     return problems
 

@@ -9,13 +9,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use strata_server::config::{Config, Flags};
-use strata_server::server::{self, ServerOptions};
+use strata_server::daemon::server::{self, ServerOptions};
+use strata_server::daemon::settings::{Config, Flags};
+use strata_server::daemon::telemetry;
 use strata_server::store::Store;
 use strata_server::store::embedded::EmbeddedStore;
 use strata_server::store::etcd::EtcdStore;
-use strata_server::telemetry;
-use strata_server::tracing_otel::Tracing;
+use strata_server::transport::layers::tracing::Tracing;
 
 /// `EX_USAGE` from sysexits.h: bad command line or configuration.
 const EXIT_CONFIG: u8 = 64;
@@ -117,12 +117,12 @@ async fn serve(config: Config) -> Result<(), String> {
 /// The auth settings with the admin token file resolved (default
 /// `<data-dir>/admin.token`, also with etcd: the data directory is then
 /// only used for this file). Warns loudly when auth is off.
-fn auth_options(config: &Config) -> strata_server::auth::AuthConfig {
+fn auth_options(config: &Config) -> strata_server::app::auth::AuthConfig {
     let mut auth = config.auth.clone();
     if auth.admin_token_file.is_none() {
         auth.admin_token_file = Some(config.data_dir.join("admin.token"));
     }
-    if auth.mode == strata_server::auth::AuthMode::Off {
+    if auth.mode == strata_server::app::auth::AuthMode::Off {
         tracing::warn!(
             "AUTHENTICATION IS OFF (--auth=off): anyone who can reach {} may read, change and \
              delete everything. Use this only for local experiments.",

@@ -984,7 +984,7 @@ async fn leader_only_jobs_move_to_the_surviving_replica() {
     // Lease TTL + one probe failure threshold (2 × 200 ms) or one GC tick,
     // with slack for a loaded machine.
     const TAKEOVER: Duration =
-        Duration::from_secs(strata_server::leader::DEFAULT_TERM_TTL_SECONDS as u64 + 5);
+        Duration::from_secs(strata_server::daemon::leader::DEFAULT_TERM_TTL_SECONDS as u64 + 5);
     let _serial = SERIAL.lock().await;
     let etcd = start_etcd(3, EtcdSettings::default()).await;
     let daemons = replicas(&etcd, 2, &[]).await;

@@ -4,6 +4,7 @@
 //! docs/ARCHITECTURE.md defines it; and the stored forms of the objects
 //! (`records`).
 
+pub mod credentials;
 pub mod document;
 pub mod names;
 pub mod records;

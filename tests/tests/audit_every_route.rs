@@ -312,7 +312,7 @@ async fn every_route_and_method_that_changes_state_is_recorded_with_what_it_name
     assert!(changing.contains("PutConfig") && changing.contains("RegisterBranch"));
 
     // HTTP, from the route tables the router is built from.
-    let routes = strata_server::daemon::server::http_routes();
+    let routes = strata_server::transport::router::http_routes();
     assert!(routes.len() >= 20, "the route tables list the API");
     let mut operations_by_route = BTreeMap::new();
     for (method, path) in routes {

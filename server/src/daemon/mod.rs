@@ -11,6 +11,8 @@ pub mod leader;
 pub mod listener;
 // Leader-only registry jobs: health checks, tenant TTL collection, instance gauges.
 pub mod registry_jobs;
+// Accepted sockets: TCP_NODELAY and coalesced writes.
+pub mod sockets;
 // `run`: builds the state, the router and the jobs, serves, drains.
 pub mod server;
 // The daemon's settings: defaults, file, environment, flags, each value with its source.

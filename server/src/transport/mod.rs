@@ -13,6 +13,8 @@ pub mod grpc;
 pub mod grpc_methods;
 // The HTTP/JSON API, one file per resource, and what its handlers share.
 pub mod http;
+// The one router: every service and resource, and the middleware stack.
+pub mod router;
 // The middleware: authentication, limits, audit scope, metrics, tracing.
 pub mod layers;
 // What every request handler shares (`DaemonState`).

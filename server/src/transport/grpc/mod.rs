@@ -21,6 +21,8 @@ pub mod token;
 pub mod config;
 // `TenantService`.
 pub mod tenant;
+// The hot unary registry calls on their own routes, with small buffers.
+pub mod unary;
 // The watch streams: subscriptions, the encoded routes, their codec.
 pub mod watch;
 

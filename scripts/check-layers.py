@@ -9,8 +9,9 @@ bare path into one of `a`'s own child modules, or `crate::Item` where the
 root re-exports `Item` (`pub use b::Item;`); a path names the longest
 module it starts with. A folder's `mod.rs` declaring and re-exporting its
 children is not an edge (it is how a folder is made). Comments, string
-literals and `#[cfg(test)]` items are ignored (tests may use the whole
-crate; pass --include-tests to count them).
+literals, `#[cfg(test)]` items and modules declared `#[cfg(test)] mod x;`
+are ignored (tests may use the whole crate; pass --include-tests to count
+them).
 
 Checks, per crate:
 
@@ -174,7 +175,7 @@ def line_of(code: str, pos: int) -> int:
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
-def load_crate(directory: Path) -> Crate:
+def load_crate(directory: Path, include_tests: bool = False) -> Crate:
     src = directory / "src" if (directory / "src").is_dir() else directory
     root = next((src / f for f in ("lib.rs", "main.rs") if (src / f).is_file()), None)
     if root is None:
@@ -187,6 +188,15 @@ def load_crate(directory: Path) -> Crate:
         crate.modules["::".join(path)] = file
         for depth in range(1, len(path) if file.stem != "mod" else len(path) + 1):
             crate.folders.add("::".join(path[:depth]))
+    if not include_tests:
+        # A module declared `#[cfg(test)] mod x;` (a test file) is test code.
+        for file in [root, *crate.modules.values()]:
+            code = strip_code(file.read_text(encoding="utf-8"))
+            for m in re.finditer(r"#\s*\[\s*cfg\s*\(\s*test\s*\)\s*\]\s*mod\s+(" + IDENT + r")\s*;", code):
+                test_module = "::".join(module_path(crate, file) + [m.group(1)])
+                for name in list(crate.modules):
+                    if name == test_module or name.startswith(test_module + "::"):
+                        del crate.modules[name]
     return crate
 
 
@@ -498,7 +508,7 @@ def main(argv: list[str]) -> int:
     crates, include_tests = parse_args(argv)
     failed = False
     for directory, layers in crates:
-        crate = load_crate(directory)
+        crate = load_crate(directory, include_tests)
         scan(crate, include_tests)
         if PRINT_GRAPH:
             for module in sorted(crate.modules):

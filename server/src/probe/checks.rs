@@ -16,7 +16,11 @@ use super::{MAX_HTTP_HEAD_BYTES, Outcome, ProbeKind, ProbeTarget};
 use crate::probe::policy::{Denied, ProbePolicy};
 
 /// Runs one probe, never longer than `timeout`.
-pub(super) async fn probe(target: &ProbeTarget, timeout: Duration, policy: &ProbePolicy) -> Outcome {
+pub(super) async fn probe(
+    target: &ProbeTarget,
+    timeout: Duration,
+    policy: &ProbePolicy,
+) -> Outcome {
     let address = target.address.as_str();
     let attempt = async {
         match &target.spec.kind {

@@ -50,7 +50,6 @@ use crate::probe::policy::ProbePolicy;
 use checks::probe;
 pub use spec::{Health, HealthChange, ProbeKind, ProbeSpec, ProbeSpecError, ProbeTarget};
 
-
 /// The shortest probe interval [`ProbeSpec::validate`] accepts.
 ///
 /// Only `validate` enforces it, so tests can probe faster; the prober itself

@@ -57,7 +57,6 @@ pub use export::*;
 pub use import::*;
 pub use parse::*;
 
-
 /// Name in the header's `format` field.
 pub const FORMAT_NAME: &str = "strata-backup";
 
@@ -324,4 +323,3 @@ mod tests {
         assert_eq!(back, record);
     }
 }
-

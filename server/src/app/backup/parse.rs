@@ -226,7 +226,12 @@ pub(super) fn layer_in(
     .map_err(|e| e.prefixed(&format!("key {key:?} of tenant {tenant:?}: ")))
 }
 
-pub(super) fn add_record(api: &Api, project: &str, p: &mut ProjectIn, record: Record) -> Result<(), ApiError> {
+pub(super) fn add_record(
+    api: &Api,
+    project: &str,
+    p: &mut ProjectIn,
+    record: Record,
+) -> Result<(), ApiError> {
     let known = |p: &ProjectIn, tenant: &str| -> Result<(), ApiError> {
         if p.tenants.iter().any(|(n, _)| n == tenant) {
             Ok(())

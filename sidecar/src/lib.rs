@@ -44,7 +44,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -242,13 +241,7 @@ pub async fn run(
         limits,
         Shutdown(stopped.clone()),
     ));
-    let upkeep = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            prometheus.run_upkeep();
-        }
-    });
+    let upkeep = tokio::spawn(strata_metrics::upkeep(prometheus));
 
     shutdown.await;
     tracing::info!("shutting down: draining for at most {grace:?}");

@@ -3,11 +3,10 @@
 //! Handles are looked up once per route when the routing table is built,
 //! so a request only bumps atomics — no label hashing on the request path.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{Counter, Histogram, counter, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// Latency buckets in seconds: 50 µs to 30 s (a sidecar hop is tens of
 /// microseconds; the upstream's own time dominates the upper range).
@@ -16,23 +15,10 @@ const BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0, 30.0,
 ];
 
-static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-
 /// The process-wide Prometheus handle, installing the recorder on first
 /// use.
 pub fn prometheus() -> Result<PrometheusHandle, String> {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(BUCKETS)
-                .map_err(|e| e.to_string())?
-                .build_recorder();
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
-            describe();
-            Ok(handle)
-        })
-        .clone()
+    strata_metrics::install(BUCKETS, describe)
 }
 
 fn describe() {

@@ -82,7 +82,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let prometheus = crate::daemon::telemetry::prometheus().map_err(ServerError::Metrics)?;
-    let upkeep = tokio::spawn(crate::daemon::telemetry::upkeep(prometheus.clone()));
+    let upkeep = tokio::spawn(strata_metrics::upkeep(prometheus.clone()));
     let listener_addr = listener.local_addr().ok();
     // Every transaction of an audited call carries its audit entry; the
     // retention job and refusal entries use the raw store.

@@ -5,10 +5,7 @@
 //! and only bounded labels (`op`, `code`; later `project`, `tenant`,
 //! `service`) — never an instance id or a key.
 
-use std::sync::OnceLock;
-use std::time::Duration;
-
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use serde::Deserialize;
 
@@ -37,8 +34,6 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
-static PROMETHEUS: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-
 /// Installs the global `tracing` subscriber writing to stderr, plus the
 /// OpenTelemetry span export when `tracing` runs (the log filter applies
 /// to the log output only, so it never hides spans from traces).
@@ -66,27 +61,7 @@ pub fn init_logging(
 /// Returns the process-wide Prometheus handle, installing the recorder on
 /// first use (several in-process daemons, as in tests, share it).
 pub fn prometheus() -> Result<PrometheusHandle, String> {
-    PROMETHEUS
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(LATENCY_BUCKETS)
-                .map_err(|e| e.to_string())?
-                .build_recorder();
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
-            describe();
-            Ok(handle)
-        })
-        .clone()
-}
-
-/// Keeps the exporter's histogram storage bounded; run for the daemon's life.
-pub async fn upkeep(handle: PrometheusHandle) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tick.tick().await;
-        handle.run_upkeep();
-    }
+    strata_metrics::install(LATENCY_BUCKETS, describe)
 }
 
 fn describe() {

@@ -1,8 +1,9 @@
-//! The one error type of settings: every module that owns a section of the
-//! daemon's configuration (`[limits]`, `[audit]`, `[probes]`, OTLP, …)
-//! reports its invalid values with it, and `config.rs` composes them. It
-//! sits below every such module so none of them imports the configuration
-//! that gathers them.
+//! What every section of the daemon's settings shares: the one error type
+//! and [`Sourced`] values. Each module that owns a section (`[limits]`,
+//! `[audit]`, `[probes]`, `[auth]`, `[tls]`, `[log]`, `[compaction]`, OTLP)
+//! defines its file table and checks its values with these, and
+//! `daemon::settings` composes them. It sits below every such module so
+//! none of them imports the settings that gather them.
 
 use std::path::PathBuf;
 
@@ -35,4 +36,25 @@ pub enum SettingsError {
         /// What is wrong.
         message: String,
     },
+}
+
+impl SettingsError {
+    /// `setting` has an invalid value, set by `source`.
+    pub fn invalid(setting: &'static str, source: &str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            setting,
+            source_name: source.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A setting's value together with the name of the source that set it
+/// (`default`, the file, `STRATA_…`, `--…`), for messages.
+#[derive(Debug, Clone)]
+pub struct Sourced<T> {
+    /// The value.
+    pub value: T,
+    /// Who set it.
+    pub source: String,
 }

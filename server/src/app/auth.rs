@@ -25,6 +25,7 @@ use std::sync::{Arc, RwLock};
 use strata_proto::v1::ErrorReason;
 
 use crate::error::ApiError;
+use crate::settings_error::{SettingsError, Sourced};
 
 /// What a token may do. Each role includes `Read`; see [`Principal::authorize`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -373,6 +374,57 @@ pub(crate) struct TokenEntry {
     pub(crate) secret_hash: [u8; 32],
     /// Unix milliseconds; 0: never.
     pub(crate) expires_at_unix_ms: i64,
+}
+
+/// The `[auth]` table of the configuration file (also `--auth`,
+/// `--admin-token-file`, `--metrics-auth` and their `STRATA_*` variables).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    /// `on` or `off`.
+    pub mode: Option<String>,
+    /// Where first start writes the admin token.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// `open` or `token`: whether `/metrics` needs a token.
+    pub metrics: Option<String>,
+}
+
+impl AuthConfig {
+    /// The auth settings from their merged values: `auth.mode` on|off,
+    /// `auth.metrics` open|token; errors name the setting and its source.
+    pub fn from_settings(
+        mode_setting: &Sourced<String>,
+        admin_token_file: &Sourced<Option<std::path::PathBuf>>,
+        metrics: &Sourced<String>,
+    ) -> Result<Self, SettingsError> {
+        let mode = match mode_setting.value.trim() {
+            "on" => AuthMode::On,
+            "off" => AuthMode::Off,
+            other => {
+                return Err(SettingsError::invalid(
+                    "auth.mode",
+                    &mode_setting.source,
+                    format!("{other:?} is not one of: on, off"),
+                ));
+            }
+        };
+        let metrics_need_token = match metrics.value.trim() {
+            "open" => false,
+            "token" => true,
+            other => {
+                return Err(SettingsError::invalid(
+                    "auth.metrics",
+                    &metrics.source,
+                    format!("{other:?} is not one of: open, token"),
+                ));
+            }
+        };
+        Ok(Self {
+            mode,
+            admin_token_file: admin_token_file.value.clone(),
+            metrics_need_token,
+        })
+    }
 }
 
 /// Checks bearer tokens against the token table, which

@@ -1,12 +1,71 @@
-//! Background jobs of the daemon. For now: automatic history compaction,
-//! keeping `retain_revisions` revisions behind the current one.
+//! Automatic history compaction (leader-only), keeping `retain_revisions`
+//! revisions behind the current one; and its `[compaction]` settings.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::settings::CompactionConfig;
+use crate::settings_error::{SettingsError, Sourced};
 use crate::store::{Store, StoreError};
+
+/// Automatic compaction of store history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionConfig {
+    /// Revisions of history kept behind the current one (watch resume and
+    /// config history reach back this far). 0 disables automatic compaction.
+    pub retain_revisions: i64,
+    /// How often the compaction job runs.
+    pub interval: Duration,
+}
+
+/// The `[compaction]` table of the configuration file.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionFile {
+    /// Revisions kept behind the current one (0: off).
+    pub retain_revisions: Option<i64>,
+    /// How often the job runs (`5m`).
+    pub interval: Option<String>,
+}
+
+impl CompactionConfig {
+    /// The compaction settings from their merged values; errors name the
+    /// setting and its source.
+    pub fn from_settings(
+        retain_revisions: &Sourced<i64>,
+        interval: &Sourced<String>,
+    ) -> Result<Self, SettingsError> {
+        let parsed = humantime::parse_duration(interval.value.trim()).map_err(|e| {
+            SettingsError::invalid(
+                "compaction.interval",
+                &interval.source,
+                format!("{:?} is not a duration like 10s or 5m: {e}", interval.value),
+            )
+        })?;
+        if parsed.is_zero() {
+            return Err(SettingsError::invalid(
+                "compaction.interval",
+                &interval.source,
+                "must be longer than zero",
+            ));
+        }
+        if retain_revisions.value < 0 {
+            return Err(SettingsError::invalid(
+                "compaction.retain_revisions",
+                &retain_revisions.source,
+                format!(
+                    "must be 0 (off) or positive, got {}",
+                    retain_revisions.value
+                ),
+            ));
+        }
+        Ok(Self {
+            retain_revisions: retain_revisions.value,
+            interval: parsed,
+        })
+    }
+}
 
 /// Compacts the store every `config.interval` until `shutdown` fires.
 pub async fn compaction(

@@ -9,6 +9,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use serde::Deserialize;
 
+use crate::settings_error::{SettingsError, Sourced};
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,6 +28,50 @@ pub struct LogConfig {
     pub level: String,
     /// Output format.
     pub format: LogFormat,
+}
+
+/// The `[log]` table of the configuration file (also `--log-level`,
+/// `--log-format`, `STRATA_LOG_LEVEL`, `STRATA_LOG_FORMAT`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// A `tracing` filter (`info`, `strata_server=debug,info`).
+    pub level: Option<String>,
+    /// `text` or `json`.
+    pub format: Option<String>,
+}
+
+impl LogConfig {
+    /// The log settings from their merged values; errors name the setting
+    /// and its source.
+    pub fn from_settings(
+        level: &Sourced<String>,
+        format: &Sourced<String>,
+    ) -> Result<Self, SettingsError> {
+        let parsed_format = match format.value.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(SettingsError::invalid(
+                    "log.format",
+                    &format.source,
+                    format!("{other:?} is not one of: text, json"),
+                ));
+            }
+        };
+        let filter = level.value.trim().to_owned();
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&filter) {
+            return Err(SettingsError::invalid(
+                "log.level",
+                &level.source,
+                format!("{filter:?}: {e}"),
+            ));
+        }
+        Ok(Self {
+            level: filter,
+            format: parsed_format,
+        })
+    }
 }
 
 /// Latency buckets (seconds) shared by every duration histogram.

@@ -35,6 +35,77 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::settings_error::{SettingsError, Sourced};
+
+/// The `[tls]` table of the configuration file (also `--tls-cert`,
+/// `--tls-key`, `--tls-client-ca` and their `STRATA_TLS_*` variables).
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA that signs client certificates (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerTls {
+    /// The TLS settings from their merged values, checked together and
+    /// loaded (so a bad certificate or key stops `stratad` at startup):
+    /// `None` without a certificate.
+    pub fn from_settings(
+        cert_setting: &Sourced<Option<PathBuf>>,
+        key_setting: &Sourced<Option<PathBuf>>,
+        client_ca_setting: &Sourced<Option<PathBuf>>,
+    ) -> Result<Option<Self>, SettingsError> {
+        let (cert, key) = match (&cert_setting.value, &key_setting.value) {
+            (None, None) => {
+                if client_ca_setting.value.is_some() {
+                    return Err(SettingsError::invalid(
+                        "tls.client_ca",
+                        &client_ca_setting.source,
+                        "client certificates need TLS: set tls.cert and tls.key too",
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+            // Named after the setting that is set, so the source is one
+            // the operator wrote.
+            (Some(_), None) => {
+                return Err(SettingsError::invalid(
+                    "tls.cert",
+                    &cert_setting.source,
+                    "needs its private key in tls.key (--tls-key, STRATA_TLS_KEY)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::invalid(
+                    "tls.key",
+                    &key_setting.source,
+                    "needs its certificate in tls.cert (--tls-cert, STRATA_TLS_CERT)",
+                ));
+            }
+        };
+        let files = TlsFiles {
+            cert,
+            key,
+            client_ca: client_ca_setting.value.clone(),
+        };
+        ServerTls::load(files)
+            .map(Some)
+            .map_err(|e| {
+                let source = match e.setting {
+                    "tls.cert" => &cert_setting.source,
+                    "tls.client_ca" => &client_ca_setting.source,
+                    _ => &key_setting.source,
+                };
+                SettingsError::invalid(e.setting, source, e.message)
+            })
+    }
+}
+
 /// Longest time a client may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -85,11 +85,11 @@ pub(super) fn env_layer(env: &[(String, String)]) -> Result<Layer, SettingsError
         listen: get("STRATA_LISTEN"),
         data_dir: get("STRATA_DATA_DIR").map(PathBuf::from),
         shutdown_grace: get("STRATA_SHUTDOWN_GRACE"),
-        log: LogLayer {
+        log: LogFile {
             level: get("STRATA_LOG_LEVEL"),
             format: get("STRATA_LOG_FORMAT"),
         },
-        compaction: CompactionLayer {
+        compaction: CompactionFile {
             retain_revisions,
             interval: get("STRATA_COMPACTION_INTERVAL"),
         },
@@ -118,12 +118,12 @@ pub(super) fn env_layer(env: &[(String, String)]) -> Result<Layer, SettingsError
             username: get("STRATA_ETCD_USERNAME"),
             password_file: get("STRATA_ETCD_PASSWORD_FILE").map(PathBuf::from),
         },
-        tls: TlsLayer {
+        tls: TlsFile {
             cert: get("STRATA_TLS_CERT").map(PathBuf::from),
             key: get("STRATA_TLS_KEY").map(PathBuf::from),
             client_ca: get("STRATA_TLS_CLIENT_CA").map(PathBuf::from),
         },
-        auth: AuthLayer {
+        auth: AuthFile {
             mode: get("STRATA_AUTH"),
             admin_token_file: get("STRATA_ADMIN_TOKEN_FILE").map(PathBuf::from),
             metrics: get("STRATA_METRICS_AUTH"),

@@ -4,6 +4,16 @@
 //! Every source is passed in explicitly ([`Config::load`] takes the parsed
 //! flags and an iterator of environment pairs), so tests build configurations
 //! without touching the process environment.
+//!
+//! This folder only merges the sources and composes the result: each
+//! section's file table and checks live with the module that uses it
+//! (`[limits]` in `app::limits`, `[audit]` in `app::audit`, `[auth]` in
+//! `app::auth`, `[probes]` in `probe::policy`, `[tls]` in `daemon::tls`,
+//! `[log]` in `daemon::telemetry`, `[compaction]` in `daemon::compaction`),
+//! all reporting with the one `SettingsError`. `[etcd]` is checked here
+//! (`etcd.rs`): the store backend takes typed `EtcdOptions` and never
+//! reads settings files, flags or the environment. `[watch]` and
+//! `[history]` are single numbers checked in `validate.rs`.
 
 // Environment variables and their settings.
 mod env;
@@ -26,7 +36,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::daemon::telemetry::{LogConfig, LogFormat};
+pub use crate::daemon::compaction::CompactionConfig;
+use crate::app::auth::AuthFile;
+use crate::daemon::compaction::CompactionFile;
+use crate::daemon::telemetry::LogFile;
+use crate::daemon::tls::TlsFile;
 pub use crate::settings_error::SettingsError;
+use crate::settings_error::Sourced;
 
 /// Default gRPC + HTTP listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -86,16 +102,6 @@ pub struct Flags {
     pub metrics_auth: Option<String>,
 }
 
-/// Automatic compaction of store history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CompactionConfig {
-    /// Revisions of history kept behind the current one (watch resume and
-    /// config history reach back this far). 0 disables automatic compaction.
-    pub retain_revisions: i64,
-    /// How often the compaction job runs.
-    pub interval: Duration,
-}
-
 /// The validated configuration of one daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -138,9 +144,9 @@ struct Layer {
     data_dir: Option<PathBuf>,
     shutdown_grace: Option<String>,
     #[serde(default)]
-    log: LogLayer,
+    log: LogFile,
     #[serde(default)]
-    compaction: CompactionLayer,
+    compaction: CompactionFile,
     #[serde(default)]
     limits: LimitsLayer,
     #[serde(default)]
@@ -154,25 +160,9 @@ struct Layer {
     #[serde(default)]
     etcd: EtcdLayer,
     #[serde(default)]
-    tls: TlsLayer,
+    tls: TlsFile,
     #[serde(default)]
-    auth: AuthLayer,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AuthLayer {
-    mode: Option<String>,
-    admin_token_file: Option<PathBuf>,
-    metrics: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TlsLayer {
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    client_ca: Option<PathBuf>,
+    auth: AuthFile,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -189,27 +179,6 @@ struct WatchLayer {
 
 /// `[limits]`: every size, count and rate limit (`limits.rs`).
 type LimitsLayer = crate::app::limits::LimitsFile;
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogLayer {
-    level: Option<String>,
-    format: Option<String>,
-}
-
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CompactionLayer {
-    retain_revisions: Option<i64>,
-    interval: Option<String>,
-}
-
-/// A value together with the name of the source that set it, for messages.
-#[derive(Debug, Clone)]
-struct Sourced<T> {
-    value: T,
-    source: String,
-}
 
 /// Settings after merging, before validation.
 #[derive(Debug, Clone)]
@@ -451,11 +420,11 @@ impl Config {
                 listen: flags.listen.clone(),
                 data_dir: flags.data_dir.clone(),
                 shutdown_grace: flags.shutdown_grace.clone(),
-                log: LogLayer {
+                log: LogFile {
                     level: flags.log_level.clone(),
                     format: flags.log_format.clone(),
                 },
-                compaction: CompactionLayer::default(),
+                compaction: CompactionFile::default(),
                 limits: LimitsLayer::default(),
                 audit: crate::app::audit::AuditFile::default(),
                 probes: crate::probe::policy::ProbesFile::default(),
@@ -465,12 +434,12 @@ impl Config {
                     endpoints: flags.etcd_endpoints.clone().map(Endpoints::Joined),
                     ..EtcdLayer::default()
                 },
-                tls: TlsLayer {
+                tls: TlsFile {
                     cert: flags.tls_cert.clone(),
                     key: flags.tls_key.clone(),
                     client_ca: flags.tls_client_ca.clone(),
                 },
-                auth: AuthLayer {
+                auth: AuthFile {
                     mode: flags.auth.clone(),
                     admin_token_file: flags.admin_token_file.clone(),
                     metrics: flags.metrics_auth.clone(),

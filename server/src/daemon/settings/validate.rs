@@ -39,35 +39,9 @@ impl Merged {
             })
         };
         let shutdown_grace = duration("shutdown_grace", &self.shutdown_grace)?;
-        let interval = duration("compaction.interval", &self.compaction_interval)?;
-        if interval.is_zero() {
-            return Err(invalid(
-                "compaction.interval",
-                &self.compaction_interval.source,
-                "must be longer than zero".into(),
-            ));
-        }
-        if self.retain_revisions.value < 0 {
-            return Err(invalid(
-                "compaction.retain_revisions",
-                &self.retain_revisions.source,
-                format!(
-                    "must be 0 (off) or positive, got {}",
-                    self.retain_revisions.value
-                ),
-            ));
-        }
-        let format = match self.log_format.value.trim() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log.format",
-                    &self.log_format.source,
-                    format!("{other:?} is not one of: text, json"),
-                ));
-            }
-        };
+        let compaction =
+            CompactionConfig::from_settings(&self.retain_revisions, &self.compaction_interval)?;
+        let log = LogConfig::from_settings(&self.log_level, &self.log_format)?;
         // On etcd, an unset limit defaults to what etcd's default request
         // limit takes (a write carries its value twice); stratad logs it.
         let max_value_bytes =
@@ -111,14 +85,6 @@ impl Merged {
                     ),
                 )
             })?;
-        let level = self.log_level.value.trim().to_owned();
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
-            return Err(invalid(
-                "log.level",
-                &self.log_level.source,
-                format!("{level:?}: {e}"),
-            ));
-        }
         let etcd = self.etcd()?;
         let mut limits = crate::app::api::Limits {
             max_value_bytes,
@@ -126,18 +92,23 @@ impl Merged {
             ..crate::app::api::Limits::default()
         };
         crate::app::limits::apply_layers(&self.limit_layers, &mut limits)?;
-        let tls = self.tls()?;
-        let auth = self.auth()?;
+        let tls = crate::daemon::tls::ServerTls::from_settings(
+            &self.tls_cert,
+            &self.tls_key,
+            &self.tls_client_ca,
+        )?;
+        let auth = crate::app::auth::AuthConfig::from_settings(
+            &self.auth_mode,
+            &self.admin_token_file,
+            &self.metrics_auth,
+        )?;
         let probes = self.probe_policy()?;
         Ok(Config {
             listen,
             data_dir: self.data_dir.value,
             shutdown_grace,
-            log: LogConfig { level, format },
-            compaction: CompactionConfig {
-                retain_revisions: self.retain_revisions.value,
-                interval,
-            },
+            log,
+            compaction,
             limits,
             audit: crate::app::audit::AuditSettings::from_layers(&self.audit_layers)?,
             probes,
@@ -152,45 +123,6 @@ impl Merged {
         })
     }
 
-    /// The auth settings: `auth.mode` on|off, `auth.metrics` open|token.
-    fn auth(&self) -> Result<crate::app::auth::AuthConfig, SettingsError> {
-        let invalid =
-            |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
-                setting,
-                source_name: source.to_owned(),
-                message,
-            };
-        let mode = match self.auth_mode.value.trim() {
-            "on" => crate::app::auth::AuthMode::On,
-            "off" => crate::app::auth::AuthMode::Off,
-            other => {
-                return Err(invalid(
-                    "auth.mode",
-                    &self.auth_mode.source,
-                    format!("{other:?} is not one of: on, off"),
-                ));
-            }
-        };
-        let metrics_need_token = match self.metrics_auth.value.trim() {
-            "open" => false,
-            "token" => true,
-            other => {
-                return Err(invalid(
-                    "auth.metrics",
-                    &self.metrics_auth.source,
-                    format!("{other:?} is not one of: open, token"),
-                ));
-            }
-        };
-        Ok(crate::app::auth::AuthConfig {
-            mode,
-            admin_token_file: self.admin_token_file.value.clone(),
-            metrics_need_token,
-        })
-    }
-
-    /// The TLS settings, checked together and loaded (so a bad certificate
-    /// or key stops `stratad` at startup): `None` without a certificate.
     /// The probe policy of the `[probes]` tables, denying the etcd
     /// endpoints too (names are resolved once, here).
     fn probe_policy(&self) -> Result<crate::probe::policy::ProbePolicy, SettingsError> {
@@ -208,58 +140,5 @@ impl Merged {
             }
         }
         Ok(policy)
-    }
-
-    fn tls(&self) -> Result<Option<crate::daemon::tls::ServerTls>, SettingsError> {
-        let invalid =
-            |setting: &'static str, source: &str, message: String| SettingsError::Invalid {
-                setting,
-                source_name: source.to_owned(),
-                message,
-            };
-        let (cert, key) = match (&self.tls_cert.value, &self.tls_key.value) {
-            (None, None) => {
-                if self.tls_client_ca.value.is_some() {
-                    return Err(invalid(
-                        "tls.client_ca",
-                        &self.tls_client_ca.source,
-                        "client certificates need TLS: set tls.cert and tls.key too".into(),
-                    ));
-                }
-                return Ok(None);
-            }
-            (Some(cert), Some(key)) => (cert.clone(), key.clone()),
-            // Named after the setting that is set, so the source is one
-            // the operator wrote.
-            (Some(_), None) => {
-                return Err(invalid(
-                    "tls.cert",
-                    &self.tls_cert.source,
-                    "needs its private key in tls.key (--tls-key, STRATA_TLS_KEY)".into(),
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "tls.key",
-                    &self.tls_key.source,
-                    "needs its certificate in tls.cert (--tls-cert, STRATA_TLS_CERT)".into(),
-                ));
-            }
-        };
-        let files = crate::daemon::tls::TlsFiles {
-            cert,
-            key,
-            client_ca: self.tls_client_ca.value.clone(),
-        };
-        crate::daemon::tls::ServerTls::load(files)
-            .map(Some)
-            .map_err(|e| {
-                let source = match e.setting {
-                    "tls.cert" => &self.tls_cert.source,
-                    "tls.client_ca" => &self.tls_client_ca.source,
-                    _ => &self.tls_key.source,
-                };
-                invalid(e.setting, source, e.message)
-            })
     }
 }

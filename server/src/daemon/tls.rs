@@ -93,16 +93,14 @@ impl ServerTls {
             key,
             client_ca: client_ca_setting.value.clone(),
         };
-        ServerTls::load(files)
-            .map(Some)
-            .map_err(|e| {
-                let source = match e.setting {
-                    "tls.cert" => &cert_setting.source,
-                    "tls.client_ca" => &client_ca_setting.source,
-                    _ => &key_setting.source,
-                };
-                SettingsError::invalid(e.setting, source, e.message)
-            })
+        ServerTls::load(files).map(Some).map_err(|e| {
+            let source = match e.setting {
+                "tls.cert" => &cert_setting.source,
+                "tls.client_ca" => &client_ca_setting.source,
+                _ => &key_setting.source,
+            };
+            SettingsError::invalid(e.setting, source, e.message)
+        })
     }
 }
 

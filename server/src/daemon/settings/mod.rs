@@ -35,11 +35,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use crate::daemon::telemetry::{LogConfig, LogFormat};
-pub use crate::daemon::compaction::CompactionConfig;
 use crate::app::auth::AuthFile;
+pub use crate::daemon::compaction::CompactionConfig;
 use crate::daemon::compaction::CompactionFile;
 use crate::daemon::telemetry::LogFile;
+pub use crate::daemon::telemetry::{LogConfig, LogFormat};
 use crate::daemon::tls::TlsFile;
 pub use crate::settings_error::SettingsError;
 use crate::settings_error::Sourced;

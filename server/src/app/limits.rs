@@ -128,7 +128,7 @@ impl Eq for RateSettings {}
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
-    /// Largest config value, bytes (validated in `config.rs`).
+    /// Largest config value, bytes (validated in `daemon::settings`).
     pub max_value_bytes: Option<i64>,
     /// Longest config key, bytes.
     pub max_key_bytes: Option<i64>,

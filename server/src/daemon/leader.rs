@@ -1,5 +1,6 @@
 //! Leader election for the jobs that must run on exactly one replica
-//! (health probes, tenant TTL collection, compaction, instance gauges).
+//! (health probes, tenant TTL collection, compaction, audit retention,
+//! instance gauges).
 //!
 //! Built on the store trait alone, so it works the same over etcd and the
 //! embedded store (where the one daemon simply always wins): a replica

@@ -24,7 +24,6 @@
 //! 10,000 targets at once does not fire 10,000 probes at once;
 //! [`Prober::upsert`], meant for single registrations, probes at once.
 
-// Where probes may connect: the allow and deny lists, checked at every probe.
 // The probe checks themselves: TCP connect, HTTP GET, gRPC health.
 mod checks;
 // Where probes may connect: the allow and deny lists, checked at every probe.

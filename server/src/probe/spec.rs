@@ -211,7 +211,7 @@ impl fmt::Display for Health {
 /// A change of one target's health, sent on the prober's channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthChange<Id = String> {
-    /// The target, as named to [`Prober::reconcile`] or [`Prober::upsert`].
+    /// The target, as named to [`Prober::reconcile`](super::Prober::reconcile) or [`Prober::upsert`](super::Prober::upsert).
     pub id: Id,
     /// The health before this change.
     pub previous: Health,

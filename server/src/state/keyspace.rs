@@ -8,9 +8,9 @@
 //! | `h/{project}/{tenant}/{key}@{seq}` | [`VersionRecord`] |
 //! | `i/{project}/{tenant}/{service}/{id}` | [`InstanceRecord`] (ephemeral ones under a lease) |
 //! | `ih/{project}/{tenant}/{service}/{id}` | [`HealthRecord`] (probe verdict of a persistent instance) |
-//! | `q/{project}`, `q/{project}/{tenant}/{c,i}` | empty: count guards (`limits.rs`) |
-//! | `audit/{hour}/{unix_ms}-{nonce}` | audit entry (`audit.rs`; not a domain key) |
-//! | `a/tokens/{id}` | token record: name, role, scope, secret hash (`tokens.rs`; not a domain key) |
+//! | `q/{project}`, `q/{project}/{tenant}/{c,i}` | empty: count guards (`app::limits`) |
+//! | `audit/{hour}/{unix_ms}-{nonce}` | audit entry (`app::audit`; not a domain key) |
+//! | `a/tokens/{id}` | token record: name, role, scope, secret hash (`app::tokens`; not a domain key) |
 //! | `a/bootstrap` | id of the admin token of first start (created once per store) |
 //!
 //! Project and tenant names cannot contain `/` (they are DNS labels), so the
@@ -79,7 +79,7 @@ pub fn healths_prefix(project: &str, tenant: &str) -> Vec<u8> {
     format!("ih/{project}/{tenant}/").into_bytes()
 }
 
-/// Prefix of a tenant's count guards (see `limits.rs`).
+/// Prefix of a tenant's count guards (see `app::limits`).
 pub fn guards_prefix(project: &str, tenant: &str) -> Vec<u8> {
     format!("q/{project}/{tenant}/").into_bytes()
 }

@@ -1,6 +1,6 @@
 //! What every request handler shares: the store, the operations (`Api`)
 //! once the view is loaded, the watch hubs, authentication, the audit log,
-//! rate and stream limits, readiness. `server.rs` builds it and wires the
+//! rate and stream limits, readiness. `daemon::server` builds it and wires the
 //! daemon; the gRPC and HTTP handlers only read it, so they import this
 //! file, never the one that starts everything.
 

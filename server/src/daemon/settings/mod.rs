@@ -177,7 +177,7 @@ struct WatchLayer {
     journal_revisions: Option<i64>,
 }
 
-/// `[limits]`: every size, count and rate limit (`limits.rs`).
+/// `[limits]`: every size, count and rate limit (`app::limits`).
 type LimitsLayer = crate::app::limits::LimitsFile;
 
 /// Settings after merging, before validation.
@@ -192,7 +192,7 @@ struct Merged {
     compaction_interval: Sourced<String>,
     max_value_bytes: Sourced<i64>,
     /// Every `[limits]` and `[audit]` table seen, in order, with its source
-    /// (their settings are validated together in `limits.rs`/`audit.rs`).
+    /// (their settings are validated together in `app::limits`/`app::audit`).
     limit_layers: Vec<(LimitsLayer, String)>,
     audit_layers: Vec<(crate::app::audit::AuditFile, String)>,
     probe_layers: Vec<(crate::probe::policy::ProbesFile, String)>,

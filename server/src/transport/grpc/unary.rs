@@ -59,7 +59,7 @@ impl<Req, Res> tonic::server::UnaryService<Req> for UnaryMethod<Req, Res> {
     }
 }
 
-/// The axum route of one unary registry method (see [`UnaryMethod`]).
+/// The axum route of one unary registry method (served by a `UnaryMethod`).
 pub fn unary_route<Req, Res>(
     state: &Arc<DaemonState>,
     handler: fn(GrpcApi, tonic::Request<Req>) -> UnaryFuture<Res>,

@@ -23,7 +23,7 @@ use crate::error::ApiError;
 use crate::state::hub::{ConfigLens, Encoded, Hub, MessageStream, Selection, Subscription};
 
 impl GrpcApi {
-    /// A `ConfigService.Watch` subscription (what [`ConfigService::watch`]
+    /// A `ConfigService.Watch` subscription (what [`ConfigService::watch`](strata_proto::v1::config_service_server::ConfigService::watch)
     /// streams).
     pub(crate) async fn subscribe_config(
         &self,
@@ -250,7 +250,7 @@ where
 
 /// `ConfigService.Watch` served with [`EncodedWatchCodec`]: route it at
 /// [`WATCH_CONFIG_PATH`], ahead of the generated service's catch-all route.
-/// The stream is [`ConfigService::watch`]'s, message for message.
+/// The stream is [`ConfigService::watch`](strata_proto::v1::config_service_server::ConfigService::watch)'s, message for message.
 pub fn watch_config_route(
     api: GrpcApi,
 ) -> impl tower::Service<

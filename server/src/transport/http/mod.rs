@@ -28,7 +28,7 @@ use crate::transport::state::DaemonState;
 
 /// Routes of one HTTP resource file: method, path, handler. Each file
 /// builds its router from its table ([`build`]) and lists it for
-/// [`crate::daemon::server::http_routes`], so the routes a test walks are the
+/// [`crate::transport::router::http_routes`], so the routes a test walks are the
 /// routes served.
 pub type RouteTable<S> = Vec<(Method, &'static str, MethodRouter<S>)>;
 

@@ -5,7 +5,7 @@
 //!
 //! Off (the default) it costs nothing: [`Tracing::start`] returns `None`
 //! without building an exporter or starting its batch thread, the `tracing`
-//! subscriber gets no OpenTelemetry layer, and `server::run` does not add
+//! subscriber gets no OpenTelemetry layer, and the router does not add
 //! the [`trace_requests`] middleware ([`enabled`] is false).
 //!
 //! The variables are read by [`OtelConfig::from_env`] from the environment
@@ -41,7 +41,7 @@ const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_secs(5);
 /// must not hold up the exit.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Set once an exporter runs; read by `server::run` to add the middleware.
+/// Set once an exporter runs; read by `transport::router::router` to add the middleware.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether spans are exported in this process.
@@ -265,7 +265,7 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// Middleware giving each request a server span, a child of the caller's
 /// `traceparent` (W3C trace context) when it sent one. Added by
-/// `server::run` only when [`enabled`].
+/// the router only when [`enabled`].
 ///
 /// The span is named after the gRPC method or the HTTP route template
 /// (bounded, like the metrics' `op`); handlers that know more fill the

@@ -259,7 +259,7 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// Finding 8 of the security review, the unit half of
+    /// docs/security.md, "`strata export` files": the unit half of
     /// `cli_export_partial_file_is_private_and_not_a_symlink_target_finding_8`
     /// in tests/tests/backup.rs.
     #[test]

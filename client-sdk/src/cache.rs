@@ -691,7 +691,7 @@ mod tests {
             .build()
     }
 
-    /// Finding 8 of the security review: `project`/`tenant` were joined into the cache
+    /// docs/security.md, "The SDK's disk cache": `project`/`tenant` were joined into the cache
     /// path as given, so `../` put the file outside the cache directory.
     #[test]
     fn sdk_cache_refuses_path_traversal_finding_8() {

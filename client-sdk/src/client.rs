@@ -473,7 +473,7 @@ mod tests {
         assert_eq!(attempts, 1);
     }
 
-    /// Finding 10 of the security review: an endpoint list mixing `https://` and
+    /// docs/security.md, "Plaintext fallback in endpoint lists": an endpoint list mixing `https://` and
     /// `http://` (or TLS settings with an explicit `http://` endpoint) was
     /// accepted, and failing over to the plaintext endpoint sent the bearer
     /// token in clear.

@@ -1,4 +1,4 @@
-//! Limits on the sidecar's listeners (security review, finding 10; docs/security.md): a cap on
+//! Limits on the sidecar's listeners (docs/security.md, "Slow and idle connections" and "Connection floods"): a cap on
 //! open connections per listener, and the timeouts that keep a slow or
 //! silent client from holding one for ever.
 //!

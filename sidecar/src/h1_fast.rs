@@ -21,7 +21,7 @@
 //! safe per request. The listener serves only through hyper when trace
 //! export is on (spans need the hyper path's `http::Request`).
 //!
-//! Framing is hyper's, byte for byte (security review, finding 9; docs/security.md): bodies pass
+//! Framing is hyper's, byte for byte (docs/security.md, "Request smuggling through the HTTP/1.1 fast path"): bodies pass
 //! on verbatim, so a reading the upstream could make differently would
 //! let a request hide inside another one on a pooled upstream connection.
 //! `Content-Length` is digits only (`+5` is refused, not 5) and repeated
@@ -1350,7 +1350,7 @@ enum BodyError {
     /// A bare LF in the trailer section. hyper takes it for a line end and
     /// re-encodes the trailers it parsed, but bytes passed on verbatim
     /// would end the body early for a server that ends lines at LF: what
-    /// follows would be its next request (security review, finding 9; docs/security.md).
+    /// follows would be its next request (docs/security.md, "Request smuggling").
     BareLf,
 }
 

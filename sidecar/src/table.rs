@@ -13,7 +13,7 @@
 //! (at most `tenant_wait`) for its routes.
 //!
 //! The tenant comes from the caller, so a caller can name any number of
-//! tenants that do not exist (security review, finding 5; docs/security.md). Each one the sidecar
+//! tenants that do not exist (docs/security.md, "Unknown tenants"). Each one the sidecar
 //! does not know costs a call to stratad, so these learns have their own
 //! budget (`tenant_learn_rate` per second, as many at once): past it a
 //! request for a tenant not followed yet is refused with 429 at once, and

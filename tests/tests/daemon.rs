@@ -355,7 +355,7 @@ fn mode(path: &std::path::Path) -> u32 {
         & 0o777
 }
 
-/// Finding 8 of the security review: the data dir was created with the process umask
+/// docs/security.md, "Files the daemon writes": the data dir was created with the process umask
 /// (0755 under umask 022, the usual one outside the systemd unit), and so
 /// was the store file (0644), so every local user could read the whole
 /// store. The test process's umask is used as is (022 here): the daemon

@@ -656,7 +656,7 @@ mod tests {
         assert_eq!(Format::from_extension("noext"), None);
     }
 
-    /// Finding 2 of the security review: aliases expanding a small document
+    /// The threat model's "Document expansion" (docs/security.md): aliases expanding a small document
     /// into millions of values are refused while they expand.
     #[test]
     fn yaml_alias_bomb_is_refused_finding_2() {

@@ -296,7 +296,7 @@ mod tests {
         assert!("example.com".parse::<Network>().is_err());
     }
 
-    /// Finding 4 of the security review: metadata, link-local and the
+    /// The threat model's "SSRF through probes" (docs/security.md): metadata, link-local and the
     /// daemon's own addresses are denied by default; loopback and private
     /// networks are allowed until `deny_private`.
     #[test]

@@ -62,7 +62,7 @@ pub fn grpc_methods() -> &'static HashMap<String, bool> {
 mod tests {
     use super::*;
 
-    /// Finding 1 of the security review: only methods the daemon serves can
+    /// The threat model's "Metrics labels" (docs/security.md): only methods the daemon serves can
     /// become a label, and the set knows which of them stream.
     #[test]
     fn only_served_grpc_methods_are_labels_finding_1() {

@@ -287,7 +287,7 @@ async fn encoded_streams_carry_the_same_messages_and_share_one_encoding_per_push
     assert_eq!(seen[0].as_ptr(), seen[1].as_ptr());
 }
 
-/// Finding 6 of the security review: a token holds a bounded number of
+/// The threat model's "Unbounded watches" (docs/security.md): a token holds a bounded number of
 /// distinct selections (each keeps its own resolved copy); the same
 /// selection again is free, and closing one frees its slot.
 #[tokio::test]

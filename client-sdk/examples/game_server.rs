@@ -2,12 +2,18 @@
 //! hot-reloads it, registers itself, resolves its matchmaker (with tenant
 //! fallback), and carries its tenant on outgoing calls.
 //!
-//! Run it against a daemon (see docs/sdk.md for the setup commands):
+//! Run it against a daemon (see docs/sdk.md for the setup commands); the
+//! client reads `STRATA_ENDPOINTS`, `STRATA_PROJECT`, `STRATA_TENANT`,
+//! `STRATA_TOKEN` (or `STRATA_TOKEN_FILE`), `STRATA_CACHE_DIR` and
+//! `STRATA_TLS_CA` from the environment:
 //!
 //! ```text
-//! STRATA_ENDPOINTS=127.0.0.1:7700 STRATA_PROJECT=vega STRATA_TENANT=feat-login \
+//! STRATA_ENDPOINTS=127.0.0.1:7070 STRATA_TOKEN_FILE=strata-data/admin.token \
 //!     cargo run -p strata-client --example game_server
 //! ```
+//!
+//! (project `vega` and tenant `feat-login` unless `STRATA_PROJECT` and
+//! `STRATA_TENANT` say otherwise).
 //!
 //! Stop it with Ctrl-C: it deregisters before exiting.
 
@@ -16,7 +22,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use strata_client::propagation::WithTenant;
-use strata_client::{Client, InstanceSpec, RoundRobin, Source};
+use strata_client::{ClientBuilder, InstanceSpec, RoundRobin, Source};
 
 /// `game-server/config.yaml` (any format works: json, yaml, toml).
 #[derive(Debug, Deserialize)]
@@ -27,10 +33,6 @@ struct GameConfig {
     motd: String,
 }
 
-fn env(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     tracing_subscriber::fmt()
@@ -39,14 +41,26 @@ async fn main() -> Result<(), Box<dyn Error>> {
         )
         .init();
 
-    // 1. A client for our project and tenant, with a disk cache so that we
-    //    start even when every daemon is down.
-    let client = Client::builder()
-        .endpoints(env("STRATA_ENDPOINTS", "127.0.0.1:7700").split(','))
-        .project(env("STRATA_PROJECT", "vega"))
-        .tenant(env("STRATA_TENANT", "integration"))
-        .cache_dir(env("STRATA_CACHE_DIR", "strata-cache"))
-        .build()?;
+    // 1. A client for our project and tenant, from the environment. Without
+    //    STRATA_CACHE_DIR it keeps a disk cache here, so that it starts even
+    //    when every daemon is down.
+    //    What the environment leaves unset, the example fills in for the
+    //    setup in docs/sdk.md.
+    let mut builder = ClientBuilder::from_env(std::env::vars())?;
+    let unset = |name: &str| std::env::var(name).map_or(true, |v| v.trim().is_empty());
+    if unset("STRATA_ENDPOINTS") {
+        builder = builder.endpoints(["127.0.0.1:7070"]);
+    }
+    if unset("STRATA_PROJECT") {
+        builder = builder.project("vega");
+    }
+    if unset("STRATA_TENANT") {
+        builder = builder.tenant("feat-login");
+    }
+    if unset("STRATA_CACHE_DIR") {
+        builder = builder.cache_dir("strata-cache");
+    }
+    let client = builder.build()?;
 
     // 2. Typed config, hot-reloaded. Reads are lock-free: fine every tick.
     let config = client

@@ -55,6 +55,112 @@ impl Default for ClientBuilder {
 }
 
 impl ClientBuilder {
+    /// A builder configured from environment variables — pass
+    /// `std::env::vars()` (tests pass their own pairs):
+    ///
+    /// - `STRATA_ENDPOINTS` — daemons, comma separated;
+    /// - `STRATA_PROJECT`, `STRATA_TENANT`;
+    /// - `STRATA_TOKEN`, or `STRATA_TOKEN_FILE` naming a file that holds it
+    ///   (surrounding whitespace ignored; setting both is an error);
+    /// - `STRATA_CACHE_DIR` — see [`cache_dir`](Self::cache_dir);
+    /// - `STRATA_TLS_CA` — PEM CA file: TLS to the daemons (see
+    ///   [`tls`](Self::tls)); with `STRATA_TLS_CLIENT_CERT` and
+    ///   `STRATA_TLS_CLIENT_KEY`, a client certificate too;
+    /// - `OTEL_*` — trace export, as [`TracingConfig::from_env`](crate::trace::TracingConfig::from_env).
+    ///
+    /// Unset or empty variables leave the defaults. Calls made on the
+    /// returned builder win over the environment, so a program can fix what
+    /// must not vary and let operators set the rest. Errors name the
+    /// variable (an unreadable token or CA file, a certificate without its
+    /// key).
+    pub fn from_env<I, K, V>(vars: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let vars: Vec<(String, String)> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().trim().to_owned()))
+            .collect();
+        let get = |name: &str| {
+            vars.iter()
+                .rev()
+                .find(|(k, v)| k == name && !v.is_empty())
+                .map(|(_, v)| v.clone())
+        };
+        let mut builder = Self::default();
+        if let Some(endpoints) = get("STRATA_ENDPOINTS") {
+            builder = builder.endpoints(
+                endpoints
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|e| !e.is_empty()),
+            );
+        }
+        if let Some(project) = get("STRATA_PROJECT") {
+            builder = builder.project(project);
+        }
+        if let Some(tenant) = get("STRATA_TENANT") {
+            builder = builder.tenant(tenant);
+        }
+        match (get("STRATA_TOKEN"), get("STRATA_TOKEN_FILE")) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(
+                    "STRATA_TOKEN and STRATA_TOKEN_FILE are both set; set one".into(),
+                ));
+            }
+            (Some(token), None) => builder = builder.token(token),
+            (None, Some(path)) => {
+                let token = std::fs::read_to_string(&path).map_err(|e| {
+                    Error::Config(format!("STRATA_TOKEN_FILE={path:?}: cannot read it: {e}"))
+                })?;
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err(Error::Config(format!(
+                        "STRATA_TOKEN_FILE={path:?}: the file is empty"
+                    )));
+                }
+                builder = builder.token(token);
+            }
+            (None, None) => {}
+        }
+        if let Some(dir) = get("STRATA_CACHE_DIR") {
+            builder = builder.cache_dir(dir);
+        }
+        let (cert, key) = (get("STRATA_TLS_CLIENT_CERT"), get("STRATA_TLS_CLIENT_KEY"));
+        match (get("STRATA_TLS_CA"), &cert, &key) {
+            (None, None, None) => {}
+            (None, _, _) => {
+                return Err(Error::Config(
+                    "STRATA_TLS_CLIENT_CERT and STRATA_TLS_CLIENT_KEY need STRATA_TLS_CA".into(),
+                ));
+            }
+            (Some(ca), _, _) => {
+                let mut tls = crate::tls::TlsConfig::new()
+                    .ca_file(&ca)
+                    .map_err(|e| Error::Config(format!("STRATA_TLS_CA={ca:?}: {e}")))?;
+                match (cert, key) {
+                    (None, None) => {}
+                    (Some(cert), Some(key)) => {
+                        tls = tls.identity_files(&cert, &key).map_err(|e| {
+                            Error::Config(format!(
+                                "STRATA_TLS_CLIENT_CERT={cert:?}, STRATA_TLS_CLIENT_KEY={key:?}: {e}"
+                            ))
+                        })?;
+                    }
+                    _ => {
+                        return Err(Error::Config(
+                            "STRATA_TLS_CLIENT_CERT and STRATA_TLS_CLIENT_KEY go together".into(),
+                        ));
+                    }
+                }
+                builder = builder.tls(tls);
+            }
+        }
+        Ok(builder.tracing(crate::trace::TracingConfig::from_env(vars)?))
+    }
+
     /// The daemons, as `host:port` or `http://host:port`. Calls and watches
     /// go to one of them and move to the next when it fails. Required.
     pub fn endpoints<I, S>(mut self, endpoints: I) -> Self
@@ -273,6 +379,15 @@ impl Client {
         ClientBuilder::default()
     }
 
+    /// A client configured from this process's environment: the `STRATA_*`
+    /// (and `OTEL_*`) variables [`ClientBuilder::from_env`] reads, then
+    /// built. For settings the program fixes itself, call
+    /// `ClientBuilder::from_env(std::env::vars())?` and set them on the
+    /// builder: explicit calls win.
+    pub fn from_env() -> Result<Client, Error> {
+        ClientBuilder::from_env(std::env::vars())?.build()
+    }
+
     /// The project.
     pub fn project(&self) -> &str {
         &self.inner.project
@@ -394,6 +509,59 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_configures_a_builder_and_explicit_calls_win() {
+        let vars = [
+            ("STRATA_ENDPOINTS", "10.0.0.1:7070, 10.0.0.2:7070,"),
+            ("STRATA_PROJECT", "vega"),
+            ("STRATA_TENANT", "feat-1"),
+            ("STRATA_TOKEN", " strata_0123456789abcdef_secret \n"),
+            ("STRATA_CACHE_DIR", ""),
+            ("PATH", "/usr/bin"),
+        ];
+        let builder = ClientBuilder::from_env(vars).unwrap();
+        assert_eq!(builder.endpoints, ["10.0.0.1:7070", "10.0.0.2:7070"]);
+        assert_eq!(
+            (builder.project.as_str(), builder.tenant.as_str()),
+            ("vega", "feat-1")
+        );
+        assert_eq!(
+            builder.token.as_deref(),
+            Some("strata_0123456789abcdef_secret")
+        );
+        assert_eq!(builder.cache_dir, None, "an empty variable is unset");
+        let client = builder.tenant("feat-2").build().unwrap();
+        assert_eq!((client.project(), client.tenant()), ("vega", "feat-2"));
+        assert_eq!(client.endpoints().len(), 2);
+        // Nothing set: the defaults, and build says what is missing.
+        let bare = ClientBuilder::from_env(std::iter::empty::<(&str, &str)>()).unwrap();
+        assert_eq!(bare.project, "default");
+        assert!(bare.build().is_err());
+    }
+
+    #[test]
+    fn token_files_are_read_and_bad_variables_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.token");
+        std::fs::write(&file, "strata_00000000000000aa_s3cret\n").unwrap();
+        let path = file.to_str().unwrap();
+        let builder = ClientBuilder::from_env([("STRATA_TOKEN_FILE", path)]).unwrap();
+        assert_eq!(
+            builder.token.as_deref(),
+            Some("strata_00000000000000aa_s3cret")
+        );
+        let both = ClientBuilder::from_env([("STRATA_TOKEN_FILE", path), ("STRATA_TOKEN", "x")])
+            .unwrap_err();
+        assert!(both.to_string().contains("both set"), "{both}");
+        let missing = dir.path().join("nope").to_str().unwrap().to_owned();
+        let err = ClientBuilder::from_env([("STRATA_TOKEN_FILE", missing.as_str())]).unwrap_err();
+        assert!(err.to_string().contains("STRATA_TOKEN_FILE"), "{err}");
+        let err = ClientBuilder::from_env([("STRATA_TLS_CLIENT_CERT", path)]).unwrap_err();
+        assert!(err.to_string().contains("STRATA_TLS_CA"), "{err}");
+        let err = ClientBuilder::from_env([("STRATA_TLS_CA", missing.as_str())]).unwrap_err();
+        assert!(err.to_string().contains("STRATA_TLS_CA"), "{err}");
+    }
 
     #[test]
     fn build_checks_what_it_can_without_dialling() {

@@ -67,8 +67,8 @@ python3 scripts/check-layers.py \
 echo "==> deploy/ checks (promtool rules and unit tests, Helm chart render + Kubernetes schemas, dashboard queries, systemd unit)"
 scripts/check-deploy.sh
 
-echo "==> cargo build --bins"
-cargo build --workspace --bins --locked
+echo "==> cargo build --bins --examples"
+cargo build --workspace --bins --examples --locked
 
 echo "==> cargo test"
 log=$(mktemp)

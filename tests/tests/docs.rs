@@ -253,7 +253,7 @@ async fn run_document(doc: &Path, tools: &Path) -> usize {
         .lines()
         .filter_map(|l| l.strip_prefix("@@block "))
         .filter_map(|n| n.parse::<usize>().ok())
-        .last();
+        .next_back();
     if !output.status.success() {
         let block = started.map(|n| marks[n].1);
         panic!(

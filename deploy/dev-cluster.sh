@@ -101,8 +101,11 @@ start() {
     fi
     # etcd here takes 3 MiB requests, so the replicas keep the 1 MiB value
     # limit of the embedded store (on a default etcd it is 512 KiB).
+    # Tokens live in etcd: whichever replica creates the first admin token
+    # writes it to the one file both are given.
     STRATA_ETCD_PREFIX=$PREFIX STRATA_LIMITS_MAX_VALUE_BYTES=1048576 nohup "$STRATAD" \
       --listen "127.0.0.1:${STRATAD_PORT[$i]}" --data-dir "$DIR/$name" \
+      --admin-token-file "$DIR/admin.token" \
       --etcd-endpoints "$(endpoints)" >>"$DIR/$name.log" 2>&1 </dev/null &
     echo $! >"$DIR/$name.pid"
   done
@@ -112,9 +115,12 @@ start() {
   status
   cat <<EOF
 
+Admin token: $DIR/admin.token (valid on both replicas: tokens live in etcd)
+
 Try:
-  curl -s -XPUT localhost:${STRATAD_PORT[0]}/v1/projects/vega/tenants/integration
-  curl -s localhost:${STRATAD_PORT[1]}/v1/projects/vega/tenants
+  export STRATA_TOKEN=\$(cat $DIR/admin.token)
+  curl -s -H "authorization: Bearer \$STRATA_TOKEN" -XPUT localhost:${STRATAD_PORT[0]}/v1/projects/vega/tenants/integration
+  curl -s -H "authorization: Bearer \$STRATA_TOKEN" localhost:${STRATAD_PORT[1]}/v1/projects/vega/tenants
   cargo run -q --bin strata -- --endpoints http://127.0.0.1:${STRATAD_PORT[0]},http://127.0.0.1:${STRATAD_PORT[1]} --project vega tenant list
 EOF
 }

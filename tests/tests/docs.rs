@@ -321,3 +321,129 @@ fn blocks_are_found_with_their_marks() {
     assert_eq!(found[0].skip, None);
     assert_eq!(found[1].skip.as_deref(), Some("needs Kubernetes"));
 }
+
+/// Stops the dev cluster of a test, whatever happened to the test.
+struct DevCluster {
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl DevCluster {
+    fn run(&self, command: &str) -> std::process::Output {
+        std::process::Command::new(repo_root().join("deploy/dev-cluster.sh"))
+            .arg(command)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let out = self.run("clean");
+        if !out.status.success() {
+            eprintln!(
+                "dev-cluster.sh clean failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An offset for the dev cluster's ports (etcd 2379/2380 + 20000/30000,
+/// stratad 7071/7072) at which all of them are free now.
+fn free_port_offset() -> u16 {
+    let bases = [2379_u16, 2380, 22379, 22380, 32379, 32380, 7071, 7072];
+    let start = u16::try_from(std::process::id() % 97).unwrap() * 300 + 1000;
+    (0..50)
+        .map(|i| start + i * 7)
+        .find(|offset| {
+            bases
+                .iter()
+                .all(|b| std::net::TcpListener::bind(("127.0.0.1", b + offset)).is_ok())
+        })
+        .expect("a free set of dev cluster ports")
+}
+
+#[test]
+fn dev_cluster_prints_its_token_and_hints_that_work_as_printed() {
+    if !strata_tests::etcd::etcd_available(
+        "dev_cluster_prints_its_token_and_hints_that_work_as_printed",
+    ) {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let cluster = DevCluster {
+        dir: work.path().join("cluster"),
+        env: vec![
+            (
+                "STRATA_DEV_CLUSTER_DIR".into(),
+                work.path().join("cluster").display().to_string(),
+            ),
+            (
+                "STRATA_DEV_PORT_OFFSET".into(),
+                free_port_offset().to_string(),
+            ),
+            ("STRATAD_BIN".into(), stratad_bin().display().to_string()),
+            (
+                "ETCD_BIN".into(),
+                strata_tests::etcd::etcd_bin()
+                    .unwrap()
+                    .display()
+                    .to_string(),
+            ),
+        ],
+    };
+    let started = cluster.run("start");
+    let printed = String::from_utf8_lossy(&started.stdout).into_owned();
+    assert!(
+        started.status.success(),
+        "dev-cluster.sh start failed:\n{printed}\n{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let token_file = cluster.dir.join("admin.token");
+    assert!(
+        printed.contains(&format!("Admin token: {}", token_file.display())),
+        "{printed}"
+    );
+    assert!(token_file.exists(), "{printed}");
+    let hints: Vec<&str> = printed
+        .split("Try:\n")
+        .nth(1)
+        .expect("hints after `Try:`")
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .collect();
+    assert!(hints.len() >= 3, "{printed}");
+    let tools_dir = tempfile::tempdir().unwrap();
+    let tools = tools(tools_dir.path());
+    let script = format!(
+        "set -euo pipefail\ncurl() {{ command curl --fail-with-body --max-time 10 \"$@\"; echo; }}\n{}\n",
+        hints.join("\n")
+    );
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(repo_root())
+        .env(
+            "PATH",
+            format!("{}:{}", tools.display(), std::env::var("PATH").unwrap()),
+        )
+        .env_remove("STRATA_TOKEN")
+        .env_remove("STRATA_ENDPOINTS")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the printed hints failed:\n{script}\n--- stdout:\n{stdout}\n--- stderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The tenant created through one replica is listed by the other and by
+    // the CLI.
+    assert!(stdout.matches("integration").count() >= 3, "{stdout}");
+    drop(cluster);
+}

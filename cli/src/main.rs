@@ -17,13 +17,15 @@
 //!    and the resumable follow loop `service watch` shares);
 //! 3. **steps** — `apply` (`config apply` and `config rollback`);
 //! 4. **commands** — `status`, `tenant`, `config`, `service`, `token`,
-//!    `backup` (export, import), `audit`; none uses another.
+//!    `backup` (export, import), `audit`, `completion` (completion scripts
+//!    and man pages); none uses another.
 
 #![allow(clippy::print_stdout)] // printing results is this binary's job
 
 mod apply;
 mod audit;
 mod backup;
+mod completion;
 mod config;
 mod ctx;
 mod output;
@@ -38,7 +40,7 @@ mod watch;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::ctx::{Ctx, Failure};
 use crate::output::Output;
@@ -116,6 +118,11 @@ enum Command {
     /// Follow a tenant's resolved configuration: a snapshot, then every
     /// change. Reconnects and resumes from the last revision seen.
     Watch(watch::WatchArgs),
+    /// Print a shell completion script (e.g. `strata completion bash >
+    /// /usr/share/bash-completion/completions/strata`).
+    Completion(completion::CompletionArgs),
+    /// Write man pages for `strata` and every subcommand.
+    Man(completion::ManArgs),
 }
 
 #[tokio::main]
@@ -138,6 +145,12 @@ async fn main() -> ExitCode {
 /// Every command connects itself, after checking its own arguments, so a
 /// usage error is reported as one even when no daemon is up.
 async fn run(cli: Cli) -> Result<(), Failure> {
+    // These need no daemon, token or settings.
+    match &cli.command {
+        Command::Completion(args) => return completion::completion(Cli::command(), args),
+        Command::Man(args) => return completion::man(Cli::command(), args),
+        _ => {}
+    }
     let ctx = Ctx {
         endpoints: cli.endpoints,
         timeout: cli.timeout,
@@ -157,5 +170,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Import(args) => backup::import(&ctx, args).await,
         Command::Audit(args) => audit::run(&ctx, args).await,
         Command::Watch(args) => watch::run(&ctx, args).await,
+        Command::Completion(_) | Command::Man(_) => Ok(()),
     }
 }

@@ -263,3 +263,67 @@ async fn cli_refuses_a_mixed_https_and_http_endpoint_list_finding_10() {
     let (code, out, err) = strata_tests::strata_at(&mixed, &env, &["status"]).await;
     assert_eq!(code, 0, "STRATA_ALLOW_PLAINTEXT=1: {out}{err}");
 }
+
+/// `strata completion` and `strata man` come from the same clap definitions
+/// the CLI parses with, and need neither a daemon nor a token.
+#[tokio::test]
+async fn completion_scripts_and_man_pages_cover_every_command() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(strata_tests::strata_bin())
+            .args(args)
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let bash = run(&["completion", "bash"]);
+    assert!(bash.status.success(), "{bash:?}");
+    let script = String::from_utf8(bash.stdout).unwrap();
+    assert!(script.contains("_strata()"), "{script}");
+    for command in [
+        "tenant",
+        "config",
+        "service",
+        "token",
+        "export",
+        "import",
+        "audit",
+        "watch",
+        "completion",
+        "man",
+    ] {
+        assert!(script.contains(command), "bash completion lacks {command}");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = run(&["completion", shell]);
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{shell}: {out:?}"
+        );
+    }
+    let bad = run(&["completion", "tcsh"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let man = run(&["man", "--dir", dir.path().to_str().unwrap()]);
+    assert!(man.status.success(), "{man:?}");
+    for page in [
+        "strata.1",
+        "strata-config-put.1",
+        "strata-service-register.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
+    let put = std::fs::read_to_string(dir.path().join("strata-config-put.1")).unwrap();
+    assert!(
+        put.contains("expected\\-revision") || put.contains("expected-revision"),
+        "{put}"
+    );
+}

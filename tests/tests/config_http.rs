@@ -388,3 +388,103 @@ async fn compare_and_set_on_expected_revision() {
         .unwrap();
     assert_eq!(body, "{\"v\":2}");
 }
+
+/// A merged value comes in the nearest layer's format (a JSON merge over a
+/// YAML base answers JSON); `?format=` asks for json, yaml or toml instead,
+/// and refuses what cannot convert.
+#[tokio::test]
+async fn merged_values_come_in_the_nearest_format_and_format_asks_for_another() {
+    let daemon = Daemon::start().await;
+    let addr = daemon.addr;
+    ok(addr, "PUT", &format!("{P}/integration"), "{}").await;
+    ok(
+        addr,
+        "PUT",
+        &format!("{P}/feat-1"),
+        r#"{"parent":"integration"}"#,
+    )
+    .await;
+    ok(
+        addr,
+        "PUT",
+        &format!("{P}/integration/config/mm/server.yaml"),
+        "port: 7000\nhost: mm\n",
+    )
+    .await;
+    ok(
+        addr,
+        "PUT",
+        &format!("{P}/feat-1/config/mm/server.yaml?mode=merge&format=json"),
+        r#"{"port":7100}"#,
+    )
+    .await;
+    let merged = json!({"port": 7100, "host": "mm"});
+    let get = |query: &'static str| async move {
+        http_request(
+            addr,
+            "GET",
+            &format!("{P}/feat-1/config/mm/server.yaml{query}"),
+            &[],
+            b"",
+        )
+        .await
+        .unwrap()
+    };
+    let (status, body) = get("").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        merged,
+        "{body}"
+    );
+    let (status, body) = get("?format=yaml").await;
+    assert_eq!(status, 200);
+    assert!(
+        serde_json::from_str::<Value>(&body).is_err(),
+        "YAML, not JSON: {body}"
+    );
+    assert_eq!(
+        serde_norway::from_str::<Value>(&body).unwrap(),
+        merged,
+        "{body}"
+    );
+    let (status, body) = get("?format=toml").await;
+    assert_eq!(status, 200);
+    assert_eq!(toml::from_str::<Value>(&body).unwrap(), merged, "{body}");
+    // The base's own layer, converted too.
+    let (status, body) = get("?format=json&layer=true").await;
+    assert_eq!(status, 200, "{body}");
+    // `layer=true` reads feat-1's own layer: the JSON patch.
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"port": 7100})
+    );
+
+    ok(
+        addr,
+        "PUT",
+        &format!("{P}/integration/config/motd.txt"),
+        "hello",
+    )
+    .await;
+    let (status, body) = http_request(
+        addr,
+        "GET",
+        &format!("{P}/feat-1/config/motd.txt?format=json"),
+        &[],
+        b"",
+    )
+    .await
+    .unwrap();
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_error(
+        status,
+        &json,
+        400,
+        "invalid_argument",
+        "cannot be rendered as json",
+    );
+    let (status, body) = get("?format=xml").await;
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_error(status, &json, 400, "invalid_argument", "unknown format");
+}

@@ -174,6 +174,17 @@ pub enum DocumentError {
         /// Format of the merge layer.
         patch: Format,
     },
+    /// A value cannot be rendered in another format (only json, yaml and
+    /// toml convert into each other).
+    #[error(
+        "a {from} value cannot be rendered as {to} (json, yaml and toml convert into each other)"
+    )]
+    Unconvertible {
+        /// Format of the value.
+        from: Format,
+        /// Format asked for.
+        to: Format,
+    },
 }
 
 /// A parsed document.
@@ -475,6 +486,19 @@ pub fn merge(
     }
 }
 
+/// `bytes` (a `from` value) rendered as `to`: unchanged when the formats
+/// are the same, re-rendered between json, yaml and toml (so comments and
+/// layout are not kept), refused otherwise.
+pub fn convert(from: Format, to: Format, bytes: &[u8]) -> Result<Vec<u8>, DocumentError> {
+    if from == to {
+        return Ok(bytes.to_vec());
+    }
+    if !(from.is_structured() && to.is_structured()) {
+        return Err(DocumentError::Unconvertible { from, to });
+    }
+    render(to, &parse(from, bytes)?)
+}
+
 /// Renders a document as `format`.
 pub fn render(format: Format, doc: &Document) -> Result<Vec<u8>, DocumentError> {
     let shape = |message: String| DocumentError::Shape { format, message };
@@ -536,6 +560,25 @@ fn first_null(value: &Value, at: String) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn structured_values_convert_and_others_are_refused() {
+        let yaml = b"port: 7000\nhost: mm\n";
+        let json = convert(Format::Yaml, Format::Json, yaml).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&json).unwrap(),
+            serde_json::json!({"port": 7000, "host": "mm"})
+        );
+        assert_eq!(convert(Format::Yaml, Format::Yaml, yaml).unwrap(), yaml);
+        assert!(matches!(
+            convert(Format::Text, Format::Json, b"hello"),
+            Err(DocumentError::Unconvertible { .. })
+        ));
+        assert!(matches!(
+            convert(Format::Json, Format::Toml, b"[1, 2]"),
+            Err(DocumentError::Shape { .. })
+        ));
+    }
     use serde_json::json;
 
     #[test]

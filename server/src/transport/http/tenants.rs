@@ -339,6 +339,21 @@ async fn get_config(
         );
         (resolved.value, resolved.format, revision)
     };
+    // A merged value comes in the nearest layer's format; `?format=` asks
+    // for another (json, yaml, toml convert into each other).
+    let (value, format) = match params.get("format") {
+        None => (value, format),
+        Some(wanted) => {
+            let wanted = wanted
+                .parse::<Format>()
+                .map_err(|e| invalid(e.to_string()))?;
+            let converted = crate::app::api::off_runtime(value.len(), || {
+                crate::domain::document::convert(format, wanted, &value)
+            })
+            .map_err(|e| invalid(format!("key {key:?}: {e}")))?;
+            (converted, wanted)
+        }
+    };
     headers.insert("x-strata-revision", header_value(&revision.to_string()));
     headers.insert("x-strata-format", header_value(format.name()));
     headers.insert(

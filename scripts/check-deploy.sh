@@ -11,7 +11,8 @@
 #   the Kubernetes schemas (PyPI kubernetes-validate, strict), the rendered
 #   copies in deploy/helm/rendered/ up to date (scripts/check_chart.py).
 # - The Dockerfile: multi-stage, slim non-root runtime with the three
-#   binaries (scripts/check_dockerfile.py; CI has no Docker daemon).
+#   binaries and the CLI's man pages and completion
+#   (scripts/check_dockerfile.py; CI has no Docker daemon).
 # - The Grafana dashboard: every panel query parses (promtool).
 # - systemd: `systemd-analyze verify` of deploy/systemd/stratad.service (also
 #   with its commented TLS lines enabled), and `systemd-analyze security`

@@ -9,7 +9,7 @@ use serde_json::json;
 use strata_client::proto::{
     DeregisterRequest, DrainRequest, Endpoint, HealthCheck, HeartbeatRequest, Instance,
     InstanceKind, ListInstancesRequest, ListServicesRequest, Protocol, RegisterRequest,
-    RegisterResponse, ResolveServiceRequest, WatchServicesRequest,
+    RegisterResponse, ResolveServiceRequest, UdpCheck, WatchServicesRequest,
 };
 use strata_client::{Code, Connection, Status};
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -78,7 +78,7 @@ pub(crate) enum ServiceCommand {
 
 /// Arguments of `service register`.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("check").args(["check_http", "check_tcp", "check_grpc"])))]
+#[command(group(ArgGroup::new("check").args(["check_http", "check_tcp", "check_grpc", "check_udp_send"])))]
 pub(crate) struct RegisterArgs {
     /// Tenant.
     tenant: String,
@@ -127,6 +127,22 @@ pub(crate) struct RegisterArgs {
     /// (`*` checks the server as a whole).
     #[arg(long, value_name = "SERVICE")]
     check_grpc: Option<String>,
+    /// Persistent only: probe with this UDP datagram (text; `hex:0a0b…` for
+    /// bytes); routable once a reply matches `--check-udp-expect[-regex]`
+    /// (any reply without either).
+    #[arg(long, value_name = "DATAGRAM")]
+    check_udp_send: Option<String>,
+    /// The reply the UDP check expects, byte for byte (text or `hex:…`).
+    #[arg(
+        long,
+        requires = "check_udp_send",
+        conflicts_with = "check_udp_expect_regex",
+        value_name = "REPLY"
+    )]
+    check_udp_expect: Option<String>,
+    /// A regular expression the UDP check's reply must match.
+    #[arg(long, requires = "check_udp_send", value_name = "REGEX")]
+    check_udp_expect_regex: Option<String>,
     /// HTTP status the check expects [default: any 2xx].
     #[arg(long, requires = "check_http", value_name = "STATUS")]
     check_status: Option<u32>,
@@ -213,7 +229,10 @@ impl RegisterArgs {
             }
         }
         let ephemeral = self.kind == KindArg::Ephemeral;
-        let checked = self.check_http.is_some() || self.check_tcp || self.check_grpc.is_some();
+        let checked = self.check_http.is_some()
+            || self.check_tcp
+            || self.check_grpc.is_some()
+            || self.check_udp_send.is_some();
         if ephemeral && checked {
             return Err(Failure::Usage(
                 "health checks are for persistent instances; an ephemeral one is \
@@ -247,6 +266,25 @@ impl RegisterArgs {
                     timeout_ms: millis("check-timeout", self.check_timeout)?,
                     failure_threshold: self.check_failures.unwrap_or(0),
                     success_threshold: self.check_successes.unwrap_or(0),
+                    udp: self
+                        .check_udp_send
+                        .as_deref()
+                        .map(|send| -> Result<UdpCheck, Failure> {
+                            Ok(UdpCheck {
+                                send: datagram("check-udp-send", send)?,
+                                expect: self
+                                    .check_udp_expect
+                                    .as_deref()
+                                    .map(|e| datagram("check-udp-expect", e))
+                                    .transpose()?
+                                    .unwrap_or_default(),
+                                expect_regex: self
+                                    .check_udp_expect_regex
+                                    .clone()
+                                    .unwrap_or_default(),
+                            })
+                        })
+                        .transpose()?,
                 })
             })
             .transpose()?;
@@ -608,4 +646,20 @@ async fn hold(
         Err(status) => return Err(err(status).into()),
     }
     Ok(())
+}
+
+/// A datagram given on the command line: text, or `hex:` and hex digits.
+fn datagram(flag: &str, value: &str) -> Result<Vec<u8>, Failure> {
+    let Some(hex) = value.strip_prefix("hex:") else {
+        return Ok(value.as_bytes().to_vec());
+    };
+    if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Failure::Usage(format!(
+            "--{flag} {value:?}: not hex after `hex:`"
+        )));
+    }
+    Ok((0..hex.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+        .collect())
 }

@@ -4,13 +4,13 @@
 
 use strata_proto::v1::{
     Endpoint, HealthCheck, Instance, InstanceKind, Protocol as WireProtocol, RegisterBranchRequest,
-    ResolvedService,
+    ResolvedService, UdpCheck,
 };
 
 use crate::app::api::{NewTenant, PutLayer};
 use crate::app::registry::{BranchRegistration, InstanceInfo, ServiceResolution};
 use crate::domain::document::{Format, Mode};
-use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
+use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol, UdpExpect};
 use crate::error::ApiError;
 
 pub(crate) fn bad(message: impl Into<String>) -> ApiError {
@@ -64,9 +64,23 @@ fn check_from_wire(c: &HealthCheck) -> Result<Option<CheckSpec>, ApiError> {
         };
         kinds.push(CheckKind::Grpc { service });
     }
+    if let Some(udp) = &c.udp {
+        let expect = match (udp.expect.is_empty(), udp.expect_regex.is_empty()) {
+            (true, true) => UdpExpect::Any,
+            (false, true) => UdpExpect::Bytes(udp.expect.clone()),
+            (true, false) => UdpExpect::Regex(udp.expect_regex.clone()),
+            (false, false) => {
+                return Err(bad("a UDP check has expect or expect_regex, not both"));
+            }
+        };
+        kinds.push(CheckKind::Udp {
+            send: udp.send.clone(),
+            expect,
+        });
+    }
     if kinds.len() > 1 {
         return Err(bad(
-            "a check is exactly one of tcp, http_path or grpc_service",
+            "a check is exactly one of tcp, http_path, grpc_service or udp",
         ));
     }
     Ok(kinds.pop().map(|kind| CheckSpec {
@@ -141,6 +155,11 @@ pub fn instance_to_proto(info: InstanceInfo) -> Instance {
         timeout_ms: c.timeout_ms,
         failure_threshold: c.failure_threshold,
         success_threshold: c.success_threshold,
+        udp: (c.kind == "udp").then(|| UdpCheck {
+            send: c.udp_send.clone(),
+            expect: c.udp_expect.clone(),
+            expect_regex: c.udp_expect_regex.clone(),
+        }),
     });
     Instance {
         id: info.id,

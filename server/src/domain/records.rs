@@ -85,7 +85,7 @@ pub struct EndpointRecord {
 /// Stored form of an active health check.
 #[derive(Clone, PartialEq, Message)]
 pub struct CheckRecord {
-    /// `tcp`, `http` or `grpc`.
+    /// `tcp`, `http`, `grpc` or `udp`.
     #[prost(string, tag = "1")]
     pub kind: String,
     /// HTTP path.
@@ -112,6 +112,16 @@ pub struct CheckRecord {
     /// Consecutive successes that make it healthy again.
     #[prost(uint32, tag = "9")]
     pub success_threshold: u32,
+    /// UDP: the datagram sent.
+    #[prost(bytes = "vec", tag = "10")]
+    pub udp_send: Vec<u8>,
+    /// UDP: the reply expected, byte for byte (empty: see `udp_expect_regex`).
+    #[prost(bytes = "vec", tag = "11")]
+    pub udp_expect: Vec<u8>,
+    /// UDP: a regular expression the reply must match (empty: any reply, or
+    /// `udp_expect`).
+    #[prost(string, tag = "12")]
+    pub udp_expect_regex: String,
 }
 
 /// Stored form of a service instance.

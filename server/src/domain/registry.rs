@@ -94,6 +94,61 @@ pub enum CheckKind {
         /// Health service name.
         service: String,
     },
+    /// One datagram `send` to the endpoint; a reply matching `expect`.
+    Udp {
+        /// The datagram sent (1 to [`MAX_UDP_CHECK_BYTES`] bytes).
+        send: Vec<u8>,
+        /// What the reply must be.
+        expect: UdpExpect,
+    },
+}
+
+/// What a UDP check's reply must be.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UdpExpect {
+    /// Any reply.
+    Any,
+    /// Exactly these bytes.
+    Bytes(Vec<u8>),
+    /// Bytes a regular expression matches (searched, not anchored).
+    Regex(String),
+}
+
+impl UdpExpect {
+    /// The expectation a stored check holds.
+    pub fn of_record(record: &CheckRecord) -> Self {
+        if !record.udp_expect_regex.is_empty() {
+            Self::Regex(record.udp_expect_regex.clone())
+        } else if !record.udp_expect.is_empty() {
+            Self::Bytes(record.udp_expect.clone())
+        } else {
+            Self::Any
+        }
+    }
+}
+
+/// Largest datagram a UDP check sends or expects: one that fits an
+/// Ethernet frame's payload without fragmenting.
+pub const MAX_UDP_CHECK_BYTES: usize = 1200;
+
+/// Longest regular expression a UDP check takes.
+pub const MAX_UDP_REGEX_CHARS: usize = 512;
+
+/// Compiled-size bound of a UDP check's regular expression, so a pattern
+/// cannot make each probe expensive.
+pub const UDP_REGEX_SIZE_LIMIT: usize = 256 * 1024;
+
+/// The compiled form of a UDP check's expression, within the size bound.
+pub fn udp_regex(pattern: &str) -> Result<regex::bytes::Regex, String> {
+    if pattern.chars().count() > MAX_UDP_REGEX_CHARS {
+        return Err(format!(
+            "the expression is over {MAX_UDP_REGEX_CHARS} characters"
+        ));
+    }
+    regex::bytes::RegexBuilder::new(pattern)
+        .size_limit(UDP_REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// An active check as registered (zero numbers take the defaults).
@@ -281,6 +336,33 @@ fn check_record(
         CheckKind::Grpc { service } => {
             record.kind = "grpc".into();
             record.grpc_service = service.clone();
+        }
+        CheckKind::Udp { send, expect } => {
+            if send.is_empty() || send.len() > MAX_UDP_CHECK_BYTES {
+                return Err(invalid(format!(
+                    "check UDP datagram is {} bytes; it must be 1-{MAX_UDP_CHECK_BYTES}",
+                    send.len()
+                )));
+            }
+            record.kind = "udp".into();
+            record.udp_send = send.clone();
+            match expect {
+                UdpExpect::Any => {}
+                UdpExpect::Bytes(bytes) => {
+                    if bytes.is_empty() || bytes.len() > MAX_UDP_CHECK_BYTES {
+                        return Err(invalid(format!(
+                            "check UDP expected reply is {} bytes; it must be 1-{MAX_UDP_CHECK_BYTES}",
+                            bytes.len()
+                        )));
+                    }
+                    record.udp_expect = bytes.clone();
+                }
+                UdpExpect::Regex(pattern) => {
+                    udp_regex(pattern)
+                        .map_err(|e| invalid(format!("check UDP expect_regex {pattern:?}: {e}")))?;
+                    record.udp_expect_regex = pattern.clone();
+                }
+            }
         }
     }
     Ok(record)

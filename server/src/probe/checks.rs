@@ -30,6 +30,7 @@ pub(super) async fn probe(
                 expected_status,
             } => probe_http(address, path, *expected_status, policy).await,
             ProbeKind::Grpc { service } => probe_grpc(address, service, timeout, policy).await,
+            ProbeKind::Udp { send, expect } => probe_udp(address, send, expect, policy).await,
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -68,6 +69,94 @@ enum ProbeFailure {
     },
     #[error("probe of {address} refused: {denied}")]
     Denied { address: String, denied: Denied },
+    #[error("UDP check of {address}: {message}")]
+    Udp { address: String, message: String },
+}
+
+/// Sends `send` to the first address `address` resolves to that `policy`
+/// allows, from an ephemeral port of the same family, and waits (under the
+/// probe's timeout) for a reply from that address that matches `expect`.
+/// Replies that do not match fail the probe; a datagram from anyone else is
+/// ignored (the socket is connected, so the kernel drops those).
+async fn probe_udp(
+    address: &str,
+    send: &[u8],
+    expect: &crate::domain::registry::UdpExpect,
+    policy: &ProbePolicy,
+) -> Result<(), ProbeFailure> {
+    use crate::domain::registry::{MAX_UDP_CHECK_BYTES, UdpExpect};
+    let failure = |message: String| ProbeFailure::Udp {
+        address: address.to_owned(),
+        message,
+    };
+    let mut denied = None;
+    let mut target = None;
+    for addr in tokio::net::lookup_host(address)
+        .await
+        .map_err(|source| ProbeFailure::Connect {
+            address: address.to_owned(),
+            source,
+        })?
+    {
+        match policy.check(addr) {
+            Ok(()) => {
+                target = Some(addr);
+                break;
+            }
+            Err(why) => {
+                denied.get_or_insert(why);
+            }
+        }
+    }
+    let Some(target) = target else {
+        return Err(match denied {
+            Some(denied) => ProbeFailure::Denied {
+                address: address.to_owned(),
+                denied,
+            },
+            None => failure("the name resolves to no address".into()),
+        });
+    };
+    let local: std::net::SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(local)
+        .await
+        .map_err(|e| failure(format!("bind: {e}")))?;
+    socket
+        .connect(target)
+        .await
+        .map_err(|e| failure(format!("connect: {e}")))?;
+    socket
+        .send(send)
+        .await
+        .map_err(|e| failure(format!("send: {e}")))?;
+    // One byte more than any expected reply tells a longer one apart.
+    let mut reply = vec![0_u8; MAX_UDP_CHECK_BYTES + 1];
+    let n = socket
+        .recv(&mut reply)
+        .await
+        .map_err(|e| failure(format!("receive: {e}")))?;
+    let reply = &reply[..n];
+    let matched = match expect {
+        UdpExpect::Any => true,
+        UdpExpect::Bytes(bytes) => reply == bytes.as_slice(),
+        // Validated at registration; compiled per probe (the bounded
+        // expression costs microseconds, far below the probe interval).
+        UdpExpect::Regex(pattern) => crate::domain::registry::udp_regex(pattern)
+            .map_err(|e| failure(format!("expect_regex: {e}")))?
+            .is_match(reply),
+    };
+    if matched {
+        Ok(())
+    } else {
+        Err(failure(format!(
+            "the reply {:?} does not match",
+            String::from_utf8_lossy(&reply[..reply.len().min(64)])
+        )))
+    }
 }
 
 /// Connects to the first address `address` resolves to that `policy`

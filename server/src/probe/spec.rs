@@ -25,15 +25,24 @@ pub enum ProbeKind {
         /// The service name to check; empty checks the server as a whole.
         service: String,
     },
+    /// Success is a reply to the datagram `send` that matches `expect`.
+    Udp {
+        /// The datagram sent.
+        send: Vec<u8>,
+        /// What the reply must be.
+        expect: crate::domain::registry::UdpExpect,
+    },
 }
 
 impl ProbeKind {
-    /// The bounded metric label for this kind: `tcp`, `http` or `grpc`.
+    /// The bounded metric label for this kind: `tcp`, `http`, `grpc` or
+    /// `udp`.
     pub fn label(&self) -> &'static str {
         match self {
             ProbeKind::Tcp => "tcp",
             ProbeKind::Http { .. } => "http",
             ProbeKind::Grpc { .. } => "grpc",
+            ProbeKind::Udp { .. } => "udp",
         }
     }
 }
@@ -91,6 +100,9 @@ pub enum ProbeSpecError {
     /// The gRPC service name is too long.
     #[error("probe gRPC service name is {0} bytes; at most {MAX_NAME_BYTES} are allowed")]
     ServiceName(usize),
+    /// A UDP check's datagram is empty or too large.
+    #[error("a UDP check sends 1 to 1200 bytes, not {0}")]
+    Datagram(usize),
 }
 
 impl ProbeSpec {
@@ -139,6 +151,12 @@ impl ProbeSpec {
             ProbeKind::Grpc { service } => {
                 if service.len() > MAX_NAME_BYTES {
                     return Err(ProbeSpecError::ServiceName(service.len()));
+                }
+            }
+            ProbeKind::Udp { send, .. } => {
+                let max = crate::domain::registry::MAX_UDP_CHECK_BYTES;
+                if send.is_empty() || send.len() > max {
+                    return Err(ProbeSpecError::Datagram(send.len()));
                 }
             }
         }

@@ -693,3 +693,98 @@ async fn reconciling_ten_thousand_targets_is_cheap() {
         "first {first:?}, unchanged {again:?}, cleared {cleared:?}"
     );
 }
+
+/// A UDP server answering every datagram with `reply`.
+async fn udp_server(reply: &'static [u8]) -> (SocketAddr, JoinHandle<()>) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let address = socket.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = [0_u8; 2048];
+        while let Ok((_, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(reply, from).await;
+        }
+    });
+    (address, task)
+}
+
+fn udp(send: &[u8], expect: crate::domain::registry::UdpExpect) -> ProbeKind {
+    ProbeKind::Udp {
+        send: send.to_vec(),
+        expect,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_targets_are_healthy_only_when_the_reply_matches() {
+    use crate::domain::registry::UdpExpect;
+    let (prober, mut rx, _shutdown) = prober();
+    let (right, _right_server) = udp_server(b"pong v1").await;
+    let (wrong, _wrong_server) = udp_server(b"nope").await;
+    let (silent, silent_server) = udp_server(b"").await;
+    stop(silent_server).await;
+    let kinds = [
+        (
+            "bytes-right",
+            right,
+            udp(b"ping", UdpExpect::Bytes(b"pong v1".to_vec())),
+        ),
+        (
+            "regex-right",
+            right,
+            udp(b"ping", UdpExpect::Regex("^pong v[0-9]+$".into())),
+        ),
+        ("any-right", right, udp(b"ping", UdpExpect::Any)),
+        (
+            "bytes-wrong",
+            wrong,
+            udp(b"ping", UdpExpect::Bytes(b"pong v1".to_vec())),
+        ),
+        (
+            "regex-wrong",
+            wrong,
+            udp(b"ping", UdpExpect::Regex("^pong".into())),
+        ),
+        ("silent", silent, udp(b"ping", UdpExpect::Any)),
+    ];
+    for (id, address, kind) in kinds {
+        let mut spec = spec(kind, 50, 2, 1);
+        spec.timeout = Duration::from_millis(40);
+        prober.upsert(id.to_owned(), target(address, spec));
+    }
+    let changes = changes_by_id(&mut rx, 6).await;
+    for (id, want) in [
+        ("bytes-right", Health::Healthy),
+        ("regex-right", Health::Healthy),
+        ("any-right", Health::Healthy),
+        ("bytes-wrong", Health::Unhealthy),
+        ("regex-wrong", Health::Unhealthy),
+        ("silent", Health::Unhealthy),
+    ] {
+        assert_eq!(changes[id].health, want, "{id}: {:?}", changes[id]);
+    }
+    assert!(
+        changes["bytes-wrong"].detail.contains("does not match"),
+        "{}",
+        changes["bytes-wrong"].detail
+    );
+}
+
+#[test]
+fn udp_specs_are_bounded() {
+    use crate::domain::registry::UdpExpect;
+    assert!(
+        spec(udp(b"", UdpExpect::Any), 100, 1, 1)
+            .validate()
+            .is_err()
+    );
+    assert!(
+        spec(udp(&[0; 1201], UdpExpect::Any), 100, 1, 1)
+            .validate()
+            .is_err()
+    );
+    assert!(
+        spec(udp(b"ping", UdpExpect::Any), 100, 1, 1)
+            .validate()
+            .is_ok()
+    );
+}

@@ -187,6 +187,19 @@ struct CheckLine {
     timeout_ms: u32,
     failure_threshold: u32,
     success_threshold: u32,
+    /// UDP checks: the datagram, the expected reply (hex), the expression.
+    /// Absent for other kinds, so their lines are as before.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    udp_send_hex: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    udp_expect_hex: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    udp_expect_regex: String,
+}
+
+/// Lower-case hex of `bytes` (the backup's form of binary check data).
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One line after the header.

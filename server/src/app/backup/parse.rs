@@ -385,12 +385,18 @@ pub(super) fn add_record(
             let check = match check {
                 None => None,
                 Some(c) => {
-                    if !matches!(c.kind.as_str(), "tcp" | "http" | "grpc") {
+                    if !matches!(c.kind.as_str(), "tcp" | "http" | "grpc" | "udp") {
                         return Err(invalid(format!(
-                            "instance {id:?}: check kind {:?} is not tcp, http or grpc",
+                            "instance {id:?}: check kind {:?} is not tcp, http, grpc or udp",
                             c.kind
                         )));
                     }
+                    let hex = |field: &str, text: &str| {
+                        decode_hex(text)
+                            .map_err(|e| invalid(format!("instance {id:?}: check {field}: {e}")))
+                    };
+                    let udp_send = hex("udp_send_hex", &c.udp_send_hex)?;
+                    let udp_expect = hex("udp_expect_hex", &c.udp_expect_hex)?;
                     if c.interval_ms == 0 || c.timeout_ms == 0 {
                         return Err(invalid(format!(
                             "instance {id:?}: check interval and timeout must be positive"
@@ -406,6 +412,9 @@ pub(super) fn add_record(
                         timeout_ms: c.timeout_ms,
                         failure_threshold: c.failure_threshold.max(1),
                         success_threshold: c.success_threshold.max(1),
+                        udp_send,
+                        udp_expect,
+                        udp_expect_regex: c.udp_expect_regex,
                     })
                 }
             };

@@ -203,9 +203,13 @@ pub(crate) fn validate_imported(
                 "grpc" => registry::CheckKind::Grpc {
                     service: c.grpc_service.clone(),
                 },
+                "udp" => registry::CheckKind::Udp {
+                    send: c.udp_send.clone(),
+                    expect: registry::UdpExpect::of_record(c),
+                },
                 other => {
                     return Err(invalid(format!(
-                        "check kind {other:?} is not tcp, http or grpc"
+                        "check kind {other:?} is not tcp, http, grpc or udp"
                     )));
                 }
             },
@@ -244,6 +248,10 @@ pub fn probe_target(
         },
         "grpc" => ProbeKind::Grpc {
             service: check.grpc_service.clone(),
+        },
+        "udp" => ProbeKind::Udp {
+            send: check.udp_send.clone(),
+            expect: crate::domain::registry::UdpExpect::of_record(check),
         },
         _ => return None,
     };

@@ -34,7 +34,7 @@ use crate::app::audit::{self, Operation, Target};
 use crate::app::auth::{Action, Principal};
 use crate::app::registry::{BranchRegistration, InstanceInfo, Registration, ServiceResolution};
 use crate::domain::document::{Format, Mode};
-use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol};
+use crate::domain::registry::{CheckKind, CheckSpec, Health, InstanceSpec, Protocol, UdpExpect};
 use crate::error::ApiError;
 use crate::transport::http::{HttpState, RouteTable, build, flag, invalid, listed, read_body};
 use crate::transport::state::DaemonState;
@@ -120,6 +120,8 @@ struct CheckJson {
     #[serde(default)]
     grpc: Option<String>,
     #[serde(default)]
+    udp: Option<UdpCheckJson>,
+    #[serde(default)]
     endpoint: Option<String>,
     #[serde(default)]
     interval_ms: u32,
@@ -129,6 +131,56 @@ struct CheckJson {
     failure_threshold: u32,
     #[serde(default)]
     success_threshold: u32,
+}
+
+/// `"udp": {"send": "ping", "expect": "pong"}`: text, or `send_hex` /
+/// `expect_hex` for binary datagrams, or `expect_regex`; no expectation
+/// accepts any reply.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UdpCheckJson {
+    #[serde(default)]
+    send: Option<String>,
+    #[serde(default)]
+    send_hex: Option<String>,
+    #[serde(default)]
+    expect: Option<String>,
+    #[serde(default)]
+    expect_hex: Option<String>,
+    #[serde(default)]
+    expect_regex: Option<String>,
+}
+
+impl UdpCheckJson {
+    fn into_kind(self) -> Result<CheckKind, ApiError> {
+        let hex = |field: &str, text: &str| -> Result<Vec<u8>, ApiError> {
+            let text = text.trim();
+            if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(format!("check udp.{field} is not hex: {text:?}")));
+            }
+            Ok((0..text.len())
+                .step_by(2)
+                .filter_map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+                .collect())
+        };
+        let send = match (self.send, self.send_hex) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(h)) => hex("send_hex", &h)?,
+            _ => return Err(invalid("check udp needs exactly one of send or send_hex")),
+        };
+        let expect = match (self.expect, self.expect_hex, self.expect_regex) {
+            (None, None, None) => UdpExpect::Any,
+            (Some(text), None, None) => UdpExpect::Bytes(text.into_bytes()),
+            (None, Some(h), None) => UdpExpect::Bytes(hex("expect_hex", &h)?),
+            (None, None, Some(pattern)) => UdpExpect::Regex(pattern),
+            _ => {
+                return Err(invalid(
+                    "check udp takes at most one of expect, expect_hex or expect_regex",
+                ));
+            }
+        };
+        Ok(CheckKind::Udp { send, expect })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -209,9 +261,12 @@ fn check_spec(c: CheckJson) -> Result<CheckSpec, ApiError> {
     if let Some(service) = c.grpc {
         kinds.push(CheckKind::Grpc { service });
     }
+    if let Some(udp) = c.udp {
+        kinds.push(udp.into_kind()?);
+    }
     if kinds.len() != 1 {
         return Err(invalid(
-            r#"check needs exactly one of "tcp": true, "http": "/path" or "grpc": "service""#,
+            r#"check needs exactly one of "tcp": true, "http": "/path", "grpc": "service" or "udp": {"send": …}"#,
         ));
     }
     Ok(CheckSpec {

@@ -26,7 +26,7 @@ pub mod domain;
 pub mod error;
 // Files and directories the daemon creates, private whatever the umask.
 pub mod private_fs;
-// The active health prober (TCP, HTTP, gRPC) and where probes may connect.
+// The active health prober (TCP, HTTP, gRPC, UDP) and where probes may connect.
 pub mod probe;
 // The one error type of settings.
 pub mod settings_error;

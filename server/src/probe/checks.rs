@@ -1,6 +1,7 @@
 //! One probe of one target: a TCP connect, an HTTP GET whose status must
-//! match, or a `grpc.health.v1.Health/Check` — each through the probe
-//! policy, and never longer than its timeout.
+//! match, a `grpc.health.v1.Health/Check`, or a UDP datagram whose reply
+//! must match — each through the probe policy, and never longer than its
+//! timeout.
 
 use std::error::Error as StdError;
 use std::sync::{Mutex, PoisonError};

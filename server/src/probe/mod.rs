@@ -1,5 +1,6 @@
 //! Active health probes for persistent service instances: TCP connect, HTTP
-//! GET with an expected status, and `grpc.health.v1.Health/Check`.
+//! GET with an expected status, `grpc.health.v1.Health/Check`, and a UDP
+//! datagram whose reply must match.
 //!
 //! A [`Prober`] runs one task per target. The registry owns *what* is probed
 //! — it hands the prober the desired set of targets ([`Prober::reconcile`],
@@ -24,7 +25,7 @@
 //! 10,000 targets at once does not fire 10,000 probes at once;
 //! [`Prober::upsert`], meant for single registrations, probes at once.
 
-// The probe checks themselves: TCP connect, HTTP GET, gRPC health.
+// The probe checks themselves: TCP connect, HTTP GET, gRPC health, UDP.
 mod checks;
 // Where probes may connect: the allow and deny lists, checked at every probe.
 pub mod policy;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use strata_tests::{Daemon, http_json, http_ok};
+use strata_tests::{Daemon, http_json, http_ok, strata};
 
 const P: &str = "/v1/projects/vega/tenants";
 
@@ -150,4 +150,62 @@ async fn udp_checked_instances_are_routable_only_after_a_matching_reply() {
     assert_eq!(oversized_send, 400);
     let listed = http_ok(daemon.addr, "GET", &relays, "").await;
     assert_eq!(listed["instances"].as_array().unwrap().len(), 3, "{listed}");
+
+    // The CLI registers one too, `hex:` for bytes.
+    let (code, out, err) = strata(
+        &daemon,
+        &[
+            "--project",
+            "vega",
+            "service",
+            "register",
+            "integration",
+            "relay",
+            "--id",
+            "r-cli",
+            "--endpoint",
+            &format!("main={right}"),
+            "--protocol",
+            "udp",
+            "--check-udp-send",
+            "hex:00ff",
+            "--check-udp-expect",
+            "pong 1.2",
+            "--check-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}{out}");
+
+    // A backup keeps the checks: restored under another name, the copies
+    // probe the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vega.backup");
+    let file = file.to_str().unwrap();
+    let (code, out, err) = strata(&daemon, &["--project", "vega", "export", "-f", file]).await;
+    assert_eq!(code, 0, "{err}{out}");
+    let (code, out, err) = strata(
+        &daemon,
+        &["import", "-f", file, "--as", "vega-copy", "--yes"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}{out}");
+    let copies = "/v1/projects/vega-copy/tenants/integration/services/relay/instances";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed = http_ok(daemon.addr, "GET", copies, "").await;
+        let settled = health_of(&listed, "r-right") == "healthy"
+            && health_of(&listed, "r-hex") == "healthy"
+            && health_of(&listed, "r-cli") == "healthy"
+            && health_of(&listed, "r-wrong") == "unhealthy";
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restored probes did not settle: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -641,10 +641,10 @@ mod tests {
         assert_eq!(attempts, 1);
     }
 
-    /// docs/security.md, "Plaintext fallback in endpoint lists": an endpoint list mixing `https://` and
-    /// `http://` (or TLS settings with an explicit `http://` endpoint) was
-    /// accepted, and failing over to the plaintext endpoint sent the bearer
-    /// token in clear.
+    /// docs/security.md, "Plaintext fallback in endpoint lists": an endpoint
+    /// list mixing `https://` and `http://` (or TLS settings with an explicit
+    /// `http://` endpoint) was accepted, and failing over to the plaintext
+    /// endpoint sent the bearer token in clear.
     #[test]
     fn sdk_refuses_a_mixed_https_and_http_endpoint_list_finding_10() {
         let tls = crate::TlsConfig::new;

@@ -1,6 +1,7 @@
-//! Limits on the sidecar's listeners (docs/security.md, "Slow and idle connections" and "Connection floods"): a cap on
-//! open connections per listener, and the timeouts that keep a slow or
-//! silent client from holding one for ever.
+//! Limits on the sidecar's listeners (docs/security.md, "Slow and idle
+//! connections" and "Connection floods"): a cap on open connections per
+//! listener, and the timeouts that keep a slow or silent client from holding
+//! one for ever.
 //!
 //! - `max_connections`: each listener (outbound, inbound, admin, every TCP
 //!   route) serves at most this many connections at once. One more is

@@ -21,16 +21,16 @@
 //! safe per request. The listener serves only through hyper when trace
 //! export is on (spans need the hyper path's `http::Request`).
 //!
-//! Framing is hyper's, byte for byte (docs/security.md, "Request smuggling through the HTTP/1.1 fast path"): bodies pass
-//! on verbatim, so a reading the upstream could make differently would
-//! let a request hide inside another one on a pooled upstream connection.
-//! `Content-Length` is digits only (`+5` is refused, not 5) and repeated
-//! values must agree (one header goes on); chunked bodies follow hyper's
-//! decoder (size line, extensions, trailers and their limits) and carry no
-//! bare LF. What hyper refuses is answered 400 with `connection: close`;
-//! a bare LF in the trailers, which hyper reads as a line end and
-//! re-encodes, goes to hyper when nothing was sent yet, else 400 as well.
-//! Response heads with a bare LF, or several length values, go to the
+//! Framing is hyper's, byte for byte (docs/security.md, "Request smuggling
+//! through the HTTP/1.1 fast path"): bodies pass on verbatim, so a reading the
+//! upstream could make differently would let a request hide inside another one
+//! on a pooled upstream connection. `Content-Length` is digits only (`+5` is
+//! refused, not 5) and repeated values must agree (one header goes on);
+//! chunked bodies follow hyper's decoder (size line, extensions, trailers and
+//! their limits) and carry no bare LF. What hyper refuses is answered 400 with
+//! `connection: close`; a bare LF in the trailers, which hyper reads as a line
+//! end and re-encodes, goes to hyper when nothing was sent yet, else 400 as
+//! well. Response heads with a bare LF, or several length values, go to the
 //! caller rewritten.
 //!
 //! Behaviour kept from the hyper path: Host / absolute-form routing, the

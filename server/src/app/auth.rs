@@ -2,13 +2,14 @@
 //! the in-memory token table requests are authenticated against.
 //!
 //! Every gRPC and HTTP request passes the authentication middleware
-//! (`transport::layers::auth`) in front of every route. It reads `authorization: Bearer strata_<id>_<secret>`,
-//! looks the id up in the in-memory token table ([`Authenticator`], fed
-//! from the store by [`crate::app::tokens`]), checks the secret's hash, and puts
-//! the token's [`Principal`] into the request's extensions. Requests without
-//! a valid token get `UNAUTHENTICATED` (HTTP 401) before any handler runs;
-//! `/healthz`, `/readyz`, gRPC health and reflection stay open, and
-//! `/metrics` is open unless `auth.metrics = "token"`.
+//! (`transport::layers::auth`) in front of every route. It reads
+//! `authorization: Bearer strata_<id>_<secret>`, looks the id up in the
+//! in-memory token table ([`Authenticator`], fed from the store by
+//! [`crate::app::tokens`]), checks the secret's hash, and puts the token's
+//! [`Principal`] into the request's extensions. Requests without a valid token
+//! get `UNAUTHENTICATED` (HTTP 401) before any handler runs; `/healthz`,
+//! `/readyz`, gRPC health and reflection stay open, and `/metrics` is open
+//! unless `auth.metrics = "token"`.
 //!
 //! Handlers then ask the principal: [`Principal::authorize`] decides one
 //! [`Action`] on one project and tenant from one table (see

@@ -699,8 +699,9 @@ mod tests {
         assert_eq!(Format::from_extension("noext"), None);
     }
 
-    /// The threat model's "Document expansion" (docs/security.md): aliases expanding a small document
-    /// into millions of values are refused while they expand.
+    /// The threat model's "Document expansion" (docs/security.md): aliases
+    /// expanding a small document into millions of values are refused while
+    /// they expand.
     #[test]
     fn yaml_alias_bomb_is_refused_finding_2() {
         let mut text = String::from("a: &a [");

@@ -2,23 +2,23 @@
 //! permission, with who (the caller's token id and name), what (operation,
 //! project, tenant, subject), when, the revision and the result.
 //!
-//! **Where entries come from.** A middleware (`transport::layers::audit`)
-//! runs inside the authentication layer and opens a [`Call`]: a *scope* (a tokio task-local holding the
-//! caller's principal) around every handler. A handler that changes state
-//! states what it is doing — a typed [`Target`]: operation, project, tenant,
-//! subject — when it authorizes ([`authorize`], or [`declare`] first when
-//! the permission it needs depends on the body it has yet to read).
-//! [`AuditingStore`] wraps the daemon's store: once a target is stated, the
-//! first transaction of the call that commits carries one more put — the
-//! entry — so an acknowledged mutation always has its entry (same
-//! transaction, same revision, same fsync or etcd commit; a transaction
-//! whose compares fail writes neither). When the call is refused for
-//! permission, the middleware writes a refusal entry with the same target
-//! before the answer goes out. Other refusals (malformed, over a limit,
-//! conflicting with the current state) write nothing — so a refused call
-//! leaves the store exactly as it was — unless `audit.refusals = "all"`.
-//! A call that states no target (a read, a lease renewal, or a request the
-//! transport could not decode, so no handler ran) is not recorded.
+//! **Where entries come from.** A middleware (`transport::layers::audit`) runs
+//! inside the authentication layer and opens a [`Call`]: a *scope* (a tokio
+//! task-local holding the caller's principal) around every handler. A handler
+//! that changes state states what it is doing — a typed [`Target`]: operation,
+//! project, tenant, subject — when it authorizes ([`authorize`], or
+//! [`declare`] first when the permission it needs depends on the body it has
+//! yet to read). [`AuditingStore`] wraps the daemon's store: once a target is
+//! stated, the first transaction of the call that commits carries one more put
+//! — the entry — so an acknowledged mutation always has its entry (same
+//! transaction, same revision, same fsync or etcd commit; a transaction whose
+//! compares fail writes neither). When the call is refused for permission, the
+//! middleware writes a refusal entry with the same target before the answer
+//! goes out. Other refusals (malformed, over a limit, conflicting with the
+//! current state) write nothing — so a refused call leaves the store exactly
+//! as it was — unless `audit.refusals = "all"`. A call that states no target
+//! (a read, a lease renewal, or a request the transport could not decode, so
+//! no handler ran) is not recorded.
 //!
 //! **Layout.** `audit/{hour:010}/{unix_ms:013}-{nonce:016x}` →
 //! [`AuditEntry`] (protobuf). Keys sort by time; the hour prefix lets a

@@ -385,7 +385,11 @@ impl Client {
     /// `ClientBuilder::from_env(std::env::vars())?` and set them on the
     /// builder: explicit calls win.
     pub fn from_env() -> Result<Client, Error> {
-        ClientBuilder::from_env(std::env::vars())?.build()
+        // `vars()` panics on a variable that is not Unicode; such a variable
+        // is none of ours, so it is skipped.
+        let vars = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        ClientBuilder::from_env(vars)?.build()
     }
 
     /// The project.

@@ -67,6 +67,15 @@ fn blocks(text: &str) -> Vec<Block> {
             .checked_sub(1)
             .map(|j| lines[j].trim())
             .unwrap_or_default();
+        let shell_like = ["bash", "shell", "console", "zsh", "shell-session"]
+            .iter()
+            .any(|tag| info == *tag || info.starts_with(&format!("{tag} ")))
+            || (info.starts_with("sh ") || info.starts_with("sh{"));
+        assert!(
+            !shell_like || marker.starts_with(SKIP_MARK),
+            "line {}: shell blocks are tagged `sh` (so they run), not {info:?}",
+            start + 1
+        );
         if info == "sh" {
             let skip = marker.strip_prefix(SKIP_MARK).map(|rest| {
                 let why = rest.trim_end_matches("-->").trim().trim_start_matches('—');
@@ -201,7 +210,7 @@ async fn run_document(doc: &Path, tools: &Path) -> usize {
         (Some(daemon), port)
     };
     let mut script = String::from(
-        "set -euo pipefail\nshopt -s expand_aliases\ncurl() { command curl --fail-with-body --max-time 10 \"$@\"; echo; }\n",
+        "set -euo pipefail\nshopt -s expand_aliases inherit_errexit\ncurl() { command curl --fail-with-body --max-time 10 \"$@\" || return; echo; }\n",
     );
     let mut marks = Vec::new();
     for (n, block) in runnable.iter().enumerate() {
@@ -242,10 +251,18 @@ async fn run_document(doc: &Path, tools: &Path) -> usize {
     let status = status
         .unwrap_or_else(|_| panic!("{name}: its blocks took over {DOCUMENT_TIMEOUT:?}"))
         .unwrap();
+    // A process that left the group could hold the pipes; never wait on
+    // them for ever.
+    let pipe = |task: tokio::task::JoinHandle<Vec<u8>>| async move {
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .map(Result::unwrap)
+            .unwrap_or_else(|_| b"(output still held open by a stray process)".to_vec())
+    };
     let output = std::process::Output {
         status,
-        stdout: out.await.unwrap(),
-        stderr: err.await.unwrap(),
+        stdout: pipe(out).await,
+        stderr: pipe(err).await,
     };
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -420,7 +437,7 @@ fn dev_cluster_prints_its_token_and_hints_that_work_as_printed() {
     let tools_dir = tempfile::tempdir().unwrap();
     let tools = tools(tools_dir.path());
     let script = format!(
-        "set -euo pipefail\ncurl() {{ command curl --fail-with-body --max-time 10 \"$@\"; echo; }}\n{}\n",
+        "set -euo pipefail\nshopt -s inherit_errexit\ncurl() {{ command curl --fail-with-body --max-time 10 \"$@\" || return; echo; }}\n{}\n",
         hints.join("\n")
     );
     let out = std::process::Command::new("bash")

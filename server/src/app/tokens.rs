@@ -494,7 +494,11 @@ impl Tokens {
         by: &Principal,
         request: RevokeTokenRequest,
     ) -> Result<RevokeTokenResponse, ApiError> {
-        audit::declare(Target::new(Operation::RevokeToken, "", "").subject(&request.id));
+        // Only the id: the field also takes a whole token, whose secret must
+        // not reach the log (a failed revoke leaves it valid).
+        audit::declare(
+            Target::new(Operation::RevokeToken, "", "").subject(id_of(request.id.trim())),
+        );
         by.require_admin()?;
         let id = id_of(request.id.trim());
         if !is_id(id) {

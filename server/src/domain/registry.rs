@@ -134,9 +134,18 @@ pub const MAX_UDP_CHECK_BYTES: usize = 1200;
 /// Longest regular expression a UDP check takes.
 pub const MAX_UDP_REGEX_CHARS: usize = 512;
 
-/// Compiled-size bound of a UDP check's regular expression, so a pattern
-/// cannot make each probe expensive.
-pub const UDP_REGEX_SIZE_LIMIT: usize = 256 * 1024;
+/// Compiled-size bound of a UDP check's regular expression (and of its
+/// lazy DFA's cache), so a pattern cannot make each probe expensive.
+pub const UDP_REGEX_SIZE_LIMIT: usize = 32 * 1024;
+
+/// At most the first 64 characters of `text`, for error messages that echo
+/// what a caller sent.
+pub fn truncated(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
 
 /// The compiled form of a UDP check's expression, within the size bound.
 pub fn udp_regex(pattern: &str) -> Result<regex::bytes::Regex, String> {
@@ -147,8 +156,9 @@ pub fn udp_regex(pattern: &str) -> Result<regex::bytes::Regex, String> {
     }
     regex::bytes::RegexBuilder::new(pattern)
         .size_limit(UDP_REGEX_SIZE_LIMIT)
+        .dfa_size_limit(UDP_REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| e.to_string())
+        .map_err(|e| truncated(&e.to_string()))
 }
 
 /// An active check as registered (zero numbers take the defaults).
@@ -358,8 +368,12 @@ fn check_record(
                     record.udp_expect = bytes.clone();
                 }
                 UdpExpect::Regex(pattern) => {
-                    udp_regex(pattern)
-                        .map_err(|e| invalid(format!("check UDP expect_regex {pattern:?}: {e}")))?;
+                    udp_regex(pattern).map_err(|e| {
+                        invalid(format!(
+                            "check UDP expect_regex {:?}: {e}",
+                            truncated(pattern)
+                        ))
+                    })?;
                     record.udp_expect_regex = pattern.clone();
                 }
             }

@@ -397,6 +397,22 @@ pub(super) fn add_record(
                     };
                     let udp_send = hex("udp_send_hex", &c.udp_send_hex)?;
                     let udp_expect = hex("udp_expect_hex", &c.udp_expect_hex)?;
+                    // Stored as read: what the registration rules would not
+                    // build must not come in this way either.
+                    let udp_fields = !udp_send.is_empty()
+                        || !udp_expect.is_empty()
+                        || !c.udp_expect_regex.is_empty();
+                    if c.kind != "udp" && udp_fields {
+                        return Err(invalid(format!(
+                            "instance {id:?}: a {} check has udp_* fields",
+                            c.kind
+                        )));
+                    }
+                    if !udp_expect.is_empty() && !c.udp_expect_regex.is_empty() {
+                        return Err(invalid(format!(
+                            "instance {id:?}: a UDP check has udp_expect_hex or udp_expect_regex, not both"
+                        )));
+                    }
                     if c.interval_ms == 0 || c.timeout_ms == 0 {
                         return Err(invalid(format!(
                             "instance {id:?}: check interval and timeout must be positive"

@@ -156,7 +156,10 @@ impl UdpCheckJson {
         let hex = |field: &str, text: &str| -> Result<Vec<u8>, ApiError> {
             let text = text.trim();
             if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(format!("check udp.{field} is not hex: {text:?}")));
+                return Err(invalid(format!(
+                    "check udp.{field} is not hex: {:?}",
+                    crate::domain::registry::truncated(text)
+                )));
             }
             Ok((0..text.len())
                 .step_by(2)

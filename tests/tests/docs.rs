@@ -31,6 +31,12 @@ use strata_tests::{Daemon, free_port, strata_bin, stratad_bin};
 /// Longest one document's blocks may take together.
 const DOCUMENT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What every script runs under: stop at the first failing command (also
+/// inside `$(…)`), aliases as in an interactive shell, and a `curl` that
+/// fails on an HTTP error status.
+const PRELUDE: &str = "set -euo pipefail\nshopt -s expand_aliases inherit_errexit\n\
+    curl() { command curl --fail-with-body --max-time 10 \"$@\" || return; echo; }\n";
+
 const SKIP_MARK: &str = "<!-- docs-test: skip";
 const OUTPUT_MARK: &str = "<!-- docs-test: output -->";
 
@@ -209,9 +215,7 @@ async fn run_document(doc: &Path, tools: &Path) -> usize {
         let port = daemon.addr.port();
         (Some(daemon), port)
     };
-    let mut script = String::from(
-        "set -euo pipefail\nshopt -s expand_aliases inherit_errexit\ncurl() { command curl --fail-with-body --max-time 10 \"$@\" || return; echo; }\n",
-    );
+    let mut script = String::from(PRELUDE);
     let mut marks = Vec::new();
     for (n, block) in runnable.iter().enumerate() {
         let code = block.code.replace(":7070", &format!(":{port}"));
@@ -436,10 +440,7 @@ fn dev_cluster_prints_its_token_and_hints_that_work_as_printed() {
     assert!(hints.len() >= 3, "{printed}");
     let tools_dir = tempfile::tempdir().unwrap();
     let tools = tools(tools_dir.path());
-    let script = format!(
-        "set -euo pipefail\nshopt -s inherit_errexit\ncurl() {{ command curl --fail-with-body --max-time 10 \"$@\" || return; echo; }}\n{}\n",
-        hints.join("\n")
-    );
+    let script = format!("{PRELUDE}{}\n", hints.join("\n"));
     let out = std::process::Command::new("bash")
         .arg("-c")
         .arg(&script)

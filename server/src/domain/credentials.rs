@@ -11,14 +11,6 @@ use crate::error::ApiError;
 const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len
         && s.bytes()
@@ -71,7 +63,7 @@ pub(crate) fn generate() -> Result<(String, String, [u8; 32]), ApiError> {
     rng.fill(&mut id)
         .and_then(|()| rng.fill(&mut secret))
         .map_err(|_| ApiError::new(ErrorReason::Internal, "the system random source failed"))?;
-    let (id, secret) = (hex(&id), hex(&secret));
+    let (id, secret) = (super::hex::encode(&id), super::hex::encode(&secret));
     let digest = hash(&id, &secret);
     let token = format!("strata_{id}_{secret}");
     Ok((id, token, digest))

@@ -6,6 +6,7 @@
 
 pub mod credentials;
 pub mod document;
+pub mod hex;
 pub mod names;
 pub mod records;
 pub mod registry;

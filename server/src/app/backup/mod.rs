@@ -118,7 +118,7 @@ impl Bytes {
             },
             Err(_) => Self {
                 value: None,
-                value_hex: Some(bytes.iter().map(|b| format!("{b:02x}")).collect()),
+                value_hex: Some(crate::domain::hex::encode(bytes)),
             },
         }
     }
@@ -127,24 +127,12 @@ impl Bytes {
         match (&self.value, &self.value_hex) {
             (Some(_), Some(_)) => Err("both value and value_hex are set".into()),
             (Some(text), None) => Ok(text.as_bytes().to_vec()),
-            (None, Some(hex)) => decode_hex(hex),
+            (None, Some(hex)) => {
+                crate::domain::hex::decode(hex).map_err(|e| format!("value_hex {e}"))
+            }
             (None, None) => Ok(Vec::new()),
         }
     }
-}
-
-fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
-    if !hex.len().is_multiple_of(2) {
-        return Err("value_hex has an odd number of digits".into());
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                .ok_or_else(|| "value_hex holds a non-hex digit".to_owned())
-        })
-        .collect()
 }
 
 /// A layer's content in the file.
@@ -195,11 +183,6 @@ struct CheckLine {
     udp_expect_hex: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     udp_expect_regex: String,
-}
-
-/// Lower-case hex of `bytes` (the backup's form of binary check data).
-fn encode_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One line after the header.
@@ -299,8 +282,22 @@ mod tests {
             assert_eq!(encoded.decode(), Ok(value));
         }
         assert!(Bytes::new(&[0xff]).value_hex.is_some());
-        assert!(decode_hex("abc").is_err());
-        assert!(decode_hex("zz").is_err());
+        assert!(
+            Bytes {
+                value: None,
+                value_hex: Some("abc".into())
+            }
+            .decode()
+            .is_err()
+        );
+        assert!(
+            Bytes {
+                value: None,
+                value_hex: Some("zz".into())
+            }
+            .decode()
+            .is_err()
+        );
     }
 
     #[test]

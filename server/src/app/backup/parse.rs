@@ -392,8 +392,8 @@ pub(super) fn add_record(
                         )));
                     }
                     let hex = |field: &str, text: &str| {
-                        decode_hex(text)
-                            .map_err(|e| invalid(format!("instance {id:?}: check {field}: {e}")))
+                        crate::domain::hex::decode(text)
+                            .map_err(|e| invalid(format!("instance {id:?}: check {field} {e}")))
                     };
                     let udp_send = hex("udp_send_hex", &c.udp_send_hex)?;
                     let udp_expect = hex("udp_expect_hex", &c.udp_expect_hex)?;

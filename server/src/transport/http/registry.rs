@@ -154,17 +154,12 @@ struct UdpCheckJson {
 impl UdpCheckJson {
     fn into_kind(self) -> Result<CheckKind, ApiError> {
         let hex = |field: &str, text: &str| -> Result<Vec<u8>, ApiError> {
-            let text = text.trim();
-            if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(format!(
+            crate::domain::hex::decode(text.trim()).map_err(|_| {
+                invalid(format!(
                     "check udp.{field} is not hex: {:?}",
-                    crate::domain::registry::truncated(text)
-                )));
-            }
-            Ok((0..text.len())
-                .step_by(2)
-                .filter_map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-                .collect())
+                    crate::domain::registry::truncated(text.trim())
+                ))
+            })
         };
         let send = match (self.send, self.send_hex) {
             (Some(text), None) => text.into_bytes(),
